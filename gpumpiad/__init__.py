@@ -1,0 +1,32 @@
+"""gpumpiad: reverse-mode automatic differentiation through MPI, on GPUs (CuPy) or CPUs (NumPy).
+
+Every rank runs the same program; gradients flow backwards through the communication. A
+*serial* value is the same on every rank, a *distributed* value is each rank's own piece, and the
+cotangent of a serial value is the same total on every rank.
+"""
+from . import backend
+from .autodiff import LossError, grad, value_and_grad
+from .backend import array_module, backend_name
+from .comm import Comm, RankInt, mpi_finalize, mpi_init, mpi_rank, mpi_size
+from .custom import custom_op
+from .gradcheck import GradientCheckError, check_grad
+from .mpi.allreduce import mpi_sum
+from .mpi.bcast import mpi_bcast
+from .ops.elementwise import (abs, add, cos, divide, exp, log, maximum, minimum, multiply,
+                              negative, power, sin, sqrt, subtract, tanh, where)
+from .ops.indexing import getitem
+from .ops.linalg import dot, matmul
+from .ops.reduction import mean, sum
+from .ops.shape import concatenate, reshape, stack, transpose
+from .tensor import Tensor, tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Comm", "GradientCheckError", "LossError", "RankInt", "Tensor", "abs", "add",
+    "array_module", "backend", "backend_name", "check_grad", "concatenate", "cos",
+    "custom_op", "divide", "dot", "exp", "getitem", "grad", "log", "matmul", "maximum", "mean",
+    "minimum", "mpi_bcast", "mpi_finalize", "mpi_init", "mpi_rank", "mpi_size", "mpi_sum",
+    "multiply", "negative", "power", "reshape", "sin", "sqrt", "stack", "subtract", "sum",
+    "tanh", "tensor", "transpose", "value_and_grad", "where",
+]

@@ -1,0 +1,131 @@
+"""Array backend: NumPy on the CPU, CuPy on a CUDA device.
+
+This module and :mod:`gpumpiad.cuda_kernels` are the only places that import CuPy; all other code
+works on whichever array module :func:`array_module` (or :func:`get_array_module` of an array)
+returns.
+
+Environment
+-----------
+GPUMPIAD_BACKEND : ``numpy`` | ``cupy``
+    Overrides the automatic choice (CuPy when a CUDA device is usable, else NumPy).
+GPUMPIAD_DEVICE : int
+    Overrides the device a rank binds to (default: node-local rank modulo device count).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy
+
+_state = {"xp": None, "device": None}
+
+
+class BackendError(RuntimeError):
+    """The requested array backend cannot be used."""
+
+
+def _cupy_or_none():
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy
+    except Exception:  # ImportError, CUDA driver or runtime missing
+        return None
+    return None
+
+
+def array_module():
+    """Return the array module chosen for this process (``numpy`` or ``cupy``).
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> gpumpiad.backend.array_module().__name__ in ("numpy", "cupy")
+    True
+    """
+    if _state["xp"] is None:
+        choice = os.environ.get("GPUMPIAD_BACKEND", "").strip().lower()
+        if choice not in ("", "numpy", "cupy"):
+            raise BackendError(
+                f"GPUMPIAD_BACKEND must be 'numpy' or 'cupy', got {choice!r}")
+        if choice == "numpy":
+            _state["xp"] = numpy
+        else:
+            cupy = _cupy_or_none()
+            if cupy is None and choice == "cupy":
+                raise BackendError(
+                    "GPUMPIAD_BACKEND=cupy but no usable CUDA device was found "
+                    "(is cupy installed, e.g. pip install 'gpumpiad[cuda]', and a GPU visible?)")
+            _state["xp"] = cupy if cupy is not None else numpy
+        if _state["xp"] is not numpy:
+            bind_device()
+    return _state["xp"]
+
+
+def backend_name() -> str:
+    """``"numpy"`` or ``"cupy"``."""
+    return array_module().__name__
+
+
+def is_device_array(x) -> bool:
+    """True when ``x`` is a CuPy array (checked without importing CuPy)."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(x):
+    """The array module (``numpy`` or ``cupy``) that owns array ``x``."""
+    if is_device_array(x):
+        import cupy
+        return cupy
+    return numpy
+
+
+def asarray(data, dtype=None):
+    """Convert ``data`` to an array of the process's backend (no copy when already one)."""
+    xp = array_module()
+    if xp is numpy and is_device_array(data):
+        data = data.get()
+    return xp.asarray(data, dtype=dtype)
+
+
+def to_numpy(x):
+    """A NumPy copy (or view) of a NumPy or CuPy array."""
+    return x.get() if is_device_array(x) else numpy.asarray(x)
+
+
+def bind_device(comm=None) -> int:
+    """Bind this rank to one GPU by its node-local rank; return the device id.
+
+    The node-local rank comes from a shared-memory split of ``comm`` (default: the world), so
+    ranks sharing a node take distinct devices. ``GPUMPIAD_DEVICE`` overrides the choice.
+    """
+    import cupy
+    from mpi4py import MPI
+    count = cupy.cuda.runtime.getDeviceCount()
+    override = os.environ.get("GPUMPIAD_DEVICE")
+    if override is not None:
+        device = int(override)
+    else:
+        comm = MPI.COMM_WORLD if comm is None else comm
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        device = node.Get_rank() % count
+        node.Free()
+    if not 0 <= device < count:
+        raise BackendError(f"GPUMPIAD_DEVICE={device} but only {count} CUDA device(s) are visible")
+    cupy.cuda.Device(device).use()
+    _state["device"] = device
+    return device
+
+
+def device_of(x) -> str:
+    """``"cpu"`` or ``"cuda:<id>"`` for array ``x``."""
+    if is_device_array(x):
+        return f"cuda:{x.device.id}"
+    return "cpu"
+
+
+def synchronize(x):
+    """Wait for the current CUDA stream when ``x`` is a device array (MPI is not stream-aware)."""
+    if is_device_array(x):
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()

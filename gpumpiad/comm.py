@@ -1,0 +1,153 @@
+"""Communicators, ranks and the MPI session.
+
+:class:`Comm` wraps an ``mpi4py`` intracommunicator. Every gpumpiad primitive takes ``comm=``
+(default: the world). ``mpi_rank()`` returns a :class:`RankInt`: a plain ``int`` in Python
+control flow and indexing, but a rank-dependent (distributed) value when combined with a Tensor.
+"""
+from __future__ import annotations
+
+import threading
+
+from mpi4py import MPI
+
+from . import transport
+
+
+class RankInt(int):
+    """An ``int`` that differs from rank to rank; arithmetic on it stays rank-dependent."""
+
+    def _wrap(op):
+        def method(self, *args):
+            res = getattr(int, op)(self, *args)
+            return RankInt(res) if type(res) is int else res
+        method.__name__ = op
+        return method
+
+    for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+                "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__neg__", "__pow__"):
+        locals()[_op] = _wrap(_op)
+    del _op, _wrap
+
+    def __repr__(self):
+        return f"RankInt({int(self)})"
+
+    __str__ = int.__repr__
+
+
+class Comm:
+    """A communicator for gpumpiad primitives.
+
+    Parameters
+    ----------
+    mpi_comm : mpi4py.MPI.Intracomm, optional
+        The communicator to wrap (default ``MPI.COMM_WORLD``).
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> world = gpumpiad.Comm()
+    >>> world.size >= 1
+    True
+    """
+
+    def __init__(self, mpi_comm=None):
+        self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self.mpi.Get_rank()
+        self.size = self.mpi.Get_size()
+        self.lock = threading.RLock()
+        self.sequence = 0
+
+    def __repr__(self):
+        return f"Comm(rank={self.rank}, size={self.size})"
+
+    def split(self, color, key=None):
+        """A sub-communicator of the ranks that pass the same ``color`` (``MPI_Comm_split``)."""
+        return Comm(self.mpi.Split(color, self.rank if key is None else key))
+
+    def dup(self):
+        """A duplicate communicator: same ranks, separate message space (``MPI_Comm_dup``)."""
+        return Comm(self.mpi.Dup())
+
+    def cart(self, dims=None, periods=None, ndims=2):
+        """A Cartesian communicator; ``dims`` default to ``MPI.Compute_dims(size, ndims)``."""
+        dims = list(MPI.Compute_dims(self.size, dims if dims is not None else [0] * ndims))
+        periods = [False] * len(dims) if periods is None else list(periods)
+        return CartComm(self.mpi.Create_cart(dims, periods=periods, reorder=False))
+
+    def allreduce_sum(self, array):
+        """Blocking allreduce-sum of a NumPy or CuPy array; returns a new array."""
+        return transport.allreduce(self.mpi, array, MPI.SUM)
+
+
+class CartComm(Comm):
+    """A :class:`Comm` with a Cartesian topology."""
+
+    def __init__(self, mpi_comm):
+        super().__init__(mpi_comm)
+        self.dims = tuple(mpi_comm.Get_topo()[0])
+        self.periods = tuple(bool(p) for p in mpi_comm.Get_topo()[1])
+        self.coords = tuple(mpi_comm.Get_coords(self.rank))
+
+    def shift(self, direction, disp=1):
+        """``(source, dest)`` ranks for a shift along ``direction`` (``MPI.PROC_NULL`` at edges)."""
+        return self.mpi.Shift(direction, disp)
+
+
+_world = {}
+
+
+def world() -> Comm:
+    """The world communicator (one :class:`Comm` per process)."""
+    comm = _world.get("comm")
+    if comm is None:
+        comm = _world["comm"] = Comm(MPI.COMM_WORLD)
+    return comm
+
+
+def resolve(comm) -> Comm:
+    """``comm`` as a :class:`Comm` (``None`` means the world; raw mpi4py comms are wrapped)."""
+    if comm is None:
+        return world()
+    if isinstance(comm, Comm):
+        return comm
+    if isinstance(comm, MPI.Intracomm):
+        return Comm(comm)
+    raise TypeError(f"comm must be a gpumpiad.Comm or mpi4py Intracomm, got {type(comm).__name__}")
+
+
+def mpi_init():
+    """Start gpumpiad's MPI session (idempotent) and return the world :class:`Comm`.
+
+    MPI itself is initialised when ``mpi4py.MPI`` is imported (thread level MULTIPLE).
+    """
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    return world()
+
+
+def mpi_finalize():
+    """End gpumpiad's MPI session: wait for outstanding communication.
+
+    ``MPI_Finalize`` itself runs at interpreter exit (mpi4py's handler), so a program may call
+    this and still let other libraries use MPI until it ends.
+    """
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        world().mpi.Barrier()
+
+
+def mpi_rank(comm=None) -> RankInt:
+    """This process's rank in ``comm`` as a :class:`RankInt`.
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> r = gpumpiad.mpi_rank()
+    >>> isinstance(r, int)
+    True
+    """
+    return RankInt(resolve(comm).rank)
+
+
+def mpi_size(comm=None) -> int:
+    """The number of ranks in ``comm``."""
+    return resolve(comm).size

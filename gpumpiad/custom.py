@@ -1,0 +1,105 @@
+"""User-defined differentiable operations with their own vector-Jacobian product."""
+from __future__ import annotations
+
+from .tape import active_tape
+from .tensor import DISTRIBUTED, SERIAL, Tensor
+
+
+class CustomOp:
+    """A user operation on raw arrays with a user VJP. See :func:`custom_op`."""
+
+    def __init__(self, forward, vjp=None, name=None, layout=None):
+        if layout not in (None, SERIAL, DISTRIBUTED) and not isinstance(layout, tuple):
+            raise ValueError(f"custom_op layout must be 'serial', 'distributed', a tuple of them "
+                             f"or None, got {layout!r}")
+        self.forward = forward
+        self.vjp = vjp
+        self.name = name or getattr(forward, "__name__", "custom_op")
+        self.layout = layout
+        self.__doc__ = forward.__doc__
+
+    def defvjp(self, vjp):
+        """Register ``vjp(g, ans, *args, **kwargs) -> cotangent or tuple of cotangents``."""
+        self.vjp = vjp
+        return vjp
+
+    def __call__(self, *args, **kwargs):
+        if self.vjp is None:
+            raise NotImplementedError(f"custom_op {self.name!r} has no vjp; register one with "
+                                      f"@{self.name}.defvjp")
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        comm = tensors[0].comm if tensors else None
+        raws = [a.data if isinstance(a, Tensor) else a for a in args]
+        ans = self.forward(*raws, **kwargs)
+        multi = isinstance(ans, tuple)
+        answers = ans if multi else (ans,)
+        layouts = self._layouts(len(answers), any(t.distributed for t in tensors))
+        outs = [Tensor(a, lay, comm) for a, lay in zip(answers, layouts)]
+        tape = active_tape()
+        if tape is not None:
+            any_distributed_out = DISTRIBUTED in layouts
+            name, user_vjp = self.name, self.vjp
+
+            def vjp(gs):
+                res = user_vjp(tuple(gs) if multi else gs[0], ans, *raws, **kwargs)
+                res = res if isinstance(res, (tuple, list)) else (res,)
+                if len(res) != len(args):
+                    raise ValueError(f"vjp of custom_op {name!r} returned {len(res)} "
+                                     f"cotangent(s) for {len(args)} argument(s)")
+                return list(res)
+
+            tape.record(self.name, vjp, [a if isinstance(a, Tensor) else None for a in args],
+                        outs, local=[any_distributed_out] * len(args), communicates=True)
+        return tuple(outs) if multi else outs[0]
+
+    def _layouts(self, n, any_distributed):
+        if isinstance(self.layout, tuple):
+            if len(self.layout) != n:
+                raise ValueError(f"custom_op {self.name!r}: layout names {len(self.layout)} "
+                                 f"outputs, forward returned {n}")
+            return self.layout
+        default = self.layout or (DISTRIBUTED if any_distributed else SERIAL)
+        return (default,) * n
+
+
+def custom_op(forward=None, vjp=None, *, name=None, layout=None):
+    """Register a differentiable operation with a hand-written vector-Jacobian product.
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(*arrays, **kwargs) -> array or tuple of arrays`` on raw NumPy/CuPy arrays. It
+        may call MPI itself (every rank runs it).
+    vjp : callable, optional
+        ``vjp(g, ans, *arrays, **kwargs) -> cotangent or tuple of cotangents`` (one per
+        argument, ``None`` for arguments without one); ``g`` and ``ans`` are tuples when the
+        forward returns a tuple. Can be given later with ``@op.defvjp``.
+    name : str, optional
+    layout : {"serial", "distributed"} or tuple of them, optional
+        Layout of each output; default: distributed if any input is, else serial.
+
+    Notes
+    -----
+    Convention: the cotangent of a serial value is the same total on every rank. When an output
+    is distributed, the vjp returns each rank's own share for serial inputs and gpumpiad adds
+    the allreduce. When all outputs are serial, the vjp itself must return the total for serial
+    inputs (allreduce inside the vjp if the forward did distributed work);
+    :func:`gpumpiad.check_grad` reports ranks that disagree. The vjp runs on every rank in
+    every backward pass, with zeros when no cotangent reaches the outputs, so it may
+    communicate.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> @gpumpiad.custom_op
+    ... def square(x):
+    ...     return x * x
+    >>> @square.defvjp
+    ... def _(g, ans, x):
+    ...     return 2 * x * g
+    >>> float(gpumpiad.grad(lambda x: square(x).sum())(np.array(3.0)))
+    6.0
+    """
+    if forward is None:
+        return lambda f: CustomOp(f, vjp, name, layout)
+    return CustomOp(forward, vjp, name, layout)

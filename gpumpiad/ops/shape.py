@@ -1,0 +1,62 @@
+"""Shape manipulation: reshape, transpose, concatenate, stack."""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ..primitive import primitive
+
+reshape = primitive(lambda x, shape: x.reshape(shape), name="reshape")
+reshape.defvjp(lambda g, ans, x, shape: g.reshape(x.shape))
+
+
+def _transpose(x, axes=None):
+    return x.transpose(axes) if axes is not None else x.T
+
+
+def _transpose_vjp(g, ans, x, axes=None):
+    if axes is None:
+        return g.T
+    inverse = [0] * len(axes)
+    for i, a in enumerate(axes):
+        inverse[a % len(axes)] = i
+    return g.transpose(inverse)
+
+
+transpose = primitive(_transpose, name="transpose")
+transpose.defvjp(_transpose_vjp)
+
+
+def _concatenate(*arrays, axis=0):
+    return get_array_module(arrays[0]).concatenate(arrays, axis=axis)
+
+
+def _concatenate_vjp(g, ans, *arrays, axis=0):
+    xp = get_array_module(g)
+    bounds = [0]
+    for a in arrays:
+        bounds.append(bounds[-1] + a.shape[axis])
+    return [xp.take(g, xp.arange(bounds[i], bounds[i + 1]), axis=axis) for i in range(len(arrays))]
+
+
+_concatenate_p = primitive(_concatenate, name="concatenate").defvjp_all(_concatenate_vjp)
+
+
+def concatenate(tensors, axis=0):
+    """Join a sequence of Tensors/arrays along an existing ``axis``."""
+    return _concatenate_p(*tensors, axis=axis)
+
+
+def _stack(*arrays, axis=0):
+    return get_array_module(arrays[0]).stack(arrays, axis=axis)
+
+
+def _stack_vjp(g, ans, *arrays, axis=0):
+    xp = get_array_module(g)
+    return [xp.take(g, i, axis=axis) for i in range(len(arrays))]
+
+
+_stack_p = primitive(_stack, name="stack").defvjp_all(_stack_vjp)
+
+
+def stack(tensors, axis=0):
+    """Join a sequence of same-shaped Tensors/arrays along a new ``axis``."""
+    return _stack_p(*tensors, axis=axis)

@@ -1,0 +1,107 @@
+"""Local (per-rank, communication-free) differentiable primitives.
+
+A primitive wraps a forward function on raw arrays; its vector-Jacobian products are registered
+right after it with :meth:`Primitive.defvjp`, one per argument, each ``vjp(g, ans, *args, **kw)``
+returning the cotangent of that argument. Layout rule: the output is distributed when any input
+is a distributed Tensor or a rank-dependent int (:class:`gpumpiad.comm.RankInt`), else serial.
+"""
+from __future__ import annotations
+
+from .comm import RankInt
+from .tape import active_tape
+from .tensor import DISTRIBUTED, SERIAL, Tensor
+
+
+class Primitive:
+    """A differentiable function of arrays. See :func:`primitive`."""
+
+    def __init__(self, forward, name=None):
+        self.forward = forward
+        self.name = name or forward.__name__
+        self.vjps = None
+        self.vjp_all = None
+        self.__doc__ = forward.__doc__
+        self.__name__ = self.name
+
+    def defvjp(self, *vjps):
+        """Register one VJP per positional argument (``None``: not differentiable)."""
+        self.vjps = vjps
+        return self
+
+    def defvjp_all(self, vjp):
+        """Register one VJP for all arguments: ``vjp(g, ans, *args, **kw) -> list``."""
+        self.vjp_all = vjp
+        return self
+
+    def __call__(self, *args, **kwargs):
+        raws = []
+        serial_comm = any_comm = None
+        distributed = False
+        for a in args:
+            if isinstance(a, Tensor):
+                raws.append(a.data)
+                any_comm = any_comm or a.comm
+                if a.distributed:
+                    distributed = True
+                elif serial_comm is None:
+                    serial_comm = a.comm
+                elif serial_comm is not a.comm:
+                    raise NotImplementedError(
+                        f"{self.name}: combining serial values of different communicators is "
+                        "not supported; bring them to one communicator with mpi_bcast first")
+            else:
+                raws.append(a)
+                distributed = distributed or isinstance(a, RankInt)
+        comm = serial_comm or any_comm
+        ans = self.forward(*raws, **kwargs)
+        out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, comm)
+        tape = active_tape()
+        if tape is not None and any(isinstance(a, Tensor) and a._tape is tape for a in args):
+            tape.record(self.name, self._make_vjp(ans, raws, kwargs),
+                        [a if isinstance(a, Tensor) else None for a in args], [out],
+                        local=[distributed] * len(args))
+        return out
+
+    def _make_vjp(self, ans, raws, kwargs):
+        if self.vjp_all is not None:
+            return lambda gs: self.vjp_all(gs[0], ans, *raws, **kwargs)
+        vjps = self.vjps
+
+        def vjp(gs):
+            return [None if (i >= len(vjps) or vjps[i] is None)
+                    else vjps[i](gs[0], ans, *raws, **kwargs) for i in range(len(raws))]
+        return vjp
+
+
+def primitive(forward=None, *, name=None):
+    """Make ``forward`` (a function of raw arrays) a differentiable :class:`Primitive`.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> from gpumpiad.primitive import primitive
+    >>> cube = primitive(lambda x: x ** 3, name="cube")
+    >>> _ = cube.defvjp(lambda g, ans, x: g * 3 * x ** 2)
+    >>> float(gpumpiad.grad(lambda x: cube(x).sum())(np.array(2.0)))
+    12.0
+    """
+    if forward is None:
+        return lambda f: Primitive(f, name)
+    return Primitive(forward, name)
+
+
+def unbroadcast(g, shape):
+    """Sum ``g`` over the axes that broadcasting added or stretched to reach ``g.shape``."""
+    if g.shape == tuple(shape):
+        return g
+    while g.ndim > len(shape):
+        g = g.sum(axis=0)
+    for axis, n in enumerate(shape):
+        if n == 1 and g.shape[axis] != 1:
+            g = g.sum(axis=axis, keepdims=True)
+    return g
+
+
+def shape_of(x):
+    """Shape of an array or Python scalar."""
+    return getattr(x, "shape", ())

@@ -1,0 +1,185 @@
+"""The :class:`Tensor`: an ndarray (NumPy or CuPy) with a layout, recorded on the active tape."""
+from __future__ import annotations
+
+from .backend import asarray, device_of
+
+SERIAL = "serial"
+DISTRIBUTED = "distributed"
+
+
+class Tensor:
+    """An array that knows its layout and, while a tape records, its cotangent slot.
+
+    A *serial* tensor holds the same value on every rank of :attr:`comm`; a *distributed* tensor
+    holds this rank's own piece. Arithmetic, indexing and the functions in :mod:`gpumpiad` work
+    on Tensors, arrays and Python scalars alike.
+    """
+
+    __slots__ = ("_data", "_pending", "layout", "comm", "_tape", "_slot")
+    __array_ufunc__ = None  # NumPy defers to Tensor's reflected operators
+
+    def __init__(self, data, layout=SERIAL, comm=None, pending=None):
+        if comm is None:
+            from .comm import world
+            comm = world()
+        self._data = data
+        self._pending = pending
+        self.layout = layout
+        self.comm = comm
+        self._tape = None
+        self._slot = -1
+
+    @property
+    def data(self):
+        """The underlying NumPy or CuPy array (waits for a pending communication)."""
+        if self._pending is not None:
+            self._data = self._pending.wait()
+            self._pending = None
+        return self._data
+
+    @property
+    def distributed(self) -> bool:
+        return self.layout == DISTRIBUTED
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        return self.data.size
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"cuda:<id>"``."""
+        return device_of(self.data)
+
+    @property
+    def T(self):
+        from .ops.shape import transpose
+        return transpose(self)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        return f"Tensor({self.data!r}, layout={self.layout!r}, device={self.device!r})"
+
+    def __array__(self, dtype=None, copy=None):
+        from .backend import to_numpy
+        out = to_numpy(self.data)
+        return out if dtype is None else out.astype(dtype)
+
+    def __float__(self):
+        return float(self.data)
+
+    def __int__(self):
+        return int(self.data)
+
+    def __bool__(self):
+        return bool(self.data)
+
+    def item(self):
+        return self.data.item()
+
+    def numpy(self):
+        """A NumPy copy of the data."""
+        return self.__array__()
+
+    def _binary(name, reflected=False):
+        def method(self, other):
+            from .ops import elementwise
+            fn = getattr(elementwise, name)
+            return fn(other, self) if reflected else fn(self, other)
+        return method
+
+    __add__ = _binary("add")
+    __radd__ = _binary("add", True)
+    __sub__ = _binary("subtract")
+    __rsub__ = _binary("subtract", True)
+    __mul__ = _binary("multiply")
+    __rmul__ = _binary("multiply", True)
+    __truediv__ = _binary("divide")
+    __rtruediv__ = _binary("divide", True)
+    __pow__ = _binary("power")
+    __rpow__ = _binary("power", True)
+    __lt__ = _binary("less")
+    __le__ = _binary("less_equal")
+    __gt__ = _binary("greater")
+    __ge__ = _binary("greater_equal")
+    del _binary
+
+    def __matmul__(self, other):
+        from .ops.linalg import matmul
+        return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        from .ops.linalg import matmul
+        return matmul(other, self)
+
+    def __neg__(self):
+        from .ops.elementwise import negative
+        return negative(self)
+
+    def __pos__(self):
+        return self
+
+    def __getitem__(self, index):
+        from .ops.indexing import getitem
+        return getitem(self, index)
+
+    def sum(self, axis=None, keepdims=False):
+        from .ops.reduction import sum as sum_
+        return sum_(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        from .ops.reduction import mean
+        return mean(self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape):
+        from .ops.shape import reshape
+        return reshape(self, shape[0] if len(shape) == 1 else shape)
+
+    def transpose(self, *axes):
+        from .ops.shape import transpose
+        return transpose(self, axes or None)
+
+
+def tensor(data, distributed=False, dtype=None, comm=None):
+    """Make a Tensor on the process's backend.
+
+    Parameters
+    ----------
+    data : array_like or Tensor
+        The values; NumPy data moves to the GPU when the backend is CuPy.
+    distributed : bool
+        False (default): the value is the same on every rank (serial). True: each rank holds its
+        own piece.
+    dtype : dtype, optional
+    comm : gpumpiad.Comm, optional
+        The communicator the layout refers to (default: the world).
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> gpumpiad.tensor([1.0, 2.0]).shape
+    (2,)
+    """
+    if isinstance(data, Tensor):
+        data = data.data
+    from .comm import resolve
+    return Tensor(asarray(data, dtype=dtype), DISTRIBUTED if distributed else SERIAL,
+                  resolve(comm))
+
+
+def raw(x):
+    """The array inside a Tensor; anything else unchanged."""
+    return x.data if isinstance(x, Tensor) else x
