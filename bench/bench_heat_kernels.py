@@ -1,0 +1,137 @@
+"""CPU effective-throughput benchmark of the heat kernels (NumPy vs host build).
+
+T_eff = bytes/cell * cells / time with 32 B/cell for the forward step
+(read u, kappa, f; write u_new) and 64 B/cell for the fused adjoint (read
+lam_next, kappa, u, kappa_bar, f_bar; write lam, kappa_bar, f_bar), for
+float64.  Each T_eff is reported as a ratio to the bandwidth of a
+"3 reads + 1 write" loop (``host_copy4``: d = a + b + c, same shared library,
+same number of cells, same run).  Single-threaded, like the kernels.
+
+Usage: python bench/bench_heat_kernels.py [--sizes 512 1024 2048] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gpumpiad.heat import hostkernels, stencil
+
+
+def _time(fn, min_time=0.3, repeats=5):
+    """Best per-call seconds over ``repeats`` batches of >= ``min_time`` s."""
+    fn()  # warm-up (page faults, cache)
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t = time.perf_counter() - t0
+        if t >= min_time / repeats:
+            break
+        n *= 2
+    best = t / n
+    for _ in range(repeats - 1):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def _machine():
+    model, cores = platform.processor() or "unknown", str(os.cpu_count())
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        info = dict(
+            (k.strip(), v.strip()) for k, v in
+            (line.split(":", 1) for line in out.splitlines() if ":" in line)
+        )
+        model = info.get("Model name", model)
+        cores = f"{info.get('CPU(s)', cores)} CPUs, {info.get('Core(s) per socket', '?')} " \
+                f"cores/socket, {info.get('Socket(s)', '?')} socket(s)"
+        caches = ", ".join(f"{k} {info[k]}" for k in ("L2 cache", "L3 cache") if k in info)
+    except (OSError, subprocess.SubprocessError):
+        caches = ""
+    return model, cores, caches
+
+
+def bench(n, dtype=np.float64):
+    rng = np.random.default_rng(0)
+    shape = (n + 2, n + 2)
+    u, kappa, f, lam_next = (rng.random(shape, dtype) for _ in range(4))
+    u_new, lam, kb, fb = (np.zeros(shape, dtype) for _ in range(4))
+    r, dt = 0.2, 1e-3
+    rect = (1, n + 1, 1, n + 1)
+    cells = n * n
+    a, b, c, d = (rng.random(cells, dtype) for _ in range(4))
+
+    t_copy4 = _time(lambda: hostkernels.copy4(a, b, c, d))
+    t_copy4_np = _time(lambda: np.add(np.add(a, b), c, out=d))
+    times = {
+        ("step", "numpy"): _time(lambda: stencil.step(u, kappa, f, u_new, r, dt, *rect)),
+        ("step", "host"): _time(lambda: hostkernels.step(u, kappa, f, u_new, r, dt, *rect)),
+        ("adjoint", "numpy"): _time(
+            lambda: stencil.adjoint(lam_next, kappa, u, lam, kb, fb, r, dt, *rect)),
+        ("adjoint", "host"): _time(
+            lambda: hostkernels.adjoint(lam_next, kappa, u, lam, kb, fb, r, dt, *rect)),
+    }
+    itemsize = np.dtype(dtype).itemsize
+    bw_copy4 = 4 * itemsize * cells / t_copy4
+    rows = []
+    for (op, impl), t in times.items():
+        nbytes = (4 if op == "step" else 8) * itemsize * cells
+        teff = nbytes / t
+        rows.append(dict(n=n, op=op, impl=impl, ms=t * 1e3, teff=teff / 1e9,
+                         ratio=teff / bw_copy4))
+    return rows, bw_copy4 / 1e9, 4 * itemsize * cells / t_copy4_np / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "heat_kernels_cpu.md"))
+    args = ap.parse_args()
+    if not hostkernels.available():
+        raise SystemExit("host kernels unavailable (no C++ compiler?)")
+
+    model, cores, caches = _machine()
+    lines = [
+        "# Heat kernels: CPU effective throughput (float64, single thread)",
+        "",
+        f"- CPU: {model} ({cores}){'; ' + caches if caches else ''}",
+        f"- NumPy {np.__version__}, Python {platform.python_version()}, "
+        f"host build flags: `{' '.join(hostkernels.CXXFLAGS)}`",
+        "- T_eff = (32 B/cell step, 64 B/cell adjoint) x n^2 / time; ratio = T_eff / BW(copy4),",
+        "  copy4 = host-compiled `d = a + b + c` over n^2 float64 (3 reads + 1 write), same run.",
+        "",
+    ]
+    table = ["| n | op | impl | time [ms] | T_eff [GB/s] | copy4 BW [GB/s] | T_eff / copy4 |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    np_copy = []
+    print(f"{'n':>5} {'op':>8} {'impl':>6} {'ms':>9} {'T_eff GB/s':>11} {'copy4 GB/s':>11} {'ratio':>6}")
+    for n in args.sizes:
+        rows, bw, bw_np = bench(n)
+        np_copy.append((n, bw_np, bw))
+        for row in rows:
+            print(f"{row['n']:>5} {row['op']:>8} {row['impl']:>6} {row['ms']:>9.3f} "
+                  f"{row['teff']:>11.2f} {bw:>11.2f} {row['ratio']:>6.2f}")
+            table.append(f"| {row['n']} | {row['op']} | {row['impl']} | {row['ms']:.3f} | "
+                         f"{row['teff']:.2f} | {bw:.2f} | {row['ratio']:.2f} |")
+    lines += table
+    lines += ["", "For reference, NumPy `np.add(np.add(a, b), c, out=d)` counted as 32 B/cell:", ""]
+    lines += [f"- n={n}: {bnp:.2f} GB/s ({bnp / bw:.2f} of copy4)" for n, bnp, bw in np_copy]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

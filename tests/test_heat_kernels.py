@@ -1,0 +1,410 @@
+"""Serial tests for the heat-equation kernels (kernels/heat.cu).
+
+* heat.cu compiles with NVRTC (sm_80, sm_90) and nvcc, exporting every kernel;
+* the NumPy reference matches an independent loop implementation and its
+  adjoint is the exact transpose of the linearised step (dot-product test);
+* the host (g++) build of heat.cu matches the NumPy reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.resources
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from gpumpiad import cuda_kernels
+from gpumpiad.heat import hostkernels, stencil
+
+DTYPES = ("float32", "float64")
+OPS = ("heat_step", "heat_adjoint", "halo_pack", "halo_unpack", "copy4")
+EXPECTED_KERNELS = [f"{op}_{d}" for op in OPS for d in DTYPES]
+SHAPES = [(1, 1), (1, 7), (9, 1), (2, 3), (5, 5), (13, 17), (32, 31), (64, 65)]
+RTOL = {np.float64: 1e-14, np.float32: 1e-6}
+
+
+def _source_bytes() -> bytes:
+    return importlib.resources.files("gpumpiad.kernels").joinpath("heat.cu").read_bytes()
+
+
+def _rand_fields(rng, nx, ny, dtype, count):
+    return [rng.standard_normal((nx + 2, ny + 2)).astype(dtype) for _ in range(count)]
+
+
+def _rand_rects(rng, nx, ny, count=4):
+    rects = [(1, nx + 1, 1, ny + 1), (1, 1, 1, ny + 1)]  # full and empty
+    for _ in range(count):
+        i0 = int(rng.integers(1, nx + 2))
+        i1 = int(rng.integers(i0, nx + 2))
+        j0 = int(rng.integers(1, ny + 2))
+        j1 = int(rng.integers(j0, ny + 2))
+        rects.append((i0, i1, j0, j1))
+    return rects
+
+
+def _assert_close(actual, expected, dtype):
+    # Relative to the field's scale: per-cell relative error is meaningless
+    # where a value happens to cancel to ~0.
+    scale = max(float(np.abs(expected).max()), 1.0)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
+
+
+# ---------------------------------------------------------------------------
+# Compilation: NVRTC and nvcc
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvrtc_compiles_all_kernels(arch):
+    nvrtc = pytest.importorskip(
+        "cuda.bindings.nvrtc", reason="cuda-bindings (cuda.bindings.nvrtc) not importable"
+    )
+    err, prog = nvrtc.nvrtcCreateProgram(_source_bytes(), b"heat.cu", 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        _, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * log_size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+
+        err, n = nvrtc.nvrtcGetCUBINSize(prog)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS and n > 0
+        cubin = b" " * n
+        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+
+        err, n = nvrtc.nvrtcGetPTXSize(prog)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS and n > 0
+        ptx = b" " * n
+        (err,) = nvrtc.nvrtcGetPTX(prog, ptx)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+    for name in EXPECTED_KERNELS:
+        assert f".entry {name}(".encode() in ptx, f"{name} missing from PTX"
+        assert name.encode() + b"\0" in cubin, f"{name} missing from CUBIN"
+    assert set(cuda_kernels.KERNEL_NAMES) == set(EXPECTED_KERNELS)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_nvcc_compiles_all_kernels(tmp_path):
+    src = tmp_path / "heat.cu"
+    src.write_bytes(_source_bytes())
+    out = tmp_path / "heat.cubin"
+    proc = subprocess.run(
+        ["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", str(src), "-o", str(out)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    for name in EXPECTED_KERNELS:
+        assert name.encode() + b"\0" in data, f"{name} missing from nvcc cubin"
+
+
+def test_cuda_kernels_module_imports_without_cupy():
+    # Only names, grid maths and source loading: no CuPy needed.
+    assert "heat_adjoint_float64" in cuda_kernels.KERNEL_NAMES
+    assert "extern \"C\" __global__" in cuda_kernels.source()
+    grid, block = cuda_kernels._grid2d(1, 101, 1, 65)
+    assert block == (cuda_kernels.BLOCK_X, cuda_kernels.BLOCK_Y, 1)
+    assert grid[0] * block[0] >= 64 and grid[1] * block[1] >= 100
+
+
+# ---------------------------------------------------------------------------
+# NumPy reference vs an independent loop implementation
+# ---------------------------------------------------------------------------
+
+
+def _loop_step(u, kappa, f, r, dt, i0, i1, j0, j1, out):
+    for i in range(i0, i1):
+        for j in range(j0, j1):
+            lap = u[i + 1, j] + u[i - 1, j] + u[i, j + 1] + u[i, j - 1] - 4 * u[i, j]
+            out[i, j] = u[i, j] + r * kappa[i, j] * lap + dt * f[i, j]
+
+
+def _loop_adjoint(lam_next, kappa, u, r, dt, i0, i1, j0, j1, lam, kbar, fbar):
+    def w(i, j):
+        return kappa[i, j] * lam_next[i, j]
+
+    for i in range(i0, i1):
+        for j in range(j0, j1):
+            lapw = w(i + 1, j) + w(i - 1, j) + w(i, j + 1) + w(i, j - 1) - 4 * w(i, j)
+            lapu = u[i + 1, j] + u[i - 1, j] + u[i, j + 1] + u[i, j - 1] - 4 * u[i, j]
+            lam[i, j] = lam_next[i, j] + r * lapw
+            kbar[i, j] += r * lam_next[i, j] * lapu
+            fbar[i, j] += dt * lam_next[i, j]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4), (3, 1), (4, 5), (6, 3)])
+def test_reference_matches_loops(shape):
+    rng = np.random.default_rng(1)
+    nx, ny = shape
+    r, dt = 0.21, 0.013
+    for i0, i1, j0, j1 in _rand_rects(rng, nx, ny):
+        u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, np.float64, 6)
+        sentinel = np.full_like(u, 7.5)
+
+        got = sentinel.copy()
+        stencil.step(u, kappa, f, got, r, dt, i0, i1, j0, j1)
+        want = sentinel.copy()
+        _loop_step(u, kappa, f, r, dt, i0, i1, j0, j1, want)
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
+
+        lam, kb, fb = sentinel.copy(), kb0.copy(), fb0.copy()
+        stencil.adjoint(lam_next, kappa, u, lam, kb, fb, r, dt, i0, i1, j0, j1)
+        lam_w, kb_w, fb_w = sentinel.copy(), kb0.copy(), fb0.copy()
+        _loop_adjoint(lam_next, kappa, u, r, dt, i0, i1, j0, j1, lam_w, kb_w, fb_w)
+        np.testing.assert_allclose(lam, lam_w, rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(kb, kb_w, rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(fb, fb_w, rtol=1e-14, atol=1e-14)
+
+
+def test_reference_halo_matches_loops():
+    rng = np.random.default_rng(2)
+    nx, ny = 4, 6
+    u = rng.standard_normal((nx + 2, ny + 2))
+    cells = {  # (side, ghost) -> list of (i, j)
+        (0, 0): [(1, j) for j in range(1, ny + 1)],
+        (0, 1): [(0, j) for j in range(1, ny + 1)],
+        (1, 0): [(nx, j) for j in range(1, ny + 1)],
+        (1, 1): [(nx + 1, j) for j in range(1, ny + 1)],
+        (2, 0): [(i, 1) for i in range(1, nx + 1)],
+        (2, 1): [(i, 0) for i in range(1, nx + 1)],
+        (3, 0): [(i, ny) for i in range(1, nx + 1)],
+        (3, 1): [(i, ny + 1) for i in range(1, nx + 1)],
+    }
+    for (side, ghost), idx in cells.items():
+        buf = np.full(len(idx) + 2, -1.0)
+        stencil.pack(u, buf, side, ghost)
+        np.testing.assert_array_equal(buf[: len(idx)], [u[c] for c in idx])
+        assert np.all(buf[len(idx):] == -1.0)
+
+        src = rng.standard_normal(len(idx))
+        for add in (0, 1):
+            v = u.copy()
+            stencil.unpack(v, src, side, ghost, add)
+            want = u.copy()
+            for k, c in enumerate(idx):
+                want[c] = want[c] + src[k] if add else src[k]
+            np.testing.assert_array_equal(v, want)
+
+
+# ---------------------------------------------------------------------------
+# Adjoint = transpose of the linearised step (dot-product test)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (12, 9)])
+def test_adjoint_dot_product(shape):
+    rng = np.random.default_rng(3)
+    nx, ny = shape
+    r, dt = 0.19, 0.01
+    full = (1, nx + 1, 1, ny + 1)
+    I = stencil.interior
+    u, kappa, f = _rand_fields(rng, nx, ny, np.float64, 3)
+
+    def interior_only(a):
+        b = np.zeros_like(a)
+        b[I] = a[I]
+        return b
+
+    # Tangents on interior cells only (ghost u fixed); cotangent w with zero ghosts.
+    du, dk, df, w = (interior_only(a) for a in _rand_fields(rng, nx, ny, np.float64, 4))
+
+    # J v, the step being affine in u and f and bilinear in (kappa, u):
+    # d u_new = du + r*kappa*lap(du) + r*dk*lap(u) + dt*df.
+    zero = np.zeros_like(u)
+    ju = np.zeros_like(u)
+    stencil.step(du, kappa, zero, ju, r, dt, *full)
+    lapu = np.zeros_like(u)
+    lapu[I] = stencil._lap(u, *full)
+    jv = ju[I] + r * dk[I] * lapu[I] + dt * df[I]
+
+    lam, kb, fb = np.zeros_like(u), np.zeros_like(u), np.zeros_like(u)
+    stencil.adjoint(w, kappa, u, lam, kb, fb, r, dt, *full)
+
+    lhs = np.dot(jv.ravel(), w[I].ravel())
+    rhs = (np.dot(du[I].ravel(), lam[I].ravel()) + np.dot(dk[I].ravel(), kb[I].ravel())
+           + np.dot(df[I].ravel(), fb[I].ravel()))
+    assert abs(lhs - rhs) <= 1e-12 * max(abs(lhs), 1.0)
+
+    # Each part separately, too.
+    lhs_u = np.dot(ju[I].ravel(), w[I].ravel())
+    assert abs(lhs_u - np.dot(du[I].ravel(), lam[I].ravel())) <= 1e-12 * max(abs(lhs_u), 1.0)
+    lhs_k = np.dot((r * dk[I] * lapu[I]).ravel(), w[I].ravel())
+    assert abs(lhs_k - np.dot(dk[I].ravel(), kb[I].ravel())) <= 1e-12 * max(abs(lhs_k), 1.0)
+    lhs_f = np.dot((dt * df[I]).ravel(), w[I].ravel())
+    assert abs(lhs_f - np.dot(df[I].ravel(), fb[I].ravel())) <= 1e-12 * max(abs(lhs_f), 1.0)
+
+
+def test_adjoint_matches_finite_differences_of_step():
+    # The adjoint of u^n against an explicit Jacobian built column by column.
+    rng = np.random.default_rng(4)
+    nx, ny = 3, 4
+    r, dt = 0.23, 0.02
+    full = (1, nx + 1, 1, ny + 1)
+    u, kappa, f, w = _rand_fields(rng, nx, ny, np.float64, 4)
+    w[0, :] = w[-1, :] = w[:, 0] = w[:, -1] = 0.0
+    n = nx * ny
+    J = np.zeros((n, n))
+    zero = np.zeros_like(u)
+    for k in range(n):
+        e = np.zeros_like(u)
+        e[1 + k // ny, 1 + k % ny] = 1.0
+        out = np.zeros_like(u)
+        stencil.step(e, kappa, zero, out, r, dt, *full)
+        J[:, k] = out[stencil.interior].ravel()
+    lam, kb, fb = np.zeros_like(u), np.zeros_like(u), np.zeros_like(u)
+    stencil.adjoint(w, kappa, u, lam, kb, fb, r, dt, *full)
+    np.testing.assert_allclose(lam[stencil.interior].ravel(),
+                               J.T @ w[stencil.interior].ravel(), rtol=1e-13, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------
+# Host build of heat.cu vs the NumPy reference
+# ---------------------------------------------------------------------------
+
+needs_host = pytest.mark.skipif(not hostkernels.available(), reason="no C++ compiler")
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_host_step_matches_reference(dtype, shape):
+    rng = np.random.default_rng(hash(shape) % 2**32)
+    nx, ny = shape
+    r, dt = 0.2, 0.015
+    for rect in _rand_rects(rng, nx, ny):
+        u, kappa, f, out0 = _rand_fields(rng, nx, ny, dtype, 4)
+        got, want = out0.copy(), out0.copy()
+        hostkernels.step(u, kappa, f, got, r, dt, *rect)
+        stencil.step(u, kappa, f, want, r, dt, *rect)
+        _assert_close(got, want, dtype)
+        # Outside the sub-rectangle nothing changes.
+        mask = np.ones(u.shape, bool)
+        mask[rect[0]:rect[1], rect[2]:rect[3]] = False
+        np.testing.assert_array_equal(got[mask], out0[mask])
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_host_adjoint_matches_reference(dtype, shape):
+    rng = np.random.default_rng(hash(shape) % 2**32 + 1)
+    nx, ny = shape
+    r, dt = 0.17, 0.02
+    for rect in _rand_rects(rng, nx, ny):
+        lam_next, kappa, u, lam0, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
+        got = [lam0.copy(), kb0.copy(), fb0.copy()]
+        want = [lam0.copy(), kb0.copy(), fb0.copy()]
+        hostkernels.adjoint(lam_next, kappa, u, *got, r, dt, *rect)
+        stencil.adjoint(lam_next, kappa, u, *want, r, dt, *rect)
+        for g, w in zip(got, want):
+            _assert_close(g, w, dtype)
+        mask = np.ones(u.shape, bool)
+        mask[rect[0]:rect[1], rect[2]:rect[3]] = False
+        for g, a0 in zip(got, (lam0, kb0, fb0)):
+            np.testing.assert_array_equal(g[mask], a0[mask])
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (7, 4)])
+def test_host_halo_matches_reference(dtype, shape):
+    rng = np.random.default_rng(5)
+    nx, ny = shape
+    (u,) = _rand_fields(rng, nx, ny, dtype, 1)
+    for side in range(4):
+        n = ny if side < 2 else nx
+        for ghost in (0, 1):
+            got = np.full(n + 3, -1, dtype)
+            want = got.copy()
+            hostkernels.pack(u, got, side, ghost)
+            stencil.pack(u, want, side, ghost)
+            np.testing.assert_array_equal(got, want)
+            buf = rng.standard_normal(n).astype(dtype)
+            for add in (0, 1):
+                v_got, v_want = u.copy(), u.copy()
+                hostkernels.unpack(v_got, buf, side, ghost, add)
+                stencil.unpack(v_want, buf, side, ghost, add)
+                np.testing.assert_array_equal(v_got, v_want)
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_host_compiled_cuda_kernels_single_thread(dtype):
+    """The __global__ kernel bodies themselves, run on the host as one thread.
+
+    host_cuda.h maps threadIdx/blockIdx to a 1x1 launch, so this exercises the
+    grid-stride index arithmetic of the GPU kernels.
+    """
+    lib = ctypes.CDLL(str(hostkernels.library_path()))
+    real = ctypes.c_float if dtype == "float32" else ctypes.c_double
+    p, i = ctypes.c_void_p, ctypes.c_int
+    step_k = lib[f"heat_step_{dtype}"]
+    step_k.argtypes = [p, p, p, p, i, i, real, real, i, i, i, i]
+    adj_k = lib[f"heat_adjoint_{dtype}"]
+    adj_k.argtypes = [p, p, p, p, p, p, i, i, real, real, i, i, i, i]
+    pack_k = lib[f"halo_pack_{dtype}"]
+    pack_k.argtypes = [p, p, i, i, i, i]
+    unpack_k = lib[f"halo_unpack_{dtype}"]
+    unpack_k.argtypes = [p, p, i, i, i, i, i]
+    copy4_k = lib[f"copy4_{dtype}"]
+    copy4_k.argtypes = [p, p, p, p, ctypes.c_longlong]
+
+    rng = np.random.default_rng(6)
+    nx, ny = 11, 7
+    r, dt = 0.2, 0.01
+    rect = (2, 10, 1, 6)
+    u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
+    got, want = np.zeros_like(u), np.zeros_like(u)
+    step_k(u.ctypes.data, kappa.ctypes.data, f.ctypes.data, got.ctypes.data, nx, ny, r, dt, *rect)
+    stencil.step(u, kappa, f, want, r, dt, *rect)
+    _assert_close(got, want, np.dtype(dtype).type)
+
+    g = [np.zeros_like(u), kb0.copy(), fb0.copy()]
+    w = [np.zeros_like(u), kb0.copy(), fb0.copy()]
+    adj_k(lam_next.ctypes.data, kappa.ctypes.data, u.ctypes.data,
+          *(a.ctypes.data for a in g), nx, ny, r, dt, *rect)
+    stencil.adjoint(lam_next, kappa, u, *w, r, dt, *rect)
+    for a, b in zip(g, w):
+        _assert_close(a, b, np.dtype(dtype).type)
+
+    buf_g, buf_w = np.zeros(nx, dtype), np.zeros(nx, dtype)
+    pack_k(u.ctypes.data, buf_g.ctypes.data, nx, ny, 3, 1)
+    stencil.pack(u, buf_w, 3, 1)
+    np.testing.assert_array_equal(buf_g, buf_w)
+    v_g, v_w = u.copy(), u.copy()
+    unpack_k(v_g.ctypes.data, buf_g.ctypes.data, nx, ny, 2, 0, 1)
+    stencil.unpack(v_w, buf_w, 2, 0, 1)
+    np.testing.assert_array_equal(v_g, v_w)
+
+    a, b, c, d = _rand_fields(rng, nx, ny, dtype, 4)
+    copy4_k(a.ctypes.data, b.ctypes.data, c.ctypes.data, d.ctypes.data, a.size)
+    np.testing.assert_array_equal(d, a + b + c)
+
+
+@needs_host
+def test_host_rejects_bad_arguments():
+    u = np.zeros((5, 6))
+    ok = [np.zeros_like(u) for _ in range(3)]
+    with pytest.raises(ValueError, match="kappa"):
+        hostkernels.step(u, u.astype(np.float32), ok[0], ok[1], 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="f must be C-contiguous"):
+        hostkernels.step(u, ok[0], np.asfortranarray(ok[1]), ok[2], 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="u must be float32 or float64"):
+        hostkernels.step(u.astype(np.int64), ok[0], ok[1], ok[2], 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="i0"):
+        hostkernels.step(u, ok[0], ok[1], ok[2], 0.1, 0.1, 0, 4, 1, 5)
+    with pytest.raises(ValueError, match="u_new must not overlap u"):
+        hostkernels.step(u, ok[0], ok[1], u, 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="buf"):
+        hostkernels.pack(u, np.zeros(2), 0, 0)
+    with pytest.raises(ValueError, match="side"):
+        hostkernels.unpack(u, np.zeros(8), 4, 0, 0)
