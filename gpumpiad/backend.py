@@ -129,3 +129,56 @@ def synchronize(x):
     if is_device_array(x):
         import cupy
         cupy.cuda.get_current_stream().synchronize()
+
+
+_comm_streams = {}
+
+
+def comm_stream():
+    """The CUDA stream that staging copies run on (one per device, created on first use)."""
+    import cupy
+    device = cupy.cuda.Device().id
+    stream = _comm_streams.get(device)
+    if stream is None:
+        stream = _comm_streams[device] = cupy.cuda.Stream(non_blocking=True)
+    return stream
+
+
+def pinned_empty(shape, dtype):
+    """A NumPy array in page-locked host memory from CuPy's pinned pool (reused across calls)."""
+    import cupyx
+    return cupyx.empty_pinned(shape, dtype=dtype)
+
+
+def device_to_host(array, host):
+    """Copy device ``array`` into host ``host`` on the comm stream, after the producing stream.
+
+    Returns when the copy is complete (MPI reads ``host`` next).
+    """
+    import cupy
+    stream = comm_stream()
+    stream.wait_event(cupy.cuda.get_current_stream().record())
+    array.get(stream=stream, out=host)
+    stream.synchronize()
+    return host
+
+
+def host_to_device(host, keepalive=None):
+    """Copy ``host`` to a new device array on the comm stream; the current stream waits for it.
+
+    The copy is asynchronous for the host; ``keepalive`` objects live until it completes.
+    """
+    import cupy
+    stream = comm_stream()
+    with stream:
+        out = cupy.empty(host.shape, dtype=host.dtype)
+        out.set(host, stream=stream)
+    done = stream.record()
+    cupy.cuda.get_current_stream().wait_event(done)
+    _in_flight.append((done, host, keepalive))
+    while _in_flight and _in_flight[0][0].done:
+        _in_flight.pop(0)
+    return out
+
+
+_in_flight = []
