@@ -10,8 +10,18 @@ from .backend import array_module, backend_name
 from .comm import Comm, RankInt, mpi_finalize, mpi_init, mpi_rank, mpi_size
 from .custom import custom_op
 from .gradcheck import GradientCheckError, check_grad
-from .mpi.allreduce import mpi_sum
+from .debug import CommunicationMismatch, CommunicationTimeout, set_debug
+from .mpi.allgather import mpi_allgather
+from .mpi.allreduce import MAX, MIN, PROD, SUM, mpi_allreduce, mpi_sum
+from .mpi.alltoall import mpi_alltoall
+from .mpi.barrier import mpi_barrier
 from .mpi.bcast import mpi_bcast
+from .mpi.gather import mpi_gather
+from .mpi.p2p import mpi_recv, mpi_send, mpi_sendrecv
+from .mpi.reduce import mpi_reduce
+from .mpi.reduce_scatter import mpi_reduce_scatter
+from .mpi.scatter import mpi_scatter
+from .transport import cuda_aware, path_description
 from .ops.elementwise import (abs, add, cos, divide, exp, log, maximum, minimum, multiply,
                               negative, power, sin, sqrt, subtract, tanh, where)
 from .ops.indexing import getitem
@@ -23,6 +33,10 @@ from .tensor import Tensor, tensor
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX", "MIN", "PROD", "SUM", "CommunicationMismatch", "CommunicationTimeout",
+    "cuda_aware", "mpi_allgather", "mpi_allreduce", "mpi_alltoall", "mpi_barrier",
+    "mpi_gather", "mpi_recv", "mpi_reduce", "mpi_reduce_scatter", "mpi_scatter", "mpi_send",
+    "mpi_sendrecv", "path_description", "set_debug",
     "Comm", "GradientCheckError", "LossError", "RankInt", "Tensor", "abs", "add",
     "array_module", "backend", "backend_name", "check_grad", "concatenate", "cos",
     "custom_op", "divide", "dot", "exp", "getitem", "grad", "log", "matmul", "maximum", "mean",

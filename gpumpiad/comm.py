@@ -11,6 +11,7 @@ import threading
 from mpi4py import MPI
 
 from . import transport
+from .debug import check_signature, debug_enabled
 
 
 class RankInt(int):
@@ -74,9 +75,28 @@ class Comm:
         periods = [False] * len(dims) if periods is None else list(periods)
         return CartComm(self.mpi.Create_cart(dims, periods=periods, reorder=False))
 
+    def issue(self, call, start, *, collective=True, root=None, array=None, layout=None,
+              same_shape=True, serial_value=False):
+        """Issue one communication as the next link of this communicator's chain.
+
+        ``start()`` posts non-blocking MPI calls and returns ``(requests, finish)``; the result
+        is a :class:`~gpumpiad.transport.Pending`. Issuing is serialised per communicator, so
+        every rank issues its calls on a communicator in one order, whichever thread calls; in
+        debug mode a collective is first checked against every other rank's view of it.
+        """
+        with self.lock:
+            self.sequence += 1
+            if collective and debug_enabled():
+                check_signature(self, call, root=root, array=array, layout=layout,
+                                same_shape=same_shape, serial_value=serial_value)
+            requests, finish = start()
+        return transport.Pending(requests, finish, self, call)
+
     def allreduce_sum(self, array):
-        """Blocking allreduce-sum of a NumPy or CuPy array; returns a new array."""
-        return transport.allreduce(self.mpi, array, MPI.SUM)
+        """Allreduce-sum of a NumPy or CuPy array, waited for; returns a new array."""
+        return self.issue("allreduce of serial cotangent shares",
+                          lambda: transport.start_allreduce(self.mpi, array, MPI.SUM),
+                          array=array).wait()
 
 
 class CartComm(Comm):
@@ -132,6 +152,7 @@ def mpi_finalize():
     this and still let other libraries use MPI until it ends.
     """
     if MPI.Is_initialized() and not MPI.Is_finalized():
+        transport.complete_sends()
         world().mpi.Barrier()
 
 

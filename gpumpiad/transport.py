@@ -17,6 +17,7 @@ import ctypes
 import functools
 import logging
 import os
+import threading
 
 import numpy
 
@@ -79,11 +80,12 @@ def send_buffer(array, staged=None):
     NumPy: the array (packed if not contiguous). CuPy: the device array after the producing
     stream is synchronised (CUDA-aware MPI), or a pinned host copy (staged).
     """
+    # ascontiguousarray returns at least 1-d: keep 0-d shapes.
     if not is_device_array(array):
-        return numpy.ascontiguousarray(array)
+        return numpy.ascontiguousarray(array).reshape(numpy.shape(array))
     staged = (not cuda_aware()) if staged is None else staged
     xp = get_array_module(array)
-    array = xp.ascontiguousarray(array)
+    array = xp.ascontiguousarray(array).reshape(array.shape)
     if staged:
         return backend.device_to_host(array, backend.pinned_empty(array.shape, array.dtype))
     backend.synchronize(array)
@@ -109,41 +111,169 @@ def deliver(buffer, device):
 
 
 class Pending:
-    """A result that MPI is still producing: ``wait()`` completes the requests and returns it."""
+    """A result MPI is still producing: ``wait()`` completes the requests and returns it.
 
-    __slots__ = ("requests", "finish", "result")
+    ``wait`` is bounded by the watchdog (``GPUMPIAD_TIMEOUT``) and names ``call`` on timeout.
+    """
 
-    def __init__(self, requests, finish):
+    __slots__ = ("requests", "finish", "result", "comm", "call", "lock")
+
+    def __init__(self, requests, finish, comm=None, call="communication"):
         self.requests = requests
         self.finish = finish
         self.result = None
+        self.comm = comm
+        self.call = call
+        self.lock = threading.Lock()
+
+    def done(self) -> bool:
+        if self.requests is None:
+            return True
+        from mpi4py import MPI
+        with self.lock:
+            return self.requests is None or MPI.Request.Testall(self.requests)
 
     def wait(self):
-        if self.requests is not None:
-            from mpi4py import MPI
-            MPI.Request.Waitall(self.requests)
-            self.requests = None
-            self.result = self.finish()
-            self.finish = None
+        with self.lock:
+            if self.requests is not None:
+                from .debug import wait
+                wait(self.requests, self.comm, self.call)
+                self.requests = None
+                self.result = self.finish() if self.finish is not None else None
+                self.finish = None
         return self.result
 
 
-def allreduce(mpi_comm, array, op):
-    """Blocking allreduce of a NumPy or CuPy array into a new array of the same kind."""
+_outstanding = []
+_outstanding_lock = threading.Lock()
+
+
+def track(pending):
+    """Keep a send in flight (and its buffer alive) until it completes."""
+    with _outstanding_lock:
+        _outstanding[:] = [p for p in _outstanding if not p.done()]
+        _outstanding.append(pending)
+
+
+def complete_sends():
+    """Wait for every tracked send."""
+    with _outstanding_lock:
+        pending, _outstanding[:] = list(_outstanding), []
+    for p in pending:
+        p.wait()
+
+
+def start_allreduce(mpi_comm, array, op):
+    """Post a non-blocking allreduce; return ``(requests, finish)``."""
     device = is_device_array(array)
     send = send_buffer(array)
     out = recv_buffer(send.shape, send.dtype, device, staged=device and not is_device_array(send))
-    mpi_comm.Allreduce(send, out, op=op)
-    return deliver(out, device)
+    request = mpi_comm.Iallreduce(send, out, op=op)
+    return [request], lambda keep=send: deliver(out, device)
 
 
-def bcast(mpi_comm, array, root):
-    """Blocking broadcast of the root's array; returns a new array on every rank."""
+def start_bcast(mpi_comm, array, root):
+    """Post a non-blocking broadcast of the root's ``array``."""
     device = is_device_array(array)
     if mpi_comm.Get_rank() == root:
         buf = send_buffer(array)
-        buf = buf.copy() if buf is array else buf
     else:
         buf = recv_buffer(array.shape, array.dtype, device)
-    mpi_comm.Bcast(buf, root=root)
-    return deliver(buf, device)
+    request = mpi_comm.Ibcast(buf, root=root)
+    return [request], lambda: deliver(buf, device)
+
+
+def start_reduce(mpi_comm, array, root, op):
+    """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage)."""
+    device = is_device_array(array)
+    send = send_buffer(array)
+    out = recv_buffer(send.shape, send.dtype, device, staged=device and not is_device_array(send))
+    if mpi_comm.Get_rank() != root:
+        out[...] = 0
+        request = mpi_comm.Ireduce(send, None, op=op, root=root)
+    else:
+        request = mpi_comm.Ireduce(send, out, op=op, root=root)
+    return [request], lambda keep=send: deliver(out, device)
+
+
+def start_gatherv(mpi_comm, array, rows, root, trailing):
+    """Post a gather of row blocks (``rows[p]`` rows from rank p) to ``root``."""
+    device = is_device_array(array)
+    send = send_buffer(array)
+    unit = _prod(trailing)
+    if mpi_comm.Get_rank() == root:
+        out = recv_buffer((sum(rows),) + trailing, send.dtype, device,
+                          staged=device and not is_device_array(send))
+        request = mpi_comm.Igatherv(send, [out, [r * unit for r in rows]], root=root)
+    else:
+        out = recv_buffer((0,) + trailing, send.dtype, device)
+        request = mpi_comm.Igatherv(send, None, root=root)
+    return [request], lambda keep=send: deliver(out, device)
+
+
+def start_allgatherv(mpi_comm, array, rows, trailing):
+    """Post an allgather of row blocks (``rows[p]`` rows from rank p)."""
+    device = is_device_array(array)
+    send = send_buffer(array)
+    out = recv_buffer((sum(rows),) + trailing, send.dtype, device,
+                      staged=device and not is_device_array(send))
+    request = mpi_comm.Iallgatherv(send, [out, [r * _prod(trailing) for r in rows]])
+    return [request], lambda keep=send: deliver(out, device)
+
+
+def start_scatterv(mpi_comm, array, rows, root, trailing, dtype, device):
+    """Post a scatter of the root's row blocks (``rows[p]`` rows to rank p)."""
+    mine = rows[mpi_comm.Get_rank()]
+    out = recv_buffer((mine,) + trailing, dtype, device)
+    if mpi_comm.Get_rank() == root:
+        send = send_buffer(array)
+        request = mpi_comm.Iscatterv([send, [r * _prod(trailing) for r in rows]], out, root=root)
+    else:
+        send = None
+        request = mpi_comm.Iscatterv(None, out, root=root)
+    return [request], lambda keep=send: deliver(out, device)
+
+
+def start_reduce_scatter(mpi_comm, array, rows, op):
+    """Post a reduce-scatter: rank p gets rows ``rows[p]`` of the sum over ranks."""
+    device = is_device_array(array)
+    send = send_buffer(array)
+    trailing = tuple(array.shape[1:])
+    out = recv_buffer((rows[mpi_comm.Get_rank()],) + trailing, send.dtype, device,
+                      staged=device and not is_device_array(send))
+    request = mpi_comm.Ireduce_scatter(send, out, [r * _prod(trailing) for r in rows], op=op)
+    return [request], lambda keep=send: deliver(out, device)
+
+
+def start_alltoallv(mpi_comm, array, send_rows, recv_rows):
+    """Post an all-to-all of row blocks: ``send_rows[q]`` rows go to rank q."""
+    device = is_device_array(array)
+    send = send_buffer(array)
+    trailing = tuple(array.shape[1:])
+    unit = _prod(trailing)
+    out = recv_buffer((sum(recv_rows),) + trailing, send.dtype, device,
+                      staged=device and not is_device_array(send))
+    request = mpi_comm.Ialltoallv([send, [r * unit for r in send_rows]],
+                                  [out, [r * unit for r in recv_rows]])
+    return [request], lambda keep=send: deliver(out, device)
+
+
+def start_send(mpi_comm, array, dest, tag):
+    """Post a non-blocking send; ``finish`` returns nothing."""
+    send = send_buffer(array)
+    request = mpi_comm.Isend(send, dest=dest, tag=tag)
+    return [request], lambda keep=send: None
+
+
+def start_recv(mpi_comm, shape, dtype, device, source, tag):
+    """Post a non-blocking receive into a new buffer."""
+    out = recv_buffer(shape, dtype, device)
+    request = mpi_comm.Irecv(out, source=source, tag=tag)
+    return [request], lambda: deliver(out, device)
+
+
+def _prod(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,14 +1,23 @@
 """Shared plumbing of the communication primitives."""
 from __future__ import annotations
 
+from ..backend import get_array_module, is_device_array
 from ..comm import resolve
 from ..tape import active_tape
 from ..tensor import Tensor, tensor
+
+# Reverse-mode point-to-point messages use tag + REVERSE_TAG so they never match forward ones.
+REVERSE_TAG = 1 << 14
 
 
 def as_tensor(x, comm):
     """``x`` as a Tensor (arrays and scalars become serial Tensors on ``comm``)."""
     return x if isinstance(x, Tensor) else tensor(x, comm=comm)
+
+
+def pending_tensor(pending, layout, comm):
+    """A Tensor whose data arrives when ``pending`` completes (waited for on first read)."""
+    return Tensor(None, layout, comm, pending=pending)
 
 
 def record(name, vjp, inputs, outputs, local=None, communicates=True):
@@ -22,4 +31,37 @@ def record(name, vjp, inputs, outputs, local=None, communicates=True):
         tape.record(name, vjp, inputs, outputs, local=local, communicates=communicates)
 
 
-__all__ = ["as_tensor", "record", "resolve"]
+def check_root(root, comm, name):
+    """Validate a root/peer rank argument."""
+    if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < comm.size:
+        raise ValueError(f"rank {comm.rank}: {name} must be an int in [0, {comm.size}), "
+                         f"got {root!r}")
+    return int(root)
+
+
+def check_rows(x, name, comm):
+    """Row-block collectives need at least one axis."""
+    if x.ndim == 0:
+        raise ValueError(f"rank {comm.rank}: {name} needs an array with at least one axis "
+                         f"(row blocks along axis 0), got a scalar")
+
+
+def split_rows(n, parts):
+    """Row counts of an even split of ``n`` rows into ``parts`` blocks (first blocks larger)."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if p < extra else 0) for p in range(parts)]
+
+
+def offsets(rows):
+    out = [0]
+    for r in rows:
+        out.append(out[-1] + r)
+    return out
+
+
+def zeros_like(array):
+    return get_array_module(array).zeros_like(array)
+
+
+__all__ = ["REVERSE_TAG", "as_tensor", "check_root", "check_rows", "is_device_array", "offsets",
+           "pending_tensor", "record", "resolve", "split_rows", "zeros_like"]

@@ -1,8 +1,64 @@
-"""``mpi_sum``: allreduce-sum across ranks."""
+"""``mpi_allreduce`` / ``mpi_sum``: combine values across ranks; the result is serial."""
 from __future__ import annotations
 
-from ..tensor import SERIAL, Tensor
-from ._record import as_tensor, record, resolve
+from mpi4py import MPI
+
+from ..tensor import SERIAL
+from ..transport import start_allgatherv, start_allreduce
+from ._record import as_tensor, pending_tensor, record, resolve
+
+SUM, MAX, MIN, PROD = MPI.SUM, MPI.MAX, MPI.MIN, MPI.PROD
+_NAMES = ((SUM, "SUM"), (MAX, "MAX"), (MIN, "MIN"), (PROD, "PROD"))
+
+
+def mpi_allreduce(x, op=SUM, comm=None):
+    """Combine ``x`` over all ranks of ``comm`` with ``op``; the result is serial.
+
+    Parameters
+    ----------
+    x : Tensor or array_like
+        This rank's term (same shape on every rank).
+    op : gpumpiad.SUM, MAX, MIN or PROD
+    comm : gpumpiad.Comm, optional
+        Default: the world.
+
+    Notes
+    -----
+    Reverse rules, with ``s̄`` the serial (total) cotangent of the result:
+
+    - SUM: ``x̄_p = s̄`` on every rank (a serial ``x`` then totals ``P s̄`` via the tape).
+    - MAX/MIN: ``x̄_p = s̄`` where rank p holds the extremum, else 0; ties go to the lowest rank
+      holding it (one extra allreduce of rank ids in the reverse pass).
+    - PROD: ``x̄_p = s̄ ∏_{q≠p} x_q`` (from an allgather of the terms, exact with zeros).
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> m = gpumpiad.mpi_allreduce(gpumpiad.tensor([1.0]) * gpumpiad.mpi_rank(), op=gpumpiad.MAX)
+    >>> int(m.item()) == gpumpiad.mpi_size() - 1
+    True
+    """
+    comm = resolve(comm)
+    op_name = next((n for o, n in _NAMES if o == op), None)
+    if op_name is None:
+        raise ValueError(f"rank {comm.rank}: op must be gpumpiad.SUM, MAX, MIN or PROD, got {op!r}")
+    x = as_tensor(x, comm)
+    name = "mpi_allreduce" if op != SUM else "mpi_sum"
+    data = x.data
+    pending = comm.issue(f"{name}({op_name})", lambda: start_allreduce(comm.mpi, data, op),
+                         array=data, layout=x.layout, serial_value=not x.distributed)
+    out = pending_tensor(pending, SERIAL, comm)
+
+    def vjp(gs):
+        g = gs[0]
+        if op == SUM:
+            return [g]
+        if op == PROD:
+            return [g * _exclusive_product(comm, data)]
+        return [g * _holds_extremum(comm, data, out.data)]
+
+    record(name, vjp, [x], [out], local=[True], communicates=op != SUM)
+    return out
 
 
 def mpi_sum(x, comm=None):
@@ -28,8 +84,26 @@ def mpi_sum(x, comm=None):
     >>> int(s.item()) == gpumpiad.mpi_size() * (gpumpiad.mpi_size() + 1) // 2
     True
     """
-    comm = resolve(comm)
-    x = as_tensor(x, comm)
-    out = Tensor(comm.allreduce_sum(x.data), SERIAL, comm)
-    record("mpi_sum", lambda gs: [gs[0]], [x], [out], local=[True], communicates=False)
-    return out
+    return mpi_allreduce(x, SUM, comm)
+
+
+def _holds_extremum(comm, x, extremum):
+    """1 where this rank is the lowest rank whose ``x`` equals the extremum, else 0."""
+    from ..backend import get_array_module
+    xp = get_array_module(x)
+    mine = xp.where(x == extremum, comm.rank, comm.size).astype(xp.int32)
+    owner = comm.issue("mpi_allreduce(MIN) of extremum owners",
+                       lambda: start_allreduce(comm.mpi, mine, MIN), array=mine).wait()
+    return (owner == comm.rank).astype(x.dtype)
+
+
+def _exclusive_product(comm, x):
+    """``∏_{q≠p} x_q`` for this rank p."""
+    from ..backend import get_array_module
+    xp = get_array_module(x)
+    flat = x.reshape(1, -1)
+    every = comm.issue("mpi_allgather of PROD terms",
+                       lambda: start_allgatherv(comm.mpi, flat, [1] * comm.size,
+                                                (flat.shape[1],)), array=flat).wait()
+    others = xp.concatenate([every[:comm.rank], every[comm.rank + 1:]])
+    return others.prod(axis=0).reshape(x.shape)

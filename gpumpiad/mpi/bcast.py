@@ -1,10 +1,9 @@
-"""``mpi_bcast``: broadcast from a root rank."""
+"""``mpi_bcast``: broadcast from a root rank; the result is serial."""
 from __future__ import annotations
 
-from ..backend import get_array_module
-from ..tensor import SERIAL, Tensor
-from ..transport import bcast
-from ._record import as_tensor, record, resolve
+from ..tensor import SERIAL
+from ..transport import start_bcast
+from ._record import as_tensor, check_root, pending_tensor, record, resolve, zeros_like
 
 
 def mpi_bcast(x, root=0, comm=None):
@@ -19,9 +18,10 @@ def mpi_bcast(x, root=0, comm=None):
 
     Notes
     -----
-    Reverse rule: the result's cotangent is the serial total ``ȳ`` (the tape has already summed
-    every rank's share, i.e. reduced them). A distributed ``x`` receives ``ȳ`` on the root and
-    zero elsewhere; a serial ``x`` receives ``ȳ`` on every rank.
+    Reverse rule (the adjoint of a broadcast is a reduction to the root): the result's
+    cotangent is the serial total ``ȳ``, in which the tape has already summed every rank's
+    share. A distributed ``x`` receives ``ȳ`` on the root and zero elsewhere; a serial ``x``
+    receives ``ȳ`` on every rank.
 
     Examples
     --------
@@ -31,13 +31,17 @@ def mpi_bcast(x, root=0, comm=None):
     0.0
     """
     comm = resolve(comm)
+    root = check_root(root, comm, "root")
     x = as_tensor(x, comm)
-    out = Tensor(bcast(comm.mpi, x.data, root), SERIAL, comm)
+    data = x.data
+    pending = comm.issue("mpi_bcast", lambda: start_bcast(comm.mpi, data, root), root=root,
+                         array=data)
+    out = pending_tensor(pending, SERIAL, comm)
 
     def vjp(gs):
         g = gs[0]
         if x.distributed and comm.rank != root:
-            return [get_array_module(g).zeros_like(g)]
+            return [zeros_like(g)]
         return [g]
 
     record("mpi_bcast", vjp, [x], [out], communicates=False)

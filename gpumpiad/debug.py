@@ -1,0 +1,127 @@
+"""Debug mode and the watchdog: turn mismatched or stuck communication into errors.
+
+Debug mode (``GPUMPIAD_DEBUG=1`` or :func:`set_debug`) exchanges a small signature before every
+collective — the call, its sequence number on the communicator, the issuing thread's name,
+root, dtype, shape, layout, and a checksum of values declared serial — and raises on every rank,
+naming the call, the argument and the ranks that differ, instead of hanging or mixing data.
+Two threads racing collectives on one communicator show up as differing thread names or calls.
+
+The watchdog (``GPUMPIAD_TIMEOUT=seconds``) bounds every wait for communication: a wait that
+does not complete in time raises :class:`CommunicationTimeout` naming the call this rank is in.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import zlib
+
+import numpy as np
+
+_settings = {"debug": None}
+
+
+class CommunicationMismatch(RuntimeError):
+    """Ranks disagree about a collective call (detected in debug mode)."""
+
+
+class CommunicationTimeout(RuntimeError):
+    """A communication did not complete within GPUMPIAD_TIMEOUT seconds."""
+
+
+def set_debug(enabled=True):
+    """Switch debug mode on or off for this process (overrides ``GPUMPIAD_DEBUG``).
+
+    Every rank must make the same choice: the checks are collective.
+    """
+    _settings["debug"] = bool(enabled)
+
+
+def debug_enabled() -> bool:
+    if _settings["debug"] is None:
+        _settings["debug"] = os.environ.get("GPUMPIAD_DEBUG", "0").strip() not in ("", "0")
+    return _settings["debug"]
+
+
+def timeout() -> float | None:
+    """``GPUMPIAD_TIMEOUT`` in seconds, or ``None`` when unset."""
+    value = os.environ.get("GPUMPIAD_TIMEOUT")
+    if not value:
+        return None
+    seconds = float(value)
+    if seconds <= 0:
+        raise ValueError(f"GPUMPIAD_TIMEOUT must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _code(text) -> int:
+    return zlib.crc32(str(text).encode()) & 0x7FFFFFFF
+
+
+_FIELDS = ("call", "sequence", "thread", "root", "dtype", "shape", "layout", "serial value")
+
+
+def check_signature(comm, call, root=None, array=None, layout=None, same_shape=True,
+                    serial_value=False):
+    """Collectively compare this rank's view of a collective with every other rank's.
+
+    Raises :class:`CommunicationMismatch` on every rank when any field differs.
+    """
+    from .backend import to_numpy
+    shape = tuple(array.shape) if (array is not None and same_shape) else ()
+    if array is not None and not same_shape:
+        shape = tuple(array.shape[1:])
+    checksum = 0
+    if serial_value and array is not None:
+        checksum = zlib.crc32(np.ascontiguousarray(to_numpy(array)).tobytes()) & 0x7FFFFFFF
+    mine = np.array([
+        _code(call), comm.sequence, _code(threading.current_thread().name),
+        -1 if root is None else root,
+        _code(array.dtype) if array is not None else 0, _code(shape),
+        _code(layout), checksum], dtype=np.int64)
+    table = np.empty((comm.size, mine.size), dtype=np.int64)
+    request = comm.mpi.Iallgather(mine, table)
+    wait(request, comm, f"debug signature check of {call}")
+    differing = [k for k in range(mine.size) if np.any(table[:, k] != table[0, k])]
+    if not differing:
+        return
+    views = comm.mpi.allgather((call, threading.current_thread().name, root,
+                                None if array is None else str(array.dtype), shape, layout))
+    field = _FIELDS[differing[0]]
+    groups = {}
+    for rank in range(comm.size):
+        groups.setdefault(int(table[rank, differing[0]]), []).append(rank)
+    detail = "; ".join(
+        f"rank(s) {ranks}: {_describe(views[ranks[0]], field)}" for ranks in groups.values())
+    raise CommunicationMismatch(
+        f"rank {comm.rank}: collective #{comm.sequence} on {comm!r} does not match across "
+        f"ranks: the {field} differs — {detail}")
+
+
+def _describe(view, field):
+    call, thread, root, dtype, shape, layout = view
+    text = {"call": call, "thread": f"thread {thread!r} in {call}", "root": f"root={root}",
+            "dtype": f"dtype {dtype}", "shape": f"shape {shape}", "layout": f"layout {layout}",
+            "sequence": f"{call}", "serial value": "a different value declared serial"}
+    return f"{call}: " + text[field] if field not in ("call", "thread") else text[field]
+
+
+def wait(requests, comm=None, call="communication"):
+    """Complete MPI request(s), bounded by the watchdog when ``GPUMPIAD_TIMEOUT`` is set."""
+    from mpi4py import MPI
+    requests = requests if isinstance(requests, list) else [requests]
+    limit = timeout()
+    if limit is None:
+        MPI.Request.Waitall(requests)
+        return
+    deadline = time.monotonic() + limit
+    pause = 1e-5
+    while not MPI.Request.Testall(requests):
+        if time.monotonic() > deadline:
+            rank = MPI.COMM_WORLD.Get_rank()
+            where = f" on {comm!r} (call #{comm.sequence})" if comm is not None else ""
+            raise CommunicationTimeout(
+                f"rank {rank}: {call}{where} did not complete within GPUMPIAD_TIMEOUT="
+                f"{limit:g} s; another rank is probably in a different call or has failed")
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-2)

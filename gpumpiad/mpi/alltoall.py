@@ -1,0 +1,56 @@
+"""``mpi_alltoall``: every rank sends a block of rows to every rank."""
+from __future__ import annotations
+
+from ..tensor import DISTRIBUTED
+from ..transport import start_alltoallv
+from ._record import as_tensor, check_rows, pending_tensor, record, resolve, split_rows
+
+
+def mpi_alltoall(x, rows=None, comm=None):
+    """Send rows ``rows[q]`` of ``x`` (in order) to rank q; receive and concatenate, in rank
+    order, the blocks every rank sent here.
+
+    Parameters
+    ----------
+    x : Tensor or array_like
+    rows : list of int, optional
+        Rows sent to each rank (default: an even split, first blocks one longer).
+
+    Notes
+    -----
+    Reverse rule (the adjoint of an all-to-all is the all-to-all back): the cotangent blocks
+    travel back to the ranks they came from.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> n = gpumpiad.mpi_size()
+    >>> y = gpumpiad.mpi_alltoall(np.full(n, float(gpumpiad.mpi_rank())))
+    >>> y.numpy().tolist() == [float(q) for q in range(n)]
+    True
+    """
+    comm = resolve(comm)
+    x = as_tensor(x, comm)
+    check_rows(x, "mpi_alltoall", comm)
+    send_rows = split_rows(x.shape[0], comm.size) if rows is None else list(rows)
+    if len(send_rows) != comm.size or sum(send_rows) != x.shape[0] or min(send_rows) < 0:
+        raise ValueError(f"rank {comm.rank}: mpi_alltoall rows must be {comm.size} "
+                         f"non-negative counts summing to {x.shape[0]}, got {send_rows}")
+    data = x.data
+    box = {}
+
+    def start():
+        box["recv"] = comm.mpi.alltoall(send_rows)
+        return start_alltoallv(comm.mpi, data, send_rows, box["recv"])
+
+    pending = comm.issue("mpi_alltoall", start, array=data, same_shape=False)
+    out = pending_tensor(pending, DISTRIBUTED, comm)
+
+    def vjp(gs):
+        g = gs[0]
+        return [comm.issue("mpi_alltoall (reverse)",
+                           lambda: start_alltoallv(comm.mpi, g, box["recv"], send_rows),
+                           array=g, same_shape=False).wait()]
+
+    record("mpi_alltoall", vjp, [x], [out], local=[True])
+    return out

@@ -1,0 +1,109 @@
+"""Point-to-point: ``mpi_send``, ``mpi_recv`` and the seed's ``mpi_sendrecv``.
+
+Sends never block: they are posted and completed later (their buffers kept alive), and a
+receive waits only when its data is read. So any pattern of sends and receives that MPI can
+match completes, in the forward and in the reverse pass, whatever order ranks post them in.
+"""
+from __future__ import annotations
+
+from ..tensor import DISTRIBUTED, Tensor
+from ..transport import start_recv, start_send, track
+from ._record import REVERSE_TAG, as_tensor, check_root, pending_tensor, record, resolve
+
+
+def _check_tag(tag, comm):
+    if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag < REVERSE_TAG:
+        raise ValueError(f"rank {comm.rank}: tag must be an int in [0, {REVERSE_TAG}), "
+                         f"got {tag!r}")
+    return int(tag)
+
+
+def _post_send(comm, array, dest, tag, call):
+    track(comm.issue(call, lambda: start_send(comm.mpi, array, dest, tag), collective=False))
+
+
+def _recv_now(comm, like, source, tag, call):
+    return comm.issue(call, lambda: start_recv(comm.mpi, like.shape, like.dtype,
+                                               like.device != "cpu", source, tag),
+                      collective=False)
+
+
+def mpi_send(x, dest, tag=0, comm=None):
+    """Send ``x`` to rank ``dest`` (non-blocking); return ``x`` for further local use.
+
+    Notes
+    -----
+    Reverse rule (the adjoint of a send is a receive): the cotangent of what ``dest``
+    received comes back and is added to the local cotangent of the returned value.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> y = gpumpiad.mpi_send(np.ones(2), dest=gpumpiad.mpi_rank())
+    >>> z = gpumpiad.mpi_recv(np.ones(2), source=gpumpiad.mpi_rank())
+    >>> z.numpy().tolist()
+    [1.0, 1.0]
+    """
+    comm = resolve(comm)
+    dest = check_root(dest, comm, "dest")
+    tag = _check_tag(tag, comm)
+    x = as_tensor(x, comm)
+    _post_send(comm, x.data, dest, tag, "mpi_send")
+    out = Tensor(x.data, x.layout, comm)
+
+    def vjp(gs):
+        back = _recv_now(comm, x, dest, tag + REVERSE_TAG, "mpi_send (reverse: recv)").wait()
+        return [gs[0] + back]
+
+    record("mpi_send", vjp, [x], [out], local=[True])
+    return out
+
+
+def mpi_recv(like, source, tag=0, comm=None):
+    """Receive from rank ``source`` an array shaped like ``like`` (its values are not used).
+
+    The result is distributed; its data arrives asynchronously and is waited for when read.
+
+    Notes
+    -----
+    Reverse rule (the adjoint of a receive is a send): the result's cotangent is sent back to
+    ``source``; ``like`` gets no cotangent.
+    """
+    comm = resolve(comm)
+    source = check_root(source, comm, "source")
+    tag = _check_tag(tag, comm)
+    like = as_tensor(like, comm)
+    out = pending_tensor(_recv_now(comm, like, source, tag, "mpi_recv"), DISTRIBUTED, comm)
+
+    def vjp(gs):
+        _post_send(comm, gs[0], source, tag + REVERSE_TAG, "mpi_recv (reverse: send)")
+        return [None]
+
+    record("mpi_recv", vjp, [like], [out])
+    return out
+
+
+def mpi_sendrecv(x, dest, source, tag=0, comm=None):
+    """Rank ``source`` sends its ``x`` to rank ``dest``, whose result is what it received;
+    every other rank's result is its own ``x`` (the seed's ``mpi_sendrecv(a, dest, source)``).
+
+    Equivalent to ``mpi_send`` on ``source`` and ``mpi_recv`` on ``dest``. Every rank calls it.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> r = gpumpiad.mpi_rank()
+    >>> a = gpumpiad.mpi_sendrecv(gpumpiad.tensor(np.ones(2)) * r, 0, gpumpiad.mpi_size() - 1)
+    >>> a.numpy().tolist() == ([gpumpiad.mpi_size() - 1.0] * 2 if r == 0 else [float(r)] * 2)
+    True
+    """
+    comm = resolve(comm)
+    dest = check_root(dest, comm, "dest")
+    source = check_root(source, comm, "source")
+    if dest == source:
+        return as_tensor(x, comm)
+    if comm.rank == source:
+        return mpi_send(x, dest, tag, comm)
+    if comm.rank == dest:
+        return mpi_recv(x, source, tag, comm)
+    return as_tensor(x, comm)

@@ -1,0 +1,75 @@
+"""``mpi_scatter``: the root's rows split into blocks, one per rank."""
+from __future__ import annotations
+
+from ..tensor import DISTRIBUTED, Tensor
+from ..transport import start_gatherv, start_scatterv
+from ._record import (as_tensor, check_root, pending_tensor, record, resolve, split_rows,
+                      zeros_like)
+
+
+def mpi_scatter(x, root=0, rows=None, comm=None):
+    """Split the root's ``x`` along axis 0 and send block p to rank p.
+
+    Parameters
+    ----------
+    x : Tensor or array_like
+        The data on the root; ignored elsewhere (may be ``None`` there).
+    root : int
+    rows : list of int, optional
+        Rows per rank (default: an even split, first blocks one longer).
+    comm : gpumpiad.Comm, optional
+
+    Returns
+    -------
+    Tensor
+        Distributed: this rank's block.
+
+    Notes
+    -----
+    Reverse rule (the adjoint of a scatter is a gather): the blocks' cotangents are gathered
+    to the root, which receives the whole cotangent; a non-root ``x`` receives zeros.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> n = gpumpiad.mpi_size()
+    >>> gpumpiad.mpi_scatter(np.arange(2.0 * n), root=0).shape
+    (2,)
+    """
+    comm = resolve(comm)
+    root = check_root(root, comm, "root")
+    is_root = comm.rank == root
+    x = as_tensor(x, comm) if (x is not None or is_root) else None
+    if is_root:
+        if x.ndim == 0:
+            raise ValueError(f"rank {comm.rank}: mpi_scatter needs an array with at least one "
+                             "axis on the root, got a scalar")
+        if rows is None:
+            rows = split_rows(x.shape[0], comm.size)
+        if len(rows) != comm.size or sum(rows) != x.shape[0] or min(rows) < 0:
+            raise ValueError(f"rank {comm.rank}: mpi_scatter rows must be {comm.size} "
+                             f"non-negative counts summing to {x.shape[0]}, got {list(rows)}")
+    data = x.data if x is not None else None
+    box = {}
+
+    def start():
+        meta = (list(rows), tuple(data.shape[1:]), data.dtype.str, x.device != "cpu") \
+            if is_root else None
+        box["rows"], box["trailing"], dtype, device = comm.mpi.bcast(meta, root=root)
+        return start_scatterv(comm.mpi, data, box["rows"], root, box["trailing"], dtype,
+                              device)
+
+    pending = comm.issue("mpi_scatter", start, root=root)
+    out = pending_tensor(pending, DISTRIBUTED, comm)
+
+    def vjp(gs):
+        g = gs[0]
+        whole = comm.issue("mpi_scatter (reverse: gather)",
+                           lambda: start_gatherv(comm.mpi, g, box["rows"], root,
+                                                 box["trailing"]), root=root).wait()
+        if not isinstance(x, Tensor):
+            return [None]
+        return [whole.reshape(x.shape) if is_root else zeros_like(x.data)]
+
+    record("mpi_scatter", vjp, [x], [out], local=[True])
+    return out
