@@ -4,6 +4,8 @@ Every rank runs the same program; gradients flow backwards through the communica
 *serial* value is the same on every rank, a *distributed* value is each rank's own piece, and the
 cotangent of a serial value is the same total on every rank.
 """
+from mpi4py import MPI as _MPI
+
 from . import backend
 from .autodiff import LossError, grad, value_and_grad
 from .backend import array_module, backend_name
@@ -31,6 +33,10 @@ from .ops.shape import concatenate, reshape, stack, transpose
 from .tensor import Tensor, tensor
 
 __version__ = "0.1.0"
+
+if _MPI.COMM_WORLD.Get_size() > 1:
+    from . import abort as _abort
+    _abort.install()
 
 __all__ = [
     "MAX", "MIN", "PROD", "SUM", "CommunicationMismatch", "CommunicationTimeout",
