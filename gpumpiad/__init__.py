@@ -12,6 +12,7 @@ from .backend import array_module, backend_name
 from .comm import Comm, RankInt, mpi_finalize, mpi_init, mpi_rank, mpi_size
 from .custom import custom_op
 from .gradcheck import GradientCheckError, check_grad
+from .halo import halo_exchange
 from .debug import CommunicationMismatch, CommunicationTimeout, set_debug
 from .mpi.allgather import mpi_allgather
 from .mpi.allreduce import MAX, MIN, PROD, SUM, mpi_allreduce, mpi_sum
@@ -42,7 +43,7 @@ __all__ = [
     "MAX", "MIN", "PROD", "SUM", "CommunicationMismatch", "CommunicationTimeout",
     "cuda_aware", "mpi_allgather", "mpi_allreduce", "mpi_alltoall", "mpi_barrier",
     "mpi_gather", "mpi_recv", "mpi_reduce", "mpi_reduce_scatter", "mpi_scatter", "mpi_send",
-    "mpi_sendrecv", "path_description", "set_debug",
+    "mpi_sendrecv", "path_description", "set_debug", "halo_exchange",
     "Comm", "GradientCheckError", "LossError", "RankInt", "Tensor", "abs", "add",
     "array_module", "backend", "backend_name", "check_grad", "concatenate", "cos",
     "custom_op", "divide", "dot", "exp", "getitem", "grad", "log", "matmul", "maximum", "mean",

@@ -1,0 +1,186 @@
+"""Benchmark of the distributed heat solver: throughput, halo cost, gradient cost.
+
+Run under MPI, one patch of ``n x n`` cells per rank (``MPI.Compute_dims`` decomposition)::
+
+    mpiexec -n 2 python bench/bench_heat.py --n 1024 --steps 100            # CPU
+    GPUMPIAD_BACKEND=cupy mpiexec -n 2 python bench/bench_heat.py --n 4096  # GPU target
+
+Measured, float64, times are the maximum over ranks of the best of ``--repeats``:
+
+* ``copy4``: bandwidth of ``d = a + b + c`` over ``n^2`` cells (3 reads + 1 write), the same
+  kernel build as the solver's (``copy4`` in ``kernels/heat.cu``), all ranks at once;
+* T_eff of the step kernel alone and of a solver step (halo exchange overlapped) at
+  32 B/cell, of the fused adjoint kernel at 64 B/cell, each as a ratio to ``copy4``;
+* solver step time with halo exchange over kernel step time without it;
+* gradient time (forward + reverse, ``value_and_grad``) over forward time, storing all states
+  and with ``--checkpoints`` states (binomial recomputation).
+
+Results go to ``--out`` (Markdown) on rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+import gpumpiad
+from gpumpiad import halo
+from gpumpiad.backend import array_module, synchronize
+from gpumpiad.heat import Grid, recompute_steps, solve
+
+
+def timed(fn, xp, repeats):
+    """Best wall time of ``fn()`` over ``repeats`` runs, maximum over ranks."""
+    comm = MPI.COMM_WORLD
+    best = float("inf")
+    for _ in range(repeats):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        out = fn()
+        synchronize(out if out is not None else xp.zeros(1))
+        best = min(best, time.perf_counter() - t0)
+    return comm.allreduce(best, op=MPI.MAX)
+
+
+def loop(fn, count):
+    def run():
+        out = None
+        for _ in range(count):
+            out = fn()
+        return out
+    return run
+
+
+def machine():
+    info = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        info = dict((k.strip(), v.strip()) for k, v in
+                    (line.split(":", 1) for line in out.splitlines() if ":" in line))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cpu = f"{info.get('Model name', platform.processor())}, {info.get('CPU(s)', os.cpu_count())} CPUs"
+    gpu = ""
+    if gpumpiad.backend_name() == "cupy":
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        gpu = props["name"].decode()
+    return cpu, gpu
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1024, help="cells per rank along each axis")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--checkpoints", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "heat_cpu.md"))
+    opts = parser.parse_args(argv)
+
+    comm = MPI.COMM_WORLD
+    xp = array_module()
+    dims = MPI.Compute_dims(comm.size, [0, 0])
+    n, steps = opts.n, opts.steps
+    grid = Grid((dims[0] * n, dims[1] * n), dims=dims)
+    h = grid.h[0]
+    rng = np.random.default_rng(comm.rank)
+    u0 = xp.asarray(rng.random(grid.local_shape))
+    kappa = xp.asarray(0.5 + 0.5 * rng.random(grid.local_shape))
+    f = xp.asarray(rng.random(grid.local_shape))
+    dt = 0.2 * h * h
+    r = dt / (h * h)
+    kernels = halo.kernels_for(u0)
+    cells = n * n
+
+    a, b, c, d = (xp.asarray(rng.random(cells)) for _ in range(4))
+    t_copy4 = timed(loop(lambda: kernels.copy4(a, b, c, d) if hasattr(kernels, "copy4")
+                         else xp.add(xp.add(a, b), c, out=d), 20), xp, opts.repeats) / 20
+    bw_copy4 = 32 * cells / t_copy4
+
+    padded = [xp.asarray(rng.random(grid.padded_shape)) for _ in range(6)]
+    pu, pk, pf, pout, pkb, pfb = padded
+    full = (1, n + 1, 1, n + 1)
+    t_kstep = timed(loop(lambda: kernels.step(pu, pk, pf, pout, r, dt, *full), steps),
+                    xp, opts.repeats) / steps
+    t_kadj = timed(loop(lambda: kernels.adjoint(pu, pk, pf, pout, pkb, pfb, r, dt, *full),
+                        steps), xp, opts.repeats) / steps
+    t_halo = timed(loop(lambda: halo.exchange(pu, grid, kernels), steps), xp,
+                   opts.repeats) / steps
+
+    t_fwd = timed(lambda: solve(u0, kappa, f, dt, h, steps, grid=grid).data, xp, opts.repeats)
+
+    def grad_time(checkpoints):
+        def objective(k):
+            u = solve(u0, k, f, dt, h, steps, grid=grid, checkpoints=checkpoints)
+            return gpumpiad.mpi_sum((u * u).sum())
+        vg = gpumpiad.value_and_grad(objective)
+        return timed(lambda: vg(gpumpiad.tensor(kappa, distributed=True))[1], xp, opts.repeats)
+
+    t_grad_all = grad_time(None)
+    t_grad_ck = grad_time(opts.checkpoints)
+
+    load = os.getloadavg()[0]
+    if comm.rank != 0:
+        return
+    t_step = t_fwd / steps
+    cpu, gpu = machine()
+    gb = 1e9
+    rows = [
+        ("copy4 (3 reads + 1 write)", t_copy4, 32, bw_copy4),
+        ("step kernel, no halo", t_kstep, 32, 32 * cells / t_kstep),
+        ("solver step, halo overlapped", t_step, 32, 32 * cells / t_step),
+        ("adjoint kernel, no halo", t_kadj, 64, 64 * cells / t_kadj),
+    ]
+    lines = [
+        f"# Heat solver benchmark ({gpumpiad.backend_name()}, float64)",
+        "",
+        f"- Machine: {cpu}" + (f"; GPU {gpu}" if gpu else ""),
+        f"- {comm.size} MPI ranks ({MPI.Get_library_version().splitlines()[0].strip()}), "
+        f"decomposition {dims[0]}x{dims[1]}, {n}x{n} cells per rank "
+        f"(global {grid.shape[0]}x{grid.shape[1]}), {steps} steps; kernels "
+        f"`{kernels.__name__}`; NumPy {np.__version__}, Python {platform.python_version()}",
+        f"- Load average (1 min) at the end of the run: {load:.1f} on {os.cpu_count()} CPUs "
+        "(other jobs on a shared machine inflate times; ratios from one run are comparable).",
+        f"- Command: `mpiexec -n {comm.size} python bench/bench_heat.py "
+        f"{' '.join(sys.argv[1:])}`",
+        "- Times: best of "
+        f"{opts.repeats}, maximum over ranks; T_eff = bytes/cell x cells / time; copy4 runs on "
+        "all ranks at once, like the solver, so it is the bandwidth the ranks share.",
+        "- Size: the GPU target is 4096x4096 cells per rank (`--n 4096`); CPU runs use a size "
+        "that finishes in reasonable time (1024x1024 per rank on 2 cores).",
+        "",
+        "| what | time per call/step [ms] | B/cell | T_eff [GB/s] | T_eff / copy4 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {t * 1e3:.3f} | {bpc} | {bw / gb:.2f} | {bw / bw_copy4:.2f} |"
+              for name, t, bpc, bw in rows]
+    lines += [
+        "",
+        "| ratio | value |",
+        "|---|---:|",
+        f"| solver step (halo exchange overlapped) / kernel step without halo | "
+        f"{t_step / t_kstep:.3f} |",
+        f"| blocking halo exchange alone / kernel step | {t_halo / t_kstep:.3f} |",
+        f"| gradient / forward, all {steps} states stored | {t_grad_all / t_fwd:.2f} |",
+        f"| gradient / forward, {opts.checkpoints} checkpoints "
+        f"({recompute_steps(steps, opts.checkpoints)} steps recomputed) | "
+        f"{t_grad_ck / t_fwd:.2f} |",
+        "",
+        f"Forward {t_fwd * 1e3:.1f} ms, gradient {t_grad_all * 1e3:.1f} ms (stored states), "
+        f"{t_grad_ck * 1e3:.1f} ms (checkpoints) for {steps} steps.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""``halo_exchange``: fill a patch's ghost ring from its neighbours (ADCME's ``data_exchange``).
+
+The public function works on Tensors and is differentiable; :func:`start`, :func:`exchange` and
+:func:`exchange_adjoint` are the raw, in-place forms on arrays that the heat solver's time loops
+use. Each exchange packs the four boundary rows/columns into contiguous buffers with the heat
+kernels' ``pack`` for the array's backend, posts every non-blocking receive, then every send,
+and finishes with one ``Waitall`` and ``unpack``. Corners are not exchanged (a 5-point stencil
+does not read them). Device buffers go to CUDA-aware MPI directly or through pinned host
+staging (:mod:`gpumpiad.transport`).
+
+Environment
+-----------
+GPUMPIAD_HEAT_KERNELS : ``numpy`` | ``host``
+    Kernels for NumPy arrays: the array-slicing reference (``numpy``) or the host build of
+    ``kernels/heat.cu`` (``host``, the default when a C++ compiler is available).
+"""
+from __future__ import annotations
+
+import os
+
+from mpi4py import MPI
+
+from . import transport
+from .backend import get_array_module, is_device_array
+from .custom import custom_op
+from .tensor import DISTRIBUTED, Tensor
+
+__all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "kernels_for", "Exchange"]
+
+NORTH, SOUTH, WEST, EAST = 0, 1, 2, 3
+_OPPOSITE = (SOUTH, NORTH, EAST, WEST)
+# A message's tag is the side it leaves from; the adjoint's messages travel the other way and
+# get their own tags, so an exchange and its adjoint can never match each other's messages.
+_ADJOINT_TAG = 4
+_KERNELS = ("numpy", "host", "cuda")
+
+
+def halo_exchange(u, grid):
+    """Fill the ghost ring of each rank's padded patch with its neighbours' boundary cells.
+
+    Parameters
+    ----------
+    u : Tensor or array, shape (nx + 2, ny + 2)
+        This rank's patch with its ghost ring (distributed).
+    grid : gpumpiad.heat.Grid
+        The decomposition ``u`` belongs to.
+
+    Returns
+    -------
+    Tensor
+        A distributed copy of ``u`` whose ghosts facing a neighbour hold that neighbour's
+        boundary row/column; ghosts on the physical boundary (Dirichlet values) and corners are
+        ``u``'s own.
+
+    Notes
+    -----
+    The exchange is linear, ``v = E u``. Its adjoint sends the cotangent of every received
+    ghost back to the rank that owns the cell and adds it there:
+
+    .. math:: \\bar u_c = \\bar v_c + \\sum_{g \\,\\text{ghost copy of}\\, c} \\bar v_g ,
+              \\qquad \\bar u_g = 0 \\ \\text{for ghosts facing a neighbour},
+
+    while physical-boundary ghosts pass their cotangent through unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> from gpumpiad.halo import halo_exchange
+    >>> from gpumpiad.heat import Grid
+    >>> grid = Grid((8, 6))
+    >>> u = gpumpiad.tensor(np.ones(grid.padded_shape), distributed=True)
+    >>> halo_exchange(u, grid).shape == grid.padded_shape
+    True
+    """
+    data = u.data if isinstance(u, Tensor) else u
+    shape = tuple(getattr(data, "shape", ()))
+    if shape != grid.padded_shape:
+        raise ValueError(f"rank {grid.rank}: halo_exchange expects u of padded shape "
+                         f"{grid.padded_shape} (nx+2, ny+2), got {shape}")
+    return _halo(u, grid=grid)
+
+
+@custom_op(name="halo_exchange", layout=DISTRIBUTED)
+def _halo(u, grid):
+    v = u.copy()
+    exchange(v, grid)
+    return v
+
+
+@_halo.defvjp
+def _halo_vjp(g, ans, u, grid):
+    g = g.copy()
+    exchange_adjoint(g, grid)
+    return g
+
+
+def kernels_for(array, backend=None):
+    """The heat-kernel module (``step``, ``adjoint``, ``pack``, ``unpack``) for ``array``.
+
+    Parameters
+    ----------
+    array : numpy.ndarray or cupy.ndarray
+    backend : {"numpy", "host", "cuda"}, optional
+        ``numpy``: :mod:`gpumpiad.heat.stencil` (NumPy or CuPy slicing); ``host``: the host build
+        :mod:`gpumpiad.heat.hostkernels` (NumPy arrays); ``cuda``: :mod:`gpumpiad.cuda_kernels`
+        (CuPy arrays). Default: ``cuda`` for CuPy arrays; for NumPy arrays
+        ``GPUMPIAD_HEAT_KERNELS`` if set, else ``host`` when it builds here, else ``numpy``.
+    """
+    device = is_device_array(array)
+    choice = backend
+    if choice is None and not device:
+        choice = os.environ.get("GPUMPIAD_HEAT_KERNELS", "").strip().lower() or None
+    if choice is not None and choice not in _KERNELS:
+        raise ValueError(f"heat kernels must be one of {_KERNELS}, got {choice!r}")
+    if choice is None:
+        choice = "cuda" if device else "host"
+        if choice == "host":
+            from .heat import hostkernels
+            if not hostkernels.available():
+                choice = "numpy"
+    if choice == "numpy":
+        from .heat import stencil
+        return stencil
+    if (choice == "cuda") != device:
+        raise ValueError(f"heat kernels {choice!r} cannot run on a "
+                         f"{'CuPy' if device else 'NumPy'} array")
+    if choice == "cuda":
+        from . import cuda_kernels
+        return cuda_kernels
+    from .heat import hostkernels
+    return hostkernels
+
+
+class Exchange:
+    """An exchange in flight: :meth:`wait` completes it and writes the received data."""
+
+    __slots__ = ("_array", "_requests", "_received", "_adjoint", "_kernels", "_device", "_keep")
+
+    def __init__(self, array, requests, received, adjoint, kernels, device, keep):
+        self._array = array
+        self._requests = requests
+        self._received = received
+        self._adjoint = adjoint
+        self._kernels = kernels
+        self._device = device
+        self._keep = keep
+
+    def wait(self):
+        """Wait for every message, then unpack (assign ghosts, or add into boundary cells)."""
+        if self._requests is None:
+            return self._array
+        MPI.Request.Waitall(self._requests)
+        self._requests = None
+        ghost, add = (0, 1) if self._adjoint else (1, 0)
+        for side, buf in self._received:
+            self._kernels.unpack(self._array, transport.deliver(buf, self._device), side,
+                                 ghost, add)
+        self._received = self._keep = None
+        return self._array
+
+
+def start(a, grid, adjoint=False, kernels=None):
+    """Start filling the ghosts of padded ``a`` in place; returns an :class:`Exchange`.
+
+    Compute whatever does not read the ghosts, then call ``.wait()``.
+
+    Parameters
+    ----------
+    a : array, shape (nx + 2, ny + 2)
+        C-contiguous NumPy or CuPy array, modified in place by ``wait()``.
+    grid : gpumpiad.heat.Grid
+    adjoint : bool
+        False: receive the neighbours' boundary cells into the ghosts. True: the adjoint, send
+        the ghosts to their owners, zero them, and add what arrives into the boundary cells.
+    kernels : module, optional
+        Heat-kernel module for ``pack``/``unpack`` (default :func:`kernels_for` ``(a)``).
+    """
+    kernels = kernels_for(a) if kernels is None else kernels
+    device = is_device_array(a)
+    xp = get_array_module(a)
+    mpi = grid.cart.mpi
+    nx, ny = a.shape[0] - 2, a.shape[1] - 2
+    sides = [s for s, n in enumerate(grid.neighbours) if n != MPI.PROC_NULL]
+    tag0 = _ADJOINT_TAG if adjoint else 0
+    requests, received, keep = [], [], []
+    for side in sides:
+        buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, device)
+        requests.append(mpi.Irecv(buf, source=grid.neighbours[side],
+                                  tag=tag0 + _OPPOSITE[side]))
+        received.append((side, buf))
+    for side in sides:
+        packed = xp.empty((ny if side < 2 else nx,), a.dtype)
+        kernels.pack(a, packed, side, 1 if adjoint else 0)
+        send = transport.send_buffer(packed)
+        keep.append(send)
+        requests.append(mpi.Isend(send, dest=grid.neighbours[side], tag=tag0 + side))
+    if adjoint:
+        # Ghost copies were just sent to their owners: their cotangent now lives there.
+        for side in sides:
+            _ghost(a, side)[...] = 0
+    return Exchange(a, requests, received, adjoint, kernels, device, keep)
+
+
+def exchange(a, grid, kernels=None):
+    """Fill the ghosts of padded ``a`` from the neighbours, in place (blocking); returns ``a``."""
+    return start(a, grid, False, kernels).wait()
+
+
+def exchange_adjoint(a, grid, kernels=None):
+    """Adjoint of :func:`exchange`, in place: ghosts facing a neighbour are sent to their owner,
+    zeroed here, and the ghosts received are added into ``a``'s boundary cells; returns ``a``."""
+    return start(a, grid, True, kernels).wait()
+
+
+def _ghost(a, side):
+    if side == NORTH:
+        return a[0, 1:-1]
+    if side == SOUTH:
+        return a[-1, 1:-1]
+    if side == WEST:
+        return a[1:-1, 0]
+    return a[1:-1, -1]
+

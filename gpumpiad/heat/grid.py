@@ -1,0 +1,223 @@
+"""The patch decomposition of a global 2-D grid over a Cartesian communicator.
+
+A :class:`Grid` splits ``NX x NY`` interior cells into ``N x M`` rectangular patches, one per rank
+(``N`` along the first axis ``x``/``i``, ``M`` along the second axis ``y``/``j``). Sizes need not
+divide: the first ``NX % N`` patch rows get one extra cell (likewise for columns). Each rank
+stores its patch padded by one ghost cell on every side, ``(nx+2, ny+2)``; a ghost cell holds
+either a neighbour's boundary cell (filled by :func:`gpumpiad.halo.exchange`) or, on the
+physical boundary, a Dirichlet value.
+
+Coordinates: the domain is ``[0, 1]^2``, global cell ``(i, j)`` (1-based over the interior,
+``1 <= i <= NX``) sits at ``(i * hx, j * hy)`` with ``hx = 1/(NX+1)``, ``hy = 1/(NY+1)``, so the
+ghost cells of the physical boundary (``i = 0``, ``i = NX+1``, ...) lie on the boundary itself.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from ..backend import asarray, to_numpy
+from ..comm import resolve, world
+
+__all__ = ["Grid", "split_sizes"]
+
+NORTH, SOUTH, WEST, EAST = 0, 1, 2, 3
+
+
+def split_sizes(n, parts):
+    """Sizes of ``parts`` contiguous pieces of ``n`` cells, the first ``n % parts`` one larger.
+
+    Examples
+    --------
+    >>> split_sizes(10, 3)
+    [4, 3, 3]
+    """
+    return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
+
+
+class Grid:
+    """A global ``NX x NY`` grid split into one rectangular patch per rank.
+
+    Collective: every rank of ``comm`` must construct it with the same arguments.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Global number of interior cells ``(NX, NY)``.
+    comm : gpumpiad.Comm, optional
+        The ranks to spread the grid over (default: the world).
+    dims : tuple of int, optional
+        Patches per axis ``(N, M)`` with ``N * M == comm.size``; zeros are filled in by
+        ``MPI.Compute_dims`` (the default is ``(0, 0)``).
+
+    Attributes
+    ----------
+    shape, dims : tuple of int
+        ``(NX, NY)`` and ``(N, M)``.
+    cart : gpumpiad.comm.CartComm
+        The Cartesian communicator the halo exchange uses (same ranks, no reordering).
+    coords : tuple of int
+        This rank's patch ``(I, J)``; rank ``= I * M + J``.
+    local_shape : tuple of int
+        ``(nx, ny)``, this rank's interior cells.
+    offset : tuple of int
+        Global 0-based index of this patch's first interior cell.
+    neighbours : tuple of int
+        Ranks of the (north, south, west, east) patches, ``MPI.PROC_NULL`` on the physical
+        boundary. North is the smaller ``i``, west the smaller ``j``.
+    h : tuple of float
+        Cell spacing ``(1/(NX+1), 1/(NY+1))``.
+
+    Raises
+    ------
+    ValueError
+        On every rank, when ``dims`` does not match the communicator or the grid has fewer cells
+        than patches along an axis.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.heat import Grid
+    >>> grid = Grid((12, 10))
+    >>> u = grid.local(np.arange(120.0).reshape(12, 10))   # this rank's patch
+    >>> bool((grid.gather(u, root=None) == np.arange(120.0).reshape(12, 10)).all())
+    True
+    """
+
+    def __init__(self, shape, comm=None, dims=None):
+        comm = resolve(comm)
+        self.comm = comm
+        rank = world().rank
+        self.shape = _check_shape(shape, rank)
+        self.dims = _check_dims(dims, comm.size, rank)
+        for axis, (cells, parts) in enumerate(zip(self.shape, self.dims)):
+            if cells < parts:
+                raise ValueError(
+                    f"rank {rank}: a grid of {self.shape[0]}x{self.shape[1]} cells cannot be "
+                    f"split into {self.dims[0]}x{self.dims[1]} patches: axis {axis} has {cells} "
+                    f"cell(s) for {parts} patches (each patch needs at least one cell per axis)")
+        self.cart = comm.cart(self.dims)
+        self.coords = self.cart.coords
+        self.row_sizes = split_sizes(self.shape[0], self.dims[0])
+        self.col_sizes = split_sizes(self.shape[1], self.dims[1])
+        self.local_shape = self.patch_shape(self.coords)
+        self.offset = self.patch_offset(self.coords)
+        north, south = self.cart.shift(0, 1)
+        west, east = self.cart.shift(1, 1)
+        self.neighbours = (north, south, west, east)
+        self.h = (1.0 / (self.shape[0] + 1), 1.0 / (self.shape[1] + 1))
+
+    def __repr__(self):
+        return (f"Grid(shape={self.shape}, dims={self.dims}, rank={self.cart.rank}, "
+                f"coords={self.coords}, local_shape={self.local_shape})")
+
+    @property
+    def rank(self):
+        return self.cart.rank
+
+    @property
+    def padded_shape(self):
+        """``(nx + 2, ny + 2)``."""
+        return (self.local_shape[0] + 2, self.local_shape[1] + 2)
+
+    @property
+    def physical(self):
+        """Per side (north, south, west, east): whether it is the physical boundary."""
+        return tuple(n == MPI.PROC_NULL for n in self.neighbours)
+
+    def patch_shape(self, coords):
+        """``(nx, ny)`` of the patch at ``coords``."""
+        return (self.row_sizes[coords[0]], self.col_sizes[coords[1]])
+
+    def patch_offset(self, coords):
+        """Global 0-based index of the first interior cell of the patch at ``coords``."""
+        return (sum(self.row_sizes[:coords[0]]), sum(self.col_sizes[:coords[1]]))
+
+    def slices(self, coords=None):
+        """Slices of the global ``(NX, NY)`` array covered by a patch (default: this rank's)."""
+        coords = self.coords if coords is None else coords
+        (i0, j0), (nx, ny) = self.patch_offset(coords), self.patch_shape(coords)
+        return (slice(i0, i0 + nx), slice(j0, j0 + ny))
+
+    def coordinates(self, ghosts=False):
+        """Cell coordinates ``(x, y)`` of this patch as 1-D NumPy arrays.
+
+        Parameters
+        ----------
+        ghosts : bool
+            Include the ghost ring (``nx + 2`` and ``ny + 2`` entries).
+        """
+        g = 1 if ghosts else 0
+        (i0, j0), (nx, ny) = self.offset, self.local_shape
+        x = (np.arange(i0 + 1 - g, i0 + nx + 1 + g)) * self.h[0]
+        y = (np.arange(j0 + 1 - g, j0 + ny + 1 + g)) * self.h[1]
+        return x, y
+
+    def local(self, field):
+        """This rank's patch of a global ``(NX, NY)`` field that every rank holds (no
+        communication); a contiguous copy of the same array kind."""
+        _check_global(field, self.shape, self.rank)
+        return field[self.slices()].copy()
+
+    def scatter(self, field, root=0):
+        """Send each rank its patch of the root's global ``(NX, NY)`` field.
+
+        Collective. ``field`` is read on ``root`` only (pass ``None`` elsewhere). Returns this
+        rank's patch as an array of the process's backend.
+        """
+        mpi = self.cart.mpi
+        pieces = None
+        if mpi.rank == root:
+            field = to_numpy(field)
+            _check_global(field, self.shape, self.rank)
+            pieces = [np.ascontiguousarray(field[self.slices(mpi.Get_coords(r))])
+                      for r in range(mpi.size)]
+        return asarray(mpi.scatter(pieces, root=root))
+
+    def gather(self, patch, root=0):
+        """Assemble every rank's ``(nx, ny)`` patch into the global ``(NX, NY)`` NumPy field.
+
+        Collective. Returns the field on ``root`` and ``None`` elsewhere, or on every rank when
+        ``root`` is ``None``.
+        """
+        patch = to_numpy(getattr(patch, "data", patch))
+        if patch.shape != self.local_shape:
+            raise ValueError(f"rank {self.rank}: gather expects this rank's patch of shape "
+                             f"{self.local_shape}, got {patch.shape}")
+        mpi = self.cart.mpi
+        pieces = mpi.allgather(patch) if root is None else mpi.gather(patch, root=root)
+        if pieces is None:
+            return None
+        out = np.empty(self.shape, patch.dtype)
+        for r, piece in enumerate(pieces):
+            out[self.slices(mpi.Get_coords(r))] = piece
+        return out
+
+
+def _check_shape(shape, rank):
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"rank {rank}: grid shape must be a pair of ints (NX, NY), "
+                         f"got {shape!r}") from None
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"rank {rank}: grid shape must be two positive ints (NX, NY), "
+                         f"got {shape}")
+    return shape
+
+
+def _check_dims(dims, size, rank):
+    dims = [0, 0] if dims is None else [int(d) for d in dims]
+    if len(dims) != 2 or min(dims) < 0:
+        raise ValueError(f"rank {rank}: dims must be two non-negative ints (N, M), got {dims}")
+    fixed = int(np.prod([d for d in dims if d > 0]))
+    if size % fixed or (0 not in dims and fixed != size):
+        raise ValueError(f"rank {rank}: dims {dims[0]}x{dims[1]} do not fit a communicator of "
+                         f"{size} rank(s)")
+    return tuple(MPI.Compute_dims(size, dims))
+
+
+def _check_global(field, shape, rank):
+    if tuple(getattr(field, "shape", ())) != shape:
+        raise ValueError(f"rank {rank}: expected a global field of shape {shape}, got "
+                         f"{tuple(getattr(field, 'shape', ()))}")

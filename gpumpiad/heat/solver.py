@@ -1,0 +1,390 @@
+"""``solve``: the explicit 2-D heat equation on a patch decomposition, one differentiable op.
+
+The whole time loop is a single :func:`gpumpiad.custom_op` on the tape, with a hand-written
+adjoint time loop, so the tape holds one node whatever the number of steps. States for the
+reverse pass are all stored, or only ``checkpoints`` of them with binomial recomputation
+(revolve, Griewank & Walther 2000).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from numbers import Real
+
+import numpy as np
+import nvtx
+from mpi4py import MPI
+
+from .. import halo
+from ..backend import asarray, get_array_module, is_device_array
+from ..comm import Comm, world
+from ..custom import CustomOp
+from ..tape import active_tape
+from ..tensor import DISTRIBUTED, Tensor
+from .grid import Grid
+
+__all__ = ["solve", "recompute_steps"]
+
+_STEP = nvtx.annotate("heat.step", domain="gpumpiad")
+_ADJOINT = nvtx.annotate("heat.adjoint", domain="gpumpiad")
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_self_grids = {}
+
+
+def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
+          trajectory=False, backend=None):
+    """March ``u_t = kappa * Laplace(u) + f`` with explicit Euler steps on each rank's patch.
+
+    ``u^{n+1} = u^n + r * kappa * L(u^n) + dt * f`` with ``r = dt / h**2`` and ``L`` the
+    5-point Laplacian numerator; ghost cells come from the neighbouring patches (halo exchange)
+    or, on the physical boundary, from the Dirichlet values ``boundary``. Each step overlaps the
+    exchange with the interior cells: start the exchange, update the cells that read no ghost,
+    finish, update the boundary ring. Collective over ``grid``.
+
+    Parameters
+    ----------
+    u0, kappa, f : Tensor or array, shape grid.local_shape
+        This rank's patch (no ghosts) of the initial state, the diffusivity and the source
+        (constant in time). One floating dtype (float32 or float64) and array kind for all
+        three. A distributed Tensor is this rank's piece; a serial one is the same patch on
+        every rank (its gradient is then the total over ranks).
+    dt, h : float
+        Time step and cell size.
+    steps : int
+        Number of time steps.
+    grid : gpumpiad.heat.Grid, optional
+        The decomposition. Default: every rank solves on its own, its patch being the whole
+        domain.
+    boundary : float, callable or array, optional
+        Dirichlet values in the ghost cells of the physical boundary: a number (default 0), a
+        function ``g(x, y)`` of NumPy coordinate arrays (see :meth:`Grid.coordinates`), or an
+        ``(nx+2, ny+2)`` array whose ring is used on the sides that are physical boundary.
+    checkpoints : int, optional
+        None (default): store all ``steps`` states for the reverse pass. ``k >= 1``: store at
+        most ``k`` states (the initial one included) and recompute the others with binomial
+        checkpointing; see :func:`recompute_steps`.
+    trajectory : bool
+        Also return every state, shape ``(steps + 1, nx, ny)``.
+    backend : {"numpy", "host", "cuda"}, optional
+        Heat kernels; see :func:`gpumpiad.halo.kernels_for` (``GPUMPIAD_HEAT_KERNELS`` for NumPy
+        arrays).
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor)
+        The final state ``u^steps`` (distributed, ``(nx, ny)``) and, with ``trajectory``, all
+        states.
+
+    Raises
+    ------
+    ValueError
+        On every rank, for a shape, dtype or kind mismatch (naming the argument and the rank),
+        or when ``dt > h**2 / (4 * max kappa)`` (the global maximum): the scheme is unstable.
+
+    Notes
+    -----
+    Reverse pass (gather form). With ``lam^n`` the cotangent of ``u^n`` and ``lam^steps`` the
+    cotangent of the result,
+
+    .. math::
+
+        \\lambda^{n} = \\lambda^{n+1} + r\\,L(\\kappa \\odot \\lambda^{n+1}), \\qquad
+        \\bar\\kappa \\mathrel{+}= r\\,\\lambda^{n+1} \\odot L(u^n), \\qquad
+        \\bar f \\mathrel{+}= \\Delta t\\,\\lambda^{n+1},
+
+    for ``n = steps-1 ... 0``, and ``u0_bar = lam^0`` (plus the trajectory's cotangents, added
+    to ``lam^n`` on the way). ``L(kappa * lam)`` reads ``lam^{n+1}`` and ``kappa`` in the ghost
+    ring: a forward halo exchange of ``lam^{n+1}`` per step (``kappa`` once), zero on the
+    physical boundary. This equals the scatter form, whose halo adjoint sends ghost cotangents
+    back to their owners and adds them (:func:`gpumpiad.halo_exchange`). ``u^n`` with its ghosts
+    comes from the stored states or is recomputed from the nearest checkpoint.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> from gpumpiad.heat import Grid, solve
+    >>> grid = Grid((24, 20))
+    >>> x, y = grid.coordinates()
+    >>> u0 = np.outer(np.sin(np.pi * x), np.sin(np.pi * y))
+    >>> kappa, f = np.ones(grid.local_shape), np.zeros(grid.local_shape)
+    >>> h = grid.h[0]
+    >>> u = solve(u0, kappa, f, dt=0.2 * h * h, h=h, steps=10, grid=grid)
+    >>> def loss(k):
+    ...     u = solve(u0, k, f, 0.2 * h * h, h, 10, grid=grid, checkpoints=4)
+    ...     return gpumpiad.mpi_sum((u * u).sum())
+    >>> g = gpumpiad.grad(loss)(gpumpiad.tensor(kappa, distributed=True))
+    >>> g.shape == grid.local_shape
+    True
+    """
+    if grid is None:
+        grid = _own_grid(np.shape(u0.data if isinstance(u0, Tensor) else u0))
+    rank = world().rank
+    dt, h, steps = _check_scalars(dt, h, steps, checkpoints, rank)
+    args = [a if isinstance(a, Tensor) else asarray(a) for a in (u0, kappa, f)]
+    raws = [a.data if isinstance(a, Tensor) else a for a in args]
+    problem, kmax = _check_arrays(grid, raws), None
+    if problem is None:
+        kmax = float(get_array_module(raws[1]).max(raws[1]))
+        try:
+            kernels = halo.kernels_for(raws[0], backend)
+            frame = _frame(grid, boundary, raws[0])
+        except (ValueError, TypeError) as exc:
+            problem = f"rank {rank}: {exc}"
+    reports = grid.cart.mpi.allgather((problem, kmax))
+    problems = [p for p, _ in reports if p is not None]
+    if problems:
+        raise ValueError(problems[0] if len(problems) == 1 else
+                         "; ".join(dict.fromkeys(problems)))
+    owner = int(np.argmax([k for _, k in reports]))
+    kmax = reports[owner][1]
+    if kmax > 0 and dt > h * h / (4 * kmax):
+        raise ValueError(
+            f"rank {rank}: dt = {dt!r} exceeds the stability limit h**2 / (4 max kappa) = "
+            f"{h * h / (4 * kmax)!r} (h = {h!r}, max kappa = {kmax!r} on rank {owner})")
+    tape = active_tape()
+    record = tape is not None and any(isinstance(a, Tensor) and a._tape is tape for a in args)
+    run = _Heat(grid, kernels, frame, dt, h, steps, checkpoints, trajectory, record)
+    layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
+    return CustomOp(run.forward, run.vjp, name="heat.solve", layout=layout)(*args)
+
+
+def recompute_steps(steps, checkpoints):
+    """Forward steps the reverse pass recomputes with ``checkpoints`` stored states.
+
+    The binomial optimum (Griewank's ``r * steps - C(c + r, c + 1)`` with ``r`` the smallest
+    integer such that ``C(c + r, c) >= steps``), less the steps the forward pass already took
+    on its way to the first checkpoints.
+
+    Examples
+    --------
+    >>> recompute_steps(100, 10), recompute_steps(100, 1)
+    (125, 4950)
+    """
+    if checkpoints is None or steps <= 1:
+        return 0
+    return _cost(steps, checkpoints) - _spine(steps, checkpoints)[-1]
+
+
+class _Heat:
+    """One solve: the forward time loop, the states it keeps and the adjoint time loop."""
+
+    def __init__(self, grid, kernels, frame, dt, h, steps, checkpoints, trajectory, record):
+        self.grid, self.kernels, self.frame = grid, kernels, frame
+        self.dt, self.r, self.steps = dt, dt / (h * h), steps
+        self.checkpoints, self.trajectory, self.record = checkpoints, trajectory, record
+        nx, ny = grid.local_shape
+        self.inner = (2, max(2, nx), 2, max(2, ny))
+        self.ring = [(1, 2, 1, ny + 1)]
+        if nx >= 2:
+            self.ring.append((nx, nx + 1, 1, ny + 1))
+        if nx >= 3:
+            self.ring.append((2, nx, 1, 2))
+            if ny >= 2:
+                self.ring.append((2, nx, ny, ny + 1))
+        self.states = {}
+        self.spare = None
+
+    def forward(self, u0, kappa, f):
+        xp = get_array_module(u0)
+        self.kappa = self._padded(kappa, xp.zeros_like(self.frame))
+        halo.exchange(self.kappa, self.grid, self.kernels)
+        self.f = self._padded(f, xp.zeros_like(self.frame))
+        keep = set()
+        if self.record:
+            keep = (set(range(self.steps)) if self.checkpoints is None
+                    else set(_spine(self.steps, self.checkpoints)))
+        u = self._padded(u0, self.frame.copy())
+        traj = xp.empty((self.steps + 1,) + u0.shape, u0.dtype) if self.trajectory else None
+        for n in range(self.steps):
+            if traj is not None:
+                traj[n] = u[1:-1, 1:-1]
+            nxt = self._buffer()
+            self._step(u, nxt)
+            if n in keep:
+                self.states[n] = u
+            else:
+                self.spare = u
+            u = nxt
+        out = xp.ascontiguousarray(u[1:-1, 1:-1])
+        if traj is None:
+            return out
+        traj[self.steps] = out
+        return out, traj
+
+    def vjp(self, g, ans, u0, kappa, f):
+        g_out, g_traj = g if self.trajectory else (g, None)
+        xp = get_array_module(g_out)
+        zeros = xp.zeros_like(self.frame)
+        lam = zeros.copy()
+        lam[1:-1, 1:-1] = g_out
+        if g_traj is not None:
+            lam[1:-1, 1:-1] += g_traj[self.steps]
+        kappa_bar, f_bar, spare = zeros.copy(), zeros.copy(), zeros
+        for n, u in self._reversed_states():
+            lam_prev, spare = spare, None
+            self._adjoint(lam, u, lam_prev, kappa_bar, f_bar)
+            if g_traj is not None:
+                lam_prev[1:-1, 1:-1] += g_traj[n]
+            spare, lam = lam, lam_prev
+        self.states.clear()
+        self.spare = None
+        return tuple(xp.ascontiguousarray(a[1:-1, 1:-1]).astype(x.dtype, copy=False)
+                     for a, x in ((lam, u0), (kappa_bar, kappa), (f_bar, f)))
+
+    def _padded(self, interior, out):
+        out[1:-1, 1:-1] = interior
+        return out
+
+    def _buffer(self):
+        buf, self.spare = self.spare, None
+        return self.frame.copy() if buf is None else buf
+
+    def _step(self, u, u_new, exchange=True):
+        """``u_new = step(u)`` on the interior; fills ``u``'s ghosts first unless told not to."""
+        K, args = self.kernels, (self.kappa, self.f, u_new, self.r, self.dt)
+        with _STEP:
+            pending = halo.start(u, self.grid, kernels=K) if exchange else None
+            K.step(u, *args, *self.inner)
+            if pending is not None:
+                pending.wait()
+            for rect in self.ring:
+                K.step(u, *args, *rect)
+
+    def _adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
+        K = self.kernels
+        args = (self.kappa, u, lam, kappa_bar, f_bar, self.r, self.dt)
+        with _ADJOINT:
+            pending = halo.start(lam_next, self.grid, kernels=K)
+            K.adjoint(lam_next, *args, *self.inner)
+            pending.wait()
+            for rect in self.ring:
+                K.adjoint(lam_next, *args, *rect)
+
+    def _advance(self, u, a, b):
+        """``u^b`` from ``u^a`` (ghosts filled), in a new buffer with its ghosts filled."""
+        cur = u
+        for n in range(a, b):
+            nxt = self._buffer()
+            self._step(cur, nxt, exchange=n != a)
+            if cur is not u:
+                self.spare = cur
+            cur = nxt
+        halo.exchange(cur, self.grid, self.kernels)
+        return cur
+
+    def _reversed_states(self):
+        """``(n, u^n)`` with ghosts filled, for ``n = steps-1 ... 0``."""
+        if self.checkpoints is None:
+            for n in range(self.steps - 1, -1, -1):
+                yield n, self.states.pop(n)
+            return
+        # Revolve with an explicit stack: an entry (a, b, c, u^a) reverses steps a..b-1
+        # holding u^a and at most c - 1 further states.
+        stack = [(0, self.steps, self.checkpoints, self.states.pop(0))] if self.steps else []
+        while stack:
+            a, b, c, ua = stack.pop()
+            if b - a == 1:
+                yield a, ua
+            elif c == 1:
+                for n in range(b - 1, a, -1):
+                    yield n, self._advance(ua, a, n)
+                yield a, ua
+            else:
+                m = a + _split(b - a, c)
+                um = self.states.pop(m) if m in self.states else self._advance(ua, a, m)
+                stack.append((a, m, c, ua))
+                stack.append((m, b, c - 1, um))
+
+
+@lru_cache(maxsize=None)
+def _cost(t, c):
+    """Fewest forward steps to reverse ``t`` steps holding at most ``c`` states."""
+    if t <= 1:
+        return 0
+    r = 0
+    while math.comb(c + r, c) < t:
+        r += 1
+    return r * t - math.comb(c + r, c + 1)
+
+
+@lru_cache(maxsize=None)
+def _split(t, c):
+    """A first checkpoint position that attains :func:`_cost` (``c >= 2``, ``t >= 2``)."""
+    best = _cost(t, c)
+    for m in range(t - 1, 0, -1):
+        if m + _cost(t - m, c - 1) + _cost(m, c) == best:
+            return m
+    raise AssertionError(f"no optimal split for t={t}, c={c}")
+
+
+def _spine(steps, checkpoints):
+    """The states the forward pass keeps: the first sweep of revolve."""
+    positions, a, c = [0], 0, checkpoints
+    while c > 1 and steps - a > 1:
+        a += _split(steps - a, c)
+        positions.append(a)
+        c -= 1
+    return positions
+
+
+def _own_grid(shape):
+    if len(shape) != 2:
+        raise ValueError(f"rank {world().rank}: u0 must be 2-D, got shape {shape}")
+    if shape not in _self_grids:
+        _self_grids[shape] = Grid(shape, Comm(MPI.COMM_SELF))
+    return _self_grids[shape]
+
+
+def _check_scalars(dt, h, steps, checkpoints, rank):
+    for name, value in (("dt", dt), ("h", h)):
+        if not isinstance(value, Real) or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"rank {rank}: {name} must be a positive number, got {value!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"rank {rank}: steps must be a non-negative int, got {steps!r}")
+    if checkpoints is not None and (isinstance(checkpoints, bool) or
+                                    not isinstance(checkpoints, (int, np.integer)) or
+                                    checkpoints < 1):
+        raise ValueError(f"rank {rank}: checkpoints must be None or an int >= 1, "
+                         f"got {checkpoints!r}")
+    return float(dt), float(h), int(steps)
+
+
+def _check_arrays(grid, raws):
+    """This rank's complaint about the arrays, or None."""
+    rank = world().rank
+    for name, a in zip(("u0", "kappa", "f"), raws):
+        if tuple(a.shape) != grid.local_shape:
+            return (f"rank {rank}: {name} must be this rank's patch of shape {grid.local_shape} "
+                    f"(grid {grid.shape[0]}x{grid.shape[1]} over {grid.dims[0]}x{grid.dims[1]} "
+                    f"patches), got shape {tuple(a.shape)}")
+        if np.dtype(a.dtype) not in _FLOATS:
+            return f"rank {rank}: {name} must be float32 or float64, got {a.dtype}"
+        if a.dtype != raws[0].dtype:
+            return f"rank {rank}: {name} has dtype {a.dtype}, expected u0's {raws[0].dtype}"
+        if is_device_array(a) != is_device_array(raws[0]):
+            return (f"rank {rank}: {name} is a {type(a).__module__.split('.')[0]} array, "
+                    f"expected u0's kind, {type(raws[0]).__module__.split('.')[0]}")
+    return None
+
+
+def _frame(grid, boundary, like):
+    """A padded array: Dirichlet values in the physical-boundary ghosts, zeros elsewhere."""
+    nx, ny = grid.local_shape
+    frame = np.zeros(grid.padded_shape, np.dtype(like.dtype))
+    if isinstance(boundary, Real):
+        values = np.full(grid.padded_shape, float(boundary))
+    elif callable(boundary):
+        x, y = grid.coordinates(ghosts=True)
+        values = np.broadcast_to(np.asarray(boundary(x[:, None], y[None, :]), dtype=float),
+                                 grid.padded_shape)
+    else:
+        values = np.asarray(boundary.get() if is_device_array(boundary) else boundary)
+        if values.shape != grid.padded_shape:
+            raise ValueError(f"boundary must be a number, a function g(x, y) or an array of "
+                             f"this rank's padded shape {grid.padded_shape}, got shape "
+                             f"{values.shape}")
+    sides = ((0, slice(None)), (nx + 1, slice(None)), (slice(None), 0), (slice(None), ny + 1))
+    for index, physical in zip(sides, grid.physical):
+        if physical:
+            frame[index] = values[index]
+    return get_array_module(like).asarray(frame)

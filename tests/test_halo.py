@@ -1,0 +1,106 @@
+"""Tests for gpumpiad.halo: ghost filling against the global field for every N x M split, and
+the cross-rank dot-product test of the exchange against its adjoint (raw and through the tape)."""
+import numpy as np
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import gpumpiad
+from gpumpiad import halo
+from gpumpiad.halo import halo_exchange
+from gpumpiad.heat import Grid, hostkernels, stencil
+
+NX, NY = 13, 11
+
+
+def splits(size):
+    return [(n, size // n) for n in range(1, size + 1) if size % n == 0]
+
+
+def kernel_choices():
+    return ("numpy", "host") if hostkernels.available() else ("numpy",)
+
+
+def padded_patch(grid, field):
+    """This rank's (nx+2, ny+2) window of a global padded (NX+2, NY+2) field."""
+    (i0, j0), (nx, ny) = grid.offset, grid.local_shape
+    return field[i0:i0 + nx + 2, j0:j0 + ny + 2].copy()
+
+
+def ghost_views(a):
+    return (a[0, 1:-1], a[-1, 1:-1], a[1:-1, 0], a[1:-1, -1])
+
+
+def no_corners(a):
+    mask = np.ones(a.shape, bool)
+    mask[[0, 0, -1, -1], [0, -1, 0, -1]] = False
+    return a[mask]
+
+
+def test_kernels_for_dispatch(monkeypatch):
+    a = np.zeros((4, 4))
+    assert halo.kernels_for(a, "numpy") is stencil
+    monkeypatch.setenv("GPUMPIAD_HEAT_KERNELS", "numpy")
+    assert halo.kernels_for(a) is stencil
+    if hostkernels.available():
+        monkeypatch.setenv("GPUMPIAD_HEAT_KERNELS", "host")
+        assert halo.kernels_for(a) is hostkernels
+    with pytest.raises(ValueError, match="heat kernels must be one of"):
+        halo.kernels_for(a, "fortran")
+    with pytest.raises(ValueError, match="cannot run on a NumPy array"):
+        halo.kernels_for(a, "cuda")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_exchange_fills_ghosts_from_neighbours():
+    size = MPI.COMM_WORLD.size
+    field = np.random.default_rng(0).standard_normal((NX + 2, NY + 2))
+    for dims in splits(size):
+        grid = Grid((NX, NY), dims=dims)
+        expected = padded_patch(grid, field)
+        for kernels in kernel_choices():
+            a = expected.copy()
+            for side, ghost in enumerate(ghost_views(a)):
+                if not grid.physical[side]:
+                    ghost[...] = np.nan
+            pending = halo.start(a, grid, kernels=halo.kernels_for(a, kernels))
+            interior_before = a[1:-1, 1:-1].copy()
+            pending.wait()
+            parallel_assert(np.array_equal(no_corners(a), no_corners(expected)),
+                            f"dims {dims}, kernels {kernels}: ghosts differ from the global field")
+            parallel_assert(np.array_equal(a[1:-1, 1:-1], interior_before))
+        out = halo_exchange(gpumpiad.tensor(a, distributed=True), grid)
+        parallel_assert(out.distributed and np.array_equal(no_corners(out.numpy()),
+                                                           no_corners(expected)))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_exchange_dot_product_and_tape_adjoint():
+    comm = MPI.COMM_WORLD
+    for dims in splits(comm.size):
+        grid = Grid((NX, NY), dims=dims)
+        rng = np.random.default_rng(100 + comm.rank)
+        x = rng.standard_normal(grid.padded_shape)
+        y = rng.standard_normal(grid.padded_shape)
+        for kernels in kernel_choices():
+            k = halo.kernels_for(x, kernels)
+            ex = halo.exchange(x.copy(), grid, k)
+            ety = halo.exchange_adjoint(y.copy(), grid, k)
+            lhs = comm.allreduce(float(np.vdot(ex, y)))
+            rhs = comm.allreduce(float(np.vdot(x, ety)))
+            parallel_assert(abs(lhs - rhs) <= 1e-12 * max(abs(lhs), 1.0),
+                            f"dims {dims}, kernels {kernels}: <Ex, y> = {lhs}, <x, E'y> = {rhs}")
+
+        def objective(u):
+            return gpumpiad.mpi_sum((halo_exchange(u, grid) * y).sum())
+
+        g = gpumpiad.grad(objective)(gpumpiad.tensor(x, distributed=True))
+        parallel_assert(np.array_equal(g, halo.exchange_adjoint(y.copy(), grid)),
+                        f"dims {dims}: the tape's adjoint differs from exchange_adjoint")
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_halo_exchange_rejects_unpadded_input():
+    grid = Grid((NX, NY))
+    with pytest.raises(ValueError, match=r"rank \d: halo_exchange expects u of padded shape"):
+        halo_exchange(np.zeros(grid.local_shape), grid)

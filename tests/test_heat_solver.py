@@ -1,0 +1,235 @@
+"""Tests for gpumpiad.heat.solve and gpumpiad.heat.Grid.
+
+* the decomposed solve equals the one-rank solve and a plain NumPy loop, for every N x M split
+  of an unevenly divided grid;
+* the linearised step and the linear multi-step map pass cross-rank dot-product tests;
+* gradients with respect to u0, kappa and f pass a Taylor test and check_grad (a serial kappa
+  included), and checkpointed gradients equal stored-state ones;
+* unstable dt, mismatched patches and too-small grids raise on every rank.
+"""
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import gpumpiad
+from gpumpiad.heat import Grid, recompute_steps, solve
+from gpumpiad.heat.grid import split_sizes
+from gpumpiad.heat.solver import _cost, _spine
+
+NX, NY, STEPS = 13, 11, 20
+H = 1.0 / (NX + 1)
+DT = 0.1 * H * H
+
+
+def splits(size):
+    return [(n, size // n) for n in range(1, size + 1) if size % n == 0]
+
+
+def boundary(x, y):
+    return 1.0 + x - 2.0 * y * y
+
+
+def global_problem(seed=0, nx=NX, ny=NY):
+    rng = np.random.default_rng(seed)
+    return rng.random((nx, ny)), 0.5 + rng.random((nx, ny)), rng.random((nx, ny))
+
+
+def numpy_reference(u0, kappa, f, dt, h, steps):
+    nx, ny = u0.shape
+    x = np.arange(nx + 2) / (nx + 1)
+    y = np.arange(ny + 2) / (ny + 1)
+    p = boundary(x[:, None], y[None, :])
+    p[1:-1, 1:-1] = u0
+    for _ in range(steps):
+        lap = p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * p[1:-1, 1:-1]
+        p[1:-1, 1:-1] = p[1:-1, 1:-1] + dt / h**2 * kappa * lap + dt * f
+    return p[1:-1, 1:-1]
+
+
+def dist(a):
+    return gpumpiad.tensor(a, distributed=True)
+
+
+def global_dot(a, b):
+    return MPI.COMM_WORLD.allreduce(float(np.vdot(np.asarray(a), np.asarray(b))))
+
+
+# --------------------------------------------------------------------------------------------
+# serial
+# --------------------------------------------------------------------------------------------
+
+def test_split_sizes_gives_extra_cells_to_the_first_patches():
+    assert split_sizes(13, 4) == [4, 3, 3, 3]
+    assert split_sizes(11, 1) == [11]
+
+
+def test_revolve_cost_is_the_binomial_optimum():
+    @lru_cache(maxsize=None)
+    def best(t, c):
+        if t <= 1:
+            return 0
+        if c == 1:
+            return t * (t - 1) // 2
+        return min(m + best(t - m, c - 1) + best(m, c) for m in range(1, t))
+
+    for t in range(1, 40):
+        for c in range(1, 8):
+            assert _cost(t, c) == best(t, c), (t, c)
+    assert _spine(10, 1) == [0]
+    assert recompute_steps(100, None) == 0
+    assert recompute_steps(20, 20) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# forward: decomposed solve == one-rank solve == NumPy loop
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_decomposed_solve_matches_single_rank_and_numpy():
+    u0, kappa, f = global_problem()
+    expected = numpy_reference(u0, kappa, f, DT, H, STEPS)
+    alone = solve(u0, kappa, f, DT, H, STEPS, boundary=boundary).numpy()
+    parallel_assert(np.allclose(alone, expected, rtol=0, atol=1e-13 * np.abs(expected).max()))
+    for dims in splits(MPI.COMM_WORLD.size):
+        grid = Grid((NX, NY), dims=dims)
+        u, traj = solve(grid.local(u0), grid.local(kappa), grid.scatter(f), DT, H, STEPS,
+                        grid=grid, boundary=boundary, trajectory=True)
+        whole = grid.gather(u, root=None)
+        err = np.abs(whole - alone).max() / np.abs(alone).max()
+        parallel_assert(err <= 1e-13, f"dims {dims}: relative difference {err:.2e}")
+        parallel_assert(traj.shape == (STEPS + 1,) + grid.local_shape and
+                        np.array_equal(traj.numpy()[0], grid.local(u0)) and
+                        np.array_equal(traj.numpy()[-1], u.numpy()))
+        root = grid.gather(u, root=0)
+        parallel_assert((root is None) == (MPI.COMM_WORLD.rank != 0))
+
+
+# --------------------------------------------------------------------------------------------
+# adjoint: dot-product tests across ranks
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_dot_product_linearised_step_and_linear_solve():
+    comm = MPI.COMM_WORLD
+    u0, kappa, f = global_problem(1)
+    for dims in splits(comm.size):
+        grid = Grid((NX, NY), dims=dims)
+        u, k, s = grid.local(u0), grid.local(kappa), grid.local(f)
+        rng = np.random.default_rng(7 + comm.rank)
+        du, dk, df, y = (rng.standard_normal(grid.local_shape) for _ in range(4))
+        dk *= 0.2      # solve() checks stability on dk too
+        zero = np.zeros(grid.local_shape)
+
+        # One step, linearised at (u, kappa, f): A(du, dk, df) = du + r k L(du) + r dk L(u) + dt df
+        a = (solve(du, k, df, DT, H, 1, grid=grid).numpy()
+             + solve(u, dk, zero, DT, H, 1, grid=grid, boundary=boundary).numpy() - u)
+
+        def step_objective(u_, k_, s_):
+            out = solve(u_, k_, s_, DT, H, 1, grid=grid, boundary=boundary)
+            return gpumpiad.mpi_sum((out * y).sum())
+
+        gu, gk, gs = gpumpiad.grad(step_objective, argnums=(0, 1, 2))(dist(u), dist(k), dist(s))
+        lhs, rhs = global_dot(a, y), global_dot(du, gu) + global_dot(dk, gk) + global_dot(df, gs)
+        parallel_assert(abs(lhs - rhs) <= 1e-12 * abs(lhs), f"dims {dims}: {lhs} vs {rhs}")
+
+        # STEPS steps with zero source and boundary: linear in u0.
+        sx = solve(du, k, zero, DT, H, STEPS, grid=grid).numpy()
+        sty = gpumpiad.grad(lambda v: gpumpiad.mpi_sum(
+            (solve(v, k, zero, DT, H, STEPS, grid=grid) * y).sum()))(dist(du))
+        lhs, rhs = global_dot(sx, y), global_dot(du, sty)
+        parallel_assert(abs(lhs - rhs) <= 1e-12 * abs(lhs), f"dims {dims}: {lhs} vs {rhs}")
+
+
+# --------------------------------------------------------------------------------------------
+# gradients: Taylor test, check_grad, checkpointing
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_taylor_and_checkpointed_gradients():
+    comm = MPI.COMM_WORLD
+    grid = Grid((NX, NY))
+    u0, kappa, f = (grid.local(a) for a in global_problem(2))
+    w = np.random.default_rng(3 + comm.rank).standard_normal(grid.local_shape)
+
+    def objective(u_, k_, s_, checkpoints=None):
+        out = solve(u_, k_, s_, DT, H, STEPS, grid=grid, boundary=boundary,
+                    checkpoints=checkpoints)
+        return gpumpiad.mpi_sum((out * out * w).sum())
+
+    args = (u0, kappa, f)
+    j0, grads = gpumpiad.value_and_grad(objective, argnums=(0, 1, 2))(*map(dist, args))
+    j0 = float(j0)
+    rng = np.random.default_rng(11 + comm.rank)
+    for i, name in enumerate(("u0", "kappa", "f")):
+        direction = rng.standard_normal(grid.local_shape) * (0.2 if name == "kappa" else 1.0)
+        slope = global_dot(grads[i], direction)
+        residuals = []
+        for eps in 1e-2 * 0.5 ** np.arange(4):
+            moved = list(args)
+            moved[i] = args[i] + eps * direction
+            residuals.append(abs(float(objective(*moved).data) - j0 - eps * slope))
+        rates = np.log2(np.array(residuals[:-1]) / np.array(residuals[1:]))
+        parallel_assert(np.all(np.abs(rates - 2) <= 0.1),
+                        f"{name}: Taylor remainders {residuals}, rates {rates}")
+
+    for checkpoints in (1, 3, 7, STEPS + 5):
+        _, again = gpumpiad.value_and_grad(
+            lambda *a: objective(*a, checkpoints=checkpoints), argnums=(0, 1, 2))(
+                *map(dist, args))
+        for g, h in zip(grads, again):
+            parallel_assert(np.abs(g - h).max() <= 1e-12 * np.abs(g).max(),
+                            f"checkpoints={checkpoints}: gradients differ from stored states")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_check_grad_with_serial_kappa_and_trajectory():
+    comm = MPI.COMM_WORLD
+    grid = Grid((12, 10), dims=(comm.size, 1))      # equal patches: a serial kappa fits all
+    u0, _, f = (grid.local(a) for a in global_problem(4, 12, 10))
+    kappa = 0.5 + np.random.default_rng(5).random(grid.local_shape)     # same on every rank
+    h = 1.0 / 13
+    dt = 0.1 * h * h
+
+    def objective(u_, k_, s_):
+        out, traj = solve(u_, k_, s_, dt, h, 6, grid=grid, trajectory=True, checkpoints=2)
+        return gpumpiad.mpi_sum((out * out).sum() + (traj * traj).sum() * 0.1)
+
+    report = gpumpiad.check_grad(objective, dist(u0), gpumpiad.tensor(kappa), dist(f),
+                                 max_elements=3)
+    parallel_assert(report["checked"] > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parallel(nprocs=[1, 2, 3])
+def test_errors_unstable_dt_and_mismatched_patch():
+    comm = MPI.COMM_WORLD
+    grid = Grid((NX, NY))
+    u0, kappa, f = (grid.local(a) for a in global_problem())
+    kappa_max = comm.allreduce(float(kappa.max()), op=MPI.MAX)
+    limit = H * H / (4 * kappa_max)
+    with pytest.raises(ValueError, match=rf"rank {comm.rank}: dt = .* exceeds the stability "
+                                         r"limit h\*\*2 / \(4 max kappa\)"):
+        solve(u0, kappa, f, 1.01 * limit, H, 1, grid=grid)
+    solve(u0, kappa, f, limit, H, 1, grid=grid)
+    last = comm.size - 1
+    bad = f[:-1] if comm.rank == last else f
+    with pytest.raises(ValueError, match=rf"rank {last}: f must be this rank's patch of shape"):
+        solve(u0, kappa, bad, DT, H, 1, grid=grid)
+    with pytest.raises(ValueError, match="kappa has dtype float32"):
+        solve(u0, kappa.astype(np.float32), f, DT, H, 1, grid=grid)
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_errors_grid_smaller_than_decomposition():
+    comm = MPI.COMM_WORLD
+    with pytest.raises(ValueError, match=rf"rank {comm.rank}: a grid of 1x5 cells cannot be split "
+                                         rf"into 2x{comm.size // 2} patches: axis 0 has 1 cell"):
+        Grid((1, 5), dims=(2, comm.size // 2))
+    with pytest.raises(ValueError, match=r"dims 3x1 do not fit a communicator"):
+        Grid((8, 8), dims=(3, 1))
