@@ -419,6 +419,8 @@ class _RootScipy:
         if cb is None:
             return
         if _new_style(cb) and res is not None:
+            if g is not None and "jac" not in res:
+                res["jac"] = numpy.copy(g)
             cb(intermediate_result=res)
         elif self.name == "trust-constr" and res is not None:
             cb(numpy.copy(xk), res)
