@@ -33,6 +33,8 @@ from .ops.reduction import mean, sum
 from .ops.shape import concatenate, reshape, stack, transpose
 from .tensor import Tensor, tensor
 
+from . import checkpoint, heat, optimize  # noqa: E402  (subpackages that use the API above)
+
 __version__ = "0.1.0"
 
 if _MPI.COMM_WORLD.Get_size() > 1:
@@ -44,6 +46,7 @@ __all__ = [
     "cuda_aware", "mpi_allgather", "mpi_allreduce", "mpi_alltoall", "mpi_barrier",
     "mpi_gather", "mpi_recv", "mpi_reduce", "mpi_reduce_scatter", "mpi_scatter", "mpi_send",
     "mpi_sendrecv", "path_description", "set_debug", "halo_exchange",
+    "checkpoint", "heat", "optimize",
     "Comm", "GradientCheckError", "LossError", "RankInt", "Tensor", "abs", "add",
     "array_module", "backend", "backend_name", "check_grad", "concatenate", "cos",
     "custom_op", "divide", "dot", "exp", "getitem", "grad", "log", "matmul", "maximum", "mean",
