@@ -34,14 +34,18 @@ class Primitive:
         return self
 
     def __call__(self, *args, **kwargs):
+        # Hot path (every local op of every program): one pass over the arguments.
         raws = []
         serial_comm = any_comm = None
         distributed = False
-        for a in args:
+        tape = active_tape()
+        traced = None
+        for k, a in enumerate(args):
             if isinstance(a, Tensor):
                 raws.append(a.data)
-                any_comm = any_comm or a.comm
-                if a.distributed:
+                if any_comm is None:
+                    any_comm = a.comm
+                if a.layout == DISTRIBUTED:
                     distributed = True
                 elif serial_comm is None:
                     serial_comm = a.comm
@@ -49,27 +53,35 @@ class Primitive:
                     raise NotImplementedError(
                         f"{self.name}: combining serial values of different communicators is "
                         "not supported; bring them to one communicator with mpi_bcast first")
+                if tape is not None and a._tape is tape:
+                    if traced is None:
+                        traced = [None] * len(args)
+                    traced[k] = a
             else:
                 raws.append(a)
-                distributed = distributed or isinstance(a, RankInt)
-        comm = serial_comm or any_comm
+                if isinstance(a, RankInt):
+                    distributed = True
         ans = self.forward(*raws, **kwargs)
-        out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, comm)
-        tape = active_tape()
-        if tape is not None and any(isinstance(a, Tensor) and a._tape is tape for a in args):
-            tape.record(self.name, self._make_vjp(ans, raws, kwargs),
-                        [a if isinstance(a, Tensor) else None for a in args], [out],
+        out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
+        if traced is not None:
+            tape.record(self.name, self._make_vjp(ans, raws, kwargs, traced), traced, [out],
                         local=[distributed] * len(args))
         return out
 
-    def _make_vjp(self, ans, raws, kwargs):
+    def _make_vjp(self, ans, raws, kwargs, traced):
         if self.vjp_all is not None:
             return lambda gs: self.vjp_all(gs[0], ans, *raws, **kwargs)
         vjps = self.vjps
+        # Only the arguments that are traced on this tape get a cotangent computed.
+        wanted = [(i, vjps[i]) for i, t in enumerate(traced)
+                  if t is not None and i < len(vjps) and vjps[i] is not None]
 
         def vjp(gs):
-            return [None if (i >= len(vjps) or vjps[i] is None)
-                    else vjps[i](gs[0], ans, *raws, **kwargs) for i in range(len(raws))]
+            g = gs[0]
+            out = [None] * len(raws)
+            for i, fn in wanted:
+                out[i] = fn(g, ans, *raws, **kwargs)
+            return out
         return vjp
 
 

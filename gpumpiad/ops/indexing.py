@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 from ..backend import get_array_module
+from ..comm import RankInt
 from ..primitive import primitive
 from ..tensor import Tensor
+
+# Passed as an extra positional argument when the index differs from rank to rank, so that the
+# primitive's layout rule makes ``serial[mpi_rank()]`` distributed (its cotangent is then this
+# rank's share, which the tape allreduces).
+_RANK_DEPENDENT = RankInt(0)
 
 
 def _is_basic(index):
@@ -11,7 +17,7 @@ def _is_basic(index):
     return all(isinstance(p, (int, slice)) or p is None or p is Ellipsis for p in parts)
 
 
-def _getitem_vjp(g, ans, x, index):
+def _getitem_vjp(g, ans, x, index, rank_dependent=None):
     xp = get_array_module(g)
     out = xp.zeros(x.shape, dtype=g.dtype)
     if _is_basic(index):
@@ -21,7 +27,7 @@ def _getitem_vjp(g, ans, x, index):
     return out
 
 
-_getitem = primitive(lambda x, index: x[index], name="getitem")
+_getitem = primitive(lambda x, index, rank_dependent=None: x[index], name="getitem")
 _getitem.defvjp(_getitem_vjp)
 
 
@@ -35,6 +41,20 @@ def _raw_index(index):
     return index
 
 
+def _rank_dependent(index):
+    """True when ``index`` holds a rank (:class:`RankInt`) or a distributed Tensor."""
+    if isinstance(index, (tuple, list)):
+        return any(_rank_dependent(i) for i in index)
+    if isinstance(index, slice):
+        return any(isinstance(v, RankInt) for v in (index.start, index.stop, index.step))
+    return isinstance(index, RankInt) or (isinstance(index, Tensor) and index.distributed)
+
+
 def getitem(x, index):
-    """``x[index]`` for basic and integer-array indexing."""
+    """``x[index]`` for basic and integer-array indexing.
+
+    The result is distributed when ``x`` is or when the index depends on the rank.
+    """
+    if _rank_dependent(index):
+        return _getitem(x, _raw_index(index), _RANK_DEPENDENT)
     return _getitem(x, _raw_index(index))

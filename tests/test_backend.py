@@ -1,0 +1,83 @@
+"""Array backend (backend.py): the array module, the GPUMPIAD_BACKEND override, devices."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpumpiad as gp
+from gpumpiad import backend
+
+
+def _cuda_usable():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+HAS_GPU = _cuda_usable()
+
+
+def _run(env_value, code):
+    env = dict(os.environ, GPUMPIAD_BACKEND=env_value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_array_module_and_backend_name():
+    xp = gp.array_module()
+    assert xp.__name__ == gp.backend_name() in ("numpy", "cupy")
+    assert backend.array_module() is xp
+    t = gp.tensor([1.0, 2.0])
+    assert backend.get_array_module(t.data) is xp
+    assert t.device == ("cpu" if xp is np else f"cuda:{t.data.device.id}")
+
+
+def test_get_array_module_and_helpers_on_numpy():
+    a = np.arange(3.0)
+    assert backend.get_array_module(a) is np
+    assert backend.get_array_module(np.float64(1.0)) is np
+    assert not backend.is_device_array(a)
+    assert backend.device_of(a) == "cpu"
+    assert backend.to_numpy(a) is a or np.shares_memory(backend.to_numpy(a), a)
+    assert backend.asarray([1, 2], dtype=np.float32).dtype == np.float32
+
+
+def test_numpy_override_in_subprocess():
+    res = _run("numpy", "import gpumpiad as g; print(g.backend_name(), g.tensor([1.0]).device)")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["numpy", "cpu"]
+    res = _run("  NumPy ", "import gpumpiad as g; print(g.backend_name())")
+    assert res.returncode == 0 and res.stdout.strip() == "numpy", res.stderr
+
+
+def test_bogus_override_is_a_clear_error():
+    res = _run("bogus", "import gpumpiad as g; g.tensor([1.0])")
+    assert res.returncode != 0
+    assert "BackendError" in res.stderr
+    assert "GPUMPIAD_BACKEND must be 'numpy' or 'cupy', got 'bogus'" in res.stderr
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a CUDA device is usable here")
+def test_cupy_override_without_gpu_is_a_clear_error():
+    res = _run("cupy", "import gpumpiad as g; g.tensor([1.0])")
+    assert res.returncode != 0
+    assert "BackendError" in res.stderr
+    assert "GPUMPIAD_BACKEND=cupy but no usable CUDA device was found" in res.stderr
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_cupy_backend_on_gpu():
+    code = ("import gpumpiad as g, numpy as np; t = g.tensor([1.0, 2.0]); "
+            "print(g.backend_name(), t.device, type(t.data).__module__.split('.')[0]); "
+            "print(float(g.grad(lambda x: g.sum(g.sin(x)))(t).get()[0]) - np.cos(1.0))")
+    res = _run("cupy", code)
+    assert res.returncode == 0, res.stderr
+    first, second = res.stdout.splitlines()
+    assert first.split() == ["cupy", "cuda:0", "cupy"]
+    assert abs(float(second)) < 1e-12
