@@ -14,25 +14,55 @@ from . import transport
 from .debug import check_signature, debug_enabled
 
 
+def _rank_dependent(op, base):
+    def method(self, *args):
+        res = getattr(base, op)(self, *args)
+        if res is NotImplemented and args and isinstance(args[0], float):
+            res = getattr(float, op)(float(self), *args)
+        if type(res) is int:
+            return RankInt(res)
+        if type(res) is float:
+            return RankFloat(res)
+        return res
+    method.__name__ = op
+    return method
+
+
+_ARITHMETIC = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+               "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__",
+               "__rmod__", "__neg__", "__pow__", "__rpow__")
+
+
 class RankInt(int):
-    """An ``int`` that differs from rank to rank; arithmetic on it stays rank-dependent."""
+    """An ``int`` that differs from rank to rank; arithmetic on it stays rank-dependent.
 
-    def _wrap(op):
-        def method(self, *args):
-            res = getattr(int, op)(self, *args)
-            return RankInt(res) if type(res) is int else res
-        method.__name__ = op
-        return method
+    Python gives a float on the left the first go, so write ``rank * 0.5``, not ``0.5 * rank``
+    (the latter is a plain float).
+    """
 
-    for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-                "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__neg__", "__pow__"):
-        locals()[_op] = _wrap(_op)
-    del _op, _wrap
+    for _op in _ARITHMETIC:
+        locals()[_op] = _rank_dependent(_op, int)
 
     def __repr__(self):
         return f"RankInt({int(self)})"
 
     __str__ = int.__repr__
+
+
+class RankFloat(float):
+    """A ``float`` computed from a rank: rank-dependent, like :class:`RankInt`."""
+
+    for _op in _ARITHMETIC:
+        locals()[_op] = _rank_dependent(_op, float)
+    del _op
+
+    def __repr__(self):
+        return f"RankFloat({float(self)})"
+
+    __str__ = float.__repr__
+
+
+RANK_DEPENDENT = (RankInt, RankFloat)
 
 
 class Comm:

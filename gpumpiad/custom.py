@@ -49,7 +49,8 @@ class CustomOp:
                 return list(res)
 
             tape.record(self.name, vjp, [a if isinstance(a, Tensor) else None for a in args],
-                        outs, local=[any_distributed_out] * len(args), communicates=True)
+                        outs, local=[any_distributed_out] * len(args), communicates=True,
+                        collective=True)
         return tuple(outs) if multi else outs[0]
 
     def _layouts(self, n, any_distributed):
@@ -86,7 +87,8 @@ def custom_op(forward=None, vjp=None, *, name=None, layout=None):
     inputs (allreduce inside the vjp if the forward did distributed work);
     :func:`gpumpiad.check_grad` reports ranks that disagree. The vjp runs on every rank in
     every backward pass, with zeros when no cotangent reaches the outputs, so it may
-    communicate.
+    communicate. A custom op with serial outputs must be called on every rank of their
+    communicator (like a collective): the reverse pass may allreduce at it.
 
     Examples
     --------

@@ -3,11 +3,11 @@
 A primitive wraps a forward function on raw arrays; its vector-Jacobian products are registered
 right after it with :meth:`Primitive.defvjp`, one per argument, each ``vjp(g, ans, *args, **kw)``
 returning the cotangent of that argument. Layout rule: the output is distributed when any input
-is a distributed Tensor or a rank-dependent int (:class:`gpumpiad.comm.RankInt`), else serial.
+is a distributed Tensor or a rank-dependent number (:class:`gpumpiad.comm.RankInt`, :class:`~gpumpiad.comm.RankFloat`), else serial.
 """
 from __future__ import annotations
 
-from .comm import RankInt
+from .comm import RANK_DEPENDENT
 from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
@@ -59,7 +59,7 @@ class Primitive:
                     traced[k] = a
             else:
                 raws.append(a)
-                if isinstance(a, RankInt):
+                if isinstance(a, RANK_DEPENDENT):
                     distributed = True
         ans = self.forward(*raws, **kwargs)
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)

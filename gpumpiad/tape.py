@@ -2,98 +2,164 @@
 
 Serial/distributed convention (POEM 075): the cotangent of a *serial* value is the same total on
 every rank of its communicator. A node marks, per input, whether that input sits in a *per-rank*
-position (an op whose output is distributed, or a sum across ranks). What such a node sends to a
-serial input is only this rank's share, so it goes to a ``local`` buffer; the tape adds the
-allreduce of that buffer to the value's total once, just before the value's own producer is
-visited. The shares of all serial leaves are summed in one fused allreduce at the end of the pass.
-Every rank visits the nodes in the exact reverse of their recording order and runs every
-communicating node even when its local cotangent is structurally zero, so all ranks issue the
-same reverse communications in the same order.
+position (an op whose output is distributed, or a sum across ranks): what it sends to a serial
+input there is only this rank's *share* of the total. Shares travel backwards through local
+serial ops (their VJPs are linear and the same on every rank) until they reach a *sink* — a
+collective node with serial outputs, recorded on every rank of its communicator — or a leaf.
+At a sink the shares are allreduced once into the value's total; the shares of all serial
+leaves are summed in one fused allreduce at the end of the pass.
+
+Whether a sink receives shares can depend on rank-dependent control flow, so the ranks agree on
+it first: one small allreduce (MAX) of a bitmap over each communicator's sinks at the start of
+the pass. Every rank then visits the nodes in the exact reverse of their recording order and
+runs every communicating node even when its cotangent is structurally zero, so all ranks issue
+the same reverse communications in the same order.
 """
 from __future__ import annotations
 
 import threading
 
 _active = threading.local()
+_NO_ORIGINS = frozenset()
+DISTRIBUTED = "distributed"
 
 
 class Node:
     """One recorded operation: ``vjp(output_cotangents) -> input cotangents``."""
 
-    __slots__ = ("name", "vjp", "inputs", "outputs", "local", "communicates")
+    __slots__ = ("name", "vjp", "inputs", "outputs", "local", "communicates", "sink")
 
-    def __init__(self, name, vjp, inputs, outputs, local, communicates):
+    def __init__(self, name, vjp, inputs, outputs, local, communicates, sink):
         self.name = name
         self.vjp = vjp
         self.inputs = inputs
         self.outputs = outputs
         self.local = local
         self.communicates = communicates
+        self.sink = sink
 
 
 class Tape:
-    """An ordered record of the nodes run while it is active (see :func:`recording`)."""
+    """An ordered record of the nodes run while it is active (see :class:`recording`)."""
 
     def __init__(self):
         self.nodes = []
         self.nslots = 0
-        self.needs_allreduce = set()
         self.leaves = []
+        self.sinks = []
+        self.origins = []
+        self.marked = set()
 
-    def watch(self, tensor, leaf=False):
+    def watch(self, tensor, leaf=False, origins=_NO_ORIGINS):
         """Give ``tensor`` a cotangent slot on this tape."""
         tensor._tape = self
         tensor._slot = self.nslots
         self.nslots += 1
+        self.origins.append(origins)
         if leaf:
             self.leaves.append(tensor)
         return tensor
 
-    def record(self, name, vjp, inputs, outputs, local=None, communicates=False):
+    def record(self, name, vjp, inputs, outputs, local=None, communicates=False,
+               collective=False):
         """Record a node. ``inputs`` holds Tensors or ``None`` for arguments that need no cotangent.
 
         ``local[i]`` is True when input ``i`` sits in a per-rank position; ``communicates`` makes
-        the backward pass run the node on every rank even with no cotangent arriving.
+        the backward pass run the node on every rank even with no cotangent arriving;
+        ``collective`` says every rank of the outputs' communicator records this node (all
+        communication primitives and custom ops), so its serial outputs can be sinks.
         """
         inputs = [t if (t is not None and t._tape is self) else None for t in inputs]
         if local is None:
             local = [False] * len(inputs)
+        origins = None
         for t, loc in zip(inputs, local):
-            if loc and t is not None and not t.distributed:
-                self.needs_allreduce.add(t._slot)
+            if t is None or t.layout == DISTRIBUTED:
+                continue
+            mine = self.origins[t._slot]
+            if loc:
+                self.marked.update(mine)
+            elif origins is None or origins is mine:
+                origins = mine
+            else:
+                origins = origins | mine
+        sink = -1
+        if collective and any(out.layout != DISTRIBUTED for out in outputs):
+            sink = len(self.sinks)
+            origins = frozenset((sink,))
+        node = Node(name, vjp, inputs, outputs, local, communicates, sink)
+        if sink >= 0:
+            self.sinks.append(node)
         for out in outputs:
-            self.watch(out)
-        self.nodes.append(Node(name, vjp, inputs, outputs, local, communicates))
+            self.watch(out, origins=_NO_ORIGINS if (origins is None or out.layout == DISTRIBUTED)
+                       else origins)
+        self.nodes.append(node)
 
     def backward(self, loss, seed):
         """Return the cotangents of :attr:`leaves` for ``loss`` seeded with ``seed``."""
         total = [None] * self.nslots
-        local = [None] * self.nslots
+        share = [None] * self.nslots
         total[loss._slot] = seed
+        agreed = self._agree_on_sinks()
         for node in reversed(self.nodes):
-            for out in node.outputs:
-                if out._slot in self.needs_allreduce:
-                    _finalize(out, total, local)
-            gouts = [total[out._slot] for out in node.outputs]
-            if not node.communicates and all(g is None for g in gouts):
+            outs = node.outputs
+            if node.sink in agreed:
+                for out in outs:
+                    if out.layout != DISTRIBUTED:
+                        _finalize(out, total, share)
+            gt = [total[o._slot] for o in outs]
+            has_total = any(g is not None for g in gt)
+            if has_total or node.communicates:
+                gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gt, outs)])
+                _accumulate(node, gins, total, share, all_shares=False)
+            gs = [share[o._slot] for o in outs]
+            if any(g is not None for g in gs):
+                # A local serial op: shares map linearly onto its (serial) inputs' shares.
+                gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gs, outs)])
+                _accumulate(node, gins, total, share, all_shares=True)
+        _finalize_leaves(self.leaves, total, share)
+        return [_writable(total[leaf._slot]) if total[leaf._slot] is not None
+                else _zeros_like(leaf) for leaf in self.leaves]
+
+    def _agree_on_sinks(self):
+        """Indices of the sinks that receive shares on some rank (collective per communicator)."""
+        if not self.sinks:
+            return _NO_ORIGINS
+        import numpy as np
+        from mpi4py import MPI
+
+        from .transport import start_allreduce
+        by_comm = {}
+        for k, node in enumerate(self.sinks):
+            comm = node.outputs[0].comm
+            by_comm.setdefault(id(comm), (comm, []))[1].append(k)
+        agreed = set()
+        pending = []
+        for comm, indices in by_comm.values():
+            bits = np.array([k in self.marked for k in indices], dtype=np.uint8)
+            if comm.size == 1:
+                agreed.update(k for k, b in zip(indices, bits) if b)
                 continue
-            gouts = [_zeros_like(out) if g is None else g for g, out in zip(gouts, node.outputs)]
-            gins = node.vjp(gouts)
-            for inp, g, loc in zip(node.inputs, gins, node.local):
-                if inp is None or g is None:
-                    continue
-                if g.shape != inp.shape:
-                    raise RuntimeError(
-                        f"internal error: vjp of {node.name!r} returned shape {g.shape} "
-                        f"for an input of shape {inp.shape}")
-                if g.dtype != inp.dtype:
-                    g = g.astype(inp.dtype)
-                buf = local if (loc and not inp.distributed) else total
-                prev = buf[inp._slot]
-                buf[inp._slot] = g if prev is None else prev + g
-        _finalize_leaves(self.leaves, total, local)
-        return [total[leaf._slot] if total[leaf._slot] is not None else _zeros_like(leaf)
-                for leaf in self.leaves]
+            pending.append((indices, comm.issue(
+                "agreement on reverse-mode allreduces",
+                lambda c=comm, b=bits: start_allreduce(c.mpi, b, MPI.MAX), array=bits)))
+        for indices, p in pending:
+            agreed.update(k for k, b in zip(indices, p.wait()) if b)
+        return agreed
+
+
+def _accumulate(node, gins, total, share, all_shares):
+    for inp, g, loc in zip(node.inputs, gins, node.local):
+        if inp is None or g is None:
+            continue
+        if g.shape != inp.shape:
+            raise RuntimeError(f"internal error: vjp of {node.name!r} returned shape {g.shape} "
+                               f"for an input of shape {inp.shape}")
+        if g.dtype != inp.dtype:
+            g = g.astype(inp.dtype)
+        buf = share if ((all_shares or loc) and inp.layout != DISTRIBUTED) else total
+        prev = buf[inp._slot]
+        buf[inp._slot] = g if prev is None else prev + g
 
 
 def _zeros_like(t):
@@ -101,16 +167,24 @@ def _zeros_like(t):
     return get_array_module(t.data).zeros(t.shape, t.dtype)
 
 
-def _finalize(t, total, local):
+def _writable(g):
+    """A gradient the caller may modify (reverse rules may return broadcast views)."""
+    flags = getattr(g, "flags", None)
+    if flags is not None and hasattr(flags, "writeable") and not flags.writeable:
+        return g.copy()
+    return g
+
+
+def _finalize(t, total, share):
     """Add the allreduce of ``t``'s per-rank shares to its total (every rank calls this)."""
-    share = local[t._slot]
-    local[t._slot] = None
-    summed = t.comm.allreduce_sum(_zeros_like(t) if share is None else share)
+    mine = share[t._slot]
+    share[t._slot] = None
+    summed = t.comm.allreduce_sum(_zeros_like(t) if mine is None else mine)
     prev = total[t._slot]
     total[t._slot] = summed if prev is None else prev + summed
 
 
-def _finalize_leaves(leaves, total, local):
+def _finalize_leaves(leaves, total, share):
     """One fused allreduce, per communicator, of the per-rank shares of every serial leaf.
 
     Serial leaves are always included, whatever this rank recorded, so that rank-dependent
@@ -118,18 +192,21 @@ def _finalize_leaves(leaves, total, local):
     """
     by_comm = {}
     for leaf in leaves:
-        if not leaf.distributed and leaf.comm.size > 1:
+        if leaf.layout != DISTRIBUTED and leaf.comm.size > 1:
             by_comm.setdefault(id(leaf.comm), []).append(leaf)
-        elif local[leaf._slot] is not None:
-            g = local[leaf._slot]
+        elif share[leaf._slot] is not None:
+            g = share[leaf._slot]
             total[leaf._slot] = g if total[leaf._slot] is None else total[leaf._slot] + g
     for group in by_comm.values():
         from .backend import get_array_module
         xp = get_array_module(group[0].data)
         dtype = xp.result_type(*[leaf.dtype for leaf in group])
-        flat = xp.concatenate([
-            (local[leaf._slot] if local[leaf._slot] is not None else _zeros_like(leaf))
-            .astype(dtype, copy=False).ravel() for leaf in group])
+        flat = xp.zeros(sum(leaf.size for leaf in group), dtype)
+        offset = 0
+        for leaf in group:
+            if share[leaf._slot] is not None:
+                flat[offset:offset + leaf.size] = share[leaf._slot].reshape(-1)
+            offset += leaf.size
         summed = group[0].comm.allreduce_sum(flat)
         offset = 0
         for leaf in group:

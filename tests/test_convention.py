@@ -227,9 +227,6 @@ def test_structurally_zero_cotangents_finish(short_timeouts):
 
 
 @pytest.mark.parallel(nprocs=2)
-@pytest.mark.xfail(strict=True, reason="tape.py: the allreduce of a serial *intermediate*'s "
-                   "shares runs only on ranks that used it in a distributed op, so rank-"
-                   "dependent control flow mismatches collectives (hang)")
 def test_serial_intermediate_used_on_some_ranks_only(short_timeouts):
     """mpi_bcast(θ) ** rank on ranks > 0 only: the serial intermediate gets per-rank shares on
     some ranks, none on rank 0; every rank must still agree on the reverse communication."""
@@ -275,8 +272,6 @@ def test_mpi_rank_is_an_int():
 
 
 @pytest.mark.parallel(nprocs=[2, 3])
-@pytest.mark.xfail(strict=True, reason="comm.py: RankInt + float returns a plain float, so "
-                   "x * (mpi_rank() + 0.5) is labelled serial and its gradient is wrong")
 def test_rank_times_float_is_distributed():
     x = gp.tensor([1.0])
     parallel_assert((x * (mpi_rank() + 0.5)).distributed and (x * (mpi_rank() * 0.5)).distributed)

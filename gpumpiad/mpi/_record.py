@@ -28,7 +28,8 @@ def record(name, vjp, inputs, outputs, local=None, communicates=True):
     """
     tape = active_tape()
     if tape is not None:
-        tape.record(name, vjp, inputs, outputs, local=local, communicates=communicates)
+        tape.record(name, vjp, inputs, outputs, local=local, communicates=communicates,
+                    collective=True)
 
 
 def check_root(root, comm, name):

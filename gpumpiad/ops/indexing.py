@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..backend import get_array_module
-from ..comm import RankInt
+from ..comm import RANK_DEPENDENT, RankInt
 from ..primitive import primitive
 from ..tensor import Tensor
 
@@ -46,8 +46,8 @@ def _rank_dependent(index):
     if isinstance(index, (tuple, list)):
         return any(_rank_dependent(i) for i in index)
     if isinstance(index, slice):
-        return any(isinstance(v, RankInt) for v in (index.start, index.stop, index.step))
-    return isinstance(index, RankInt) or (isinstance(index, Tensor) and index.distributed)
+        return any(isinstance(v, RANK_DEPENDENT) for v in (index.start, index.stop, index.step))
+    return isinstance(index, RANK_DEPENDENT) or (isinstance(index, Tensor) and index.distributed)
 
 
 def getitem(x, index):
