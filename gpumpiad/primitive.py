@@ -64,23 +64,31 @@ class Primitive:
         ans = self.forward(*raws, **kwargs)
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if traced is not None:
-            tape.record(self.name, self._make_vjp(ans, raws, kwargs, traced), traced, [out],
-                        local=[distributed] * len(args))
+            tape.record_local(self.name, self._make_vjp(ans, raws, kwargs, traced), traced, out,
+                              distributed)
         return out
 
     def _make_vjp(self, ans, raws, kwargs, traced):
         if self.vjp_all is not None:
             return lambda gs: self.vjp_all(gs[0], ans, *raws, **kwargs)
         vjps = self.vjps
+        n = len(raws)
         # Only the arguments that are traced on this tape get a cotangent computed.
-        wanted = [(i, vjps[i]) for i, t in enumerate(traced)
-                  if t is not None and i < len(vjps) and vjps[i] is not None]
+        wanted = [i for i in range(min(n, len(vjps)))
+                  if traced[i] is not None and vjps[i] is not None]
+        if len(wanted) == 1:
+            i, fn = wanted[0], vjps[wanted[0]]
+
+            def vjp(gs):
+                out = [None] * n
+                out[i] = fn(gs[0], ans, *raws, **kwargs)
+                return out
+            return vjp
 
         def vjp(gs):
-            g = gs[0]
-            out = [None] * len(raws)
-            for i, fn in wanted:
-                out[i] = fn(g, ans, *raws, **kwargs)
+            out = [None] * n
+            for i in wanted:
+                out[i] = vjps[i](gs[0], ans, *raws, **kwargs)
             return out
         return vjp
 

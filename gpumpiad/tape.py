@@ -69,7 +69,7 @@ class Tape:
         ``collective`` says every rank of the outputs' communicator records this node (all
         communication primitives and custom ops), so its serial outputs can be sinks.
         """
-        inputs = [t if (t is not None and t._tape is self) else None for t in inputs]
+        inputs = [t if (t is None or t._tape is self) else None for t in inputs]
         if local is None:
             local = [False] * len(inputs)
         origins = None
@@ -95,6 +95,26 @@ class Tape:
                        else origins)
         self.nodes.append(node)
 
+    def record_local(self, name, vjp, inputs, out, distributed):
+        """:meth:`record` for a local op with one output (the hot path of every program)."""
+        origins = _NO_ORIGINS
+        for t in inputs:
+            if t is None or t.layout == DISTRIBUTED:
+                continue
+            mine = self.origins[t._slot]
+            if not mine:
+                continue
+            if distributed:
+                self.marked.update(mine)
+            elif mine is not origins:
+                origins = mine if not origins else origins | mine
+        out._tape = self
+        out._slot = self.nslots
+        self.nslots += 1
+        self.origins.append(_NO_ORIGINS if distributed else origins)
+        self.nodes.append(Node(name, vjp, inputs, (out,), _flags(distributed, len(inputs)),
+                               False, -1))
+
     def backward(self, loss, seed):
         """Return the cotangents of :attr:`leaves` for ``loss`` seeded with ``seed``."""
         total = [None] * self.nslots
@@ -103,6 +123,14 @@ class Tape:
         agreed = self._agree_on_sinks()
         for node in reversed(self.nodes):
             outs = node.outputs
+            if node.sink < 0 and not node.communicates and len(outs) == 1:
+                # Fast path: a local op (the overwhelming majority of nodes).
+                slot = outs[0]._slot
+                if total[slot] is not None:
+                    _accumulate(node, node.vjp((total[slot],)), total, share, False)
+                if share[slot] is not None:
+                    _accumulate(node, node.vjp((share[slot],)), total, share, True)
+                continue
             if node.sink in agreed:
                 for out in outs:
                     if out.layout != DISTRIBUTED:
@@ -146,6 +174,17 @@ class Tape:
         for indices, p in pending:
             agreed.update(k for k, b in zip(indices, p.wait()) if b)
         return agreed
+
+
+_FLAGS = {}
+
+
+def _flags(value, n):
+    key = (value, n)
+    flags = _FLAGS.get(key)
+    if flags is None:
+        flags = _FLAGS[key] = (value,) * n
+    return flags
 
 
 def _accumulate(node, gins, total, share, all_shares):
@@ -198,6 +237,9 @@ def _finalize_leaves(leaves, total, share):
             g = share[leaf._slot]
             total[leaf._slot] = g if total[leaf._slot] is None else total[leaf._slot] + g
     for group in by_comm.values():
+        if len(group) == 1:
+            _finalize(group[0], total, share)
+            continue
         from .backend import get_array_module
         xp = get_array_module(group[0].data)
         dtype = xp.result_type(*[leaf.dtype for leaf in group])

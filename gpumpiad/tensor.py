@@ -95,10 +95,13 @@ class Tensor:
         return self.__array__()
 
     def _binary(name, reflected=False):
+        cache = []
+
         def method(self, other):
-            from .ops import elementwise
-            fn = getattr(elementwise, name)
-            return fn(other, self) if reflected else fn(self, other)
+            if not cache:
+                from .ops import elementwise
+                cache.append(getattr(elementwise, name))
+            return cache[0](other, self) if reflected else cache[0](self, other)
         return method
 
     __add__ = _binary("add")
