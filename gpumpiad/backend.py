@@ -10,6 +10,10 @@ GPUMPIAD_BACKEND : ``numpy`` | ``cupy``
     Overrides the automatic choice (CuPy when a CUDA device is usable, else NumPy).
 GPUMPIAD_DEVICE : int
     Overrides the device a rank binds to (default: node-local rank modulo device count).
+GPUMPIAD_STAGE_HOST_ARRAYS : ``0`` | ``1``
+    Test switch: the transport treats plain NumPy arrays as device arrays, so the staging path
+    (and the CUDA-aware one) runs on a machine without a GPU; "pinned" buffers are then
+    ordinary host arrays of type :class:`StagingBuffer` and the copies are NumPy copies.
 """
 from __future__ import annotations
 
@@ -144,8 +148,19 @@ def comm_stream():
     return stream
 
 
+def stage_host_arrays() -> bool:
+    """Whether ``GPUMPIAD_STAGE_HOST_ARRAYS=1`` (NumPy arrays stand in for device arrays)."""
+    return os.environ.get("GPUMPIAD_STAGE_HOST_ARRAYS", "0").strip() == "1"
+
+
+class StagingBuffer(numpy.ndarray):
+    """A host staging buffer standing in for pinned memory under GPUMPIAD_STAGE_HOST_ARRAYS."""
+
+
 def pinned_empty(shape, dtype):
     """A NumPy array in page-locked host memory from CuPy's pinned pool (reused across calls)."""
+    if stage_host_arrays():
+        return numpy.empty(shape, dtype).view(StagingBuffer)
     import cupyx
     return cupyx.empty_pinned(shape, dtype=dtype)
 
@@ -155,6 +170,9 @@ def device_to_host(array, host):
 
     Returns when the copy is complete (MPI reads ``host`` next).
     """
+    if not is_device_array(array):  # GPUMPIAD_STAGE_HOST_ARRAYS: a NumPy "device" array
+        host[...] = array
+        return host
     import cupy
     stream = comm_stream()
     stream.wait_event(cupy.cuda.get_current_stream().record())
@@ -168,6 +186,8 @@ def host_to_device(host, keepalive=None):
 
     The copy is asynchronous for the host; ``keepalive`` objects live until it completes.
     """
+    if isinstance(host, StagingBuffer):  # GPUMPIAD_STAGE_HOST_ARRAYS: the "device" copy
+        return numpy.array(host, subok=False)
     import cupy
     stream = comm_stream()
     with stream:

@@ -10,6 +10,8 @@ Environment
 -----------
 GPUMPIAD_CUDA_AWARE : ``0`` | ``1``
     Overrides the probe of the MPI library's CUDA support (``MPIX_Query_cuda_support``).
+GPUMPIAD_STAGE_HOST_ARRAYS : ``0`` | ``1``
+    Test switch (see :mod:`gpumpiad.backend`): NumPy arrays take the device paths.
 """
 from __future__ import annotations
 
@@ -74,6 +76,14 @@ def log_path():
     log.info("gpumpiad: backend %s, MPI data path %s", backend.backend_name(), path_description())
 
 
+def is_device(array) -> bool:
+    """Whether ``array`` takes the device data paths: a CuPy array, or a plain NumPy array when
+    ``GPUMPIAD_STAGE_HOST_ARRAYS=1`` (staging buffers themselves are host arrays)."""
+    if is_device_array(array):
+        return True
+    return type(array) is numpy.ndarray and backend.stage_host_arrays()
+
+
 def send_buffer(array, staged=None):
     """A contiguous buffer holding ``array`` that MPI may read now.
 
@@ -81,7 +91,7 @@ def send_buffer(array, staged=None):
     stream is synchronised (CUDA-aware MPI), or a pinned host copy (staged).
     """
     # ascontiguousarray returns at least 1-d: keep 0-d shapes.
-    if not is_device_array(array):
+    if not is_device(array):
         return numpy.ascontiguousarray(array).reshape(numpy.shape(array))
     staged = (not cuda_aware()) if staged is None else staged
     xp = get_array_module(array)
@@ -105,7 +115,7 @@ def recv_buffer(shape, dtype, device, staged=None):
 
 def deliver(buffer, device):
     """The received ``buffer`` as an array of the wanted kind (device copy when staged)."""
-    if device and not is_device_array(buffer):
+    if device and not is_device(buffer):
         return backend.host_to_device(buffer)
     return buffer
 
@@ -165,16 +175,16 @@ def complete_sends():
 
 def start_allreduce(mpi_comm, array, op):
     """Post a non-blocking allreduce; return ``(requests, finish)``."""
-    device = is_device_array(array)
+    device = is_device(array)
     send = send_buffer(array)
-    out = recv_buffer(send.shape, send.dtype, device, staged=device and not is_device_array(send))
+    out = recv_buffer(send.shape, send.dtype, device, staged=device and not is_device(send))
     request = mpi_comm.Iallreduce(send, out, op=op)
     return [request], lambda keep=send: deliver(out, device)
 
 
 def start_bcast(mpi_comm, array, root):
     """Post a non-blocking broadcast of the root's ``array``."""
-    device = is_device_array(array)
+    device = is_device(array)
     if mpi_comm.Get_rank() == root:
         buf = send_buffer(array)
     else:
@@ -185,9 +195,9 @@ def start_bcast(mpi_comm, array, root):
 
 def start_reduce(mpi_comm, array, root, op):
     """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage)."""
-    device = is_device_array(array)
+    device = is_device(array)
     send = send_buffer(array)
-    out = recv_buffer(send.shape, send.dtype, device, staged=device and not is_device_array(send))
+    out = recv_buffer(send.shape, send.dtype, device, staged=device and not is_device(send))
     if mpi_comm.Get_rank() != root:
         out[...] = 0
         request = mpi_comm.Ireduce(send, None, op=op, root=root)
@@ -198,12 +208,12 @@ def start_reduce(mpi_comm, array, root, op):
 
 def start_gatherv(mpi_comm, array, rows, root, trailing):
     """Post a gather of row blocks (``rows[p]`` rows from rank p) to ``root``."""
-    device = is_device_array(array)
+    device = is_device(array)
     send = send_buffer(array)
     unit = _prod(trailing)
     if mpi_comm.Get_rank() == root:
         out = recv_buffer((sum(rows),) + trailing, send.dtype, device,
-                          staged=device and not is_device_array(send))
+                          staged=device and not is_device(send))
         request = mpi_comm.Igatherv(send, [out, [r * unit for r in rows]], root=root)
     else:
         out = recv_buffer((0,) + trailing, send.dtype, device)
@@ -213,10 +223,10 @@ def start_gatherv(mpi_comm, array, rows, root, trailing):
 
 def start_allgatherv(mpi_comm, array, rows, trailing):
     """Post an allgather of row blocks (``rows[p]`` rows from rank p)."""
-    device = is_device_array(array)
+    device = is_device(array)
     send = send_buffer(array)
     out = recv_buffer((sum(rows),) + trailing, send.dtype, device,
-                      staged=device and not is_device_array(send))
+                      staged=device and not is_device(send))
     request = mpi_comm.Iallgatherv(send, [out, [r * _prod(trailing) for r in rows]])
     return [request], lambda keep=send: deliver(out, device)
 
@@ -236,23 +246,23 @@ def start_scatterv(mpi_comm, array, rows, root, trailing, dtype, device):
 
 def start_reduce_scatter(mpi_comm, array, rows, op):
     """Post a reduce-scatter: rank p gets rows ``rows[p]`` of the sum over ranks."""
-    device = is_device_array(array)
+    device = is_device(array)
     send = send_buffer(array)
     trailing = tuple(array.shape[1:])
     out = recv_buffer((rows[mpi_comm.Get_rank()],) + trailing, send.dtype, device,
-                      staged=device and not is_device_array(send))
+                      staged=device and not is_device(send))
     request = mpi_comm.Ireduce_scatter(send, out, [r * _prod(trailing) for r in rows], op=op)
     return [request], lambda keep=send: deliver(out, device)
 
 
 def start_alltoallv(mpi_comm, array, send_rows, recv_rows):
     """Post an all-to-all of row blocks: ``send_rows[q]`` rows go to rank q."""
-    device = is_device_array(array)
+    device = is_device(array)
     send = send_buffer(array)
     trailing = tuple(array.shape[1:])
     unit = _prod(trailing)
     out = recv_buffer((sum(recv_rows),) + trailing, send.dtype, device,
-                      staged=device and not is_device_array(send))
+                      staged=device and not is_device(send))
     request = mpi_comm.Ialltoallv([send, [r * unit for r in send_rows]],
                                   [out, [r * unit for r in recv_rows]])
     return [request], lambda keep=send: deliver(out, device)

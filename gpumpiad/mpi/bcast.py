@@ -38,11 +38,15 @@ def mpi_bcast(x, root=0, comm=None):
                          array=data)
     out = pending_tensor(pending, SERIAL, comm)
 
+    # A serial x of a larger communicator (e.g. the world's, broadcast on a split) is one value
+    # feeding every group: each group's root contributes ȳ as a share, which the tape sums.
+    cross = not x.distributed and x.comm.mpi != comm.mpi
+
     def vjp(gs):
         g = gs[0]
-        if x.distributed and comm.rank != root:
+        if (x.distributed or cross) and comm.rank != root:
             return [zeros_like(g)]
         return [g]
 
-    record("mpi_bcast", vjp, [x], [out], communicates=False)
+    record("mpi_bcast", vjp, [x], [out], local=[cross], communicates=False)
     return out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..tensor import DISTRIBUTED
-from ..transport import start_gatherv, start_scatterv
+from ..transport import is_device, start_gatherv, start_scatterv
 from ._record import as_tensor, check_root, check_rows, pending_tensor, record, resolve
 
 
@@ -52,7 +52,7 @@ def mpi_gather(x, root=0, comm=None):
         g = gs[0]
         return [comm.issue("mpi_gather (reverse: scatter)",
                            lambda: start_scatterv(comm.mpi, g, box["rows"], root, trailing,
-                                                  g.dtype, x.device != "cpu"),
+                                                  g.dtype, is_device(x.data)),
                            root=root).wait()]
 
     record("mpi_gather", vjp, [x], [out], local=[True])

@@ -7,8 +7,9 @@ match completes, in the forward and in the reverse pass, whatever order ranks po
 from __future__ import annotations
 
 from ..tensor import DISTRIBUTED, Tensor
-from ..transport import start_recv, start_send, track
-from ._record import REVERSE_TAG, as_tensor, check_root, pending_tensor, record, resolve
+from ..transport import is_device, start_recv, start_send, track
+from ._record import (REVERSE_TAG, as_tensor, check_root, pending_tensor, record, resolve,
+                      zeros_like)
 
 
 def _check_tag(tag, comm):
@@ -24,12 +25,14 @@ def _post_send(comm, array, dest, tag, call):
 
 def _recv_now(comm, like, source, tag, call):
     return comm.issue(call, lambda: start_recv(comm.mpi, like.shape, like.dtype,
-                                               like.device != "cpu", source, tag),
+                                               is_device(like.data), source, tag),
                       collective=False)
 
 
 def mpi_send(x, dest, tag=0, comm=None):
     """Send ``x`` to rank ``dest`` (non-blocking); return ``x`` for further local use.
+
+    The returned value is distributed (only the sending ranks hold it as their own).
 
     Notes
     -----
@@ -49,7 +52,9 @@ def mpi_send(x, dest, tag=0, comm=None):
     tag = _check_tag(tag, comm)
     x = as_tensor(x, comm)
     _post_send(comm, x.data, dest, tag, "mpi_send")
-    out = Tensor(x.data, x.layout, comm)
+    # Distributed even for a serial x: the returned value's cotangent is this rank's own, so it
+    # joins the received one as a share (a serial result would count its total once per rank).
+    out = Tensor(x.data, DISTRIBUTED, comm)
 
     def vjp(gs):
         back = _recv_now(comm, x, dest, tag + REVERSE_TAG, "mpi_send (reverse: recv)").wait()
@@ -87,7 +92,8 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
     """Rank ``source`` sends its ``x`` to rank ``dest``, whose result is what it received;
     every other rank's result is its own ``x`` (the seed's ``mpi_sendrecv(a, dest, source)``).
 
-    Equivalent to ``mpi_send`` on ``source`` and ``mpi_recv`` on ``dest``. Every rank calls it.
+    Equivalent to ``mpi_send`` on ``source`` and ``mpi_recv`` on ``dest``. Every rank calls it;
+    the result is distributed on every rank (also when ``dest == source``, a copy-free identity).
 
     Examples
     --------
@@ -100,10 +106,33 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
     comm = resolve(comm)
     dest = check_root(dest, comm, "dest")
     source = check_root(source, comm, "source")
+    tag = _check_tag(tag, comm)
+    x = as_tensor(x, comm)
+    # One node on every rank, result distributed everywhere, x in a per-rank position
+    # everywhere: ranks then agree on the reverse allreduce of a serial x's shares (a send on
+    # one rank and a receive on another would disagree and mix the reverse allreduces).
     if dest == source:
-        return as_tensor(x, comm)
-    if comm.rank == source:
-        return mpi_send(x, dest, tag, comm)
-    if comm.rank == dest:
-        return mpi_recv(x, source, tag, comm)
-    return as_tensor(x, comm)
+        out = Tensor(x.data, DISTRIBUTED, comm)
+    elif comm.rank == source:
+        _post_send(comm, x.data, dest, tag, "mpi_sendrecv (send)")
+        out = Tensor(x.data, DISTRIBUTED, comm)
+    elif comm.rank == dest:
+        out = pending_tensor(_recv_now(comm, x, source, tag, "mpi_sendrecv (recv)"),
+                             DISTRIBUTED, comm)
+    else:
+        out = Tensor(x.data, DISTRIBUTED, comm)
+
+    def vjp(gs):
+        g = gs[0]
+        if dest == source:
+            return [g]
+        if comm.rank == source:
+            return [g + _recv_now(comm, x, dest, tag + REVERSE_TAG,
+                                  "mpi_sendrecv (reverse: recv)").wait()]
+        if comm.rank == dest:
+            _post_send(comm, g, source, tag + REVERSE_TAG, "mpi_sendrecv (reverse: send)")
+            return [zeros_like(g)]
+        return [g]
+
+    record("mpi_sendrecv", vjp, [x], [out], local=[True])
+    return out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..tensor import DISTRIBUTED, Tensor
-from ..transport import start_gatherv, start_scatterv
+from ..transport import is_device, start_gatherv, start_scatterv
 from ._record import (as_tensor, check_root, pending_tensor, record, resolve, split_rows,
                       zeros_like)
 
@@ -40,22 +40,28 @@ def mpi_scatter(x, root=0, rows=None, comm=None):
     root = check_root(root, comm, "root")
     is_root = comm.rank == root
     x = as_tensor(x, comm) if (x is not None or is_root) else None
+    # Only the root can check x and rows; its verdict travels with the metadata so that every
+    # rank raises (a root-only error would leave the others waiting in the broadcast).
+    error = None
     if is_root:
         if x.ndim == 0:
-            raise ValueError(f"rank {comm.rank}: mpi_scatter needs an array with at least one "
-                             "axis on the root, got a scalar")
-        if rows is None:
-            rows = split_rows(x.shape[0], comm.size)
-        if len(rows) != comm.size or sum(rows) != x.shape[0] or min(rows) < 0:
-            raise ValueError(f"rank {comm.rank}: mpi_scatter rows must be {comm.size} "
-                             f"non-negative counts summing to {x.shape[0]}, got {list(rows)}")
+            error = "mpi_scatter needs an array with at least one axis on the root, got a scalar"
+        else:
+            if rows is None:
+                rows = split_rows(x.shape[0], comm.size)
+            if len(rows) != comm.size or sum(rows) != x.shape[0] or min(rows) < 0:
+                error = (f"mpi_scatter rows must be {comm.size} non-negative counts summing "
+                         f"to {x.shape[0]}, got {list(rows)}")
     data = x.data if x is not None else None
     box = {}
 
     def start():
-        meta = (list(rows), tuple(data.shape[1:]), data.dtype.str, x.device != "cpu") \
-            if is_root else None
-        box["rows"], box["trailing"], dtype, device = comm.mpi.bcast(meta, root=root)
+        meta = (error, None if error else (list(rows), tuple(data.shape[1:]), data.dtype.str,
+                                           is_device(data))) if is_root else None
+        problem, meta = comm.mpi.bcast(meta, root=root)
+        if problem:
+            raise ValueError(f"rank {comm.rank}: {problem} (checked on root {root})")
+        box["rows"], box["trailing"], dtype, device = meta
         return start_scatterv(comm.mpi, data, box["rows"], root, box["trailing"], dtype,
                               device)
 

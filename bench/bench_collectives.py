@@ -1,0 +1,177 @@
+"""Collectives: raw mpi4py vs gpumpiad (forward, forward+backward), torch.distributed (gloo)
+and mpi4jax where installed, at 8 B, 1 MB and 64 MB; and communication/compute overlap.
+
+Run:  mpiexec -n 2 python bench/bench_collectives.py [--repeats 20] [--out FILE]
+      MPIR_CVAR_ASYNC_PROGRESS=1 mpiexec -n 2 python bench/bench_collectives.py --overlap-only
+
+Every timing is the median over repeats of the slowest rank's time, each repeat starting after
+a barrier. Ratios are against raw mpi4py's blocking call of the same size.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import gpumpiad as gp
+
+SIZES = {"8 B": 1, "1 MB": 1 << 17, "64 MB": 1 << 23}  # float64 elements
+
+
+def timeit(fn, repeats, comm=MPI.COMM_WORLD):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return statistics.median(times)
+
+
+def raw_cases(n, comm):
+    P, r = comm.size, comm.rank
+    x, out = np.random.default_rng(r).standard_normal(n), np.empty(n)
+    return {
+        "allreduce": lambda: comm.Allreduce(x, out, op=MPI.SUM),
+        "bcast": lambda: comm.Bcast(x if r == 0 else out, root=0),
+        "sendrecv": lambda: comm.Sendrecv(x, (r + 1) % P, 0, out, (r - 1) % P, 0),
+    }
+
+
+def gpumpiad_cases(n, comm):
+    P, r = comm.size, comm.rank
+    x = gp.tensor(np.random.default_rng(r).standard_normal(n), distributed=True)
+
+    def ring(x):
+        gp.mpi_send(x, (r + 1) % P)
+        return gp.mpi_recv(x, (r - 1) % P)
+
+    programs = {"allreduce": gp.mpi_sum, "bcast": lambda x: gp.mpi_bcast(x, root=0),
+                "sendrecv": ring}
+    forward = {k: (lambda f=f: f(x).data) for k, f in programs.items()}
+    both = {k: (lambda f=f: gp.value_and_grad(lambda x: gp.mpi_sum(gp.sum(f(x))))(x))
+            for k, f in programs.items()}
+    return forward, both
+
+
+def torch_cases(n, comm):
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as exc:
+        return None, f"torch not importable ({exc})"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
+    P, r = comm.size, comm.rank
+    x = torch.from_numpy(np.random.default_rng(r).standard_normal(n))
+    out = torch.empty_like(x)
+
+    def sendrecv():
+        reqs = [dist.isend(x, (r + 1) % P), dist.irecv(out, (r - 1) % P)]
+        for q in reqs:
+            q.wait()
+
+    return {"allreduce": lambda: dist.all_reduce(x.clone()),
+            "bcast": lambda: dist.broadcast(x if r == 0 else out, src=0),
+            "sendrecv": sendrecv}, f"torch {torch.__version__} gloo"
+
+
+def mpi4jax_cases(n, comm):
+    try:
+        import jax.numpy as jnp
+        import mpi4jax
+    except ImportError as exc:
+        return None, f"mpi4jax/jax not importable ({type(exc).__name__}: {exc})"
+    x = jnp.asarray(np.random.default_rng(comm.rank).standard_normal(n))
+    return {"allreduce": lambda: mpi4jax.allreduce(x, op=MPI.SUM, comm=comm)[0]
+            .block_until_ready()}, f"mpi4jax {mpi4jax.__version__}"
+
+
+def overlap(comm, repeats):
+    """Asynchronous mpi_sum of 64 MB, then a ~50 ms matmul, then the sum's result is read."""
+    x = gp.tensor(np.ones(1 << 23), distributed=True)
+    a = np.random.default_rng(0).standard_normal((600, 600))
+    k = 1
+    while True:  # size the compute to ~50 ms
+        t0 = time.perf_counter()
+        for _ in range(k):
+            a @ a
+        if time.perf_counter() - t0 > 0.05 or k > 4096:
+            break
+        k *= 2
+
+    def compute():
+        for _ in range(k):
+            a @ a
+
+    t_comm = timeit(lambda: gp.mpi_sum(x).data, repeats, comm)
+    t_comp = timeit(compute, repeats, comm)
+
+    def both():
+        s = gp.mpi_sum(x)  # posted, not waited for
+        compute()
+        return s.data
+
+    t_both = timeit(both, repeats, comm)
+    return t_comm, t_comp, t_both
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--overlap-only", action="store_true")
+    args = parser.parse_args()
+    comm = MPI.COMM_WORLD
+    lines = []
+    say = lines.append
+    if not args.overlap_only:
+        say("| call | size | mpi4py (ms) | gpumpiad fwd (ms) | ratio | gpumpiad fwd+bwd (ms) "
+            "| ratio | torch gloo (ms) | mpi4jax (ms) |")
+        say("|---|---|---|---|---|---|---|---|---|")
+        notes = {}
+        for label, n in SIZES.items():
+            reps = args.repeats if n < (1 << 20) else max(5, args.repeats // 3)
+            raw = raw_cases(n, comm)
+            fwd, both = gpumpiad_cases(n, comm)
+            tch, notes["torch"] = torch_cases(n, comm)
+            jx, notes["mpi4jax"] = mpi4jax_cases(n, comm)
+            for call in raw:
+                t_raw = timeit(raw[call], reps)
+                t_fwd = timeit(fwd[call], reps)
+                t_both = timeit(both[call], reps)
+                t_torch = f"{timeit(tch[call], reps) * 1e3:.3f}" if tch else "n/a"
+                t_jax = (f"{timeit(jx[call], reps) * 1e3:.3f}" if jx and call in jx else "n/a")
+                say(f"| {call} | {label} | {t_raw * 1e3:.3f} | {t_fwd * 1e3:.3f} | "
+                    f"{t_fwd / t_raw:.2f} | {t_both * 1e3:.3f} | {t_both / t_raw:.2f} | "
+                    f"{t_torch} | {t_jax} |")
+        say("")
+        say(f"torch: {notes['torch']}; mpi4jax: {notes['mpi4jax']}")
+    t_comm, t_comp, t_both = overlap(comm, max(5, args.repeats // 3))
+    say("")
+    say(f"overlap (MPIR_CVAR_ASYNC_PROGRESS={os.environ.get('MPIR_CVAR_ASYNC_PROGRESS', 'unset')}"
+        f"): mpi_sum 64 MB {t_comm * 1e3:.1f} ms + matmul {t_comp * 1e3:.1f} ms = "
+        f"{(t_comm + t_comp) * 1e3:.1f} ms; issued together {t_both * 1e3:.1f} ms "
+        f"(hidden: {max(0.0, t_comm + t_comp - t_both) / t_comm * 100:.0f}% of the communication)")
+    if comm.rank == 0:
+        header = (f"ranks {comm.size}, {MPI.Get_library_version().splitlines()[0].strip()}, "
+                  f"mpi4py {__import__('mpi4py').__version__}, numpy {np.__version__}, "
+                  f"Python {platform.python_version()}, {platform.processor() or platform.machine()}"
+                  f", {os.cpu_count()} CPUs")
+        text = "\n".join([header, ""] + lines) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
