@@ -49,6 +49,8 @@ class Tape:
         self.sinks = []
         self.origins = []
         self.marked = set()
+        self.first_use = {}
+        self.eager = []
 
     def watch(self, tensor, leaf=False, origins=_NO_ORIGINS):
         """Give ``tensor`` a cotangent slot on this tape."""
@@ -61,20 +63,25 @@ class Tape:
         return tensor
 
     def record(self, name, vjp, inputs, outputs, local=None, communicates=False,
-               collective=False):
+               collective=False, eager=False):
         """Record a node. ``inputs`` holds Tensors or ``None`` for arguments that need no cotangent.
 
         ``local[i]`` is True when input ``i`` sits in a per-rank position; ``communicates`` makes
         the backward pass run the node on every rank even with no cotangent arriving;
         ``collective`` says every rank of the outputs' communicator records this node (all
-        communication primitives and custom ops), so its serial outputs can be sinks.
+        communication primitives and custom ops), so its serial outputs can be sinks;
+        ``eager`` lets the reverse pass run the node as soon as its outputs' cotangents are
+        complete (for a receive, whose reverse rule only sends).
         """
         inputs = [t if (t is None or t._tape is self) else None for t in inputs]
         if local is None:
             local = [False] * len(inputs)
         origins = None
         for t, loc in zip(inputs, local):
-            if t is None or t.layout == DISTRIBUTED:
+            if t is None:
+                continue
+            self.first_use.setdefault(t._slot, len(self.nodes))
+            if t.layout == DISTRIBUTED:
                 continue
             mine = self.origins[t._slot]
             if loc:
@@ -93,13 +100,20 @@ class Tape:
         for out in outputs:
             self.watch(out, origins=_NO_ORIGINS if (origins is None or out.layout == DISTRIBUTED)
                        else origins)
+        if eager:
+            self.eager.append(len(self.nodes))
         self.nodes.append(node)
 
     def record_local(self, name, vjp, inputs, out, distributed):
         """:meth:`record` for a local op with one output (the hot path of every program)."""
         origins = _NO_ORIGINS
+        first_use = self.first_use
         for t in inputs:
-            if t is None or t.layout == DISTRIBUTED:
+            if t is None:
+                continue
+            if t._slot not in first_use:
+                first_use[t._slot] = len(self.nodes)
+            if t.layout == DISTRIBUTED:
                 continue
             mine = self.origins[t._slot]
             if not mine:
@@ -119,35 +133,64 @@ class Tape:
         """Return the cotangents of :attr:`leaves` for ``loss`` seeded with ``seed``."""
         total = [None] * self.nslots
         share = [None] * self.nslots
+        deferred = {}
         total[loss._slot] = seed
         agreed = self._agree_on_sinks()
-        for node in reversed(self.nodes):
+        nodes = self.nodes
+        # An eager node (a receive, whose reverse rule only sends) runs as soon as its outputs'
+        # cotangents are complete, i.e. right after their first consumer is visited, so that
+        # a peer waiting for that cotangent never waits on this rank's reverse order.
+        triggers = {}
+        for e in self.eager:
+            ready = min((self.first_use.get(o._slot, len(nodes)) for o in nodes[e].outputs),
+                        default=len(nodes))
+            triggers.setdefault(ready, []).append(e)
+        for e in triggers.pop(len(nodes), ()):
+            self._visit(nodes[e], total, share, deferred, agreed)
+        done = set(self.eager)
+        for i in range(len(nodes) - 1, -1, -1):
+            node = nodes[i]
             outs = node.outputs
             if node.sink < 0 and not node.communicates and len(outs) == 1:
                 # Fast path: a local op (the overwhelming majority of nodes).
                 slot = outs[0]._slot
+                if deferred and slot in deferred:
+                    _resolve(outs[0], deferred, total, share)
                 if total[slot] is not None:
-                    _accumulate(node, node.vjp((total[slot],)), total, share, False)
+                    _accumulate(node, node.vjp((total[slot],)), total, share, False, deferred)
                 if share[slot] is not None:
-                    _accumulate(node, node.vjp((share[slot],)), total, share, True)
-                continue
-            if node.sink in agreed:
-                for out in outs:
-                    if out.layout != DISTRIBUTED:
-                        _finalize(out, total, share)
-            gt = [total[o._slot] for o in outs]
-            has_total = any(g is not None for g in gt)
-            if has_total or node.communicates:
-                gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gt, outs)])
-                _accumulate(node, gins, total, share, all_shares=False)
-            gs = [share[o._slot] for o in outs]
-            if any(g is not None for g in gs):
-                # A local serial op: shares map linearly onto its (serial) inputs' shares.
-                gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gs, outs)])
-                _accumulate(node, gins, total, share, all_shares=True)
+                    _accumulate(node, node.vjp((share[slot],)), total, share, True, deferred)
+            elif i not in done:
+                self._visit(node, total, share, deferred, agreed)
+            for e in triggers.get(i, ()):
+                self._visit(nodes[e], total, share, deferred, agreed)
+        for leaf in self.leaves:
+            if leaf._slot in deferred:
+                _resolve(leaf, deferred, total, share)
         _finalize_leaves(self.leaves, total, share)
         return [_writable(total[leaf._slot]) if total[leaf._slot] is not None
                 else _zeros_like(leaf) for leaf in self.leaves]
+
+    def _visit(self, node, total, share, deferred, agreed):
+        """The general reverse step of one node."""
+        outs = node.outputs
+        if deferred:
+            for out in outs:
+                if out._slot in deferred:
+                    _resolve(out, deferred, total, share)
+        if node.sink in agreed:
+            for out in outs:
+                if out.layout != DISTRIBUTED:
+                    _finalize(out, total, share)
+        gt = [total[o._slot] for o in outs]
+        if node.communicates or any(g is not None for g in gt):
+            gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gt, outs)])
+            _accumulate(node, gins, total, share, False, deferred)
+        gs = [share[o._slot] for o in outs]
+        if any(g is not None for g in gs):
+            # A local serial op: shares map linearly onto its (serial) inputs' shares.
+            gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gs, outs)])
+            _accumulate(node, gins, total, share, True, deferred)
 
     def _agree_on_sinks(self):
         """Indices of the sinks that receive shares on some rank (collective per communicator)."""
@@ -187,18 +230,50 @@ def _flags(value, n):
     return flags
 
 
-def _accumulate(node, gins, total, share, all_shares):
+class Deferred:
+    """A cotangent contribution that arrives later, e.g. from a reverse-mode receive.
+
+    A reverse rule returns it instead of waiting, so that ranks never block on each other in
+    the middle of the reverse pass: the tape waits only when the value's cotangent is needed
+    (just before its producer is visited, or at the end for a leaf).
+    """
+
+    __slots__ = ("pending", "plus")
+
+    def __init__(self, pending, plus=None):
+        self.pending = pending
+        self.plus = plus
+
+    def resolve(self):
+        g = self.pending.wait()
+        return g if self.plus is None else self.plus + g
+
+
+def _resolve(t, deferred, total, share):
+    for item, to_share in deferred.pop(t._slot):
+        g = item.resolve()
+        _add(t, g, share if to_share else total, "a deferred contribution")
+
+
+def _add(inp, g, buf, name):
+    if g.shape != inp.shape:
+        raise RuntimeError(f"internal error: {name} has shape {g.shape} for a value of shape "
+                           f"{inp.shape}")
+    if g.dtype != inp.dtype:
+        g = g.astype(inp.dtype)
+    prev = buf[inp._slot]
+    buf[inp._slot] = g if prev is None else prev + g
+
+
+def _accumulate(node, gins, total, share, all_shares, deferred):
     for inp, g, loc in zip(node.inputs, gins, node.local):
         if inp is None or g is None:
             continue
-        if g.shape != inp.shape:
-            raise RuntimeError(f"internal error: vjp of {node.name!r} returned shape {g.shape} "
-                               f"for an input of shape {inp.shape}")
-        if g.dtype != inp.dtype:
-            g = g.astype(inp.dtype)
-        buf = share if ((all_shares or loc) and inp.layout != DISTRIBUTED) else total
-        prev = buf[inp._slot]
-        buf[inp._slot] = g if prev is None else prev + g
+        to_share = (all_shares or loc) and inp.layout != DISTRIBUTED
+        if type(g) is Deferred:
+            deferred.setdefault(inp._slot, []).append((g, to_share))
+        else:
+            _add(inp, g, share if to_share else total, f"the vjp of {node.name!r}")
 
 
 def _zeros_like(t):

@@ -15,6 +15,7 @@ GPUMPIAD_STAGE_HOST_ARRAYS : ``0`` | ``1``
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import logging
@@ -166,11 +167,14 @@ def track(pending):
 
 
 def complete_sends():
-    """Wait for every tracked send."""
+    """Wait for every tracked send (also run at exit, before MPI is finalised)."""
     with _outstanding_lock:
         pending, _outstanding[:] = list(_outstanding), []
     for p in pending:
         p.wait()
+
+
+atexit.register(complete_sends)
 
 
 def start_allreduce(mpi_comm, array, op):

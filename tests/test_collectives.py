@@ -323,6 +323,33 @@ def test_ring_shift_sends_before_receives(n):
                     f"rank {r}: the gradient is not the right neighbour's weight")
 
 
+def _ring_receive_first(x, w):
+    r, P = gp.mpi_rank(), gp.mpi_size()
+    got = gp.mpi_recv(x, (r - 1) % P, tag=3)
+    kept = gp.mpi_send(x * 2.0, (r + 1) % P, tag=3)
+    again = gp.mpi_recv(x, (r - 1) % P, tag=3)
+    gp.mpi_send(kept * kept, (r + 1) % P, tag=3)
+    return gp.mpi_sum(gp.sum(w * got ** 3 + kept + 0.5 * again))
+
+
+@pytest.mark.parallel(nprocs=NPROCS)
+@pytest.mark.parametrize("n", [3, 1 << 20], ids=["24B", "8MB"])
+def test_ring_shift_receives_before_sends(n):
+    """Every rank receives before it sends, twice on the same tag: the reverse pass sends each
+    cotangent as soon as it is complete, to the right receive, without deadlock."""
+    world = MPI.COMM_WORLD
+    r = world.rank
+    rng = np.random.default_rng(r)
+    x = gp.tensor(rng.standard_normal(n), distributed=True)
+    w = gp.tensor(rng.standard_normal(n), distributed=True)
+    if n == 3:
+        report = gp.check_grad(_ring_receive_first, x, w)
+        parallel_assert(report["checked"] > 0)
+    else:
+        _, (gx, _) = gp.value_and_grad(_ring_receive_first, argnums=(0, 1))(x, w)
+        parallel_assert(gx.shape == (n,) and bool(np.isfinite(gx).all()))
+
+
 @pytest.mark.parallel(nprocs=NPROCS)
 def test_rank_dependent_programs_finish():
     """The seed's theta**rank program, and variants where some ranks' cotangents are

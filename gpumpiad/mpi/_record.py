@@ -6,7 +6,7 @@ from ..comm import resolve
 from ..tape import active_tape
 from ..tensor import Tensor, tensor
 
-# Reverse-mode point-to-point messages use tag + REVERSE_TAG so they never match forward ones.
+# User tags lie below REVERSE_TAG; reverse-mode point-to-point messages use tags above it.
 REVERSE_TAG = 1 << 14
 
 
@@ -20,7 +20,7 @@ def pending_tensor(pending, layout, comm):
     return Tensor(None, layout, comm, pending=pending)
 
 
-def record(name, vjp, inputs, outputs, local=None, communicates=True):
+def record(name, vjp, inputs, outputs, local=None, communicates=True, eager=False):
     """Record a communication node whenever a tape is active, traced inputs or not.
 
     A collective's output must be traced on every rank alike, or ranks would disagree about the
@@ -29,7 +29,7 @@ def record(name, vjp, inputs, outputs, local=None, communicates=True):
     tape = active_tape()
     if tape is not None:
         tape.record(name, vjp, inputs, outputs, local=local, communicates=communicates,
-                    collective=True)
+                    collective=True, eager=eager)
 
 
 def check_root(root, comm, name):

@@ -1,11 +1,19 @@
 """Point-to-point: ``mpi_send``, ``mpi_recv`` and the seed's ``mpi_sendrecv``.
 
 Sends never block: they are posted and completed later (their buffers kept alive), and a
-receive waits only when its data is read. So any pattern of sends and receives that MPI can
-match completes, in the forward and in the reverse pass, whatever order ranks post them in.
+receive waits only when its data is read. In the reverse pass a send's rule (a receive) returns
+a deferred cotangent that the tape waits for only when it is needed, and a receive's rule (a
+send) runs as soon as the received value's cotangent is complete rather than in reverse
+order. So any pattern of sends and receives that MPI can match completes, in the forward and in
+the reverse pass, whatever order ranks post them in (receive-before-send rings included).
+
+Each reverse message carries a tag derived from the user's tag and the message's position in
+the forward stream between the two ranks, so cotangents sent out of order still reach the
+right receive.
 """
 from __future__ import annotations
 
+from ..tape import Deferred
 from ..tensor import DISTRIBUTED, Tensor
 from ..transport import is_device, start_recv, start_send, track
 from ._record import (REVERSE_TAG, as_tensor, check_root, pending_tensor, record, resolve,
@@ -17,6 +25,25 @@ def _check_tag(tag, comm):
         raise ValueError(f"rank {comm.rank}: tag must be an int in [0, {REVERSE_TAG}), "
                          f"got {tag!r}")
     return int(tag)
+
+
+def _window():
+    from mpi4py import MPI
+    upper = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) or 32767
+    return max(1, min(REVERSE_TAG, (upper - 2 * REVERSE_TAG) // REVERSE_TAG))
+
+
+_WINDOW = _window()
+
+
+def _reverse_tag(comm, kind, peer, tag):
+    """The tag of the cotangent of the next forward message (``kind`` "send" or "recv") between
+    this rank and ``peer`` with ``tag``: both ends count the same messages in the same order."""
+    with comm.lock:
+        counts = comm.__dict__.setdefault("p2p_counts", {})
+        k = counts.get((kind, peer, tag), 0)
+        counts[(kind, peer, tag)] = k + 1
+    return REVERSE_TAG + (k % _WINDOW) * REVERSE_TAG + tag
 
 
 def _post_send(comm, array, dest, tag, call):
@@ -52,13 +79,14 @@ def mpi_send(x, dest, tag=0, comm=None):
     tag = _check_tag(tag, comm)
     x = as_tensor(x, comm)
     _post_send(comm, x.data, dest, tag, "mpi_send")
+    back_tag = _reverse_tag(comm, "send", dest, tag)
     # Distributed even for a serial x: the returned value's cotangent is this rank's own, so it
     # joins the received one as a share (a serial result would count its total once per rank).
     out = Tensor(x.data, DISTRIBUTED, comm)
 
     def vjp(gs):
-        back = _recv_now(comm, x, dest, tag + REVERSE_TAG, "mpi_send (reverse: recv)").wait()
-        return [gs[0] + back]
+        return [Deferred(_recv_now(comm, x, dest, back_tag, "mpi_send (reverse: recv)"),
+                         plus=gs[0])]
 
     record("mpi_send", vjp, [x], [out], local=[True])
     return out
@@ -79,12 +107,13 @@ def mpi_recv(like, source, tag=0, comm=None):
     tag = _check_tag(tag, comm)
     like = as_tensor(like, comm)
     out = pending_tensor(_recv_now(comm, like, source, tag, "mpi_recv"), DISTRIBUTED, comm)
+    back_tag = _reverse_tag(comm, "recv", source, tag)
 
     def vjp(gs):
-        _post_send(comm, gs[0], source, tag + REVERSE_TAG, "mpi_recv (reverse: send)")
+        _post_send(comm, gs[0], source, back_tag, "mpi_recv (reverse: send)")
         return [None]
 
-    record("mpi_recv", vjp, [like], [out])
+    record("mpi_recv", vjp, [like], [out], eager=True)
     return out
 
 
@@ -111,14 +140,17 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
     # One node on every rank, result distributed everywhere, x in a per-rank position
     # everywhere: ranks then agree on the reverse allreduce of a serial x's shares (a send on
     # one rank and a receive on another would disagree and mix the reverse allreduces).
+    back_tag = None
     if dest == source:
         out = Tensor(x.data, DISTRIBUTED, comm)
     elif comm.rank == source:
         _post_send(comm, x.data, dest, tag, "mpi_sendrecv (send)")
+        back_tag = _reverse_tag(comm, "send", dest, tag)
         out = Tensor(x.data, DISTRIBUTED, comm)
     elif comm.rank == dest:
         out = pending_tensor(_recv_now(comm, x, source, tag, "mpi_sendrecv (recv)"),
                              DISTRIBUTED, comm)
+        back_tag = _reverse_tag(comm, "recv", source, tag)
     else:
         out = Tensor(x.data, DISTRIBUTED, comm)
 
@@ -127,12 +159,12 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
         if dest == source:
             return [g]
         if comm.rank == source:
-            return [g + _recv_now(comm, x, dest, tag + REVERSE_TAG,
-                                  "mpi_sendrecv (reverse: recv)").wait()]
+            return [Deferred(_recv_now(comm, x, dest, back_tag,
+                                       "mpi_sendrecv (reverse: recv)"), plus=g)]
         if comm.rank == dest:
-            _post_send(comm, g, source, tag + REVERSE_TAG, "mpi_sendrecv (reverse: send)")
+            _post_send(comm, g, source, back_tag, "mpi_sendrecv (reverse: send)")
             return [zeros_like(g)]
         return [g]
 
-    record("mpi_sendrecv", vjp, [x], [out], local=[True])
+    record("mpi_sendrecv", vjp, [x], [out], local=[True], eager=comm.rank == dest != source)
     return out
