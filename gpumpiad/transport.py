@@ -20,6 +20,7 @@ import ctypes
 import functools
 import logging
 import os
+import sys
 import threading
 
 import numpy
@@ -103,11 +104,45 @@ def send_buffer(array, staged=None):
     return array
 
 
+_POOL_MIN_BYTES = 1 << 18
+_POOL_PER_SIZE = 4
+_pool = {}
+_pool_lock = threading.Lock()
+
+
+def host_empty(shape, dtype):
+    """An uninitialised host array for a communication result.
+
+    Large results come from a pool of buffers whose earlier arrays (and every view of them) are
+    gone, found by reference count: reusing touched memory avoids the page faults of a fresh
+    allocation on every call, which cost as much as the transfer itself. CuPy arrays come from
+    CuPy's own pools.
+    """
+    dtype = numpy.dtype(dtype)
+    count = 1
+    for n in shape:
+        count *= n
+    nbytes = count * dtype.itemsize
+    if nbytes < _POOL_MIN_BYTES:
+        return numpy.empty(shape, dtype)
+    with _pool_lock:
+        bucket = _pool.setdefault(nbytes, [])
+        for base in bucket:
+            # Referenced only by the bucket, this loop and getrefcount's argument: free.
+            if sys.getrefcount(base) == 3:
+                break
+        else:
+            base = numpy.empty(nbytes, numpy.uint8)
+            if len(bucket) < _POOL_PER_SIZE:
+                bucket.append(base)
+    return base.view(dtype).reshape(shape)
+
+
 def recv_buffer(shape, dtype, device, staged=None):
     """An empty contiguous buffer MPI may write: host memory, device memory, or pinned host
     memory when a device result is staged."""
     if not device:
-        return numpy.empty(shape, dtype)
+        return host_empty(shape, dtype)
     staged = (not cuda_aware()) if staged is None else staged
     if staged:
         return backend.pinned_empty(shape, dtype)
