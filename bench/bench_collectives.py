@@ -12,26 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
 from mpi4py import MPI
 
 import gpumpiad as gp
+from _timing import median_time
 
 SIZES = {"8 B": 1, "1 MB": 1 << 17, "64 MB": 1 << 23}  # float64 elements
-
-
-def timeit(fn, repeats, comm=MPI.COMM_WORLD):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return statistics.median(times)
 
 
 def raw_cases(n, comm):
@@ -112,15 +101,15 @@ def overlap(comm, repeats):
         for _ in range(k):
             a @ a
 
-    t_comm = timeit(lambda: gp.mpi_sum(x).data, repeats, comm)
-    t_comp = timeit(compute, repeats, comm)
+    t_comm = median_time(lambda: gp.mpi_sum(x).data, repeats, comm)
+    t_comp = median_time(compute, repeats, comm)
 
     def both():
         s = gp.mpi_sum(x)  # posted, not waited for
         compute()
         return s.data
 
-    t_both = timeit(both, repeats, comm)
+    t_both = median_time(both, repeats, comm)
     return t_comm, t_comp, t_both
 
 
@@ -145,11 +134,11 @@ def main():
             tch, notes["torch"] = torch_cases(n, comm)
             jx, notes["mpi4jax"] = mpi4jax_cases(n, comm)
             for call in raw:
-                t_raw = timeit(raw[call], reps)
-                t_fwd = timeit(fwd[call], reps)
-                t_both = timeit(both[call], reps)
-                t_torch = f"{timeit(tch[call], reps) * 1e3:.3f}" if tch else "n/a"
-                t_jax = (f"{timeit(jx[call], reps) * 1e3:.3f}" if jx and call in jx else "n/a")
+                t_raw = median_time(raw[call], reps)
+                t_fwd = median_time(fwd[call], reps)
+                t_both = median_time(both[call], reps)
+                t_torch = f"{median_time(tch[call], reps) * 1e3:.3f}" if tch else "n/a"
+                t_jax = (f"{median_time(jx[call], reps) * 1e3:.3f}" if jx and call in jx else "n/a")
                 say(f"| {call} | {label} | {t_raw * 1e3:.3f} | {t_fwd * 1e3:.3f} | "
                     f"{t_fwd / t_raw:.2f} | {t_both * 1e3:.3f} | {t_both / t_raw:.2f} | "
                     f"{t_torch} | {t_jax} |")

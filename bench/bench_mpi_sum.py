@@ -10,26 +10,14 @@ rank's time is reported, with the ratio (target <= 1.05 at 1 MB and above).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 from mpi4py import MPI
 
 import gpumpiad as gp
+from _timing import median_time
 
 SIZES = {"8 B": 8, "1 MB": 1 << 20, "64 MB": 64 << 20}
-
-
-def _timed(comm, fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return statistics.median(times)
 
 
 def main():
@@ -51,8 +39,8 @@ def main():
             comm.Allreduce(w, back, op=MPI.SUM)
 
         repeats = args.repeats if nbytes < (16 << 20) else max(5, args.repeats // 3)
-        t_raw = _timed(comm, raw, repeats)
-        t_gp = _timed(comm, lambda: grad(x), repeats)
+        t_raw = median_time(raw, repeats, comm)
+        t_gp = median_time(lambda: grad(x), repeats, comm)
         rows.append((label, t_gp, t_raw))
     if comm.rank == 0:
         print(f"mpi_sum forward+backward vs 2x raw Allreduce, {comm.size} ranks, "

@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 
+from .heat.stencil import check_rect
+
 __all__ = [
     "BLOCK_X",
     "BLOCK_Y",
@@ -156,15 +158,6 @@ def _check_fields(fields):
     return np.dtype(first.dtype), first.shape[0] - 2, first.shape[1] - 2
 
 
-def _check_rect(nx, ny, i0, i1, j0, j1):
-    i0, i1, j0, j1 = (int(v) for v in (i0, i1, j0, j1))
-    if not (1 <= i0 <= i1 <= nx + 1):
-        raise ValueError(f"need 1 <= i0 <= i1 <= nx+1 = {nx + 1}, got i0={i0}, i1={i1}")
-    if not (1 <= j0 <= j1 <= ny + 1):
-        raise ValueError(f"need 1 <= j0 <= j1 <= ny+1 = {ny + 1}, got j0={j0}, j1={j1}")
-    return i0, i1, j0, j1
-
-
 def _grid2d(i0, i1, j0, j1):
     gx = min((j1 - j0 + BLOCK_X - 1) // BLOCK_X, _MAX_GRID_X)
     gy = min((i1 - i0 + BLOCK_Y - 1) // BLOCK_Y, _MAX_GRID_Y)
@@ -188,7 +181,7 @@ def launch_step(u, kappa, f, u_new, r, dt, i0, i1, j0, j1):
         Half-open interior sub-rectangle.
     """
     dtype, nx, ny = _check_fields([("u", u), ("kappa", kappa), ("f", f), ("u_new", u_new)])
-    i0, i1, j0, j1 = _check_rect(nx, ny, i0, i1, j0, j1)
+    i0, i1, j0, j1 = check_rect(nx, ny, i0, i1, j0, j1)
     if i0 == i1 or j0 == j1:
         return
     grid, block = _grid2d(i0, i1, j0, j1)
@@ -218,7 +211,7 @@ def launch_adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt, i0, i1, j0,
         ("lam_next", lam_next), ("kappa", kappa), ("u", u),
         ("lam", lam), ("kappa_bar", kappa_bar), ("f_bar", f_bar),
     ])
-    i0, i1, j0, j1 = _check_rect(nx, ny, i0, i1, j0, j1)
+    i0, i1, j0, j1 = check_rect(nx, ny, i0, i1, j0, j1)
     if i0 == i1 or j0 == j1:
         return
     grid, block = _grid2d(i0, i1, j0, j1)

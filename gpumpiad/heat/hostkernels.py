@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .stencil import check_rect
+
 __all__ = [
     "available",
     "library_path",
@@ -205,15 +207,6 @@ def _check_fields(inputs, outputs):
     return first.dtype, nx, ny
 
 
-def _check_rect(nx, ny, i0, i1, j0, j1):
-    i0, i1, j0, j1 = (int(v) for v in (i0, i1, j0, j1))
-    if not (1 <= i0 <= i1 <= nx + 1):
-        raise ValueError(f"need 1 <= i0 <= i1 <= nx+1 = {nx + 1}, got i0={i0}, i1={i1}")
-    if not (1 <= j0 <= j1 <= ny + 1):
-        raise ValueError(f"need 1 <= j0 <= j1 <= ny+1 = {ny + 1}, got j0={j0}, j1={j1}")
-    return i0, i1, j0, j1
-
-
 def _check_halo(u, buf, side, ghost, buf_writable):
     _check_array("u", u, writable=not buf_writable)
     if u.ndim != 2 or u.shape[0] < 3 or u.shape[1] < 3:
@@ -253,7 +246,7 @@ def step(u, kappa, f, u_new, r, dt, i0, i1, j0, j1):
     dtype, nx, ny = _check_fields(
         [("u", u), ("kappa", kappa), ("f", f)], [("u_new", u_new)]
     )
-    i0, i1, j0, j1 = _check_rect(nx, ny, i0, i1, j0, j1)
+    i0, i1, j0, j1 = check_rect(nx, ny, i0, i1, j0, j1)
     _fn("host_heat_step", dtype)(
         u.ctypes.data, kappa.ctypes.data, f.ctypes.data, u_new.ctypes.data,
         nx, ny, float(r), float(dt), i0, i1, j0, j1,
@@ -272,7 +265,7 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt, i0, i1, j0, j1):
         [("lam_next", lam_next), ("kappa", kappa), ("u", u)],
         [("lam", lam), ("kappa_bar", kappa_bar), ("f_bar", f_bar)],
     )
-    i0, i1, j0, j1 = _check_rect(nx, ny, i0, i1, j0, j1)
+    i0, i1, j0, j1 = check_rect(nx, ny, i0, i1, j0, j1)
     _fn("host_heat_adjoint", dtype)(
         lam_next.ctypes.data, kappa.ctypes.data, u.ctypes.data, lam.ctypes.data,
         kappa_bar.ctypes.data, f_bar.ctypes.data, nx, ny, float(r), float(dt),

@@ -17,6 +17,16 @@ interior = (slice(1, -1), slice(1, -1))
 NORTH, SOUTH, WEST, EAST = 0, 1, 2, 3
 
 
+def check_rect(nx, ny, i0, i1, j0, j1):
+    """Validate an interior sub-rectangle ``[i0, i1) x [j0, j1)`` of an ``nx x ny`` patch."""
+    i0, i1, j0, j1 = (int(v) for v in (i0, i1, j0, j1))
+    if not (1 <= i0 <= i1 <= nx + 1):
+        raise ValueError(f"need 1 <= i0 <= i1 <= nx+1 = {nx + 1}, got i0={i0}, i1={i1}")
+    if not (1 <= j0 <= j1 <= ny + 1):
+        raise ValueError(f"need 1 <= j0 <= j1 <= ny+1 = {ny + 1}, got j0={j0}, j1={j1}")
+    return i0, i1, j0, j1
+
+
 def _lap(a, i0, i1, j0, j1):
     """5-point Laplacian numerator of ``a`` on ``[i0, i1) x [j0, j1)``."""
     return (
