@@ -16,10 +16,14 @@ _installed = {"done": False}
 
 
 def _abort():
+    import time
+
     from mpi4py import MPI
     try:
         sys.stderr.flush()
         sys.stdout.flush()
+        # Give mpiexec a moment to forward the traceback before it tears the job down.
+        time.sleep(0.2)
     finally:
         MPI.COMM_WORLD.Abort(1)
 

@@ -75,8 +75,9 @@ def save(path, payload, *, comm=None, root=0):
     >>> state["x"].tolist(), state["it"]
     ([0.0, 1.0, 2.0], 7)
     """
+    path, comm = _check_path(path, comm, root, "save")
     if comm is None:
-        _save(os.fspath(path), payload)
+        _prefixed(_save, path, payload)
         return
     error = None
     if comm.rank == root:
@@ -86,7 +87,7 @@ def save(path, payload, *, comm=None, root=0):
             error = str(exc)
     error = comm.mpi.bcast(error, root=root)
     if error is not None:
-        raise CheckpointError(error if comm.rank == root else f"rank {root}: {error}")
+        raise CheckpointError(f"rank {root}: {error}")
 
 
 def load(path, *, comm=None, root=0):
@@ -123,8 +124,9 @@ def load(path, *, comm=None, root=0):
     ...
     gpumpiad.checkpoint.CheckpointError: ...junk.ckpt: not a gpumpiad checkpoint (foreign file...)
     """
+    path, comm = _check_path(path, comm, root, "load")
     if comm is None:
-        return _load(os.fspath(path))
+        return _prefixed(_load, path)
     result = None
     if comm.rank == root:
         try:
@@ -133,8 +135,32 @@ def load(path, *, comm=None, root=0):
             result = ("error", str(exc))
     status, value = comm.mpi.bcast(result, root=root)
     if status == "error":
-        raise CheckpointError(value if comm.rank == root else f"rank {root}: {value}")
+        raise CheckpointError(f"rank {root}: {value}")
     return value
+
+
+def _check_path(path, comm, root, name):
+    """Validate ``path`` and ``root`` (given alike on every rank): ``(path as str, Comm)``."""
+    from .comm import resolve, world
+    rank = world().rank
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"rank {rank}: checkpoint.{name}'s path must be a str or os.PathLike, "
+                        f"got {type(path).__name__}")
+    if comm is not None:
+        comm = resolve(comm)
+        if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < comm.size:
+            raise ValueError(f"rank {rank}: checkpoint.{name}'s root must be an int in "
+                             f"[0, {comm.size}), got {root!r}")
+    return os.fspath(path), comm
+
+
+def _prefixed(fn, *args):
+    """``fn(*args)``, its CheckpointError naming this rank."""
+    from .comm import world
+    try:
+        return fn(*args)
+    except CheckpointError as exc:
+        raise CheckpointError(f"rank {world().rank}: {exc}") from None
 
 
 def exists(path, *, comm=None, root=0):

@@ -92,17 +92,60 @@ class Comm:
         return f"Comm(rank={self.rank}, size={self.size})"
 
     def split(self, color, key=None):
-        """A sub-communicator of the ranks that pass the same ``color`` (``MPI_Comm_split``)."""
-        return Comm(self.mpi.Split(color, self.rank if key is None else key))
+        """A sub-communicator of the ranks that pass the same ``color`` (``MPI_Comm_split``).
+
+        Collective. ``color`` is an int >= 0 (it may differ between ranks), ``key`` an int
+        ordering the ranks of the new communicator (default: this rank). Bad arguments on any
+        rank raise ``ValueError`` on every rank, naming the rank(s).
+        """
+        problem = None
+        if isinstance(color, bool) or not isinstance(color, int) or color < 0:
+            problem = f"color must be an int >= 0, got {color!r} on rank {self.rank}"
+        elif key is not None and (isinstance(key, bool) or not isinstance(key, int)):
+            problem = f"key must be an int or None, got {key!r} on rank {self.rank}"
+        # Colors differ between ranks, so one rank's complaint must reach all of them before
+        # the Split that the others would otherwise wait in.
+        problems = [p for p in self.mpi.allgather(problem) if p is not None]
+        if problems:
+            raise ValueError(f"rank {self.rank}: Comm.split: " + "; ".join(problems))
+        return Comm(self.mpi.Split(int(color), self.rank if key is None else int(key)))
 
     def dup(self):
         """A duplicate communicator: same ranks, separate message space (``MPI_Comm_dup``)."""
         return Comm(self.mpi.Dup())
 
     def cart(self, dims=None, periods=None, ndims=2):
-        """A Cartesian communicator; ``dims`` default to ``MPI.Compute_dims(size, ndims)``."""
-        dims = list(MPI.Compute_dims(self.size, dims if dims is not None else [0] * ndims))
+        """A Cartesian communicator; ``dims`` default to ``MPI.Compute_dims(size, ndims)``.
+
+        Collective, with the same arguments on every rank. ``dims``: non-negative ints whose
+        positive entries multiply to ``size`` (zeros are filled in); ``periods``: one bool per
+        dimension.
+        """
+        if isinstance(ndims, bool) or not isinstance(ndims, int) or ndims < 1:
+            raise ValueError(f"rank {self.rank}: Comm.cart's ndims must be an int >= 1, "
+                             f"got {ndims!r}")
+        dims = [0] * ndims if dims is None else dims
+        try:
+            dims = [d for d in dims]
+        except TypeError:
+            raise ValueError(f"rank {self.rank}: Comm.cart's dims must be a sequence of ints, "
+                             f"got {dims!r}") from None
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 0
+                           for d in dims):
+            raise ValueError(f"rank {self.rank}: Comm.cart's dims must be non-negative ints, "
+                             f"got {dims!r}")
+        fixed = 1
+        for d in dims:
+            fixed *= d if d > 0 else 1
+        if self.size % fixed or (0 not in dims and fixed != self.size):
+            raise ValueError(f"rank {self.rank}: Comm.cart's dims {dims} do not fit a "
+                             f"communicator of {self.size} rank(s): expected the positive "
+                             f"entries to multiply to {self.size}")
+        dims = list(MPI.Compute_dims(self.size, dims))
         periods = [False] * len(dims) if periods is None else list(periods)
+        if len(periods) != len(dims):
+            raise ValueError(f"rank {self.rank}: Comm.cart's periods must give one bool per "
+                             f"dimension ({len(dims)}), got {periods!r}")
         return CartComm(self.mpi.Create_cart(dims, periods=periods, reorder=False))
 
     def issue(self, call, start, *, collective=True, root=None, array=None, layout=None,
@@ -162,7 +205,8 @@ def resolve(comm) -> Comm:
         return comm
     if isinstance(comm, MPI.Intracomm):
         return Comm(comm)
-    raise TypeError(f"comm must be a gpumpiad.Comm or mpi4py Intracomm, got {type(comm).__name__}")
+    raise TypeError(f"rank {world().rank}: comm must be a gpumpiad.Comm or mpi4py Intracomm, "
+                    f"got {type(comm).__name__}")
 
 
 def mpi_init():

@@ -5,13 +5,25 @@ from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
 
+def _rank():
+    from .comm import world
+    return world().rank
+
+
 class CustomOp:
     """A user operation on raw arrays with a user VJP. See :func:`custom_op`."""
 
     def __init__(self, forward, vjp=None, name=None, layout=None):
-        if layout not in (None, SERIAL, DISTRIBUTED) and not isinstance(layout, tuple):
-            raise ValueError(f"custom_op layout must be 'serial', 'distributed', a tuple of them "
-                             f"or None, got {layout!r}")
+        if not callable(forward):
+            raise TypeError(f"rank {_rank()}: custom_op's forward must be callable, got "
+                            f"{type(forward).__name__}")
+        if vjp is not None and not callable(vjp):
+            raise TypeError(f"rank {_rank()}: custom_op's vjp must be callable or None, got "
+                            f"{type(vjp).__name__}")
+        if (not (layout and all(e in (SERIAL, DISTRIBUTED) for e in layout))
+                if isinstance(layout, tuple) else layout not in (None, SERIAL, DISTRIBUTED)):
+            raise ValueError(f"rank {_rank()}: custom_op layout must be 'serial', "
+                             f"'distributed', a non-empty tuple of them or None, got {layout!r}")
         self.forward = forward
         self.vjp = vjp
         self.name = name or getattr(forward, "__name__", "custom_op")
@@ -20,12 +32,16 @@ class CustomOp:
 
     def defvjp(self, vjp):
         """Register ``vjp(g, ans, *args, **kwargs) -> cotangent or tuple of cotangents``."""
+        if not callable(vjp):
+            raise TypeError(f"rank {_rank()}: custom_op {self.name!r}: vjp must be callable, "
+                            f"got {type(vjp).__name__}")
         self.vjp = vjp
         return vjp
 
     def __call__(self, *args, **kwargs):
         if self.vjp is None:
-            raise NotImplementedError(f"custom_op {self.name!r} has no vjp; register one with "
+            raise NotImplementedError(f"rank {_rank()}: custom_op {self.name!r} has no vjp; "
+                                      f"register one with "
                                       f"@{self.name}.defvjp")
         tensors = [a for a in args if isinstance(a, Tensor)]
         comm = tensors[0].comm if tensors else None
@@ -44,8 +60,16 @@ class CustomOp:
                 res = user_vjp(tuple(gs) if multi else gs[0], ans, *raws, **kwargs)
                 res = res if isinstance(res, (tuple, list)) else (res,)
                 if len(res) != len(args):
-                    raise ValueError(f"vjp of custom_op {name!r} returned {len(res)} "
-                                     f"cotangent(s) for {len(args)} argument(s)")
+                    raise ValueError(f"rank {_rank()}: vjp of custom_op {name!r} returned "
+                                     f"{len(res)} cotangent(s) for {len(args)} argument(s); "
+                                     "expected one per argument")
+                for k, (c, a) in enumerate(zip(res, args)):
+                    if (c is not None and isinstance(a, Tensor)
+                            and tuple(getattr(c, "shape", ())) != tuple(a.shape)):
+                        raise ValueError(
+                            f"rank {_rank()}: vjp of custom_op {name!r} returned a cotangent "
+                            f"of shape {tuple(getattr(c, 'shape', ()))} for argument {k}, "
+                            f"expected its shape {tuple(a.shape)}")
                 return list(res)
 
             tape.record(self.name, vjp, [a if isinstance(a, Tensor) else None for a in args],
@@ -56,8 +80,8 @@ class CustomOp:
     def _layouts(self, n, any_distributed):
         if isinstance(self.layout, tuple):
             if len(self.layout) != n:
-                raise ValueError(f"custom_op {self.name!r}: layout names {len(self.layout)} "
-                                 f"outputs, forward returned {n}")
+                raise ValueError(f"rank {_rank()}: custom_op {self.name!r}: layout names "
+                                 f"{len(self.layout)} outputs, forward returned {n}")
             return self.layout
         default = self.layout or (DISTRIBUTED if any_distributed else SERIAL)
         return (default,) * n

@@ -72,6 +72,7 @@ def check_grad(fn, *args, argnums=None, eps=None, rtol=None, atol=None, max_elem
     3
     """
     comm = world().mpi
+    _check_options(fn, eps, rtol, atol, max_elements, comm.rank)
     if argnums is None:
         argnums = tuple(i for i, a in enumerate(args)
                         if np.issubdtype(np.asarray(to_numpy(a.data) if isinstance(a, Tensor)
@@ -131,6 +132,22 @@ def check_grad(fn, *args, argnums=None, eps=None, rtol=None, atol=None, max_elem
             f"check_grad failed on {comm.size} rank(s), seen from rank {comm.rank}:\n  "
             + "\n  ".join(unique))
     return report
+
+
+def _check_options(fn, eps, rtol, atol, max_elements, rank):
+    """Arguments given alike on every rank: every rank raises together."""
+    if not callable(fn):
+        raise TypeError(f"rank {rank}: check_grad's fn must be callable, got "
+                        f"{type(fn).__name__}")
+    for name, value in (("eps", eps), ("rtol", rtol), ("atol", atol)):
+        if value is not None and not (isinstance(value, (int, float, np.floating))
+                                      and np.isfinite(value) and value > 0):
+            raise ValueError(f"rank {rank}: check_grad's {name} must be a positive finite "
+                             f"number or None, got {value!r}")
+    if isinstance(max_elements, bool) or not isinstance(max_elements, (int, np.integer)) \
+            or max_elements < 1:
+        raise ValueError(f"rank {rank}: check_grad's max_elements must be an int >= 1, got "
+                         f"{max_elements!r}")
 
 
 def _check_agreement(comm, i, g, report, failures):

@@ -72,8 +72,17 @@ def halo_exchange(u, grid):
     >>> halo_exchange(u, grid).shape == grid.padded_shape
     True
     """
+    from .heat.grid import Grid
+    if not isinstance(grid, Grid):
+        from .comm import world
+        raise TypeError(f"rank {world().rank}: halo_exchange's grid must be a "
+                        f"gpumpiad.heat.Grid, got {type(grid).__name__}")
     data = u.data if isinstance(u, Tensor) else u
     shape = tuple(getattr(data, "shape", ()))
+    kind = getattr(getattr(data, "dtype", None), "kind", None)
+    if kind != "f":
+        raise TypeError(f"rank {grid.rank}: halo_exchange expects u of a floating dtype "
+                        f"(float32 or float64), got {getattr(data, 'dtype', type(data).__name__)}")
     if shape != grid.padded_shape:
         raise ValueError(f"rank {grid.rank}: halo_exchange expects u of padded shape "
                          f"{grid.padded_shape} (nx+2, ny+2), got {shape}")

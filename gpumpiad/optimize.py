@@ -180,18 +180,33 @@ class _Problem:
     def __init__(self, fn, x0, comm):
         self.fn = value_and_grad(fn)
         self.comm = comm
+        raw = numpy.asarray(to_numpy(x0.data if isinstance(x0, Tensor) else x0))
+        if raw.dtype.kind not in "biuf":
+            # x0's dtype is given alike on every rank, so every rank raises here together.
+            raise TypeError(f"rank {comm.rank}: minimize's x0 must be real numbers (int or "
+                            f"float), got dtype {raw.dtype}")
         self.ctl = comm.mpi.Dup()
         self.root = 0
         self.is_root = comm.rank == self.root
         self.distributed = isinstance(x0, Tensor) and x0.distributed
-        local = numpy.array(to_numpy(x0.data if isinstance(x0, Tensor) else x0),
-                            dtype=numpy.float64)
+        local = numpy.array(raw, dtype=numpy.float64)
         if not self.distributed:
             local = self.ctl.bcast(local, root=self.root)
+            if not numpy.isfinite(local).all():
+                self.ctl.Free()
+                raise ValueError(f"rank {comm.rank}: minimize's x0 holds NaN or Inf (the "
+                                 f"root's x0 is used): expected finite values")
         self.shape = local.shape
         self.x0_local = local.ravel()
         if self.distributed:
-            self.counts = numpy.array(self.ctl.allgather(self.x0_local.size), dtype=numpy.int64)
+            table = self.ctl.allgather((self.x0_local.size,
+                                        bool(numpy.isfinite(self.x0_local).all())))
+            bad = [r for r, (_, finite) in enumerate(table) if not finite]
+            if bad:
+                self.ctl.Free()
+                raise ValueError(f"rank {comm.rank}: minimize's x0 (distributed) holds NaN or "
+                                 f"Inf on rank(s) {bad}: expected finite values")
+            self.counts = numpy.array([n for n, _ in table], dtype=numpy.int64)
         else:
             self.counts = numpy.array([self.x0_local.size])
         self.displs = numpy.concatenate([[0], numpy.cumsum(self.counts)[:-1]])
@@ -281,7 +296,8 @@ def _collective(problem, fn):
             result = ("error", str(exc))
     status, value = problem.ctl.bcast(result, root=problem.root)
     if status == "error":
-        raise ckpt.CheckpointError(value if problem.is_root else f"rank 0: {value}")
+        raise ckpt.CheckpointError(value if problem.is_root or value.startswith("rank ")
+                                   else f"rank 0: {value}")
     return value
 
 

@@ -1,6 +1,8 @@
 """The :class:`Tensor`: an ndarray (NumPy or CuPy) with a layout, recorded on the active tape."""
 from __future__ import annotations
 
+import numpy as _np
+
 from .backend import asarray, device_of
 
 SERIAL = "serial"
@@ -176,11 +178,27 @@ def tensor(data, distributed=False, dtype=None, comm=None):
     >>> gpumpiad.tensor([1.0, 2.0]).shape
     (2,)
     """
+    from .comm import resolve
+    comm = resolve(comm)
     if isinstance(data, Tensor):
         data = data.data
-    from .comm import resolve
-    return Tensor(asarray(data, dtype=dtype), DISTRIBUTED if distributed else SERIAL,
-                  resolve(comm))
+    if not isinstance(distributed, (bool, _np.bool_)):
+        raise TypeError(f"rank {comm.rank}: tensor's distributed must be True or False, got "
+                        f"{distributed!r}")
+    try:
+        array = asarray(data, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"rank {comm.rank}: tensor's data must be array_like with a numeric "
+                        f"dtype{'' if dtype is None else f' convertible to {dtype!r}'}, got "
+                        f"{type(data).__name__}: {exc}") from None
+    if array.dtype.kind not in "biufc":
+        hint = (" (a device array the backend cannot read: it exposes "
+                "__cuda_array_interface__ but the backend is NumPy; pass a CuPy array or "
+                "copy it to the host)" if hasattr(data, "__cuda_array_interface__") else "")
+        raise TypeError(f"rank {comm.rank}: tensor's data must have a numeric dtype (bool, int, "
+                        f"float or complex), got dtype {array.dtype} from "
+                        f"{type(data).__name__}{hint}")
+    return Tensor(array, DISTRIBUTED if distributed else SERIAL, comm)
 
 
 def raw(x):

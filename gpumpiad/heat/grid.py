@@ -196,10 +196,14 @@ class Grid:
 
 def _check_shape(shape, rank):
     try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
+        ints = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
         raise ValueError(f"rank {rank}: grid shape must be a pair of ints (NX, NY), "
                          f"got {shape!r}") from None
+    if any(isinstance(s, bool) or s != i for s, i in zip(shape, ints)):
+        raise ValueError(f"rank {rank}: grid shape must be a pair of ints (NX, NY), "
+                         f"got {tuple(shape)!r}")
+    shape = ints
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"rank {rank}: grid shape must be two positive ints (NX, NY), "
                          f"got {shape}")
@@ -207,7 +211,11 @@ def _check_shape(shape, rank):
 
 
 def _check_dims(dims, size, rank):
-    dims = [0, 0] if dims is None else [int(d) for d in dims]
+    try:
+        dims = [0, 0] if dims is None else [int(d) for d in dims]
+    except (TypeError, ValueError):
+        raise ValueError(f"rank {rank}: dims must be two non-negative ints (N, M), "
+                         f"got {dims!r}") from None
     if len(dims) != 2 or min(dims) < 0:
         raise ValueError(f"rank {rank}: dims must be two non-negative ints (N, M), got {dims}")
     fixed = int(np.prod([d for d in dims if d > 0]))

@@ -135,6 +135,10 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
                          "; ".join(dict.fromkeys(problems)))
+    bad = [r for r, (_, k) in enumerate(reports) if not np.isfinite(k)]
+    if bad:
+        raise ValueError(f"rank {rank}: kappa holds NaN or Inf on rank(s) {bad}: expected "
+                         "finite diffusivities")
     owner = int(np.argmax([k for _, k in reports]))
     kmax = reports[owner][1]
     if kmax > 0 and dt > h * h / (4 * kmax):

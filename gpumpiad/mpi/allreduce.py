@@ -45,6 +45,11 @@ def mpi_allreduce(x, op=SUM, comm=None):
     x = as_tensor(x, comm)
     name = "mpi_allreduce" if op != SUM else "mpi_sum"
     data = x.data
+    kind = data.dtype.kind
+    if kind == "b" or (kind == "c" and op in (MAX, MIN)):
+        allowed = "int, float, complex" if op in (SUM, PROD) else "int, float"
+        raise TypeError(f"rank {comm.rank}: {name}'s x must have a dtype that {op_name} is "
+                        f"defined on ({allowed}), got {data.dtype}")
     pending = comm.issue(f"{name}({op_name})", lambda: start_allreduce(comm.mpi, data, op),
                          array=data, layout=x.layout, serial_value=not x.distributed)
     out = pending_tensor(pending, SERIAL, comm)

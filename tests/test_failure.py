@@ -1,0 +1,158 @@
+"""A failure on one rank ends the whole job; a stuck collective becomes CommunicationTimeout.
+
+Whole jobs run under ``mpiexec`` in a subprocess with a hard ``timeout=``, so a regression
+(a hang) fails the test instead of stalling CI; the in-process test runs under conftest's
+``MPIEXEC_TIMEOUT``. Mismatched collectives in debug mode are tested in
+``test_collectives.py::test_debug_mode_reports_mismatched_calls`` (call, shape and root).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from pytest_mpi import parallel_assert
+
+import gpumpiad as gp
+
+HARD_TIMEOUT = 90  # seconds: a job still running then has hung
+
+PROLOGUE = textwrap.dedent("""\
+    import sys, threading, time
+    import numpy as np
+    import gpumpiad as gm
+    r, P = gm.mpi_rank(), gm.mpi_size()
+""")
+
+RAISE_ON_RANK_2 = PROLOGUE + textwrap.dedent("""\
+    if r == 2:
+        time.sleep(0.5)
+        raise ValueError("boom from rank 2: the original message")
+    gm.mpi_sum(np.ones(3)).numpy()   # never completes: rank 2 is gone
+    print(f"rank {r} passed the collective", flush=True)
+""")
+
+RAISE_IN_A_THREAD_ON_RANK_2 = PROLOGUE + textwrap.dedent("""\
+    if r == 2:
+        def work():
+            time.sleep(0.5)
+            raise RuntimeError("boom from a worker thread on rank 2")
+        t = threading.Thread(target=work, name="worker")
+        t.start()
+        t.join()
+        time.sleep(60)               # the main thread would wait here for a minute
+    gm.mpi_sum(np.ones(3)).numpy()
+    print(f"rank {r} passed the collective", flush=True)
+""")
+
+SKIP_A_COLLECTIVE_ON_RANK_0 = PROLOGUE + textwrap.dedent("""\
+    if r != 0:
+        gm.mpi_sum(np.ones(3)).numpy()   # rank 0 never enters it
+    else:
+        time.sleep(60)                   # busy elsewhere (another collective would be
+                                         # erroneous MPI: MPICH may even match it)
+    print(f"rank {r} finished", flush=True)
+""")
+
+
+def _mpiexec(tmp_path, source, nprocs, **env_extra):
+    """Run ``source`` under ``mpiexec -n nprocs``; ``(returncode, output, seconds)``."""
+    script = tmp_path / "job.py"
+    script.write_text(source)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_"))}
+    env.pop("GPUMPIAD_TIMEOUT", None)
+    env.pop("GPUMPIAD_DEBUG", None)
+    env.update(env_extra)
+    start = time.monotonic()
+    proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, str(script)],
+                          capture_output=True, text=True, env=env, timeout=HARD_TIMEOUT)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def _aborted_job(tmp_path, source, message):
+    """Run a job that should abort; up to 3 tries for ``message`` to reach the output.
+
+    The failing rank flushes its traceback before ``MPI_Abort``, but Hydra may kill the job
+    before forwarding the last bytes of that rank's stderr (seen about once in 8 runs on 2
+    cores); every try must still end fast and non-zero.
+    """
+    for _ in range(3):
+        rc, out, seconds = _mpiexec(tmp_path, source, 4)
+        assert rc != 0, out
+        assert seconds < 10, f"took {seconds:.1f} s:\n{out}"
+        if message in out:
+            break
+    return rc, out, seconds
+
+
+def test_exception_on_one_rank_aborts_the_job(tmp_path):
+    rc, out, seconds = _aborted_job(tmp_path, RAISE_ON_RANK_2,
+                                    "ValueError: boom from rank 2: the original message")
+    assert rc != 0, out
+    assert seconds < 10, f"took {seconds:.1f} s:\n{out}"
+    assert "ValueError: boom from rank 2: the original message" in out, out
+    assert "passed the collective" not in out, out
+
+
+def test_exception_in_a_thread_aborts_the_job(tmp_path):
+    rc, out, seconds = _aborted_job(tmp_path, RAISE_IN_A_THREAD_ON_RANK_2,
+                                    "RuntimeError: boom from a worker thread on rank 2")
+    assert rc != 0, out
+    assert seconds < 10, f"took {seconds:.1f} s:\n{out}"
+    assert "RuntimeError: boom from a worker thread on rank 2" in out, out
+    assert "passed the collective" not in out, out
+
+
+def test_without_abort_the_watchdog_ends_the_waiting_ranks(tmp_path):
+    """GPUMPIAD_ABORT_ON_ERROR=0 leaves the others waiting (the user's choice); with
+    GPUMPIAD_TIMEOUT=3 each of them ends with CommunicationTimeout naming mpi_sum."""
+    rc, out, seconds = _mpiexec(tmp_path, RAISE_ON_RANK_2, 4, GPUMPIAD_ABORT_ON_ERROR="0",
+                                GPUMPIAD_TIMEOUT="3")
+    assert rc != 0, out
+    assert seconds < 30, f"took {seconds:.1f} s:\n{out}"
+    assert "ValueError: boom from rank 2: the original message" in out, out
+    assert "passed the collective" not in out, out
+    for rank in (0, 1, 3):
+        assert (f"CommunicationTimeout: rank {rank}: mpi_sum(SUM)" in out
+                and "GPUMPIAD_TIMEOUT=3" in out), out
+
+
+def test_watchdog_ends_a_job_whose_rank_skips_a_collective(tmp_path):
+    rc, out, seconds = _mpiexec(tmp_path, SKIP_A_COLLECTIVE_ON_RANK_0, 3, GPUMPIAD_TIMEOUT="3")
+    assert rc != 0, out
+    assert seconds < 10, f"took {seconds:.1f} s:\n{out}"
+    assert "CommunicationTimeout" in out and "did not complete within GPUMPIAD_TIMEOUT=3" in out
+    assert "CommunicationTimeout: rank 1: mpi_sum(SUM)" in out or \
+        "CommunicationTimeout: rank 2: mpi_sum(SUM)" in out, out
+    assert "finished" not in out, out
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_watchdog_names_the_call_on_each_rank(monkeypatch):
+    """Rank 0 is late to an mpi_sum: every other rank's wait raises CommunicationTimeout naming
+    mpi_sum and its own rank; once rank 0 arrives, the same result completes."""
+    r, P = gp.mpi_rank(), gp.mpi_size()
+    monkeypatch.setenv("GPUMPIAD_TIMEOUT", "1")
+    message = "rank 0 is late, not waiting"
+    if r == 0:
+        time.sleep(2.5)
+        y = gp.mpi_sum(np.ones(2))
+    else:
+        y = gp.mpi_sum(np.ones(2))
+        start = time.monotonic()
+        try:
+            y.data
+            message = "no timeout"
+        except gp.CommunicationTimeout as exc:
+            seconds = time.monotonic() - start
+            message = str(exc) if seconds < 2.0 else f"took {seconds:.1f} s: {exc}"
+    monkeypatch.delenv("GPUMPIAD_TIMEOUT")
+    value = y.numpy()  # rank 0 has arrived: the collective completes
+    named = message.startswith(f"rank {r}: mpi_sum(SUM)") and "GPUMPIAD_TIMEOUT=1" in message
+    parallel_assert(r == 0 or named, message)
+    parallel_assert(np.array_equal(value, np.full(2, float(P))), f"{value}")
