@@ -53,6 +53,16 @@ def split_rows(n, parts):
     return [base + (1 if p < extra else 0) for p in range(parts)]
 
 
+def row_counts(rows, n, comm, name):
+    """``(rows, problem)``: rows per rank (default: an even split of ``n``) and a description
+    of what is wrong with a user-given list, or ``None``."""
+    rows = split_rows(n, comm.size) if rows is None else list(rows)
+    if len(rows) != comm.size or sum(rows) != n or min(rows, default=0) < 0:
+        return rows, (f"{name} rows must be {comm.size} non-negative counts summing to {n}, "
+                      f"got {rows}")
+    return rows, None
+
+
 def offsets(rows):
     out = [0]
     for r in rows:
@@ -65,4 +75,4 @@ def zeros_like(array):
 
 
 __all__ = ["REVERSE_TAG", "as_tensor", "check_root", "check_rows", "is_device_array", "offsets",
-           "pending_tensor", "record", "resolve", "split_rows", "zeros_like"]
+           "pending_tensor", "record", "resolve", "row_counts", "split_rows", "zeros_like"]

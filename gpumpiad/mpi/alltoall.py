@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..tensor import DISTRIBUTED
 from ..transport import start_alltoallv
-from ._record import as_tensor, check_rows, pending_tensor, record, resolve, split_rows
+from ._record import as_tensor, check_rows, pending_tensor, record, resolve, row_counts
 
 
 def mpi_alltoall(x, rows=None, comm=None):
@@ -32,10 +32,9 @@ def mpi_alltoall(x, rows=None, comm=None):
     comm = resolve(comm)
     x = as_tensor(x, comm)
     check_rows(x, "mpi_alltoall", comm)
-    send_rows = split_rows(x.shape[0], comm.size) if rows is None else list(rows)
-    if len(send_rows) != comm.size or sum(send_rows) != x.shape[0] or min(send_rows) < 0:
-        raise ValueError(f"rank {comm.rank}: mpi_alltoall rows must be {comm.size} "
-                         f"non-negative counts summing to {x.shape[0]}, got {send_rows}")
+    send_rows, problem = row_counts(rows, x.shape[0], comm, "mpi_alltoall")
+    if problem:
+        raise ValueError(f"rank {comm.rank}: {problem}")
     data = x.data
     box = {}
 

@@ -5,7 +5,7 @@ from mpi4py import MPI
 
 from ..tensor import DISTRIBUTED
 from ..transport import start_allgatherv, start_reduce_scatter
-from ._record import as_tensor, check_rows, pending_tensor, record, resolve, split_rows
+from ._record import as_tensor, check_rows, pending_tensor, record, resolve, row_counts
 
 
 def mpi_reduce_scatter(x, rows=None, comm=None):
@@ -34,10 +34,9 @@ def mpi_reduce_scatter(x, rows=None, comm=None):
     comm = resolve(comm)
     x = as_tensor(x, comm)
     check_rows(x, "mpi_reduce_scatter", comm)
-    rows = split_rows(x.shape[0], comm.size) if rows is None else list(rows)
-    if len(rows) != comm.size or sum(rows) != x.shape[0] or min(rows) < 0:
-        raise ValueError(f"rank {comm.rank}: mpi_reduce_scatter rows must be {comm.size} "
-                         f"non-negative counts summing to {x.shape[0]}, got {rows}")
+    rows, problem = row_counts(rows, x.shape[0], comm, "mpi_reduce_scatter")
+    if problem:
+        raise ValueError(f"rank {comm.rank}: {problem}")
     data = x.data
     pending = comm.issue("mpi_reduce_scatter",
                          lambda: start_reduce_scatter(comm.mpi, data, rows, MPI.SUM),

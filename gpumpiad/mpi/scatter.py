@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..tensor import DISTRIBUTED, Tensor
 from ..transport import is_device, start_gatherv, start_scatterv
-from ._record import (as_tensor, check_root, pending_tensor, record, resolve, split_rows,
+from ._record import (as_tensor, check_root, pending_tensor, record, resolve, row_counts,
                       zeros_like)
 
 
@@ -47,11 +47,7 @@ def mpi_scatter(x, root=0, rows=None, comm=None):
         if x.ndim == 0:
             error = "mpi_scatter needs an array with at least one axis on the root, got a scalar"
         else:
-            if rows is None:
-                rows = split_rows(x.shape[0], comm.size)
-            if len(rows) != comm.size or sum(rows) != x.shape[0] or min(rows) < 0:
-                error = (f"mpi_scatter rows must be {comm.size} non-negative counts summing "
-                         f"to {x.shape[0]}, got {list(rows)}")
+            rows, error = row_counts(rows, x.shape[0], comm, "mpi_scatter")
     data = x.data if x is not None else None
     box = {}
 
