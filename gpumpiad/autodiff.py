@@ -84,12 +84,15 @@ def value_and_grad(fn, argnums=0):
         originals = [args[i] for i in nums]
         for i in nums:
             args[i] = tape.watch(_leaf(args[i]), leaf=True)
-        with recording(tape):
-            out = fn(*args, **kwargs)
-        _check_loss(out)
-        if out._tape is not tape:
-            tape.watch(out)
-        grads = tape.backward(out, get_array_module(out.data).ones_like(out.data))
+        try:
+            with recording(tape):
+                out = fn(*args, **kwargs)
+            _check_loss(out)
+            if out._tape is not tape:
+                tape.watch(out)
+            grads = tape.backward(out, get_array_module(out.data).ones_like(out.data))
+        finally:
+            tape.release()
         grads = [_like_input(g, x) for g, x in zip(grads, originals)]
         return out.data, (tuple(grads) if multi else grads[0])
 

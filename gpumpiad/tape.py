@@ -171,6 +171,16 @@ class Tape:
         return [_writable(total[leaf._slot]) if total[leaf._slot] is not None
                 else _zeros_like(leaf) for leaf in self.leaves]
 
+    def release(self):
+        """Drop the recorded nodes: tensors, closures and the tape form reference cycles, so
+        without this their (possibly large) buffers would wait for the cyclic collector."""
+        self.nodes = []
+        self.leaves = []
+        self.sinks = []
+        self.origins = []
+        self.first_use = {}
+        self.eager = []
+
     def _visit(self, node, total, share, deferred, agreed):
         """The general reverse step of one node."""
         outs = node.outputs

@@ -92,9 +92,13 @@ def send_buffer(array, staged=None):
     NumPy: the array (packed if not contiguous). CuPy: the device array after the producing
     stream is synchronised (CUDA-aware MPI), or a pinned host copy (staged).
     """
-    # ascontiguousarray returns at least 1-d: keep 0-d shapes.
     if not is_device(array):
-        return numpy.ascontiguousarray(array).reshape(numpy.shape(array))
+        array = numpy.asarray(array)
+        if array.flags.c_contiguous:
+            return array
+        packed = host_empty(array.shape, array.dtype)
+        numpy.copyto(packed, array)
+        return packed
     staged = (not cuda_aware()) if staged is None else staged
     xp = get_array_module(array)
     array = xp.ascontiguousarray(array).reshape(array.shape)
