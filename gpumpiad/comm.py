@@ -216,6 +216,7 @@ def mpi_init():
     """
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    transport.log_path()
     return world()
 
 

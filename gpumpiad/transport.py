@@ -74,8 +74,12 @@ def path_description() -> str:
 
 
 def log_path():
-    """Log once which data path this process uses (called at start-up by the CLI)."""
-    log.info("gpumpiad: backend %s, MPI data path %s", backend.backend_name(), path_description())
+    """Log which backend and MPI data path this process uses (``mpi_init`` calls it)."""
+    try:
+        log.info("gpumpiad: backend %s, MPI data path %s", backend.backend_name(),
+                 path_description())
+    except backend.BackendError as exc:  # reported again, as an error, at first use
+        log.info("gpumpiad: no usable backend yet: %s", exc)
 
 
 def is_device(array) -> bool:
