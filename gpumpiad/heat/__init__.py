@@ -3,5 +3,6 @@
 and :mod:`gpumpiad.cuda_kernels`."""
 from .grid import Grid
 from .solver import recompute_steps, solve
+from .state import load_state, save_state
 
-__all__ = ["Grid", "recompute_steps", "solve"]
+__all__ = ["Grid", "load_state", "recompute_steps", "save_state", "solve"]
