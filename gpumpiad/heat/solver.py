@@ -8,6 +8,7 @@ reverse pass are all stored, or only ``checkpoints`` of them with binomial recom
 from __future__ import annotations
 
 import math
+import threading
 from functools import lru_cache
 from numbers import Real
 
@@ -177,6 +178,11 @@ class _Heat:
         self.dt, self.r, self.steps = dt, dt / (h * h), steps
         self.checkpoints, self.trajectory, self.record = checkpoints, trajectory, record
         nx, ny = grid.local_shape
+        # Overlapping the exchange with the interior pays where kernels run asynchronously (a
+        # GPU). On the CPU, MPI makes no progress while a kernel runs, and the four thin
+        # boundary strips cost more than the exchange hides: exchange, then one sweep.
+        self.overlap = getattr(kernels, "ASYNCHRONOUS", False)
+        self.whole = (1, nx + 1, 1, ny + 1)
         self.inner = (2, max(2, nx), 2, max(2, ny))
         self.ring = [(1, 2, 1, ny + 1)]
         if nx >= 2:
@@ -227,6 +233,7 @@ class _Heat:
         for n, u in self._reversed_states():
             lam_prev, spare = spare, None
             self._adjoint(lam, u, lam_prev, kappa_bar, f_bar)
+            _recycle(u)
             if g_traj is not None:
                 lam_prev[1:-1, 1:-1] += g_traj[n]
             spare, lam = lam, lam_prev
@@ -241,12 +248,19 @@ class _Heat:
 
     def _buffer(self):
         buf, self.spare = self.spare, None
+        if buf is None:
+            buf = _reuse(self.frame)
         return self.frame.copy() if buf is None else buf
 
     def _step(self, u, u_new, exchange=True):
         """``u_new = step(u)`` on the interior; fills ``u``'s ghosts first unless told not to."""
         K, args = self.kernels, (self.kappa, self.f, u_new, self.r, self.dt)
         with _STEP:
+            if not self.overlap:
+                if exchange:
+                    halo.exchange(u, self.grid, K)
+                K.step(u, *args, *self.whole)
+                return
             pending = halo.start(u, self.grid, kernels=K) if exchange else None
             K.step(u, *args, *self.inner)
             if pending is not None:
@@ -258,6 +272,10 @@ class _Heat:
         K = self.kernels
         args = (self.kappa, u, lam, kappa_bar, f_bar, self.r, self.dt)
         with _ADJOINT:
+            if not self.overlap:
+                halo.exchange(lam_next, self.grid, K)
+                K.adjoint(lam_next, *args, *self.whole)
+                return
             pending = halo.start(lam_next, self.grid, kernels=K)
             K.adjoint(lam_next, *args, *self.inner)
             pending.wait()
@@ -369,6 +387,33 @@ def _check_arrays(grid, raws):
             return (f"rank {rank}: {name} is a {type(a).__module__.split('.')[0]} array, "
                     f"expected u0's kind, {type(raws[0]).__module__.split('.')[0]}")
     return None
+
+
+# State buffers freed by a reverse pass, kept for the next solve of the same shape: a fresh
+# buffer per stored step costs its page faults, which cost more than the step itself.
+_CACHE_BYTES = 1 << 30
+_free = []
+_free_lock = threading.Lock()
+
+
+def _recycle(u):
+    with _free_lock:
+        if sum(b.nbytes for b in _free) + u.nbytes <= _CACHE_BYTES:
+            _free.append(u)
+
+
+def _reuse(frame):
+    """A cached buffer shaped like ``frame`` with ``frame``'s ghost ring, or ``None``."""
+    with _free_lock:
+        for k, buf in enumerate(_free):
+            if (buf.shape == frame.shape and buf.dtype == frame.dtype
+                    and type(buf) is type(frame)):
+                del _free[k]
+                break
+        else:
+            return None
+    buf[0], buf[-1], buf[:, 0], buf[:, -1] = frame[0], frame[-1], frame[:, 0], frame[:, -1]
+    return buf
 
 
 def _frame(grid, boundary, like):
