@@ -266,11 +266,12 @@ def _resolve(t, deferred, total, share):
 
 
 def _add(inp, g, buf, name):
-    if g.shape != inp.shape:
+    data = inp.data
+    if g.shape != data.shape:
         raise RuntimeError(f"internal error: {name} has shape {g.shape} for a value of shape "
-                           f"{inp.shape}")
-    if g.dtype != inp.dtype:
-        g = g.astype(inp.dtype)
+                           f"{data.shape}")
+    if g.dtype != data.dtype:
+        g = g.astype(data.dtype)
     prev = buf[inp._slot]
     buf[inp._slot] = g if prev is None else prev + g
 

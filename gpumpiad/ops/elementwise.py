@@ -14,33 +14,25 @@ def _xp(*args):
     return numpy
 
 
-def _fwd(name):
-    on_host = getattr(numpy, name)
-
-    def forward(*args):
-        xp = _xp(*args)
-        return on_host(*args) if xp is numpy else getattr(xp, name)(*args)
-    forward.__name__ = name
-    return forward
-
-
-add = primitive(_fwd("add"), name="add")
+# Forwards are NumPy's own functions: they hand CuPy arrays to CuPy (__array_ufunc__ and
+# __array_function__), so one definition serves both backends.
+add = primitive(numpy.add, name="add")
 add.defvjp(lambda g, ans, x, y: unbroadcast(g, shape_of(x)),
            lambda g, ans, x, y: unbroadcast(g, shape_of(y)))
 
-subtract = primitive(_fwd("subtract"), name="subtract")
+subtract = primitive(numpy.subtract, name="subtract")
 subtract.defvjp(lambda g, ans, x, y: unbroadcast(g, shape_of(x)),
                 lambda g, ans, x, y: unbroadcast(-g, shape_of(y)))
 
-multiply = primitive(_fwd("multiply"), name="multiply")
+multiply = primitive(numpy.multiply, name="multiply")
 multiply.defvjp(lambda g, ans, x, y: unbroadcast(g * y, shape_of(x)),
                 lambda g, ans, x, y: unbroadcast(g * x, shape_of(y)))
 
-divide = primitive(_fwd("true_divide"), name="divide")
+divide = primitive(numpy.true_divide, name="divide")
 divide.defvjp(lambda g, ans, x, y: unbroadcast(g / y, shape_of(x)),
               lambda g, ans, x, y: unbroadcast(-g * ans / y, shape_of(y)))
 
-negative = primitive(_fwd("negative"), name="negative")
+negative = primitive(numpy.negative, name="negative")
 negative.defvjp(lambda g, ans, x: -g)
 
 
@@ -64,44 +56,44 @@ def _power_vjp_exponent(g, ans, x, y):
 power = primitive(_power, name="power")
 power.defvjp(_power_vjp_base, _power_vjp_exponent)
 
-exp = primitive(_fwd("exp"), name="exp")
+exp = primitive(numpy.exp, name="exp")
 exp.defvjp(lambda g, ans, x: g * ans)
 
-log = primitive(_fwd("log"), name="log")
+log = primitive(numpy.log, name="log")
 log.defvjp(lambda g, ans, x: g / x)
 
-sqrt = primitive(_fwd("sqrt"), name="sqrt")
+sqrt = primitive(numpy.sqrt, name="sqrt")
 sqrt.defvjp(lambda g, ans, x: g * 0.5 / ans)
 
-sin = primitive(_fwd("sin"), name="sin")
+sin = primitive(numpy.sin, name="sin")
 sin.defvjp(lambda g, ans, x: g * _xp(x).cos(x))
 
-cos = primitive(_fwd("cos"), name="cos")
+cos = primitive(numpy.cos, name="cos")
 cos.defvjp(lambda g, ans, x: -g * _xp(x).sin(x))
 
-tanh = primitive(_fwd("tanh"), name="tanh")
+tanh = primitive(numpy.tanh, name="tanh")
 tanh.defvjp(lambda g, ans, x: g * (1 - ans * ans))
 
-abs = primitive(_fwd("abs"), name="abs")
+abs = primitive(numpy.abs, name="abs")
 abs.defvjp(lambda g, ans, x: g * _xp(x).sign(x))
 
 # Ties send the cotangent to the first argument.
-maximum = primitive(_fwd("maximum"), name="maximum")
+maximum = primitive(numpy.maximum, name="maximum")
 maximum.defvjp(lambda g, ans, x, y: unbroadcast(g * (x >= y), shape_of(x)),
                lambda g, ans, x, y: unbroadcast(g * (x < y), shape_of(y)))
 
-minimum = primitive(_fwd("minimum"), name="minimum")
+minimum = primitive(numpy.minimum, name="minimum")
 minimum.defvjp(lambda g, ans, x, y: unbroadcast(g * (x <= y), shape_of(x)),
                lambda g, ans, x, y: unbroadcast(g * (x > y), shape_of(y)))
 
-where = primitive(_fwd("where"), name="where")
+where = primitive(numpy.where, name="where")
 where.defvjp(None,
              lambda g, ans, c, x, y: unbroadcast(_xp(g).where(c, g, 0), shape_of(x)),
              lambda g, ans, c, x, y: unbroadcast(_xp(g).where(c, 0, g), shape_of(y)))
 
-less = primitive(_fwd("less"), name="less")
-less_equal = primitive(_fwd("less_equal"), name="less_equal")
-greater = primitive(_fwd("greater"), name="greater")
-greater_equal = primitive(_fwd("greater_equal"), name="greater_equal")
+less = primitive(numpy.less, name="less")
+less_equal = primitive(numpy.less_equal, name="less_equal")
+greater = primitive(numpy.greater, name="greater")
+greater_equal = primitive(numpy.greater_equal, name="greater_equal")
 for _cmp in (less, less_equal, greater, greater_equal):
     _cmp.defvjp()
