@@ -41,7 +41,7 @@ class Primitive:
         tape = active_tape()
         traced = None
         for k, a in enumerate(args):
-            if isinstance(a, Tensor):
+            if type(a) is Tensor:
                 raws.append(a.data)
                 if any_comm is None:
                     any_comm = a.comm
@@ -64,33 +64,31 @@ class Primitive:
         ans = self.forward(*raws, **kwargs)
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if traced is not None:
-            tape.record_local(self.name, self._make_vjp(ans, raws, kwargs, traced), traced, out,
-                              distributed)
+            vjp, only = self._make_vjp(ans, raws, kwargs, traced)
+            tape.record_local(self.name, vjp, traced, out, distributed, only)
         return out
 
     def _make_vjp(self, ans, raws, kwargs, traced):
+        """``(vjp, only)``: with one differentiable traced argument, ``vjp(g)`` returns its
+        cotangent alone and ``only`` is its position; otherwise ``vjp(gs)`` returns a list
+        and ``only`` is -1."""
         if self.vjp_all is not None:
-            return lambda gs: self.vjp_all(gs[0], ans, *raws, **kwargs)
+            return (lambda gs: self.vjp_all(gs[0], ans, *raws, **kwargs)), -1
         vjps = self.vjps
         n = len(raws)
         # Only the arguments that are traced on this tape get a cotangent computed.
         wanted = [i for i in range(min(n, len(vjps)))
                   if traced[i] is not None and vjps[i] is not None]
         if len(wanted) == 1:
-            i, fn = wanted[0], vjps[wanted[0]]
-
-            def vjp(gs):
-                out = [None] * n
-                out[i] = fn(gs[0], ans, *raws, **kwargs)
-                return out
-            return vjp
+            fn = vjps[wanted[0]]
+            return (lambda g: fn(g, ans, *raws, **kwargs)), wanted[0]
 
         def vjp(gs):
             out = [None] * n
             for i in wanted:
                 out[i] = vjps[i](gs[0], ans, *raws, **kwargs)
             return out
-        return vjp
+        return vjp, -1
 
 
 def primitive(forward=None, *, name=None):
@@ -111,8 +109,9 @@ def primitive(forward=None, *, name=None):
 
 
 def unbroadcast(g, shape):
-    """Sum ``g`` over the axes that broadcasting added or stretched to reach ``g.shape``."""
-    if g.shape == tuple(shape):
+    """Sum ``g`` over the axes that broadcasting added or stretched to reach ``g.shape``
+    (``shape`` a tuple)."""
+    if g.shape == shape:
         return g
     while g.ndim > len(shape):
         g = g.sum(axis=0)

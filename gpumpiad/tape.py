@@ -27,9 +27,11 @@ DISTRIBUTED = "distributed"
 class Node:
     """One recorded operation: ``vjp(output_cotangents) -> input cotangents``."""
 
-    __slots__ = ("name", "vjp", "inputs", "outputs", "local", "communicates", "sink")
+    __slots__ = ("name", "vjp", "inputs", "outputs", "local", "communicates", "sink", "only")
 
-    def __init__(self, name, vjp, inputs, outputs, local, communicates, sink):
+    def __init__(self, name, vjp, inputs, outputs, local, communicates, sink, only=-1):
+        # only >= 0: a local op whose vjp(g) returns the cotangent of that one input alone.
+        self.only = only
         self.name = name
         self.vjp = vjp
         self.inputs = inputs
@@ -104,7 +106,7 @@ class Tape:
             self.eager.append(len(self.nodes))
         self.nodes.append(node)
 
-    def record_local(self, name, vjp, inputs, out, distributed):
+    def record_local(self, name, vjp, inputs, out, distributed, only=-1):
         """:meth:`record` for a local op with one output (the hot path of every program)."""
         origins = _NO_ORIGINS
         first_use = self.first_use
@@ -127,7 +129,7 @@ class Tape:
         self.nslots += 1
         self.origins.append(_NO_ORIGINS if distributed else origins)
         self.nodes.append(Node(name, vjp, inputs, (out,), _flags(distributed, len(inputs)),
-                               False, -1))
+                               False, -1, only))
 
     def backward(self, loss, seed):
         """Return the cotangents of :attr:`leaves` for ``loss`` seeded with ``seed``."""
@@ -156,10 +158,21 @@ class Tape:
                 slot = outs[0]._slot
                 if deferred and slot in deferred:
                     _resolve(outs[0], deferred, total, share)
-                if total[slot] is not None:
-                    _accumulate(node, node.vjp((total[slot],)), total, share, False, deferred)
-                if share[slot] is not None:
-                    _accumulate(node, node.vjp((share[slot],)), total, share, True, deferred)
+                only = node.only
+                if only >= 0:
+                    inp = node.inputs[only]
+                    serial = inp.layout != DISTRIBUTED
+                    if total[slot] is not None:
+                        _add(inp, node.vjp(total[slot]),
+                             share if (serial and node.local[only]) else total, node.name)
+                    if share[slot] is not None:
+                        _add(inp, node.vjp(share[slot]), share if serial else total, node.name)
+                else:
+                    if total[slot] is not None:
+                        _accumulate(node, node.vjp((total[slot],)), total, share, False,
+                                    deferred)
+                    if share[slot] is not None:
+                        _accumulate(node, node.vjp((share[slot],)), total, share, True, deferred)
             elif i not in done:
                 self._visit(node, total, share, deferred, agreed)
             for e in triggers.get(i, ()):
@@ -347,7 +360,10 @@ def _finalize_leaves(leaves, total, share):
 
 def active_tape():
     """The tape recording on this thread, or ``None``."""
-    stack = getattr(_active, "stack", None)
+    try:
+        stack = _active.stack
+    except AttributeError:
+        return None
     return stack[-1] if stack else None
 
 
