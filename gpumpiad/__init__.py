@@ -11,9 +11,9 @@ from .autodiff import LossError, grad, value_and_grad
 from .backend import array_module, backend_name
 from .comm import Comm, RankInt, mpi_finalize, mpi_init, mpi_rank, mpi_size
 from .custom import custom_op
+from .debug import CommunicationMismatch, CommunicationTimeout, set_debug
 from .gradcheck import GradientCheckError, check_grad
 from .halo import halo_exchange
-from .debug import CommunicationMismatch, CommunicationTimeout, set_debug
 from .mpi.allgather import mpi_allgather
 from .mpi.allreduce import MAX, MIN, PROD, SUM, mpi_allreduce, mpi_sum
 from .mpi.alltoall import mpi_alltoall
@@ -24,7 +24,6 @@ from .mpi.p2p import mpi_recv, mpi_send, mpi_sendrecv
 from .mpi.reduce import mpi_reduce
 from .mpi.reduce_scatter import mpi_reduce_scatter
 from .mpi.scatter import mpi_scatter
-from .transport import cuda_aware, path_description
 from .ops.elementwise import (abs, add, cos, divide, exp, log, maximum, minimum, multiply,
                               negative, power, sin, sqrt, subtract, tanh, where)
 from .ops.indexing import getitem
@@ -32,6 +31,7 @@ from .ops.linalg import dot, matmul
 from .ops.reduction import mean, sum
 from .ops.shape import concatenate, reshape, stack, transpose
 from .tensor import Tensor, tensor
+from .transport import cuda_aware, path_description
 
 from . import checkpoint, heat, optimize  # noqa: E402  (subpackages that use the API above)
 
@@ -42,15 +42,14 @@ if _MPI.COMM_WORLD.Get_size() > 1:
     _abort.install()
 
 __all__ = [
-    "MAX", "MIN", "PROD", "SUM", "CommunicationMismatch", "CommunicationTimeout",
-    "cuda_aware", "mpi_allgather", "mpi_allreduce", "mpi_alltoall", "mpi_barrier",
-    "mpi_gather", "mpi_recv", "mpi_reduce", "mpi_reduce_scatter", "mpi_scatter", "mpi_send",
-    "mpi_sendrecv", "path_description", "set_debug", "halo_exchange",
-    "checkpoint", "heat", "optimize",
-    "Comm", "GradientCheckError", "LossError", "RankInt", "Tensor", "abs", "add",
-    "array_module", "backend", "backend_name", "check_grad", "concatenate", "cos",
-    "custom_op", "divide", "dot", "exp", "getitem", "grad", "log", "matmul", "maximum", "mean",
-    "minimum", "mpi_bcast", "mpi_finalize", "mpi_init", "mpi_rank", "mpi_size", "mpi_sum",
-    "multiply", "negative", "power", "reshape", "sin", "sqrt", "stack", "subtract", "sum",
-    "tanh", "tensor", "transpose", "value_and_grad", "where",
+    "MAX", "MIN", "PROD", "SUM", "Comm", "CommunicationMismatch", "CommunicationTimeout",
+    "GradientCheckError", "LossError", "RankInt", "Tensor", "abs", "add", "array_module",
+    "backend", "backend_name", "check_grad", "checkpoint", "concatenate", "cos", "cuda_aware",
+    "custom_op", "divide", "dot", "exp", "getitem", "grad", "halo_exchange", "heat", "log",
+    "matmul", "maximum", "mean", "minimum", "mpi_allgather", "mpi_allreduce", "mpi_alltoall",
+    "mpi_barrier", "mpi_bcast", "mpi_finalize", "mpi_gather", "mpi_init", "mpi_rank",
+    "mpi_recv", "mpi_reduce", "mpi_reduce_scatter", "mpi_scatter", "mpi_send", "mpi_sendrecv",
+    "mpi_size", "mpi_sum", "multiply", "negative", "optimize", "path_description", "power",
+    "reshape", "set_debug", "sin", "sqrt", "stack", "subtract", "sum", "tanh", "tensor",
+    "transpose", "value_and_grad", "where",
 ]
