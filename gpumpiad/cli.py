@@ -7,8 +7,8 @@ import sys
 import time
 
 
-def _seed(args):
-    """The seed's example: L = sum(mpi_sum(mpi_bcast(θ) ** rank)) and dL/dθ at θ = 2."""
+def _theta_rank(args):
+    """The θ^rank example: L = sum(mpi_sum(mpi_bcast(θ) ** rank)) and dL/dθ at θ = 2."""
     import numpy as np
 
     import gpumpiad as gm
@@ -130,9 +130,10 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="gpumpiad", description=gpumpiad.__doc__.splitlines()[0])
     jobs = parser.add_subparsers(dest="job", required=True)
-    seed = jobs.add_parser("seed", help="the seed's sum/broadcast example and its gradient")
-    seed.add_argument("--theta", type=float, default=2.0)
-    seed.set_defaults(run=_seed)
+    example = jobs.add_parser("theta-rank",
+                              help="the θ^rank sum/broadcast example and its gradient")
+    example.add_argument("--theta", type=float, default=2.0)
+    example.set_defaults(run=_theta_rank)
     inv = jobs.add_parser("heat-inverse", help="recover a diffusivity field from observations")
     inv.add_argument("--n", type=_positive(int), default=32, help="cells per side (32)")
     inv.add_argument("--steps", type=_positive(int), default=240, help="time steps (240)")

@@ -1,4 +1,4 @@
-"""``halo_exchange``: fill a patch's ghost ring from its neighbours (ADCME's ``data_exchange``).
+"""``halo_exchange``: fill a patch's ghost ring from its neighbours.
 
 The public function works on Tensors and is differentiable; :func:`start`, :func:`exchange` and
 :func:`exchange_adjoint` are the raw, in-place forms on arrays that the heat solver's time loops

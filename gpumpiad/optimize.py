@@ -113,7 +113,7 @@ def minimize(fn, x0, method="L-BFGS-B", *, bounds=None, tol=None, options=None, 
 
     Examples
     --------
-    The seed problem: find θ with ``sum over ranks r of θ**r = 2``, one term per rank.
+    Find θ with ``sum over ranks r of θ**r = 2``, one term per rank.
 
     >>> import numpy as np, gpumpiad
     >>> from gpumpiad.optimize import minimize

@@ -71,3 +71,10 @@ def test_bad_settings_end_every_rank_with_one_line(tmp_path, flags, words):
     assert proc.stderr.count("error") == 4, proc.stderr
     assert proc.stderr.count(words) == 4, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_theta_rank_example():
+    cmd = ["mpiexec", "-n", "4", sys.executable, "-m", "gpumpiad", "theta-rank"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "ranks 4: L = 15, dL/dθ = 17" in proc.stdout

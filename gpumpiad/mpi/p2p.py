@@ -1,4 +1,4 @@
-"""Point-to-point: ``mpi_send``, ``mpi_recv`` and the seed's ``mpi_sendrecv``.
+"""Point-to-point: ``mpi_send``, ``mpi_recv`` and ``mpi_sendrecv``.
 
 Sends never block: they are posted and completed later (their buffers kept alive), and a
 receive waits only when its data is read. In the reverse pass a send's rule (a receive) returns
@@ -119,7 +119,7 @@ def mpi_recv(like, source, tag=0, comm=None):
 
 def mpi_sendrecv(x, dest, source, tag=0, comm=None):
     """Rank ``source`` sends its ``x`` to rank ``dest``, whose result is what it received;
-    every other rank's result is its own ``x`` (the seed's ``mpi_sendrecv(a, dest, source)``).
+    every other rank's result is its own ``x`` (a send on ``source``, a receive on ``dest``).
 
     Equivalent to ``mpi_send`` on ``source`` and ``mpi_recv`` on ``dest``. Every rank calls it;
     the result is distributed on every rank (also when ``dest == source``, a copy-free identity).
