@@ -18,10 +18,12 @@ GPUMPIAD_STAGE_HOST_ARRAYS : ``0`` | ``1``
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy
 
 _state = {"xp": None, "device": None}
+_choice_lock = threading.Lock()
 
 
 class BackendError(RuntimeError):
@@ -48,22 +50,27 @@ def array_module():
     True
     """
     if _state["xp"] is None:
-        choice = os.environ.get("GPUMPIAD_BACKEND", "").strip().lower()
-        if choice not in ("", "numpy", "cupy"):
-            raise BackendError(
-                f"GPUMPIAD_BACKEND must be 'numpy' or 'cupy', got {choice!r}")
-        if choice == "numpy":
-            _state["xp"] = numpy
-        else:
-            cupy = _cupy_or_none()
-            if cupy is None and choice == "cupy":
-                raise BackendError(
-                    "GPUMPIAD_BACKEND=cupy but no usable CUDA device was found "
-                    "(is cupy installed, e.g. pip install 'gpumpiad[cuda]', and a GPU visible?)")
-            _state["xp"] = cupy if cupy is not None else numpy
-        if _state["xp"] is not numpy:
-            bind_device()
+        with _choice_lock:
+            if _state["xp"] is None:
+                _state["xp"] = _choose()
     return _state["xp"]
+
+
+def _choose():
+    choice = os.environ.get("GPUMPIAD_BACKEND", "").strip().lower()
+    if choice not in ("", "numpy", "cupy"):
+        raise BackendError(f"GPUMPIAD_BACKEND must be 'numpy' or 'cupy', got {choice!r}")
+    if choice == "numpy":
+        return numpy
+    cupy = _cupy_or_none()
+    if cupy is None and choice == "cupy":
+        raise BackendError(
+            "GPUMPIAD_BACKEND=cupy but no usable CUDA device was found "
+            "(is cupy installed, e.g. pip install 'gpumpiad[cuda]', and a GPU visible?)")
+    if cupy is None:
+        return numpy
+    bind_device()
+    return cupy
 
 
 def backend_name() -> str:
@@ -92,28 +99,59 @@ def asarray(data, dtype=None):
     return xp.asarray(data, dtype=dtype)
 
 
+def device_backend() -> bool:
+    """Whether this process computes on a CUDA device (the CuPy backend)."""
+    return array_module() is not numpy
+
+
+def operand(a):
+    """A non-Tensor operand as the backend's kernels take it: a NumPy array becomes a device
+    array on the CuPy backend (CuPy refuses to mix the two); anything else is returned as is."""
+    if type(a) is numpy.ndarray and array_module() is not numpy:
+        return array_module().asarray(a)
+    return a
+
+
 def to_numpy(x):
     """A NumPy copy (or view) of a NumPy or CuPy array."""
     return x.get() if is_device_array(x) else numpy.asarray(x)
 
 
+# Node-local rank as launchers publish it (MPICH/Hydra, Open MPI, MVAPICH2, Slurm), read in this
+# order; reading it needs no communication, so binding may happen lazily on one thread.
+_LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
+                         "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def node_local_rank(comm=None) -> int:
+    """This process's rank among the processes on its node.
+
+    Read from the launcher's environment where it publishes one; otherwise from a shared-memory
+    split of ``comm`` (default: the world), which is collective: every rank must get here.
+    """
+    for name in _LOCAL_RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD if comm is None else comm
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
+
+
 def bind_device(comm=None) -> int:
     """Bind this rank to one GPU by its node-local rank; return the device id.
 
-    The node-local rank comes from a shared-memory split of ``comm`` (default: the world), so
-    ranks sharing a node take distinct devices. ``GPUMPIAD_DEVICE`` overrides the choice.
+    Ranks sharing a node take distinct devices (node-local rank modulo the device count, see
+    :func:`node_local_rank`). ``GPUMPIAD_DEVICE`` overrides the choice.
     """
     import cupy
-    from mpi4py import MPI
     count = cupy.cuda.runtime.getDeviceCount()
     override = os.environ.get("GPUMPIAD_DEVICE")
-    if override is not None:
-        device = int(override)
-    else:
-        comm = MPI.COMM_WORLD if comm is None else comm
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        device = node.Get_rank() % count
-        node.Free()
+    device = int(override) if override is not None else node_local_rank(comm) % count
     if not 0 <= device < count:
         raise BackendError(f"GPUMPIAD_DEVICE={device} but only {count} CUDA device(s) are visible")
     cupy.cuda.Device(device).use()
@@ -189,12 +227,15 @@ def host_to_device(host, keepalive=None):
     if isinstance(host, StagingBuffer):  # GPUMPIAD_STAGE_HOST_ARRAYS: the "device" copy
         return numpy.array(host, subok=False)
     import cupy
+    current = cupy.cuda.get_current_stream()
+    # Allocated on the consuming stream, whose pool may hand back memory that work queued on
+    # it still reads: the copy starts after that work.
+    out = cupy.empty(host.shape, dtype=host.dtype)
     stream = comm_stream()
-    with stream:
-        out = cupy.empty(host.shape, dtype=host.dtype)
-        out.set(host, stream=stream)
+    stream.wait_event(current.record())
+    out.set(host, stream=stream)
     done = stream.record()
-    cupy.cuda.get_current_stream().wait_event(done)
+    current.wait_event(done)
     _in_flight.append((done, host, keepalive))
     while _in_flight and _in_flight[0][0].done:
         _in_flight.pop(0)

@@ -1,6 +1,7 @@
 """User-defined differentiable operations with their own vector-Jacobian product."""
 from __future__ import annotations
 
+from .backend import operand
 from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
@@ -45,10 +46,12 @@ class CustomOp:
                                       f"@{self.name}.defvjp")
         tensors = [a for a in args if isinstance(a, Tensor)]
         comm = tensors[0].comm if tensors else None
-        raws = [a.data if isinstance(a, Tensor) else a for a in args]
+        raws = [a.data if isinstance(a, Tensor) else operand(a) for a in args]
         ans = self.forward(*raws, **kwargs)
         multi = isinstance(ans, tuple)
-        answers = ans if multi else (ans,)
+        # A forward written with NumPy alone still yields arrays of this process's backend.
+        answers = tuple(operand(a) for a in (ans if multi else (ans,)))
+        ans = answers if multi else answers[0]
         layouts = self._layouts(len(answers), any(t.distributed for t in tensors))
         outs = [Tensor(a, lay, comm) for a, lay in zip(answers, layouts)]
         tape = active_tape()
@@ -70,7 +73,7 @@ class CustomOp:
                             f"rank {_rank()}: vjp of custom_op {name!r} returned a cotangent "
                             f"of shape {tuple(getattr(c, 'shape', ()))} for argument {k}, "
                             f"expected its shape {tuple(a.shape)}")
-                return list(res)
+                return [operand(c) for c in res]
 
             tape.record(self.name, vjp, [a if isinstance(a, Tensor) else None for a in args],
                         outs, local=[any_distributed_out] * len(args), communicates=True,

@@ -6,7 +6,7 @@ import numpy as np
 from .autodiff import value_and_grad
 from .backend import asarray, to_numpy
 from .comm import world
-from .tensor import Tensor
+from .tensor import SERIAL, Tensor
 
 
 class GradientCheckError(AssertionError):
@@ -22,7 +22,9 @@ def _defaults(dtype):
 def _with(args, i, data):
     args = list(args)
     old = args[i]
-    args[i] = Tensor(asarray(data), old.layout, old.comm) if isinstance(old, Tensor) else data
+    # fn sees a Tensor, as under value_and_grad (a raw CuPy array would refuse RankInt).
+    args[i] = Tensor(asarray(data), old.layout, old.comm) if isinstance(old, Tensor) else \
+        Tensor(asarray(data), SERIAL, world())
     return args
 
 
@@ -81,7 +83,8 @@ def check_grad(fn, *args, argnums=None, eps=None, rtol=None, atol=None, max_elem
         argnums = (argnums,)
     if not argnums:
         raise ValueError(f"rank {comm.rank}: check_grad found no floating-point argument")
-    args = [a if isinstance(a, Tensor) else asarray(a) for a in args]
+    args = [a if isinstance(a, Tensor) or i not in argnums else asarray(a)
+            for i, a in enumerate(args)]
     f0, grads = value_and_grad(fn, argnums=tuple(argnums))(*args)
     f0 = float(to_numpy(f0).reshape(-1)[0])
     failures = []

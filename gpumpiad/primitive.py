@@ -7,6 +7,7 @@ is a distributed Tensor or a rank-dependent number (:class:`gpumpiad.comm.RankIn
 """
 from __future__ import annotations
 
+from .backend import operand
 from .comm import RANK_DEPENDENT
 from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
@@ -57,10 +58,12 @@ class Primitive:
                     if traced is None:
                         traced = [None] * len(args)
                     traced[k] = a
+            elif isinstance(a, RANK_DEPENDENT):
+                # Array libraries other than NumPy refuse int/float subclasses as scalars.
+                raws.append(int(a) if isinstance(a, int) else float(a))
+                distributed = True
             else:
-                raws.append(a)
-                if isinstance(a, RANK_DEPENDENT):
-                    distributed = True
+                raws.append(operand(a))
         ans = self.forward(*raws, **kwargs)
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if traced is not None:

@@ -154,7 +154,10 @@ def recv_buffer(shape, dtype, device, staged=None):
     staged = (not cuda_aware()) if staged is None else staged
     if staged:
         return backend.pinned_empty(shape, dtype)
-    return backend.array_module().empty(shape, dtype)
+    out = backend.array_module().empty(shape, dtype)
+    # The pool may return memory that work queued on the stream still reads; MPI writes at once.
+    backend.synchronize(out)
+    return out
 
 
 def deliver(buffer, device):

@@ -81,3 +81,40 @@ def test_cupy_backend_on_gpu():
     first, second = res.stdout.splitlines()
     assert first.split() == ["cupy", "cuda:0", "cupy"]
     assert abs(float(second)) < 1e-12
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_node_local_rank_from_the_launcher_or_a_split(monkeypatch):
+    """One node here: the node-local rank is the world rank, whether read from the launcher's
+    environment (no communication) or from the shared-memory split fallback."""
+    from mpi4py import MPI
+    from pytest_mpi import parallel_assert
+    rank = MPI.COMM_WORLD.rank
+    published = [v for v in backend._LOCAL_RANK_VARIABLES if v in os.environ]
+    # One rank runs inside pytest itself, without a launcher.
+    parallel_assert(bool(published) or MPI.COMM_WORLD.size == 1,
+                    "mpiexec published no node-local rank variable")
+    parallel_assert(backend.node_local_rank() == rank, f"{published}: not rank {rank}")
+    for name in backend._LOCAL_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    parallel_assert(backend.node_local_rank() == rank, f"split fallback: not rank {rank}")
+
+
+def test_operands_reach_forwards_as_plain_numbers_and_backend_arrays():
+    """mpi_rank()'s RankInt/RankFloat reach an op's forward as int/float (CuPy refuses their
+    subclasses) and NumPy operands as arrays of the backend; the output is still distributed."""
+    from gpumpiad.primitive import primitive
+    seen = []
+
+    def forward(x, k, w):
+        seen.append((type(k), type(w)))
+        return x * k + w
+
+    op = primitive(forward, name="probe").defvjp(lambda g, ans, x, k, w: g * k)
+    xp = backend.array_module()
+    x = gp.tensor([1.0, 2.0])
+    out = op(x, gp.mpi_rank() + 1, np.ones(2))
+    out2 = op(x, (gp.mpi_rank() + 1) * 0.5, np.ones(2))
+    assert seen == [(int, xp.ndarray), (float, xp.ndarray)], seen
+    assert out.distributed and out2.distributed
+    assert np.array_equal(out.numpy(), np.array([1.0, 2.0]) * (gp.mpi_rank() + 1) + 1.0)

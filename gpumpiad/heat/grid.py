@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from ..backend import asarray, to_numpy
 from ..comm import resolve, world
+from ..tensor import Tensor
 
 __all__ = ["Grid", "split_sizes"]
 
@@ -180,7 +181,7 @@ class Grid:
         Collective. Returns the field on ``root`` and ``None`` elsewhere, or on every rank when
         ``root`` is ``None``.
         """
-        patch = to_numpy(getattr(patch, "data", patch))
+        patch = to_numpy(patch.data if isinstance(patch, Tensor) else patch)
         if patch.shape != self.local_shape:
             raise ValueError(f"rank {self.rank}: gather expects this rank's patch of shape "
                              f"{self.local_shape}, got {patch.shape}")
