@@ -15,6 +15,7 @@ from pytest_mpi import parallel_assert
 
 import gpumpiad as gp
 from gpumpiad import mpi_bcast, mpi_rank, mpi_size, mpi_sum
+from gpumpiad.backend import get_array_module, to_numpy
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def short_timeouts(monkeypatch):
 
 
 def _same(a, b, rtol=1e-12):
-    return bool(np.allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=0.0))
+    return bool(np.allclose(to_numpy(a), to_numpy(b), rtol=rtol, atol=0.0))
 
 
 # -- ADCME test_simple: L = sum(mpi_sum(mpi_bcast(θ) ** rank)) ------------------------------
@@ -57,7 +58,7 @@ def test_seed_test_simple():
 
 def _flow_forward(aoa):
     n = 2 if MPI.COMM_WORLD.rank == 0 else 1
-    return np.full(n, 0.5, dtype=np.result_type(aoa)) * aoa
+    return get_array_module(aoa).full(n, 0.5, dtype=aoa.dtype) * aoa
 
 
 flow = gp.custom_op(_flow_forward, layout="distributed", name="flow")

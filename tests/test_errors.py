@@ -23,6 +23,7 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import gpumpiad as gp
+from gpumpiad.backend import to_numpy
 from gpumpiad import checkpoint
 from gpumpiad.checkpoint import CheckpointError
 from gpumpiad.heat import Grid, solve
@@ -85,8 +86,9 @@ def cases(r, P, tmp):
           [me, "data", "numeric dtype", "<U1"], subset=True),
         C("tensor: ragged list", lambda: gp.tensor([[1.0], [1.0, 2.0]]), TypeError,
           [me, "data", "array_like"]),
-        C("tensor: device array on the NumPy backend", lambda: gp.tensor(FakeDeviceArray()),
-          TypeError, [me, "data", "__cuda_array_interface__", "dtype object"]),
+        *([C("tensor: device array on the NumPy backend", lambda: gp.tensor(FakeDeviceArray()),
+             TypeError, [me, "data", "__cuda_array_interface__", "dtype object"])]
+          if gp.backend_name() == "numpy" else []),
         C("tensor: distributed not a bool", lambda: gp.tensor([1.0], distributed="yes"),
           TypeError, [me, "distributed", "True or False", "'yes'"]),
         C("tensor: comm of a wrong type", lambda: gp.tensor([1.0], comm=3), TypeError,
@@ -410,7 +412,7 @@ def test_non_contiguous_buffers_are_packed():
                     return gp.mpi_sum(gp.sum(gp.sin(program(t))))
                 g_view = gp.grad(loss)(gp.tensor(view, distributed=True))
                 g_packed = gp.grad(loss)(gp.tensor(packed, distributed=True))
-                if not np.array_equal(g_view, g_packed):
+                if not np.array_equal(to_numpy(g_view), to_numpy(g_packed)):
                     failures.append(f"{name} on a {kind} view: gradients differ")
             except Exception as exc:
                 failures.append(f"{name} on a {kind} view: {type(exc).__name__}: {exc}")
