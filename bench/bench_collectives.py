@@ -3,6 +3,12 @@ and mpi4jax where installed, at 8 B, 1 MB and 64 MB; and communication/compute o
 
 Run:  mpiexec -n 2 python bench/bench_collectives.py [--repeats 20] [--out FILE]
       MPIR_CVAR_ASYNC_PROGRESS=1 mpiexec -n 2 python bench/bench_collectives.py --overlap-only
+      GPUMPIAD_BACKEND=cupy mpiexec -n 2 python bench/bench_collectives.py   # device arrays
+
+On the CuPy backend the data live on the GPU and raw mpi4py gets what a user would write by
+hand: device arrays straight to MPI when it is CUDA-aware, else a copy to a pinned host buffer,
+the MPI call and a copy back. torch and mpi4jax are then left out (their GPU paths need NCCL or
+a CUDA build of mpi4jax).
 
 Every timing is the median over repeats of the slowest rank's time, each repeat starting after
 a barrier. Ratios are against raw mpi4py's blocking call of the same size.
@@ -18,6 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 import gpumpiad as gp
+from gpumpiad import backend, transport
 from _timing import median_time
 
 SIZES = {"8 B": 1, "1 MB": 1 << 17, "64 MB": 1 << 23}  # float64 elements
@@ -26,11 +33,50 @@ SIZES = {"8 B": 1, "1 MB": 1 << 17, "64 MB": 1 << 23}  # float64 elements
 def raw_cases(n, comm):
     P, r = comm.size, comm.rank
     x, out = np.random.default_rng(r).standard_normal(n), np.empty(n)
+    if backend.device_backend():
+        return raw_device_cases(x, comm)
     return {
         "allreduce": lambda: comm.Allreduce(x, out, op=MPI.SUM),
         "bcast": lambda: comm.Bcast(x if r == 0 else out, root=0),
         "sendrecv": lambda: comm.Sendrecv(x, (r + 1) % P, 0, out, (r - 1) % P, 0),
     }
+
+
+def raw_device_cases(host_x, comm):
+    """mpi4py on CuPy arrays, by hand: direct when MPI is CUDA-aware, else staged."""
+    import cupy
+    import cupyx
+    P, r = comm.size, comm.rank
+    x, out = cupy.asarray(host_x), cupy.empty(host_x.size)
+    stream = cupy.cuda.get_current_stream()
+
+    def call(mpi_call):
+        if transport.cuda_aware():
+            def run():
+                stream.synchronize()
+                mpi_call(x, out)
+                return out
+            return run
+        hx, hout = cupyx.empty_pinned(x.shape), cupyx.empty_pinned(x.shape)
+
+        def run():
+            x.get(out=hx)
+            mpi_call(hx, hout)
+            out.set(hout)
+            stream.synchronize()
+            return out
+        return run
+
+    return {
+        "allreduce": call(lambda a, b: comm.Allreduce(a, b, op=MPI.SUM)),
+        "bcast": call(lambda a, b: comm.Bcast(a if r == 0 else b, root=0)),
+        "sendrecv": call(lambda a, b: comm.Sendrecv(a, (r + 1) % P, 0, b, (r - 1) % P, 0)),
+    }
+
+
+def _ready(array):
+    backend.synchronize(array)
+    return array
 
 
 def gpumpiad_cases(n, comm):
@@ -43,13 +89,16 @@ def gpumpiad_cases(n, comm):
 
     programs = {"allreduce": gp.mpi_sum, "bcast": lambda x: gp.mpi_bcast(x, root=0),
                 "sendrecv": ring}
-    forward = {k: (lambda f=f: f(x).data) for k, f in programs.items()}
-    both = {k: (lambda f=f: gp.value_and_grad(lambda x: gp.mpi_sum(gp.sum(f(x))))(x))
-            for k, f in programs.items()}
+    forward = {k: (lambda f=f: _ready(f(x).data)) for k, f in programs.items()}
+    both = {k: (lambda f=f: _ready(
+        gp.value_and_grad(lambda x: gp.mpi_sum(gp.sum(f(x))))(x)[1]))
+        for k, f in programs.items()}
     return forward, both
 
 
 def torch_cases(n, comm):
+    if backend.device_backend():
+        return None, "not run on device arrays"
     try:
         import torch
         import torch.distributed as dist
@@ -74,6 +123,8 @@ def torch_cases(n, comm):
 
 
 def mpi4jax_cases(n, comm):
+    if backend.device_backend():
+        return None, "not run on device arrays"
     try:
         import jax.numpy as jnp
         import mpi4jax
@@ -86,28 +137,32 @@ def mpi4jax_cases(n, comm):
 
 def overlap(comm, repeats):
     """Asynchronous mpi_sum of 64 MB, then a ~50 ms matmul, then the sum's result is read."""
+    xp = backend.array_module()
     x = gp.tensor(np.ones(1 << 23), distributed=True)
-    a = np.random.default_rng(0).standard_normal((600, 600))
+    a = xp.asarray(np.random.default_rng(0).standard_normal((600, 600)))
+    _ready(a @ a)  # library handles and kernels load outside the sizing loop
     k = 1
     while True:  # size the compute to ~50 ms
         t0 = time.perf_counter()
         for _ in range(k):
-            a @ a
-        if time.perf_counter() - t0 > 0.05 or k > 4096:
+            b = a @ a
+        _ready(b)
+        if time.perf_counter() - t0 > 0.05 or k > 1 << 16:
             break
         k *= 2
 
     def compute():
         for _ in range(k):
-            a @ a
+            b = a @ a
+        return b
 
-    t_comm = median_time(lambda: gp.mpi_sum(x).data, repeats, comm)
-    t_comp = median_time(compute, repeats, comm)
+    t_comm = median_time(lambda: _ready(gp.mpi_sum(x).data), repeats, comm)
+    t_comp = median_time(lambda: _ready(compute()), repeats, comm)
 
     def both():
         s = gp.mpi_sum(x)  # posted, not waited for
-        compute()
-        return s.data
+        b = compute()
+        return _ready(s.data), _ready(b)
 
     t_both = median_time(both, repeats, comm)
     return t_comm, t_comp, t_both
@@ -154,7 +209,8 @@ def main():
         header = (f"ranks {comm.size}, {MPI.Get_library_version().splitlines()[0].strip()}, "
                   f"mpi4py {__import__('mpi4py').__version__}, numpy {np.__version__}, "
                   f"Python {platform.python_version()}, {platform.processor() or platform.machine()}"
-                  f", {os.cpu_count()} CPUs")
+                  f", {os.cpu_count()} CPUs; backend {gp.backend_name()}, data path "
+                  f"{transport.path_description()}")
         text = "\n".join([header, ""] + lines) + "\n"
         print(text)
         if args.out:
