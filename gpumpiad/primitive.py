@@ -7,6 +7,8 @@ is a distributed Tensor or a rank-dependent number (:class:`gpumpiad.comm.RankIn
 """
 from __future__ import annotations
 
+from numpy import ndarray
+
 from .backend import operand
 from .comm import RANK_DEPENDENT
 from .tape import active_tape
@@ -62,8 +64,10 @@ class Primitive:
                 # Array libraries other than NumPy refuse int/float subclasses as scalars.
                 raws.append(int(a) if isinstance(a, int) else float(a))
                 distributed = True
-            else:
+            elif type(a) is ndarray:
                 raws.append(operand(a))
+            else:
+                raws.append(a)
         ans = self.forward(*raws, **kwargs)
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if traced is not None:
