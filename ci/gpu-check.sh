@@ -4,9 +4,10 @@
 #
 #   ci/gpu-check.sh [probe] [tests] [main] [bench] [collectives]     (default: all five)
 #
-# Wheels in .whl/ (an MPI runtime such as the mpich wheel, mpi4py, nvtx, mpi-pytest) are installed
-# first when present, for machines that cannot reach a package index. Logs and result tables go
-# to $OUT (default ./gpu-out).
+# Expects CuPy, NumPy, SciPy, pytest and pytest-xdist installed; installs gpumpiad itself (editable,
+# without its dependencies) and, first, any wheels in .whl/ (an MPI runtime such as the mpich
+# wheel, mpi4py, nvtx, mpi-pytest) for machines that cannot reach a package index. Logs and result
+# tables go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
