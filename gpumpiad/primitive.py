@@ -43,6 +43,7 @@ class Primitive:
         distributed = False
         tape = active_tape()
         traced = None
+        ntraced = only = 0
         for k, a in enumerate(args):
             if type(a) is Tensor:
                 raws.append(a.data)
@@ -60,6 +61,8 @@ class Primitive:
                     if traced is None:
                         traced = [None] * len(args)
                     traced[k] = a
+                    ntraced += 1
+                    only = k
             elif isinstance(a, RANK_DEPENDENT):
                 # Array libraries other than NumPy refuse int/float subclasses as scalars.
                 raws.append(int(a) if isinstance(a, int) else float(a))
@@ -71,7 +74,16 @@ class Primitive:
         ans = self.forward(*raws, **kwargs)
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if traced is not None:
-            vjp, only = self._make_vjp(ans, raws, kwargs, traced)
+            # One traced, differentiable argument (most ops): its vjp returns its cotangent.
+            fn = None
+            if ntraced == 1 and self.vjp_all is None and only < len(self.vjps):
+                fn = self.vjps[only]
+            if fn is None:
+                vjp, only = self._make_vjp(ans, raws, kwargs, traced)
+            elif kwargs:
+                vjp = lambda g: fn(g, ans, *raws, **kwargs)  # noqa: E731
+            else:
+                vjp = lambda g: fn(g, ans, *raws)  # noqa: E731
             tape.record_local(self.name, vjp, traced, out, distributed, only)
         return out
 
