@@ -107,8 +107,10 @@ def device_backend() -> bool:
 def operand(a):
     """A non-Tensor operand as the backend's kernels take it: a NumPy array becomes a device
     array on the CuPy backend (CuPy refuses to mix the two); anything else is returned as is."""
-    if type(a) is numpy.ndarray and array_module() is not numpy:
-        return array_module().asarray(a)
+    if type(a) is numpy.ndarray:
+        xp = array_module()
+        if xp is not numpy:
+            return xp.asarray(a)
     return a
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from .autodiff import value_and_grad
 from .backend import asarray, to_numpy
 from .comm import world
-from .tensor import SERIAL, Tensor
+from .tensor import Tensor, tensor
 
 
 class GradientCheckError(AssertionError):
@@ -24,7 +24,7 @@ def _with(args, i, data):
     old = args[i]
     # fn sees a Tensor, as under value_and_grad (a raw CuPy array would refuse RankInt).
     args[i] = Tensor(asarray(data), old.layout, old.comm) if isinstance(old, Tensor) else \
-        Tensor(asarray(data), SERIAL, world())
+        tensor(data)
     return args
 
 

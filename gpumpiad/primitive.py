@@ -3,7 +3,8 @@
 A primitive wraps a forward function on raw arrays; its vector-Jacobian products are registered
 right after it with :meth:`Primitive.defvjp`, one per argument, each ``vjp(g, ans, *args, **kw)``
 returning the cotangent of that argument. Layout rule: the output is distributed when any input
-is a distributed Tensor or a rank-dependent number (:class:`gpumpiad.comm.RankInt`, :class:`~gpumpiad.comm.RankFloat`), else serial.
+is a distributed Tensor or a rank-dependent number (:class:`gpumpiad.comm.RankInt`,
+:class:`~gpumpiad.comm.RankFloat`), else serial.
 """
 from __future__ import annotations
 

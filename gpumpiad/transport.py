@@ -68,7 +68,7 @@ def cuda_aware() -> bool:
 
 def path_description() -> str:
     """Which data path device buffers take: ``"host"``, ``"cuda-aware"`` or ``"staged"``."""
-    if backend.backend_name() == "numpy":
+    if not backend.device_backend():
         return "host"
     return "cuda-aware" if cuda_aware() else "staged"
 

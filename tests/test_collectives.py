@@ -596,19 +596,17 @@ def test_host_staging_and_direct_paths_agree_bit_for_bit(monkeypatch):
 
     def run_all():
         results = {}
-        comms = _communicators()
-        seed = 0
-        for name, case in CASES.items():
-            for comm_name, comm in comms.items():
-                for layout in ("serial", "distributed"):
-                    seed += 1
-                    x = _input(case, comm, layout, seed)
-                    w = _weight(case.fn(x, comm).shape, seed)
-                    f = lambda x: gp.mpi_sum(gp.sum(w * case.fn(x, comm) ** 2))
-                    value, g = gp.value_and_grad(f)(x)
-                    results[name, comm_name, layout] = (to_numpy(value).copy(),
-                                                        to_numpy(g).copy(),
-                                                        case.fn(x, comm).numpy())
+
+        def run(name, case, comm_name, comm, layout, seed):
+            x = _input(case, comm, layout, seed)
+            w = _weight(case.fn(x, comm).shape, seed)
+            loss = lambda x: gp.mpi_sum(gp.sum(w * case.fn(x, comm) ** 2))  # noqa: E731
+            value, g = gp.value_and_grad(loss)(x)
+            results[name, comm_name, layout] = (to_numpy(value).copy(), to_numpy(g).copy(),
+                                                case.fn(x, comm).numpy())
+
+        problems = _run_cases(run)
+        assert not problems, problems
         return results
 
     settings = (("host", {"GPUMPIAD_STAGE_HOST_ARRAYS": "0"}),
