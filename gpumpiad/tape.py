@@ -6,12 +6,13 @@ position (an op whose output is distributed, or a sum across ranks): what it sen
 input there is only this rank's *share* of the total. Shares travel backwards through local
 serial ops (their VJPs are linear and the same on every rank) until they reach a *sink* — a
 collective node with serial outputs, recorded on every rank of its communicator — or a leaf.
-At a sink the shares are allreduced once into the value's total; the shares of all serial
+At a sink the shares are allreduced once into the value's total; the shares of the serial
 leaves are summed in one fused allreduce at the end of the pass.
 
-Whether a sink receives shares can depend on rank-dependent control flow, so the ranks agree on
-it first: one small allreduce (MAX) of a bitmap over each communicator's sinks at the start of
-the pass. Every rank then visits the nodes in the exact reverse of their recording order and
+Whether a sink or a leaf receives shares can depend on rank-dependent control flow, so the ranks
+agree on it first: one small allreduce (MAX) of a bitmap over each communicator's sinks and
+serial leaves at the start of the pass. A serial leaf that receives no share on any rank (a
+purely local function of it) needs no allreduce at all. Every rank then visits the nodes in the exact reverse of their recording order and
 runs every communicating node even when its cotangent is structurally zero, so all ranks issue
 the same reverse communications in the same order.
 """
@@ -59,9 +60,12 @@ class Tape:
         tensor._tape = self
         tensor._slot = self.nslots
         self.nslots += 1
-        self.origins.append(origins)
         if leaf:
+            if tensor.layout != DISTRIBUTED and tensor.comm.size > 1:
+                # A serial leaf is its own origin, numbered below the sinks (-1, -2, ...).
+                origins = frozenset((-1 - len(self.leaves),))
             self.leaves.append(tensor)
+        self.origins.append(origins)
         return tensor
 
     def record(self, name, vjp, inputs, outputs, local=None, communicates=False,
@@ -137,7 +141,7 @@ class Tape:
         share = [None] * self.nslots
         deferred = {}
         total[loss._slot] = seed
-        agreed = self._agree_on_sinks()
+        agreed = self._agree_on_shares()
         nodes = self.nodes
         # An eager node (a receive, whose reverse rule only sends) runs as soon as its outputs'
         # cotangents are complete, i.e. right after their first consumer is visited, so that
@@ -180,7 +184,7 @@ class Tape:
         for leaf in self.leaves:
             if leaf._slot in deferred:
                 _resolve(leaf, deferred, total, share)
-        _finalize_leaves(self.leaves, total, share)
+        _finalize_leaves(self.leaves, total, share, agreed)
         return [_writable(total[leaf._slot]) if total[leaf._slot] is not None
                 else _zeros_like(leaf) for leaf in self.leaves]
 
@@ -215,10 +219,9 @@ class Tape:
             gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gs, outs)])
             _accumulate(node, gins, total, share, True, deferred)
 
-    def _agree_on_sinks(self):
-        """Indices of the sinks that receive shares on some rank (collective per communicator)."""
-        if not self.sinks:
-            return _NO_ORIGINS
+    def _agree_on_shares(self):
+        """Which sinks (index k) and serial leaves (origin -1 - k) receive shares on some rank:
+        one small allreduce (MAX) of a bitmap per communicator, issued by every rank."""
         import numpy as np
         from mpi4py import MPI
 
@@ -227,18 +230,21 @@ class Tape:
         for k, node in enumerate(self.sinks):
             comm = node.outputs[0].comm
             by_comm.setdefault(id(comm), (comm, []))[1].append(k)
+        for k, leaf in enumerate(self.leaves):
+            if leaf.layout != DISTRIBUTED and leaf.comm.size > 1:
+                by_comm.setdefault(id(leaf.comm), (leaf.comm, []))[1].append(-1 - k)
         agreed = set()
         pending = []
-        for comm, indices in by_comm.values():
-            bits = np.array([k in self.marked for k in indices], dtype=np.uint8)
+        for comm, origins in by_comm.values():
+            bits = np.array([k in self.marked for k in origins], dtype=np.uint8)
             if comm.size == 1:
-                agreed.update(k for k, b in zip(indices, bits) if b)
+                agreed.update(k for k, b in zip(origins, bits) if b)
                 continue
-            pending.append((indices, comm.issue(
+            pending.append((origins, comm.issue(
                 "agreement on reverse-mode allreduces",
                 lambda c=comm, b=bits: start_allreduce(c.mpi, b, MPI.MAX), array=bits)))
-        for indices, p in pending:
-            agreed.update(k for k, b in zip(indices, p.wait()) if b)
+        for origins, p in pending:
+            agreed.update(k for k, b in zip(origins, p.wait()) if b)
         return agreed
 
 
@@ -322,16 +328,18 @@ def _finalize(t, total, share):
     total[t._slot] = summed if prev is None else prev + summed
 
 
-def _finalize_leaves(leaves, total, share):
-    """One fused allreduce, per communicator, of the per-rank shares of every serial leaf.
-
-    Serial leaves are always included, whatever this rank recorded, so that rank-dependent
-    control flow cannot make ranks disagree on whether the allreduce happens.
-    """
+def _finalize_leaves(leaves, total, share, agreed):
+    """One fused allreduce, per communicator, of the per-rank shares of the serial leaves that
+    receive shares on some rank (``agreed``: the ranks decided together, so rank-dependent
+    control flow cannot make them disagree on whether the allreduce happens)."""
     by_comm = {}
-    for leaf in leaves:
+    for k, leaf in enumerate(leaves):
         if leaf.layout != DISTRIBUTED and leaf.comm.size > 1:
-            by_comm.setdefault(id(leaf.comm), []).append(leaf)
+            if -1 - k in agreed:
+                by_comm.setdefault(id(leaf.comm), []).append(leaf)
+            elif share[leaf._slot] is not None:
+                raise RuntimeError(f"internal error: serial leaf {k} received a share that no "
+                                   "rank announced; its gradient would be incomplete")
         elif share[leaf._slot] is not None:
             g = share[leaf._slot]
             total[leaf._slot] = g if total[leaf._slot] is None else total[leaf._slot] + g

@@ -306,3 +306,27 @@ def test_fused_leaf_allreduce_with_rank_dependent_control_flow():
     parallel_assert(_same(ga, wa * np.ones(2)) and _same(gb, 2 * wb * b) and _same(gc, 2 * c)
                     and gc.dtype == np.float32, f"{ga}, {gb}, {gc} on rank {rank}")
     gp.check_grad(objective, a, b, c.astype(np.float64))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_leaf_allreduce_only_where_some_rank_has_shares(monkeypatch):
+    """A serial leaf used only in serial ops gets its total locally: the reverse pass issues the
+    one-bitmap agreement and no allreduce of the leaf's shares; one used per rank gets both."""
+    from gpumpiad.comm import Comm
+    size = mpi_size()
+    x = np.linspace(-1.0, 1.0, 5)
+    issued = []
+    real_issue = Comm.issue
+    monkeypatch.setattr(Comm, "issue", lambda self, call, *a, **k: (
+        issued.append(call), real_issue(self, call, *a, **k))[1])
+    calls = []
+    for fn, expected in ((lambda t: gp.sum(t * t), 2 * x),
+                         (lambda t: mpi_sum(gp.sum(t * t)), 2 * size * x)):
+        issued.clear()
+        g = gp.grad(fn)(x)
+        calls.append(list(issued))
+        parallel_assert(_same(g, expected), f"{g} != {expected}")
+    agree, leaf = "agreement on reverse-mode allreduces", "allreduce of serial cotangent shares"
+    wanted = ([[], ["mpi_sum(SUM)"]] if size == 1 else
+              [[agree], ["mpi_sum(SUM)", agree, leaf]])
+    parallel_assert(calls == wanted, f"communications issued: {calls}, expected {wanted}")
