@@ -7,7 +7,7 @@ cotangent of a serial value is the same total on every rank.
 from mpi4py import MPI as _MPI
 
 from . import backend
-from .autodiff import LossError, grad, value_and_grad
+from .autodiff import LossError, grad, value_and_grad, vjp
 from .backend import array_module, backend_name
 from .comm import Comm, RankInt, mpi_finalize, mpi_init, mpi_rank, mpi_size
 from .custom import custom_op
@@ -51,5 +51,5 @@ __all__ = [
     "mpi_recv", "mpi_reduce", "mpi_reduce_scatter", "mpi_scatter", "mpi_send", "mpi_sendrecv",
     "mpi_size", "mpi_sum", "multiply", "negative", "optimize", "path_description", "power",
     "reshape", "set_debug", "sin", "sqrt", "stack", "subtract", "sum", "tanh", "tensor",
-    "transpose", "value_and_grad", "where",
+    "transpose", "value_and_grad", "vjp", "where",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 import zlib
 
 import numpy as np
@@ -56,15 +57,18 @@ def value_and_grad(fn, argnums=0):
     IndexError
         ``argnums`` out of range for the arguments given.
     ValueError
-        NaN or Inf in a serial differentiated argument (every rank alike); in debug mode also
-        in a distributed one (checked collectively, raised on every rank).
+        Debug mode only: NaN or Inf in a differentiated argument (checked collectively before
+        ``fn`` runs, raised on every rank).
     CommunicationMismatch
         Debug mode only: a serial argument differs between ranks.
     LossError
-        ``fn`` did not return a finite, real, serial scalar Tensor (every rank alike).
+        ``fn`` did not return a finite, real, serial scalar Tensor (every rank alike). A
+        non-finite loss's message names the differentiated arguments that hold NaN or Inf
+        (and, for a distributed one, on which ranks).
 
-    Without debug mode a distributed argument's values are not checked; an error that one
-    rank alone raises inside ``fn`` ends the job through the abort hook (:mod:`gpumpiad.abort`).
+    Outside debug mode the arguments' values are read only when the loss is not finite, so
+    the check costs nothing on the common path; an error that one rank alone raises inside
+    ``fn`` ends the job through the abort hook (:mod:`gpumpiad.abort`).
 
     Examples
     --------
@@ -78,25 +82,85 @@ def value_and_grad(fn, argnums=0):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        _check_args(args, nums)
         tape = Tape()
-        args = list(args)
-        originals = [args[i] for i in nums]
-        for i in nums:
-            args[i] = tape.watch(_leaf(args[i]), leaf=True)
         try:
-            with recording(tape):
-                out = fn(*args, **kwargs)
-            _check_loss(out)
-            if out._tape is not tape:
-                tape.watch(out)
+            out, leaves = _trace(tape, fn, args, kwargs, nums)
+            _check_loss(out, leaves, nums)
             grads = tape.backward(out, get_array_module(out.data).ones_like(out.data))
         finally:
             tape.release()
-        grads = [_like_input(g, x) for g, x in zip(grads, originals)]
-        return out.data, (tuple(grads) if multi else grads[0])
+        return out.data, _gradients(grads, [args[i] for i in nums], multi)
 
     return wrapper
+
+
+def vjp(fn, *args, argnums=0):
+    """Evaluate ``fn(*args)`` and return its value with a function that pulls a cotangent of
+    the value back to the arguments ``argnums`` (a vector-Jacobian product).
+
+    Parameters
+    ----------
+    fn : callable
+        Takes arrays or Tensors, returns a Tensor of real floating dtype, of any shape and
+        layout.
+    *args
+        The arguments, as for :func:`value_and_grad`.
+    argnums : int or tuple of int
+
+    Returns
+    -------
+    value : array
+        ``fn(*args)``'s data.
+    pullback : callable
+        ``pullback(cotangent) -> gradient`` (a tuple when ``argnums`` is a tuple). The cotangent
+        has the value's shape; for a serial value it is the global cotangent, the same on every
+        rank, for a distributed one this rank's piece. Every rank calls ``pullback`` together
+        (it communicates), as often as wanted; the recorded operations are kept until the
+        pullback is dropped.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> value, pullback = gpumpiad.vjp(lambda x: x * x, np.array([1.0, 2.0]))
+    >>> pullback(np.array([1.0, 10.0])).tolist()
+    [2.0, 40.0]
+    """
+    multi, nums = _check_fn_argnums(fn, argnums, "vjp")
+    tape = Tape()
+    try:
+        out, _ = _trace(tape, fn, args, {}, nums)
+        _check_value(out)
+    except BaseException:
+        tape.release()
+        raise
+    originals = [args[i] for i in nums]
+    xp = get_array_module(out.data)
+
+    def pullback(cotangent):
+        seed = _cotangent(cotangent, out, xp)
+        return _gradients(tape.backward(out, seed), originals, multi)
+
+    weakref.finalize(pullback, tape.release)
+    return out.data, pullback
+
+
+def _trace(tape, fn, args, kwargs, nums):
+    """Run ``fn`` on ``tape`` with the arguments ``nums`` as leaves; return ``(out, args)``,
+    ``args`` with those arguments replaced by their leaves."""
+    _check_args(args, nums)
+    args = list(args)
+    for i in nums:
+        args[i] = tape.watch(_leaf(args[i]), leaf=True)
+    with recording(tape):
+        out = fn(*args, **kwargs)
+    if isinstance(out, Tensor) and out._tape is not tape:
+        tape.watch(out)
+    return out, args
+
+
+def _gradients(grads, originals, multi):
+    grads = [_like_input(g, x) for g, x in zip(grads, originals)]
+    return tuple(grads) if multi else grads[0]
 
 
 def grad(fn, argnums=0):
@@ -138,17 +202,16 @@ def _check_fn_argnums(fn, argnums, name):
 
 
 def _check_args(args, nums):
-    """The differentiated arguments: in range, real floating point, finite.
+    """The differentiated arguments: in range and real floating point.
 
-    Serial arguments are checked locally (the same outcome on every rank, their values being
-    the same). Distributed ones are checked for NaN/Inf only in debug mode, collectively; in
-    debug mode serial ones are also checked to be equal on every rank (checksum allgather).
+    Their values are not read here (a pass over every argument on every call): NaN or Inf in an
+    argument shows up as a non-finite loss, and :func:`_check_loss` then names the arguments
+    that hold them. Debug mode checks every argument's values up front, collectively: finite,
+    and serial ones equal on every rank (checksum allgather).
     """
-    rank = None
     for i in nums:
         if not -len(args) <= i < len(args):
-            rank = _rank()
-            raise IndexError(f"rank {rank}: argnums {i} is out of range for {len(args)} "
+            raise IndexError(f"rank {_rank()}: argnums {i} is out of range for {len(args)} "
                              f"argument(s); expected -{len(args)} <= argnums < {len(args)}")
     debug = debug_enabled()
     groups = {}
@@ -162,15 +225,16 @@ def _check_args(args, nums):
             what = getattr(data, "dtype", type(data).__name__)
             raise TypeError(f"rank {_rank()}: argument {i} (argnums) must be a real "
                             f"floating-point array or Tensor to differentiate, got {what}")
-        distributed = isinstance(x, Tensor) and x.distributed
-        if not distributed and not bool(get_array_module(data).isfinite(data).all()):
-            raise ValueError(f"rank {_rank()}: argument {i} (argnums) holds NaN or Inf: "
-                             f"expected finite values")
         if debug:
             comm = x.comm if isinstance(x, Tensor) else None
+            distributed = isinstance(x, Tensor) and x.distributed
             groups.setdefault(id(comm), (comm, []))[1].append((i, data, distributed))
     for comm, entries in groups.values():
         _debug_check_args(comm, entries)
+
+
+def _finite(data):
+    return bool(get_array_module(data).isfinite(data).all())
 
 
 def _debug_check_args(comm, entries):
@@ -178,7 +242,7 @@ def _debug_check_args(comm, entries):
     from .comm import resolve
     comm = resolve(comm)
     mine = np.array([
-        (int(not bool(get_array_module(d).isfinite(d).all())) if dist else
+        (int(not _finite(d)) if dist else
          zlib.crc32(np.ascontiguousarray(to_numpy(d)).tobytes()) & 0x7FFFFFFF)
         for _, d, dist in entries], dtype=np.int64)
     table = np.empty((comm.size, mine.size), dtype=np.int64)
@@ -187,12 +251,15 @@ def _debug_check_args(comm, entries):
         return [comm.mpi.Iallgather(mine, table)], None
 
     comm.issue("value_and_grad argument check", start, collective=False).wait()
-    for k, (i, _, dist) in enumerate(entries):
+    for k, (i, data, dist) in enumerate(entries):
         column = table[:, k]
         if dist and column.any():
             raise ValueError(f"rank {comm.rank}: argument {i} (argnums, distributed) holds NaN "
                              f"or Inf on rank(s) {np.flatnonzero(column).tolist()}: expected "
                              "finite values (checked in debug mode)")
+        if not dist and not _finite(data):
+            raise ValueError(f"rank {comm.rank}: argument {i} (argnums) holds NaN or Inf: "
+                             "expected finite values")
         if not dist and np.any(column != column[0]):
             groups = {}
             for r, c in enumerate(column):
@@ -204,7 +271,28 @@ def _debug_check_args(comm, entries):
                 "gpumpiad.tensor(x, distributed=True) for a per-rank value")
 
 
-def _check_loss(out):
+def _check_value(out):
+    """vjp's value: a Tensor of real floating dtype."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"rank {_rank()}: vjp's fn must return a gpumpiad Tensor, got "
+                        f"{type(out).__name__}")
+    if out.dtype.kind != "f":
+        raise TypeError(f"rank {_rank()}: vjp's fn must return a Tensor of real floating "
+                        f"dtype, got {out.dtype}")
+
+
+def _cotangent(cotangent, out, xp):
+    """The pullback's cotangent as an array of ``out``'s kind, dtype and shape."""
+    if isinstance(cotangent, Tensor):
+        cotangent = cotangent.data
+    seed = xp.asarray(cotangent, dtype=out.dtype)
+    if seed.shape != out.shape:
+        raise ValueError(f"rank {_rank()}: the pullback's cotangent must have the value's "
+                         f"shape {out.shape}, got {seed.shape}")
+    return seed
+
+
+def _check_loss(out, args, nums):
     rank = _rank()
     if not isinstance(out, Tensor):
         raise LossError(f"rank {rank}: the function must return a gpumpiad Tensor (the loss), "
@@ -220,7 +308,33 @@ def _check_loss(out):
     value = float(to_numpy(out.data).reshape(-1)[0])
     if not math.isfinite(value):
         raise LossError(f"rank {rank}: the loss is {value!r}: expected a finite value "
-                        "(the loss is serial, so every rank sees the same)")
+                        "(the loss is serial, so every rank sees the same)"
+                        + "".join(f"; {cause}" for cause in _nonfinite_args(args, nums, out.comm)))
 
 
-__all__ = ["value_and_grad", "grad", "LossError"]
+def _nonfinite_args(args, nums, comm):
+    """Which differentiated arguments hold NaN or Inf, for the error of a non-finite loss.
+
+    Every rank of the loss's communicator gets here together (the loss is serial), so the
+    distributed arguments on that communicator are checked with one allgather of flags.
+    """
+    causes, shared = [], []
+    for i in nums:
+        x = args[i]
+        data = x.data if isinstance(x, Tensor) else x
+        if not (isinstance(x, Tensor) and x.distributed):
+            if not _finite(data):
+                causes.append(f"argument {i} (argnums) holds NaN or Inf")
+        elif x.comm.mpi == comm.mpi:
+            shared.append((i, not _finite(data)))
+    if shared:
+        table = comm.mpi.allgather([bad for _, bad in shared])
+        for k, (i, _) in enumerate(shared):
+            ranks = [r for r, flags in enumerate(table) if flags[k]]
+            if ranks:
+                causes.append(f"argument {i} (argnums, distributed) holds NaN or Inf on "
+                              f"rank(s) {ranks}")
+    return causes
+
+
+__all__ = ["value_and_grad", "grad", "vjp", "LossError"]

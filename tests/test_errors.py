@@ -115,6 +115,11 @@ def cases(r, P, tmp):
         C("value_and_grad: Inf in argnums 1",
           lambda: vg(lambda a, b: gp.sum(a * b), argnums=1)(x, np.full(2, np.inf)),
           ValueError, [me, "argument 1", "NaN or Inf"]),
+        C("value_and_grad: NaN in a distributed argument makes the loss NaN (one rank)",
+          lambda: vg(lambda t: gp.mpi_sum(gp.sum(t)))(
+              gp.tensor([np.nan if r == 0 else 1.0], distributed=True)),
+          gp.LossError, [me, "loss is nan", "argument 0 (argnums, distributed) holds NaN or "
+                         "Inf on rank(s) [0]"]),
         C("value_and_grad: NaN in a distributed argument (debug, one rank)",
           lambda: vg(lambda t: gp.mpi_sum(gp.sum(t)))(
               gp.tensor([np.nan if r == 0 else 1.0], distributed=True)),
