@@ -81,15 +81,40 @@ class Comm:
     True
     """
 
-    def __init__(self, mpi_comm=None):
+    def __init__(self, mpi_comm=None, owned=False):
         self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
         self.lock = threading.RLock()
         self.sequence = 0
+        self.owned = owned  # created by split/dup/cart: free() releases it
 
     def __repr__(self):
         return f"Comm(rank={self.rank}, size={self.size})"
+
+    def free(self):
+        """Release a communicator made by :meth:`split`, :meth:`dup` or :meth:`cart`
+        (``MPI_Comm_free``; collective). MPI has a limited number of communicators per process
+        (about 2000 with MPICH), so a program that makes them in a loop frees them, or uses
+        ``with``. Communicators gpumpiad did not create (the world, a wrapped mpi4py one) are
+        left alone. Idempotent.
+
+        Examples
+        --------
+        >>> import gpumpiad
+        >>> with gpumpiad.Comm().dup() as comm:
+        ...     comm.size == gpumpiad.mpi_size()
+        True
+        """
+        if self.owned and self.mpi != MPI.COMM_NULL:
+            self.mpi.Free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+        return False
 
     def split(self, color, key=None):
         """A sub-communicator of the ranks that pass the same ``color`` (``MPI_Comm_split``).
@@ -108,11 +133,12 @@ class Comm:
         problems = [p for p in self.mpi.allgather(problem) if p is not None]
         if problems:
             raise ValueError(f"rank {self.rank}: Comm.split: " + "; ".join(problems))
-        return Comm(self.mpi.Split(int(color), self.rank if key is None else int(key)))
+        return Comm(_create(self, "split", lambda: self.mpi.Split(
+            int(color), self.rank if key is None else int(key))), owned=True)
 
     def dup(self):
         """A duplicate communicator: same ranks, separate message space (``MPI_Comm_dup``)."""
-        return Comm(self.mpi.Dup())
+        return Comm(_create(self, "dup", self.mpi.Dup), owned=True)
 
     def cart(self, dims=None, periods=None, ndims=2):
         """A Cartesian communicator; ``dims`` default to ``MPI.Compute_dims(size, ndims)``.
@@ -146,7 +172,8 @@ class Comm:
         if len(periods) != len(dims):
             raise ValueError(f"rank {self.rank}: Comm.cart's periods must give one bool per "
                              f"dimension ({len(dims)}), got {periods!r}")
-        return CartComm(self.mpi.Create_cart(dims, periods=periods, reorder=False))
+        return CartComm(_create(self, "cart", lambda: self.mpi.Create_cart(
+            dims, periods=periods, reorder=False)), owned=True)
 
     def issue(self, call, start, *, collective=True, root=None, array=None, layout=None,
               same_shape=True, serial_value=False):
@@ -172,11 +199,22 @@ class Comm:
                           array=array).wait()
 
 
+def _create(comm, name, make):
+    """``make()``, a new MPI communicator; MPI's refusal comes back with what to do about it."""
+    try:
+        return make()
+    except MPI.Exception as exc:
+        raise RuntimeError(
+            f"rank {comm.rank}: Comm.{name} could not create a communicator: {exc}. If the "
+            "program makes communicators (Comm.split/dup/cart, heat.Grid) repeatedly, free "
+            "the ones it no longer uses: .free(), or a `with` block") from None
+
+
 class CartComm(Comm):
     """A :class:`Comm` with a Cartesian topology."""
 
-    def __init__(self, mpi_comm):
-        super().__init__(mpi_comm)
+    def __init__(self, mpi_comm, owned=False):
+        super().__init__(mpi_comm, owned)
         self.dims = tuple(mpi_comm.Get_topo()[0])
         self.periods = tuple(bool(p) for p in mpi_comm.Get_topo()[1])
         self.coords = tuple(mpi_comm.Get_coords(self.rank))

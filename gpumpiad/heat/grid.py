@@ -108,6 +108,18 @@ class Grid:
         self.neighbours = (north, south, west, east)
         self.h = (1.0 / (self.shape[0] + 1), 1.0 / (self.shape[1] + 1))
 
+    def free(self):
+        """Release the grid's Cartesian communicator (collective); see :meth:`Comm.free`.
+        ``with Grid(...) as grid:`` frees it at the end of the block."""
+        self.cart.free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+        return False
+
     def __repr__(self):
         return (f"Grid(shape={self.shape}, dims={self.dims}, rank={self.cart.rank}, "
                 f"coords={self.coords}, local_shape={self.local_shape})")

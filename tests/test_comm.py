@@ -1,0 +1,54 @@
+"""Communicators made by gpumpiad (split, dup, cart, heat.Grid) are released by free()/with.
+
+MPI allots each process a limited number of communicators (2048 context ids with MPICH):
+without freeing, a program that builds a Grid per iteration fails after about 2000.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import gpumpiad as gp
+from gpumpiad.heat import Grid
+
+MANY = 2500  # more than MPICH's 2048 communicators per process
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_freed_communicators_can_be_made_without_end():
+    rank, size = gp.mpi_rank(), gp.mpi_size()
+    for _ in range(MANY):
+        with Grid((8, 6)) as grid:
+            pass
+    parallel_assert(grid.cart.mpi == MPI.COMM_NULL, "the grid's communicator was not freed")
+    for _ in range(MANY):
+        with gp.Comm().split(rank % 2) as half:
+            pass
+    parallel_assert(half.mpi == MPI.COMM_NULL)
+    # Still usable afterwards: a collective on a fresh communicator and on the world.
+    with gp.Comm().dup() as comm:
+        total = gp.mpi_sum(gp.tensor([1.0], distributed=True), comm=comm).item()
+    parallel_assert(total == size)
+    world = gp.Comm()
+    world.free()  # not gpumpiad's to free: left alone
+    parallel_assert(world.mpi == MPI.COMM_WORLD and gp.mpi_sum(np.ones(1)).item() == size)
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_running_out_of_communicators_says_what_to_do():
+    made = []
+    try:
+        with pytest.raises(RuntimeError) as info:
+            for _ in range(MANY):
+                made.append(gp.Comm().dup())
+    finally:
+        for comm in made:
+            comm.free()
+    message = str(info.value)
+    parallel_assert(message.startswith(f"rank {gp.mpi_rank()}: Comm.dup could not create a "
+                                       "communicator") and ".free()" in message
+                    and "with" in message, message)
+    with Grid((4, 4)) as grid:  # the freed ones are available again
+        parallel_assert(grid.cart.size == gp.mpi_size())
