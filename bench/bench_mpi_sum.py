@@ -1,11 +1,21 @@
-"""``mpi_sum`` forward + backward against a raw mpi4py ``Allreduce`` of the same buffer.
+"""``mpi_sum`` forward + backward against raw mpi4py ``Allreduce`` calls moving the same data.
 
     mpiexec -n 2 python bench/bench_mpi_sum.py [--repeats 30]
 
-gpumpiad: ``grad(lambda x: sum(mpi_sum(x)))`` on a serial float64 array (forward allreduce of x,
-backward allreduce of the leaf's share: two allreduces, plus the local sum and its broadcast
-cotangent). Raw: two ``Comm.Allreduce`` calls on preallocated buffers. Each repeat starts after a barrier; the median over repeats of the slowest
-rank's time is reported, with the ratio (target <= 1.05 at 1 MB and above).
+Three programs, float64, 8 B / 1 MB / 64 MB per rank:
+
+- ``vjp serial``: ``value, pullback = vjp(mpi_sum, x)`` and ``pullback(ȳ)`` for a serial ``x``:
+  the forward allreduce of x and the reverse allreduce of the shares (x is a term on every
+  rank, so its cotangent is P·ȳ). Raw: two ``Allreduce`` calls (x, then ȳ).
+- ``vjp distributed``: the same for a distributed ``x``: ȳ passes straight back to every
+  rank's term, no reverse communication. Raw: one ``Allreduce``.
+- ``grad of sum``: ``grad(lambda x: sum(mpi_sum(x)))``, serial x: the two allreduces plus the
+  loss's own array work (the local sum, its broadcast cotangent written out for MPI). Raw: the
+  same two ``Allreduce`` calls, not that array work.
+
+Raw calls use preallocated buffers. Each repeat starts after a barrier; the median over repeats
+of the slowest rank's time is reported, with the ratio (target <= 1.05 at 1 MB and above for
+mpi_sum's forward + backward).
 """
 from __future__ import annotations
 
@@ -18,6 +28,32 @@ import gpumpiad as gp
 from _timing import median_time
 
 SIZES = {"8 B": 8, "1 MB": 1 << 20, "64 MB": 64 << 20}
+PROGRAMS = ("vjp serial", "vjp distributed", "grad of sum")
+
+
+def programs(comm, n):
+    """``{name: (gpumpiad program, raw program)}`` for ``n`` float64 elements."""
+    x = np.random.default_rng(0).standard_normal(n)
+    ybar = np.random.default_rng(1).standard_normal(n)
+    x_dist = gp.tensor(x * (comm.rank + 1), distributed=True)
+    out, back = np.empty_like(x), np.empty_like(x)
+
+    def raw_once():
+        comm.Allreduce(x, out, op=MPI.SUM)
+
+    def raw_twice():
+        comm.Allreduce(x, out, op=MPI.SUM)
+        comm.Allreduce(ybar, back, op=MPI.SUM)
+
+    def vjp(arg):
+        def run():
+            _, pullback = gp.vjp(gp.mpi_sum, arg)
+            return pullback(ybar)
+        return run
+
+    grad = gp.grad(lambda t: gp.sum(gp.mpi_sum(t)))
+    return dict(zip(PROGRAMS, ((vjp(x), raw_twice), (vjp(x_dist), raw_once),
+                               (lambda: grad(x), raw_twice))))
 
 
 def main():
@@ -27,27 +63,18 @@ def main():
     comm = MPI.COMM_WORLD
     rows = []
     for label, nbytes in SIZES.items():
-        n = nbytes // 8
-        x = np.random.default_rng(0).standard_normal(n)
-        w = np.ones(n)
-        grad = gp.grad(lambda x: gp.sum(gp.mpi_sum(x)))
-        out = np.empty_like(x)
-        back = np.empty_like(x)
-
-        def raw():
-            comm.Allreduce(x, out, op=MPI.SUM)
-            comm.Allreduce(w, back, op=MPI.SUM)
-
         repeats = args.repeats if nbytes < (16 << 20) else max(5, args.repeats // 3)
-        t_raw = median_time(raw, repeats, comm)
-        t_gp = median_time(lambda: grad(x), repeats, comm)
-        rows.append((label, t_gp, t_raw))
+        for name, (ours, raw) in programs(comm, nbytes // 8).items():
+            t_raw = median_time(raw, repeats, comm)
+            t_gp = median_time(ours, repeats, comm)
+            rows.append((name, label, t_gp, t_raw))
     if comm.rank == 0:
-        print(f"mpi_sum forward+backward vs 2x raw Allreduce, {comm.size} ranks, "
+        print(f"mpi_sum forward+backward vs raw Allreduce, {comm.size} ranks, "
               f"{MPI.Get_library_version().splitlines()[0].strip()}")
-        print(f"{'size':>6} {'gpumpiad':>12} {'raw mpi4py':>12} {'ratio':>7}")
-        for label, t_gp, t_raw in rows:
-            print(f"{label:>6} {1e6 * t_gp:10.1f}us {1e6 * t_raw:10.1f}us {t_gp / t_raw:7.2f}")
+        print(f"{'program':>16} {'size':>6} {'gpumpiad':>12} {'raw mpi4py':>12} {'ratio':>7}")
+        for name, label, t_gp, t_raw in sorted(rows, key=lambda r: PROGRAMS.index(r[0])):
+            print(f"{name:>16} {label:>6} {1e6 * t_gp:10.1f}us {1e6 * t_raw:10.1f}us "
+                  f"{t_gp / t_raw:7.2f}")
 
 
 if __name__ == "__main__":
