@@ -28,9 +28,13 @@ DISTRIBUTED = "distributed"
 class Node:
     """One recorded operation: ``vjp(output_cotangents) -> input cotangents``."""
 
-    __slots__ = ("name", "vjp", "inputs", "outputs", "local", "communicates", "sink", "only")
+    __slots__ = ("name", "vjp", "inputs", "outputs", "local", "communicates", "sink", "only",
+                 "takes_none")
 
-    def __init__(self, name, vjp, inputs, outputs, local, communicates, sink, only=-1):
+    def __init__(self, name, vjp, inputs, outputs, local, communicates, sink, only=-1,
+                 takes_none=False):
+        # takes_none: the vjp takes None for an output cotangent that is structurally zero.
+        self.takes_none = takes_none
         # only >= 0: a local op whose vjp(g) returns the cotangent of that one input alone.
         self.only = only
         self.name = name
@@ -69,7 +73,7 @@ class Tape:
         return tensor
 
     def record(self, name, vjp, inputs, outputs, local=None, communicates=False,
-               collective=False, eager=False):
+               collective=False, eager=False, takes_none=False):
         """Record a node. ``inputs`` holds Tensors or ``None`` for arguments that need no cotangent.
 
         ``local[i]`` is True when input ``i`` sits in a per-rank position; ``communicates`` makes
@@ -77,7 +81,9 @@ class Tape:
         ``collective`` says every rank of the outputs' communicator records this node (all
         communication primitives and custom ops), so its serial outputs can be sinks;
         ``eager`` lets the reverse pass run the node as soon as its outputs' cotangents are
-        complete (for a receive, whose reverse rule only sends).
+        complete (for a receive, whose reverse rule only sends); ``takes_none`` passes ``None``
+        instead of an array of zeros for an output no cotangent reached (a send's unused
+        result), so that the vjp can skip the arithmetic.
         """
         inputs = [t if (t is None or t._tape is self) else None for t in inputs]
         if local is None:
@@ -100,7 +106,7 @@ class Tape:
         if collective and any(out.layout != DISTRIBUTED for out in outputs):
             sink = len(self.sinks)
             origins = frozenset((sink,))
-        node = Node(name, vjp, inputs, outputs, local, communicates, sink)
+        node = Node(name, vjp, inputs, outputs, local, communicates, sink, -1, takes_none)
         if sink >= 0:
             self.sinks.append(node)
         for out in outputs:
@@ -211,7 +217,9 @@ class Tape:
                     _finalize(out, total, share)
         gt = [total[o._slot] for o in outs]
         if node.communicates or any(g is not None for g in gt):
-            gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gt, outs)])
+            if not node.takes_none:
+                gt = [_zeros_like(o) if g is None else g for g, o in zip(gt, outs)]
+            gins = node.vjp(gt)
             _accumulate(node, gins, total, share, False, deferred)
         gs = [share[o._slot] for o in outs]
         if any(g is not None for g in gs):
@@ -275,7 +283,10 @@ class Deferred:
 
     def resolve(self):
         g = self.pending.wait()
-        return g if self.plus is None else self.plus + g
+        if self.plus is None:
+            return g
+        g += self.plus  # g is a fresh receive buffer: no new array of its size
+        return g
 
 
 def _resolve(t, deferred, total, share):

@@ -20,7 +20,8 @@ def pending_tensor(pending, layout, comm):
     return Tensor(None, layout, comm, pending=pending)
 
 
-def record(name, vjp, inputs, outputs, local=None, communicates=True, eager=False):
+def record(name, vjp, inputs, outputs, local=None, communicates=True, eager=False,
+           takes_none=False):
     """Record a communication node whenever a tape is active, traced inputs or not.
 
     A collective's output must be traced on every rank alike, or ranks would disagree about the
@@ -29,7 +30,7 @@ def record(name, vjp, inputs, outputs, local=None, communicates=True, eager=Fals
     tape = active_tape()
     if tape is not None:
         tape.record(name, vjp, inputs, outputs, local=local, communicates=communicates,
-                    collective=True, eager=eager)
+                    collective=True, eager=eager, takes_none=takes_none)
 
 
 def check_root(root, comm, name):
@@ -71,7 +72,9 @@ def offsets(rows):
 
 
 def zeros_like(array):
-    return get_array_module(array).zeros_like(array)
+    """Zeros shaped like ``array``: ``zeros`` rather than ``zeros_like``, because NumPy then
+    takes zeroed pages from the system instead of writing every element."""
+    return get_array_module(array).zeros(array.shape, array.dtype)
 
 
 __all__ = ["REVERSE_TAG", "as_tensor", "check_root", "check_rows", "is_device_array", "offsets",

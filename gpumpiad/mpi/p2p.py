@@ -88,7 +88,7 @@ def mpi_send(x, dest, tag=0, comm=None):
         return [Deferred(_recv_now(comm, x, dest, back_tag, "mpi_send (reverse: recv)"),
                          plus=gs[0])]
 
-    record("mpi_send", vjp, [x], [out], local=[True])
+    record("mpi_send", vjp, [x], [out], local=[True], takes_none=True)
     return out
 
 
@@ -162,9 +162,12 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
             return [Deferred(_recv_now(comm, x, dest, back_tag,
                                        "mpi_sendrecv (reverse: recv)"), plus=g)]
         if comm.rank == dest:
+            if g is None:
+                g = zeros_like(x.data)
             _post_send(comm, g, source, back_tag, "mpi_sendrecv (reverse: send)")
             return [zeros_like(g)]
         return [g]
 
-    record("mpi_sendrecv", vjp, [x], [out], local=[True], eager=comm.rank == dest != source)
+    record("mpi_sendrecv", vjp, [x], [out], local=[True], eager=comm.rank == dest != source,
+           takes_none=True)
     return out
