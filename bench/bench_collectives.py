@@ -5,13 +5,22 @@ Run:  mpiexec -n 2 python bench/bench_collectives.py [--repeats 20] [--out FILE]
       MPIR_CVAR_ASYNC_PROGRESS=1 mpiexec -n 2 python bench/bench_collectives.py --overlap-only
       GPUMPIAD_BACKEND=cupy mpiexec -n 2 python bench/bench_collectives.py   # device arrays
 
+Each call moves a distributed float64 array ``x``: ``mpi_sum(x)``, ``mpi_bcast(x, root=0)``, and
+a ring (send ``x`` to the next rank, receive from the previous one). Forward+backward is
+``value, pullback = vjp(call, x)`` and ``pullback(ȳ)``; its raw counterpart is the forward call
+plus the reverse communication written by hand: none for allreduce and bcast (the result is
+serial, so ȳ is already the total: x̄ = ȳ on every rank, resp. on the root), the ring in the
+other direction for sendrecv. torch and mpi4jax run the forward call (mpi4jax under
+``jax.jit``); mpi4jax's forward+backward is ``jax.jit(jax.grad(...))`` of the allreduce, the one
+of the three it can differentiate.
+
 On the CuPy backend the data live on the GPU and raw mpi4py gets what a user would write by
 hand: device arrays straight to MPI when it is CUDA-aware, else a copy to a pinned host buffer,
 the MPI call and a copy back. torch and mpi4jax are then left out (their GPU paths need NCCL or
 a CUDA build of mpi4jax).
 
 Every timing is the median over repeats of the slowest rank's time, each repeat starting after
-a barrier. Ratios are against raw mpi4py's blocking call of the same size.
+a barrier. Ratios are against raw mpi4py's blocking calls.
 """
 from __future__ import annotations
 
@@ -31,15 +40,24 @@ SIZES = {"8 B": 1, "1 MB": 1 << 17, "64 MB": 1 << 23}  # float64 elements
 
 
 def raw_cases(n, comm):
+    """``{call: (forward, forward + the reverse communication)}`` in raw mpi4py."""
     P, r = comm.size, comm.rank
     x, out = np.random.default_rng(r).standard_normal(n), np.empty(n)
     if backend.device_backend():
         return raw_device_cases(x, comm)
-    return {
-        "allreduce": lambda: comm.Allreduce(x, out, op=MPI.SUM),
-        "bcast": lambda: comm.Bcast(x if r == 0 else out, root=0),
-        "sendrecv": lambda: comm.Sendrecv(x, (r + 1) % P, 0, out, (r - 1) % P, 0),
-    }
+    back = np.empty(n)
+
+    def ring():
+        comm.Sendrecv(x, (r + 1) % P, 0, out, (r - 1) % P, 0)
+
+    def ring_and_back():
+        ring()
+        comm.Sendrecv(out, (r - 1) % P, 1, back, (r + 1) % P, 1)
+
+    allreduce = lambda: comm.Allreduce(x, out, op=MPI.SUM)  # noqa: E731
+    bcast = lambda: comm.Bcast(x if r == 0 else out, root=0)  # noqa: E731
+    return {"allreduce": (allreduce, allreduce), "bcast": (bcast, bcast),
+            "sendrecv": (ring, ring_and_back)}
 
 
 def raw_device_cases(host_x, comm):
@@ -47,31 +65,32 @@ def raw_device_cases(host_x, comm):
     import cupy
     import cupyx
     P, r = comm.size, comm.rank
-    x, out = cupy.asarray(host_x), cupy.empty(host_x.size)
+    x, out, back = cupy.asarray(host_x), cupy.empty(host_x.size), cupy.empty(host_x.size)
     stream = cupy.cuda.get_current_stream()
 
-    def call(mpi_call):
+    def call(mpi_call, src, dst):
         if transport.cuda_aware():
             def run():
                 stream.synchronize()
-                mpi_call(x, out)
-                return out
+                mpi_call(src, dst)
+                return dst
             return run
-        hx, hout = cupyx.empty_pinned(x.shape), cupyx.empty_pinned(x.shape)
+        hsrc, hdst = cupyx.empty_pinned(src.shape), cupyx.empty_pinned(dst.shape)
 
         def run():
-            x.get(out=hx)
-            mpi_call(hx, hout)
-            out.set(hout)
+            src.get(out=hsrc)
+            mpi_call(hsrc, hdst)
+            dst.set(hdst)
             stream.synchronize()
-            return out
+            return dst
         return run
 
-    return {
-        "allreduce": call(lambda a, b: comm.Allreduce(a, b, op=MPI.SUM)),
-        "bcast": call(lambda a, b: comm.Bcast(a if r == 0 else b, root=0)),
-        "sendrecv": call(lambda a, b: comm.Sendrecv(a, (r + 1) % P, 0, b, (r - 1) % P, 0)),
-    }
+    allreduce = call(lambda a, b: comm.Allreduce(a, b, op=MPI.SUM), x, out)
+    bcast = call(lambda a, b: comm.Bcast(a if r == 0 else b, root=0), x, out)
+    ring = call(lambda a, b: comm.Sendrecv(a, (r + 1) % P, 0, b, (r - 1) % P, 0), x, out)
+    ring_back = call(lambda a, b: comm.Sendrecv(a, (r - 1) % P, 1, b, (r + 1) % P, 1), out, back)
+    return {"allreduce": (allreduce, allreduce), "bcast": (bcast, bcast),
+            "sendrecv": (ring, lambda: (ring(), ring_back()))}
 
 
 def _ready(array):
@@ -80,20 +99,25 @@ def _ready(array):
 
 
 def gpumpiad_cases(n, comm):
+    """``{call: (forward, forward + backward)}``; the backward pulls back a fixed ȳ."""
     P, r = comm.size, comm.rank
+    xp = backend.array_module()
     x = gp.tensor(np.random.default_rng(r).standard_normal(n), distributed=True)
+    ybar = xp.asarray(np.random.default_rng(P).standard_normal(n))  # the same on every rank
 
     def ring(x):
         gp.mpi_send(x, (r + 1) % P)
         return gp.mpi_recv(x, (r - 1) % P)
 
+    def both(call):
+        def run():
+            _, pullback = gp.vjp(call, x)
+            return _ready(pullback(ybar))
+        return run
+
     programs = {"allreduce": gp.mpi_sum, "bcast": lambda x: gp.mpi_bcast(x, root=0),
                 "sendrecv": ring}
-    forward = {k: (lambda f=f: _ready(f(x).data)) for k, f in programs.items()}
-    both = {k: (lambda f=f: _ready(
-        gp.value_and_grad(lambda x: gp.mpi_sum(gp.sum(f(x))))(x)[1]))
-        for k, f in programs.items()}
-    return forward, both
+    return {k: ((lambda f=f: _ready(f(x).data)), both(f)) for k, f in programs.items()}
 
 
 def torch_cases(n, comm):
@@ -123,16 +147,25 @@ def torch_cases(n, comm):
 
 
 def mpi4jax_cases(n, comm):
+    """``{call: (forward, forward + backward or None)}`` under ``jax.jit``."""
     if backend.device_backend():
         return None, "not run on device arrays"
     try:
+        import jax
         import jax.numpy as jnp
         import mpi4jax
     except ImportError as exc:
         return None, f"mpi4jax/jax not importable ({type(exc).__name__}: {exc})"
-    x = jnp.asarray(np.random.default_rng(comm.rank).standard_normal(n))
-    return {"allreduce": lambda: mpi4jax.allreduce(x, op=MPI.SUM, comm=comm)[0]
-            .block_until_ready()}, f"mpi4jax {mpi4jax.__version__}"
+    P, r = comm.size, comm.rank
+    x = jnp.asarray(np.random.default_rng(r).standard_normal(n))
+    allreduce = jax.jit(lambda x: mpi4jax.allreduce(x, op=MPI.SUM, comm=comm))
+    bcast = jax.jit(lambda x: mpi4jax.bcast(x, 0, comm=comm))
+    ring = jax.jit(lambda x: mpi4jax.sendrecv(x, x, (r - 1) % P, (r + 1) % P, comm=comm))
+    grad = jax.jit(jax.grad(lambda x: mpi4jax.allreduce(x, op=MPI.SUM, comm=comm).sum()))
+    run = lambda f: lambda: f(x).block_until_ready()  # noqa: E731
+    return ({"allreduce": (run(allreduce), run(grad)), "bcast": (run(bcast), None),
+             "sendrecv": (run(ring), None)},
+            f"mpi4jax {mpi4jax.__version__} (jax {jax.__version__}), under jax.jit")
 
 
 def overlap(comm, repeats):
@@ -178,25 +211,29 @@ def main():
     lines = []
     say = lines.append
     if not args.overlap_only:
-        say("| call | size | mpi4py (ms) | gpumpiad fwd (ms) | ratio | gpumpiad fwd+bwd (ms) "
-            "| ratio | torch gloo (ms) | mpi4jax (ms) |")
-        say("|---|---|---|---|---|---|---|---|---|")
+        say("| call | size | mpi4py fwd (ms) | gpumpiad fwd (ms) | ratio | mpi4py fwd+bwd (ms) "
+            "| gpumpiad fwd+bwd (ms) | ratio | torch gloo fwd (ms) | mpi4jax fwd (ms) "
+            "| mpi4jax fwd+bwd (ms) |")
+        say("|---|---|---|---|---|---|---|---|---|---|---|")
         notes = {}
+
+        def ms(fn, reps):
+            return f"{median_time(fn, reps) * 1e3:.3f}" if fn is not None else "n/a"
+
         for label, n in SIZES.items():
             reps = args.repeats if n < (1 << 20) else max(5, args.repeats // 3)
             raw = raw_cases(n, comm)
-            fwd, both = gpumpiad_cases(n, comm)
+            ours = gpumpiad_cases(n, comm)
             tch, notes["torch"] = torch_cases(n, comm)
             jx, notes["mpi4jax"] = mpi4jax_cases(n, comm)
-            for call in raw:
-                t_raw = median_time(raw[call], reps)
-                t_fwd = median_time(fwd[call], reps)
-                t_both = median_time(both[call], reps)
-                t_torch = f"{median_time(tch[call], reps) * 1e3:.3f}" if tch else "n/a"
-                t_jax = (f"{median_time(jx[call], reps) * 1e3:.3f}" if jx and call in jx else "n/a")
+            for call, (raw_fwd, raw_both) in raw.items():
+                t_raw, t_raw_both = median_time(raw_fwd, reps), median_time(raw_both, reps)
+                t_fwd, t_both = median_time(ours[call][0], reps), median_time(ours[call][1], reps)
+                jax_fwd, jax_both = jx[call] if jx else (None, None)
                 say(f"| {call} | {label} | {t_raw * 1e3:.3f} | {t_fwd * 1e3:.3f} | "
-                    f"{t_fwd / t_raw:.2f} | {t_both * 1e3:.3f} | {t_both / t_raw:.2f} | "
-                    f"{t_torch} | {t_jax} |")
+                    f"{t_fwd / t_raw:.2f} | {t_raw_both * 1e3:.3f} | {t_both * 1e3:.3f} | "
+                    f"{t_both / t_raw_both:.2f} | {ms(tch[call] if tch else None, reps)} | "
+                    f"{ms(jax_fwd, reps)} | {ms(jax_both, reps)} |")
         say("")
         say(f"torch: {notes['torch']}; mpi4jax: {notes['mpi4jax']}")
     t_comm, t_comp, t_both = overlap(comm, max(5, args.repeats // 3))
