@@ -196,14 +196,14 @@ class _Heat:
 
     def forward(self, u0, kappa, f):
         xp = get_array_module(u0)
-        self.kappa = self._padded(kappa, xp.zeros_like(self.frame))
+        self.kappa = self._padded(kappa, xp.zeros(self.frame.shape, self.frame.dtype))
         halo.exchange(self.kappa, self.grid, self.kernels)
-        self.f = self._padded(f, xp.zeros_like(self.frame))
+        self.f = self._padded(f, xp.zeros(self.frame.shape, self.frame.dtype))
         keep = set()
         if self.record:
             keep = (set(range(self.steps)) if self.checkpoints is None
                     else set(_spine(self.steps, self.checkpoints)))
-        u = self._padded(u0, self.frame.copy())
+        u = self._padded(u0, self._buffer())
         traj = xp.empty((self.steps + 1,) + u0.shape, u0.dtype) if self.trajectory else None
         for n in range(self.steps):
             if traj is not None:
@@ -216,6 +216,10 @@ class _Heat:
                 self.spare = u
             u = nxt
         out = xp.ascontiguousarray(u[1:-1, 1:-1])
+        _recycle(u)
+        if not self.record and self.spare is not None:
+            _recycle(self.spare)
+            self.spare = None
         if traj is None:
             return out
         traj[self.steps] = out
@@ -421,7 +425,7 @@ def _frame(grid, boundary, like):
     nx, ny = grid.local_shape
     frame = np.zeros(grid.padded_shape, np.dtype(like.dtype))
     if isinstance(boundary, Real):
-        values = np.full(grid.padded_shape, float(boundary))
+        values = np.broadcast_to(np.float64(boundary), grid.padded_shape)
     elif callable(boundary):
         x, y = grid.coordinates(ghosts=True)
         values = np.broadcast_to(np.asarray(boundary(x[:, None], y[None, :]), dtype=float),
