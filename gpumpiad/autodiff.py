@@ -328,9 +328,12 @@ def _nonfinite_args(args, nums, comm):
         elif x.comm.mpi == comm.mpi:
             shared.append((i, not _finite(data)))
     if shared:
-        table = comm.mpi.allgather([bad for _, bad in shared])
+        mine = np.array([bad for _, bad in shared], dtype=np.int64)
+        table = np.empty((comm.size, mine.size), dtype=np.int64)
+        comm.issue("non-finite argument check", lambda: ([comm.mpi.Iallgather(mine, table)], None),
+                   collective=False).wait()
         for k, (i, _) in enumerate(shared):
-            ranks = [r for r, flags in enumerate(table) if flags[k]]
+            ranks = np.flatnonzero(table[:, k]).tolist()
             if ranks:
                 causes.append(f"argument {i} (argnums, distributed) holds NaN or Inf on "
                               f"rank(s) {ranks}")

@@ -9,12 +9,13 @@ collective node with serial outputs, recorded on every rank of its communicator 
 At a sink the shares are allreduced once into the value's total; the shares of the serial
 leaves are summed in one fused allreduce at the end of the pass.
 
-Whether a sink or a leaf receives shares can depend on rank-dependent control flow, so the ranks
-agree on it first: one small allreduce (MAX) of a bitmap over each communicator's sinks and
-serial leaves at the start of the pass. A serial leaf that receives no share on any rank (a
-purely local function of it) needs no allreduce at all. Every rank then visits the nodes in the exact reverse of their recording order and
-runs every communicating node even when its cotangent is structurally zero, so all ranks issue
-the same reverse communications in the same order.
+Whether a sink or a leaf receives shares can depend on rank-dependent control flow, so the
+ranks agree on it first: one small allreduce (MAX) of a bitmap over each communicator's sinks
+and serial leaves at the start of the pass. A serial leaf that receives no share on any rank (a
+purely local function of it) needs no allreduce at all. Every rank then visits the nodes in the
+exact reverse of their recording order and runs every communicating node even when its
+cotangent is structurally zero, so all ranks issue the same reverse communications in the same
+order.
 """
 from __future__ import annotations
 
