@@ -246,6 +246,8 @@ def cases(r, P, tmp):
           [me, "grid shape", "positive", "(0, 4)"]),
         C("Grid: dims that do not fit", lambda: Grid((8, 8), dims=(P + 1, 1)), ValueError,
           [me, "dims", f"{P + 1}x1", f"{P} rank(s)"]),
+        C("Grid: periodic not bools", lambda: Grid((8, 8), periodic=(True, "x")), ValueError,
+          [me, "periodic must be a bool or a pair of bools", "'x'"]),
         C("solve: unstable dt", lambda: solve(u0, kappa, f, 1.0 * h * h, h, 3, grid=grid),
           ValueError, [me, "dt", "stability limit", "max kappa = 1.0"], subset=True),
         C("solve: kappa of the wrong shape",

@@ -1,5 +1,6 @@
 """Tests for gpumpiad.halo: ghost filling against the global field for every N x M split, and
-the cross-rank dot-product test of the exchange against its adjoint (raw and through the tape)."""
+the cross-rank dot-product test of the exchange against its adjoint (raw and through the tape),
+with Dirichlet and with periodic boundaries."""
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -12,6 +13,7 @@ from gpumpiad.halo import halo_exchange
 from gpumpiad.heat import Grid, hostkernels, stencil
 
 NX, NY = 13, 11
+PERIODIC = ((False, False), (True, True), (False, True))
 
 
 def splits(size):
@@ -20,6 +22,17 @@ def splits(size):
 
 def kernel_choices():
     return ("numpy", "host") if hostkernels.available() else ("numpy",)
+
+
+def wrap(field, periodic):
+    """A global padded field whose ghosts along the periodic axes hold the wrapped-around
+    interior (what the exchange must deliver there)."""
+    field = field.copy()
+    if periodic[0]:
+        field[0, 1:-1], field[-1, 1:-1] = field[-2, 1:-1], field[1, 1:-1]
+    if periodic[1]:
+        field[1:-1, 0], field[1:-1, -1] = field[1:-1, -2], field[1:-1, 1]
+    return field
 
 
 def padded_patch(grid, field):
@@ -55,10 +68,10 @@ def test_kernels_for_dispatch(monkeypatch):
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_exchange_fills_ghosts_from_neighbours():
     size = MPI.COMM_WORLD.size
-    field = np.random.default_rng(0).standard_normal((NX + 2, NY + 2))
-    for dims in splits(size):
-        grid = Grid((NX, NY), dims=dims)
-        expected = padded_patch(grid, field)
+    random = np.random.default_rng(0).standard_normal((NX + 2, NY + 2))
+    for dims, periodic in [(d, p) for d in splits(size) for p in PERIODIC]:
+        grid = Grid((NX, NY), dims=dims, periodic=periodic)
+        expected = padded_patch(grid, wrap(random, periodic))
         for kernels in kernel_choices():
             a = expected.copy()
             for side, ghost in enumerate(ghost_views(a)):
@@ -68,7 +81,8 @@ def test_exchange_fills_ghosts_from_neighbours():
             interior_before = a[1:-1, 1:-1].copy()
             pending.wait()
             parallel_assert(np.array_equal(no_corners(a), no_corners(expected)),
-                            f"dims {dims}, kernels {kernels}: ghosts differ from the global field")
+                            f"dims {dims}, periodic {periodic}, kernels {kernels}: ghosts "
+                            "differ from the global field")
             parallel_assert(np.array_equal(a[1:-1, 1:-1], interior_before))
         out = halo_exchange(gpumpiad.tensor(a, distributed=True), grid)
         parallel_assert(out.distributed and np.array_equal(no_corners(out.numpy()),
@@ -78,8 +92,8 @@ def test_exchange_fills_ghosts_from_neighbours():
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_exchange_dot_product_and_tape_adjoint():
     comm = MPI.COMM_WORLD
-    for dims in splits(comm.size):
-        grid = Grid((NX, NY), dims=dims)
+    for dims, periodic in [(d, p) for d in splits(comm.size) for p in PERIODIC]:
+        grid = Grid((NX, NY), dims=dims, periodic=periodic)
         rng = np.random.default_rng(100 + comm.rank)
         x = rng.standard_normal(grid.padded_shape)
         y = rng.standard_normal(grid.padded_shape)
@@ -90,7 +104,8 @@ def test_exchange_dot_product_and_tape_adjoint():
             lhs = comm.allreduce(float(np.vdot(ex, y)))
             rhs = comm.allreduce(float(np.vdot(x, ety)))
             parallel_assert(abs(lhs - rhs) <= 1e-12 * max(abs(lhs), 1.0),
-                            f"dims {dims}, kernels {kernels}: <Ex, y> = {lhs}, <x, E'y> = {rhs}")
+                            f"dims {dims}, periodic {periodic}, kernels {kernels}: <Ex, y> = "
+                            f"{lhs}, <x, E'y> = {rhs}")
 
         def objective(u):
             return gpumpiad.mpi_sum((halo_exchange(u, grid) * y).sum())

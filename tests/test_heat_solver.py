@@ -1,7 +1,7 @@
 """Tests for gpumpiad.heat.solve and gpumpiad.heat.Grid.
 
 * the decomposed solve equals the one-rank solve and a plain NumPy loop, for every N x M split
-  of an unevenly divided grid;
+  of an unevenly divided grid, with Dirichlet and with periodic boundaries;
 * the linearised step and the linear multi-step map pass cross-rank dot-product tests;
 * gradients with respect to u0, kappa and f pass a Taylor test and check_grad (a serial kappa
   included), and checkpointed gradients equal stored-state ones;
@@ -106,6 +106,57 @@ def test_decomposed_solve_matches_single_rank_and_numpy():
                         np.array_equal(traj.numpy()[-1], u.numpy()))
         root = grid.gather(u, root=0)
         parallel_assert((root is None) == (MPI.COMM_WORLD.rank != 0))
+
+
+def periodic_reference(u0, kappa, f, dt, h, steps, periodic):
+    """The NumPy loop with wrap-around ghosts along the periodic axes, ``boundary`` values on
+    the others (at the cell spacing of that axis)."""
+    nx, ny = u0.shape
+    x = np.arange(nx + 2) / (nx if periodic[0] else nx + 1)
+    y = np.arange(ny + 2) / (ny if periodic[1] else ny + 1)
+    p = boundary(x[:, None], y[None, :])
+    p[1:-1, 1:-1] = u0
+    for _ in range(steps):
+        if periodic[0]:
+            p[0, 1:-1], p[-1, 1:-1] = p[-2, 1:-1], p[1, 1:-1]
+        if periodic[1]:
+            p[1:-1, 0], p[1:-1, -1] = p[1:-1, -2], p[1:-1, 1]
+        lap = p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * p[1:-1, 1:-1]
+        p[1:-1, 1:-1] = p[1:-1, 1:-1] + dt / h**2 * kappa * lap + dt * f
+    return p[1:-1, 1:-1]
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_periodic_solve_matches_numpy_for_every_split():
+    u0, kappa, f = global_problem(6)
+    for periodic in ((True, True), (True, False), (False, True)):
+        expected = periodic_reference(u0, kappa, f, DT, H, STEPS, periodic)
+        for dims in splits(MPI.COMM_WORLD.size):
+            with Grid((NX, NY), dims=dims, periodic=periodic) as grid:
+                parallel_assert(grid.periodic == periodic and grid.h == tuple(
+                    1.0 / (n if p else n + 1) for n, p in zip((NX, NY), periodic)))
+                u = solve(grid.local(u0), grid.local(kappa), grid.local(f), DT, H, STEPS,
+                          grid=grid, boundary=boundary)
+                whole = grid.gather(u, root=None)
+            err = np.abs(whole - expected).max() / np.abs(expected).max()
+            parallel_assert(err <= 1e-13, f"periodic {periodic}, dims {dims}: relative "
+                                          f"difference {err:.2e} from the NumPy loop")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_periodic_gradients_pass_check_grad():
+    comm = MPI.COMM_WORLD
+    for periodic in ((True, True), (False, True)):
+        with Grid((7, 6), dims=(comm.size, 1), periodic=periodic) as grid:
+            u0, kappa, f = (grid.local(a) for a in global_problem(8, 7, 6))
+
+            def objective(u_, k_, s_):
+                out = solve(u_, k_, s_, DT, H, 5, grid=grid, checkpoints=2)
+                return gpumpiad.mpi_sum((out * out).sum())
+
+            report = gpumpiad.check_grad(objective, dist(u0), dist(kappa), dist(f),
+                                         max_elements=4)
+            parallel_assert(report["checked"] > 0)
 
 
 # --------------------------------------------------------------------------------------------

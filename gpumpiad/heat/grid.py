@@ -5,11 +5,14 @@ A :class:`Grid` splits ``NX x NY`` interior cells into ``N x M`` rectangular pat
 divide: the first ``NX % N`` patch rows get one extra cell (likewise for columns). Each rank
 stores its patch padded by one ghost cell on every side, ``(nx+2, ny+2)``; a ghost cell holds
 either a neighbour's boundary cell (filled by :func:`gpumpiad.halo.exchange`) or, on the
-physical boundary, a Dirichlet value.
+physical boundary, a Dirichlet value. Along a periodic axis there is no physical boundary: the
+patches on its two edges are neighbours (with one patch along the axis, its own).
 
 Coordinates: the domain is ``[0, 1]^2``, global cell ``(i, j)`` (1-based over the interior,
 ``1 <= i <= NX``) sits at ``(i * hx, j * hy)`` with ``hx = 1/(NX+1)``, ``hy = 1/(NY+1)``, so the
 ghost cells of the physical boundary (``i = 0``, ``i = NX+1``, ...) lie on the boundary itself.
+Along a periodic axis ``hx = 1/NX``: the cells cover the circle ``[0, 1)``, cell ``NX`` at
+``1 = 0``.
 """
 from __future__ import annotations
 
@@ -50,11 +53,16 @@ class Grid:
     dims : tuple of int, optional
         Patches per axis ``(N, M)`` with ``N * M == comm.size``; zeros are filled in by
         ``MPI.Compute_dims`` (the default is ``(0, 0)``).
+    periodic : bool or pair of bool, optional
+        Periodic boundary conditions, for both axes or per axis ``(along x, along y)``; default
+        none (Dirichlet on all four sides).
 
     Attributes
     ----------
     shape, dims : tuple of int
         ``(NX, NY)`` and ``(N, M)``.
+    periodic : tuple of bool
+        Per axis.
     cart : gpumpiad.comm.CartComm
         The Cartesian communicator the halo exchange uses (same ranks, no reordering).
     coords : tuple of int
@@ -67,7 +75,7 @@ class Grid:
         Ranks of the (north, south, west, east) patches, ``MPI.PROC_NULL`` on the physical
         boundary. North is the smaller ``i``, west the smaller ``j``.
     h : tuple of float
-        Cell spacing ``(1/(NX+1), 1/(NY+1))``.
+        Cell spacing ``(1/(NX+1), 1/(NY+1))``; ``1/NX`` along a periodic axis.
 
     Raises
     ------
@@ -85,19 +93,20 @@ class Grid:
     True
     """
 
-    def __init__(self, shape, comm=None, dims=None):
+    def __init__(self, shape, comm=None, dims=None, periodic=False):
         comm = resolve(comm)
         self.comm = comm
         rank = world().rank
         self.shape = _check_shape(shape, rank)
         self.dims = _check_dims(dims, comm.size, rank)
+        self.periodic = _check_periodic(periodic, rank)
         for axis, (cells, parts) in enumerate(zip(self.shape, self.dims)):
             if cells < parts:
                 raise ValueError(
                     f"rank {rank}: a grid of {self.shape[0]}x{self.shape[1]} cells cannot be "
                     f"split into {self.dims[0]}x{self.dims[1]} patches: axis {axis} has {cells} "
                     f"cell(s) for {parts} patches (each patch needs at least one cell per axis)")
-        self.cart = comm.cart(self.dims)
+        self.cart = comm.cart(self.dims, periods=self.periodic)
         self.coords = self.cart.coords
         self.row_sizes = split_sizes(self.shape[0], self.dims[0])
         self.col_sizes = split_sizes(self.shape[1], self.dims[1])
@@ -106,7 +115,8 @@ class Grid:
         north, south = self.cart.shift(0, 1)
         west, east = self.cart.shift(1, 1)
         self.neighbours = (north, south, west, east)
-        self.h = (1.0 / (self.shape[0] + 1), 1.0 / (self.shape[1] + 1))
+        self.h = tuple(1.0 / (n if wraps else n + 1)
+                       for n, wraps in zip(self.shape, self.periodic))
 
     def free(self):
         """Release the grid's Cartesian communicator (collective); see :meth:`Comm.free`.
@@ -121,8 +131,8 @@ class Grid:
         return False
 
     def __repr__(self):
-        return (f"Grid(shape={self.shape}, dims={self.dims}, rank={self.cart.rank}, "
-                f"coords={self.coords}, local_shape={self.local_shape})")
+        return (f"Grid(shape={self.shape}, dims={self.dims}, periodic={self.periodic}, "
+                f"rank={self.cart.rank}, coords={self.coords}, local_shape={self.local_shape})")
 
     @property
     def rank(self):
@@ -236,6 +246,18 @@ def _check_dims(dims, size, rank):
         raise ValueError(f"rank {rank}: dims {dims[0]}x{dims[1]} do not fit a communicator of "
                          f"{size} rank(s)")
     return tuple(MPI.Compute_dims(size, dims))
+
+
+def _check_periodic(periodic, rank):
+    pair = (periodic, periodic) if isinstance(periodic, (bool, np.bool_)) else periodic
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(isinstance(p, (bool, np.bool_)) for p in pair):
+        raise ValueError(f"rank {rank}: periodic must be a bool or a pair of bools "
+                         f"(along x, along y), got {periodic!r}")
+    return tuple(bool(p) for p in pair)
 
 
 def _check_global(field, shape, rank):

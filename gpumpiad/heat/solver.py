@@ -59,7 +59,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     boundary : float, callable or array, optional
         Dirichlet values in the ghost cells of the physical boundary: a number (default 0), a
         function ``g(x, y)`` of NumPy coordinate arrays (see :meth:`Grid.coordinates`), or an
-        ``(nx+2, ny+2)`` array whose ring is used on the sides that are physical boundary.
+        ``(nx+2, ny+2)`` array whose ring is used on the sides that are physical boundary
+        (none along an axis the grid makes periodic).
     checkpoints : int, optional
         None (default): store all ``steps`` states for the reverse pass. ``k >= 1``: store at
         most ``k`` states (the initial one included) and recompute the others with binomial
