@@ -4,6 +4,11 @@ Run under MPI, one patch of ``n x n`` cells per rank (``MPI.Compute_dims`` decom
 
     mpiexec -n 2 python bench/bench_heat.py --n 1024 --steps 100            # CPU
     GPUMPIAD_BACKEND=cupy mpiexec -n 2 python bench/bench_heat.py --n 4096  # GPU target
+    GPUMPIAD_BACKEND=cupy mpiexec -n 1 python bench/bench_heat.py --n 4096 --periodic
+
+Two ranks on one GPU time-share it (their kernels and copies interleave), which inflates
+every synchronisation; one rank on a periodic grid exchanges all four sides with itself
+through MPI and measures the halo's cost without that.
 
 Measured, float64, times are the maximum over ranks of the best of ``--repeats``:
 
@@ -83,6 +88,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--checkpoints", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--periodic", action="store_true",
+                        help="periodic grid: every side exchanges halos, also on one rank "
+                             "(with itself, through MPI) -- the halo cost on a single GPU")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "heat_cpu.md"))
     opts = parser.parse_args(argv)
 
@@ -90,7 +98,7 @@ def main(argv=None):
     xp = array_module()
     dims = MPI.Compute_dims(comm.size, [0, 0])
     n, steps = opts.n, opts.steps
-    grid = Grid((dims[0] * n, dims[1] * n), dims=dims)
+    grid = Grid((dims[0] * n, dims[1] * n), dims=dims, periodic=opts.periodic)
     h = grid.h[0]
     rng = np.random.default_rng(comm.rank)
     u0 = xp.asarray(rng.random(grid.local_shape))
@@ -151,7 +159,8 @@ def main(argv=None):
         "",
         f"- Machine: {cpu}" + (f"; GPU {gpu}" if gpu else ""),
         f"- {comm.size} MPI ranks ({MPI.Get_library_version().splitlines()[0].strip()}), "
-        f"decomposition {dims[0]}x{dims[1]}, {n}x{n} cells per rank "
+        f"decomposition {dims[0]}x{dims[1]}{', periodic' if opts.periodic else ''}, "
+        f"{n}x{n} cells per rank "
         f"(global {grid.shape[0]}x{grid.shape[1]}), {steps} steps; kernels "
         f"`{kernels.__name__}`; NumPy {np.__version__}, Python {platform.python_version()}",
         f"- Load average (1 min) at the end of the run: {load:.1f} on {os.cpu_count()} CPUs "
