@@ -57,6 +57,9 @@ EOF
     bench)
         GPUMPIAD_BACKEND=cupy timeout 240 mpiexec -n 2 $PY bench/bench_heat.py --n 4096 \
             --steps 100 --out "$OUT/heat_gpu.md" 2>&1 | tail -n 40
+        # One rank exchanging with itself: the halo's cost without two ranks sharing the GPU.
+        GPUMPIAD_BACKEND=cupy timeout 200 mpiexec -n 1 $PY bench/bench_heat.py --n 4096 \
+            --steps 100 --periodic --out "$OUT/heat_gpu_periodic.md" 2>&1 | tail -n 16
         ;;
     collectives)
         # The data path is what the MPI library supports (probe), as users get it.
