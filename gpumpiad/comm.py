@@ -86,7 +86,8 @@ class Comm:
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
         self.lock = threading.RLock()
-        self.sequence = 0
+        self.sequence = 0      # calls issued on this communicator
+        self.collectives = 0   # of which collectives: the same count on every rank
         self.owned = owned  # created by split/dup/cart: free() releases it
 
     def __repr__(self):
@@ -186,6 +187,8 @@ class Comm:
         """
         with self.lock:
             self.sequence += 1
+            if collective:
+                self.collectives += 1
             if collective and debug_enabled():
                 check_signature(self, call, root=root, array=array, layout=layout,
                                 same_shape=same_shape, serial_value=serial_value)

@@ -1,7 +1,7 @@
 """Debug mode and the watchdog: turn mismatched or stuck communication into errors.
 
 Debug mode (``GPUMPIAD_DEBUG=1`` or :func:`set_debug`) exchanges a small signature before every
-collective — the call, its sequence number on the communicator, the issuing thread's name,
+collective — the call, its number among the communicator's collectives, the issuing thread's name,
 root, dtype, shape, layout, and a checksum of values declared serial — and raises on every rank,
 naming the call, the argument and the ranks that differ, instead of hanging or mixing data.
 Two threads racing collectives on one communicator show up as differing thread names or calls.
@@ -75,7 +75,7 @@ def check_signature(comm, call, root=None, array=None, layout=None, same_shape=T
     if serial_value and array is not None:
         checksum = zlib.crc32(np.ascontiguousarray(to_numpy(array)).tobytes()) & 0x7FFFFFFF
     mine = np.array([
-        _code(call), comm.sequence, _code(threading.current_thread().name),
+        _code(call), comm.collectives, _code(threading.current_thread().name),
         -1 if root is None else root,
         _code(array.dtype) if array is not None else 0, _code(shape),
         _code(layout), checksum], dtype=np.int64)
@@ -94,7 +94,7 @@ def check_signature(comm, call, root=None, array=None, layout=None, same_shape=T
     detail = "; ".join(
         f"rank(s) {ranks}: {_describe(views[ranks[0]], field)}" for ranks in groups.values())
     raise CommunicationMismatch(
-        f"rank {comm.rank}: collective #{comm.sequence} on {comm!r} does not match across "
+        f"rank {comm.rank}: collective #{comm.collectives} on {comm!r} does not match across "
         f"ranks: the {field} differs — {detail}")
 
 

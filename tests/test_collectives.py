@@ -555,6 +555,26 @@ def test_debug_mode_reports_mismatched_calls():
     parallel_assert(not failures, "\n".join(failures))
 
 
+@pytest.mark.parallel(nprocs=[2, 3, 4])
+def test_debug_mode_counts_collectives_only():
+    """Ranks that post different numbers of sends and receives still issue matching
+    collectives: debug mode compares the collectives' count, not every call's."""
+    r, P = gp.mpi_rank(), gp.mpi_size()
+    gp.set_debug(True)
+    try:
+        x = gp.tensor(np.arange(3.0) + r, distributed=True)
+        if r == 0:
+            for tag in range(3):
+                gp.mpi_send(x, dest=P - 1, tag=tag)
+        if r == P - 1:
+            got = [gp.mpi_recv(x, source=0, tag=tag).numpy() for tag in range(3)]
+        total = gp.mpi_sum(x).numpy()
+    finally:
+        gp.set_debug(False)
+    parallel_assert(np.array_equal(total, sum(np.arange(3.0) + q for q in range(P))))
+    parallel_assert(r != P - 1 or all(np.array_equal(g, np.arange(3.0)) for g in got))
+
+
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_watchdog_names_the_stuck_receive(monkeypatch):
     monkeypatch.setenv("GPUMPIAD_TIMEOUT", "2")
