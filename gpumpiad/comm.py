@@ -88,6 +88,7 @@ class Comm:
         self.lock = threading.RLock()
         self.sequence = 0      # calls issued on this communicator
         self.collectives = 0   # of which collectives: the same count on every rank
+        self.p2p_counts = {}   # messages per (kind, peer, tag): numbers reverse-mode tags
         self.owned = owned  # created by split/dup/cart: free() releases it
 
     def __repr__(self):

@@ -66,7 +66,7 @@ class Tape:
         tensor._slot = self.nslots
         self.nslots += 1
         if leaf:
-            if tensor.layout != DISTRIBUTED and tensor.comm.size > 1:
+            if _shared_by_ranks(tensor):
                 # A serial leaf is its own origin, numbered below the sinks (-1, -2, ...).
                 origins = frozenset((-1 - len(self.leaves),))
             self.leaves.append(tensor)
@@ -240,7 +240,7 @@ class Tape:
             comm = node.outputs[0].comm
             by_comm.setdefault(id(comm), (comm, []))[1].append(k)
         for k, leaf in enumerate(self.leaves):
-            if leaf.layout != DISTRIBUTED and leaf.comm.size > 1:
+            if _shared_by_ranks(leaf):
                 by_comm.setdefault(id(leaf.comm), (leaf.comm, []))[1].append(-1 - k)
         agreed = set()
         pending = []
@@ -318,6 +318,12 @@ def _accumulate(node, gins, total, share, all_shares, deferred):
             _add(inp, g, share if to_share else total, f"the vjp of {node.name!r}")
 
 
+def _shared_by_ranks(t):
+    """A serial value of a communicator of several ranks: its cotangent may arrive as per-rank
+    shares that an allreduce sums."""
+    return t.layout != DISTRIBUTED and t.comm.size > 1
+
+
 def _zeros_like(t):
     from .backend import get_array_module
     return get_array_module(t.data).zeros(t.shape, t.dtype)
@@ -346,7 +352,7 @@ def _finalize_leaves(leaves, total, share, agreed):
     control flow cannot make them disagree on whether the allreduce happens)."""
     by_comm = {}
     for k, leaf in enumerate(leaves):
-        if leaf.layout != DISTRIBUTED and leaf.comm.size > 1:
+        if _shared_by_ranks(leaf):
             if -1 - k in agreed:
                 by_comm.setdefault(id(leaf.comm), []).append(leaf)
             elif share[leaf._slot] is not None:

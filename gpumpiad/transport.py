@@ -90,23 +90,23 @@ def is_device(array) -> bool:
     return type(array) is numpy.ndarray and backend.stage_host_arrays()
 
 
-def send_buffer(array, staged=None):
+def send_buffer(array, device=None):
     """A contiguous buffer holding ``array`` that MPI may read now.
 
     NumPy: the array (packed if not contiguous). CuPy: the device array after the producing
-    stream is synchronised (CUDA-aware MPI), or a pinned host copy (staged).
+    stream is synchronised (CUDA-aware MPI), or a pinned host copy (staged). ``device``:
+    :func:`is_device` of ``array``, when the caller has it already.
     """
-    if not is_device(array):
+    if not (is_device(array) if device is None else device):
         array = numpy.asarray(array)
         if array.flags.c_contiguous:
             return array
         packed = host_empty(array.shape, array.dtype)
         numpy.copyto(packed, array)
         return packed
-    staged = (not cuda_aware()) if staged is None else staged
     xp = get_array_module(array)
     array = xp.ascontiguousarray(array).reshape(array.shape)
-    if staged:
+    if not cuda_aware():
         return backend.device_to_host(array, backend.pinned_empty(array.shape, array.dtype))
     backend.synchronize(array)
     return array
@@ -146,13 +146,12 @@ def host_empty(shape, dtype):
     return base.view(dtype).reshape(shape)
 
 
-def recv_buffer(shape, dtype, device, staged=None):
+def recv_buffer(shape, dtype, device):
     """An empty contiguous buffer MPI may write: host memory, device memory, or pinned host
     memory when a device result is staged."""
     if not device:
         return host_empty(shape, dtype)
-    staged = (not cuda_aware()) if staged is None else staged
-    if staged:
+    if not cuda_aware():
         return backend.pinned_empty(shape, dtype)
     out = backend.array_module().empty(shape, dtype)
     # The pool may return memory that work queued on the stream still reads; MPI writes at once.
@@ -226,8 +225,8 @@ atexit.register(complete_sends)
 def start_allreduce(mpi_comm, array, op):
     """Post a non-blocking allreduce; return ``(requests, finish)``."""
     device = is_device(array)
-    send = send_buffer(array)
-    out = recv_buffer(send.shape, send.dtype, device, staged=device and not is_device(send))
+    send = send_buffer(array, device=device)
+    out = recv_buffer(send.shape, send.dtype, device)
     request = mpi_comm.Iallreduce(send, out, op=op)
     return [request], lambda keep=send: deliver(out, device)
 
@@ -236,7 +235,7 @@ def start_bcast(mpi_comm, array, root):
     """Post a non-blocking broadcast of the root's ``array``."""
     device = is_device(array)
     if mpi_comm.Get_rank() == root:
-        buf = send_buffer(array)
+        buf = send_buffer(array, device=device)
     else:
         buf = recv_buffer(array.shape, array.dtype, device)
     request = mpi_comm.Ibcast(buf, root=root)
@@ -246,8 +245,8 @@ def start_bcast(mpi_comm, array, root):
 def start_reduce(mpi_comm, array, root, op):
     """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage)."""
     device = is_device(array)
-    send = send_buffer(array)
-    out = recv_buffer(send.shape, send.dtype, device, staged=device and not is_device(send))
+    send = send_buffer(array, device=device)
+    out = recv_buffer(send.shape, send.dtype, device)
     if mpi_comm.Get_rank() != root:
         out[...] = 0
         request = mpi_comm.Ireduce(send, None, op=op, root=root)
@@ -259,11 +258,10 @@ def start_reduce(mpi_comm, array, root, op):
 def start_gatherv(mpi_comm, array, rows, root, trailing):
     """Post a gather of row blocks (``rows[p]`` rows from rank p) to ``root``."""
     device = is_device(array)
-    send = send_buffer(array)
+    send = send_buffer(array, device=device)
     unit = _prod(trailing)
     if mpi_comm.Get_rank() == root:
-        out = recv_buffer((sum(rows),) + trailing, send.dtype, device,
-                          staged=device and not is_device(send))
+        out = recv_buffer((sum(rows),) + trailing, send.dtype, device)
         request = mpi_comm.Igatherv(send, [out, [r * unit for r in rows]], root=root)
     else:
         out = recv_buffer((0,) + trailing, send.dtype, device)
@@ -274,9 +272,8 @@ def start_gatherv(mpi_comm, array, rows, root, trailing):
 def start_allgatherv(mpi_comm, array, rows, trailing):
     """Post an allgather of row blocks (``rows[p]`` rows from rank p)."""
     device = is_device(array)
-    send = send_buffer(array)
-    out = recv_buffer((sum(rows),) + trailing, send.dtype, device,
-                      staged=device and not is_device(send))
+    send = send_buffer(array, device=device)
+    out = recv_buffer((sum(rows),) + trailing, send.dtype, device)
     request = mpi_comm.Iallgatherv(send, [out, [r * _prod(trailing) for r in rows]])
     return [request], lambda keep=send: deliver(out, device)
 
@@ -286,7 +283,7 @@ def start_scatterv(mpi_comm, array, rows, root, trailing, dtype, device):
     mine = rows[mpi_comm.Get_rank()]
     out = recv_buffer((mine,) + trailing, dtype, device)
     if mpi_comm.Get_rank() == root:
-        send = send_buffer(array)
+        send = send_buffer(array, device=device)
         request = mpi_comm.Iscatterv([send, [r * _prod(trailing) for r in rows]], out, root=root)
     else:
         send = None
@@ -297,10 +294,9 @@ def start_scatterv(mpi_comm, array, rows, root, trailing, dtype, device):
 def start_reduce_scatter(mpi_comm, array, rows, op):
     """Post a reduce-scatter: rank p gets rows ``rows[p]`` of the sum over ranks."""
     device = is_device(array)
-    send = send_buffer(array)
+    send = send_buffer(array, device=device)
     trailing = tuple(array.shape[1:])
-    out = recv_buffer((rows[mpi_comm.Get_rank()],) + trailing, send.dtype, device,
-                      staged=device and not is_device(send))
+    out = recv_buffer((rows[mpi_comm.Get_rank()],) + trailing, send.dtype, device)
     request = mpi_comm.Ireduce_scatter(send, out, [r * _prod(trailing) for r in rows], op=op)
     return [request], lambda keep=send: deliver(out, device)
 
@@ -308,11 +304,10 @@ def start_reduce_scatter(mpi_comm, array, rows, op):
 def start_alltoallv(mpi_comm, array, send_rows, recv_rows):
     """Post an all-to-all of row blocks: ``send_rows[q]`` rows go to rank q."""
     device = is_device(array)
-    send = send_buffer(array)
+    send = send_buffer(array, device=device)
     trailing = tuple(array.shape[1:])
     unit = _prod(trailing)
-    out = recv_buffer((sum(recv_rows),) + trailing, send.dtype, device,
-                      staged=device and not is_device(send))
+    out = recv_buffer((sum(recv_rows),) + trailing, send.dtype, device)
     request = mpi_comm.Ialltoallv([send, [r * unit for r in send_rows]],
                                   [out, [r * unit for r in recv_rows]])
     return [request], lambda keep=send: deliver(out, device)

@@ -397,26 +397,30 @@ def _check_arrays(grid, raws):
 # State buffers freed by a reverse pass, kept for the next solve of the same shape: a fresh
 # buffer per stored step costs its page faults, which cost more than the step itself.
 _CACHE_BYTES = 1 << 30
-_free = []
+_free = {}                 # (shape, dtype, array type) -> buffers
+_free_bytes = {"n": 0}
 _free_lock = threading.Lock()
+
+
+def _kind(a):
+    return a.shape, a.dtype, type(a)
 
 
 def _recycle(u):
     with _free_lock:
-        if sum(b.nbytes for b in _free) + u.nbytes <= _CACHE_BYTES:
-            _free.append(u)
+        if _free_bytes["n"] + u.nbytes <= _CACHE_BYTES:
+            _free.setdefault(_kind(u), []).append(u)
+            _free_bytes["n"] += u.nbytes
 
 
 def _reuse(frame):
     """A cached buffer shaped like ``frame`` with ``frame``'s ghost ring, or ``None``."""
     with _free_lock:
-        for k, buf in enumerate(_free):
-            if (buf.shape == frame.shape and buf.dtype == frame.dtype
-                    and type(buf) is type(frame)):
-                del _free[k]
-                break
-        else:
+        bucket = _free.get(_kind(frame))
+        if not bucket:
             return None
+        buf = bucket.pop()
+        _free_bytes["n"] -= buf.nbytes
     buf[0], buf[-1], buf[:, 0], buf[:, -1] = frame[0], frame[-1], frame[:, 0], frame[:, -1]
     return buf
 

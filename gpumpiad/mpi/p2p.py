@@ -40,7 +40,7 @@ def _reverse_tag(comm, kind, peer, tag):
     """The tag of the cotangent of the next forward message (``kind`` "send" or "recv") between
     this rank and ``peer`` with ``tag``: both ends count the same messages in the same order."""
     with comm.lock:
-        counts = comm.__dict__.setdefault("p2p_counts", {})
+        counts = comm.p2p_counts
         k = counts.get((kind, peer, tag), 0)
         counts[(kind, peer, tag)] = k + 1
     return REVERSE_TAG + (k % _WINDOW) * REVERSE_TAG + tag
