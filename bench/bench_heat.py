@@ -15,12 +15,14 @@ Measured, float64, times are the maximum over ranks of the best of ``--repeats``
 * ``copy4``: bandwidth of ``d = a + b + c`` over ``n^2`` cells (3 reads + 1 write), the same
   kernel build as the solver's (``copy4`` in ``kernels/heat.cu``), all ranks at once;
 * T_eff of the step kernel alone and of a solver step (halo exchange included; overlapped on a GPU) at
-  32 B/cell, of the fused adjoint kernel at 64 B/cell, each as a ratio to ``copy4``;
+  32 B/cell, of the fused adjoint kernel at 64 B/cell (all cotangents) and at 48 B/cell (kappa's
+  alone: what a gradient with respect to kappa runs), each as a ratio to ``copy4``;
 * solver step time with halo exchange over kernel step time without it; the solver step is the
   marginal one, ``(t(N steps) - t(0 steps)) / N``, so that a solve's fixed cost (checks,
   padded copies of the inputs, the result's copy) is reported apart;
-* gradient time (forward + reverse, ``value_and_grad``) over forward time, storing all states
-  and with ``--checkpoints`` states (binomial recomputation).
+* gradient time (forward + reverse, ``value_and_grad``) over forward time: with respect to kappa
+  storing all states and with ``--checkpoints`` states (binomial recomputation), and with
+  respect to (u0, kappa, f) together storing all states.
 
 Results go to ``--out`` (Markdown) on rank 0.
 """
@@ -121,6 +123,8 @@ def main(argv=None):
                     xp, opts.repeats) / steps
     t_kadj = timed(loop(lambda: kernels.adjoint(pu, pk, pf, pout, pkb, pfb, r, dt, *full),
                         steps), xp, opts.repeats) / steps
+    t_kadj_k = timed(loop(lambda: kernels.adjoint(pu, pk, pf, pout, pkb, None, r, dt, *full),
+                          steps), xp, opts.repeats) / steps
     t_halo = timed(loop(lambda: halo.exchange(pu, grid, kernels), steps), xp,
                    opts.repeats) / steps
 
@@ -133,15 +137,17 @@ def main(argv=None):
     t_setup = forward_time(0)
     t_step = (t_fwd - t_setup) / steps
 
-    def grad_time(checkpoints):
-        def objective(k):
-            u = solve(u0, k, f, dt, h, steps, grid=grid, checkpoints=checkpoints)
+    def grad_time(checkpoints, argnums=1):
+        def objective(*a):
+            u = solve(*a, dt, h, steps, grid=grid, checkpoints=checkpoints)
             return gpumpiad.mpi_sum((u * u).sum())
-        vg = gpumpiad.value_and_grad(objective)
-        return timed(lambda: vg(gpumpiad.tensor(kappa, distributed=True))[1], xp, opts.repeats)
+        vg = gpumpiad.value_and_grad(objective, argnums=argnums)
+        args = [gpumpiad.tensor(a, distributed=True) for a in (u0, kappa, f)]
+        return timed(lambda: vg(*args)[1], xp, opts.repeats)
 
     t_grad_all = grad_time(None)
     t_grad_ck = grad_time(opts.checkpoints)
+    t_grad_every = grad_time(None, argnums=(0, 1, 2))
 
     load = os.getloadavg()[0]
     if comm.rank != 0:
@@ -153,6 +159,7 @@ def main(argv=None):
         ("step kernel, no halo", t_kstep, 32, 32 * cells / t_kstep),
         ("solver step with halo exchange (marginal)", t_step, 32, 32 * cells / t_step),
         ("adjoint kernel, no halo", t_kadj, 64, 64 * cells / t_kadj),
+        ("adjoint kernel, kappa_bar only, no halo", t_kadj_k, 48, 48 * cells / t_kadj_k),
     ]
     lines = [
         f"# Heat solver benchmark ({gpumpiad.backend_name()}, float64)",
@@ -185,14 +192,18 @@ def main(argv=None):
         f"| solver step with halo exchange / kernel step without halo | "
         f"{t_step / t_kstep:.3f} |",
         f"| blocking halo exchange alone / kernel step | {t_halo / t_kstep:.3f} |",
-        f"| gradient / forward, all {steps} states stored | {t_grad_all / t_fwd:.2f} |",
-        f"| gradient / forward, {opts.checkpoints} checkpoints "
+        f"| gradient (d/d kappa) / forward, all {steps} states stored | "
+        f"{t_grad_all / t_fwd:.2f} |",
+        f"| gradient (d/d kappa) / forward, {opts.checkpoints} checkpoints "
         f"({recompute_steps(steps, opts.checkpoints)} steps recomputed) | "
         f"{t_grad_ck / t_fwd:.2f} |",
+        f"| gradient (d/d u0, kappa, f) / forward, all {steps} states stored | "
+        f"{t_grad_every / t_fwd:.2f} |",
         "",
         f"Forward {t_fwd * 1e3:.1f} ms ({t_setup * 1e3:.1f} ms of it the solve's fixed cost: "
         f"a solve of 0 steps), gradient {t_grad_all * 1e3:.1f} ms (stored states), "
-        f"{t_grad_ck * 1e3:.1f} ms (checkpoints) for {steps} steps.",
+        f"{t_grad_ck * 1e3:.1f} ms (checkpoints), {t_grad_every * 1e3:.1f} ms (u0, kappa, f; "
+        f"stored states) for {steps} steps.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

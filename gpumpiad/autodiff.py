@@ -127,6 +127,7 @@ def vjp(fn, *args, argnums=0):
     """
     multi, nums = _check_fn_argnums(fn, argnums, "vjp")
     tape = Tape()
+    tape.retain = True
     try:
         out, _ = _trace(tape, fn, args, {}, nums)
         _check_value(out)

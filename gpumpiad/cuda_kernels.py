@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from .heat.stencil import check_rect
+from .heat.stencil import check_rect, grads
 
 # Launches return at once: the solver overlaps halo exchanges with interior kernels.
 ASYNCHRONOUS = True
@@ -201,28 +201,32 @@ def launch_adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt, i0, i1, j0,
     Parameters
     ----------
     lam_next, kappa, u : cupy.ndarray, shape (nx+2, ny+2)
-        Inputs (ghosts included).
+        Inputs (ghosts included); ``u`` may be ``None`` when ``kappa_bar`` is.
     lam, kappa_bar, f_bar : cupy.ndarray, shape (nx+2, ny+2)
         ``lam`` is written, ``kappa_bar`` and ``f_bar`` accumulated, on the
-        sub-rectangle; none may alias another argument.
+        sub-rectangle; none may alias another argument. ``kappa_bar`` or
+        ``f_bar`` ``None``: not computed.
     r, dt : float
         ``dt / h**2`` and the time step.
     i0, i1, j0, j1 : int
         Half-open interior sub-rectangle.
     """
-    dtype, nx, ny = _check_fields([
-        ("lam_next", lam_next), ("kappa", kappa), ("u", u),
-        ("lam", lam), ("kappa_bar", kappa_bar), ("f_bar", f_bar),
-    ])
+    mask = grads(u, kappa_bar, f_bar)
+    fields = (("lam_next", lam_next), ("kappa", kappa), ("u", u),
+              ("lam", lam), ("kappa_bar", kappa_bar), ("f_bar", f_bar))
+    dtype, nx, ny = _check_fields([(n, a) for n, a in fields if a is not None])
     i0, i1, j0, j1 = check_rect(nx, ny, i0, i1, j0, j1)
     if i0 == i1 or j0 == j1:
         return
     grid, block = _grid2d(i0, i1, j0, j1)
     t, i32 = dtype.type, np.int32
+    # A pointer the kernel does not read (its bit in `grads` is clear) is given a valid array,
+    # not NULL: CuPy has no portable way to pass a null pointer.
+    u, kappa_bar, f_bar = (lam_next if a is None else a for a in (u, kappa_bar, f_bar))
     get_kernel(f"heat_adjoint_{_DTYPES[dtype]}")(
         grid, block,
         (lam_next, kappa, u, lam, kappa_bar, f_bar, i32(nx), i32(ny), t(r), t(dt),
-         i32(i0), i32(i1), i32(j0), i32(j1)),
+         i32(i0), i32(i1), i32(j0), i32(j1), i32(mask)),
     )
 
 

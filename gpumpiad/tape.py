@@ -59,6 +59,9 @@ class Tape:
         self.marked = set()
         self.first_use = {}
         self.eager = []
+        # True when backward may run more than once (a vjp's pullback): ops whose reverse rule
+        # consumes what the forward kept (the heat solver's states) must keep it then.
+        self.retain = False
 
     def watch(self, tensor, leaf=False, origins=_NO_ORIGINS):
         """Give ``tensor`` a cotangent slot on this tape."""

@@ -311,6 +311,17 @@ def test_host_adjoint_matches_reference(dtype, shape):
         mask[rect[0]:rect[1], rect[2]:rect[3]] = False
         for g, a0 in zip(got, (lam0, kb0, fb0)):
             np.testing.assert_array_equal(g[mask], a0[mask])
+        # Cotangents not asked for (None): the others are the same; u is not read without
+        # kappa_bar.
+        for kb_on, fb_on in ((True, False), (False, True), (False, False)):
+            lam = lam0.copy()
+            kb = kb0.copy() if kb_on else None
+            fb = fb0.copy() if fb_on else None
+            hostkernels.adjoint(lam_next, kappa, u if kb_on else None, lam, kb, fb, r, dt, *rect)
+            _assert_close(lam, want[0], dtype)
+            for g, w in ((kb, want[1]), (fb, want[2])):
+                if g is not None:
+                    _assert_close(g, w, dtype)
 
 
 @needs_host
@@ -350,7 +361,7 @@ def test_host_compiled_cuda_kernels_single_thread(dtype):
     step_k = lib[f"heat_step_{dtype}"]
     step_k.argtypes = [p, p, p, p, i, i, real, real, i, i, i, i]
     adj_k = lib[f"heat_adjoint_{dtype}"]
-    adj_k.argtypes = [p, p, p, p, p, p, i, i, real, real, i, i, i, i]
+    adj_k.argtypes = [p, p, p, p, p, p, i, i, real, real, i, i, i, i, i]
     pack_k = lib[f"halo_pack_{dtype}"]
     pack_k.argtypes = [p, p, i, i, i, i]
     unpack_k = lib[f"halo_unpack_{dtype}"]
@@ -368,13 +379,15 @@ def test_host_compiled_cuda_kernels_single_thread(dtype):
     stencil.step(u, kappa, f, want, r, dt, *rect)
     _assert_close(got, want, np.dtype(dtype).type)
 
-    g = [np.zeros_like(u), kb0.copy(), fb0.copy()]
-    w = [np.zeros_like(u), kb0.copy(), fb0.copy()]
-    adj_k(lam_next.ctypes.data, kappa.ctypes.data, u.ctypes.data,
-          *(a.ctypes.data for a in g), nx, ny, r, dt, *rect)
-    stencil.adjoint(lam_next, kappa, u, *w, r, dt, *rect)
-    for a, b in zip(g, w):
-        _assert_close(a, b, np.dtype(dtype).type)
+    for mask in range(4):  # the grads bits: which of kappa_bar, f_bar are accumulated
+        g = [np.zeros_like(u), kb0.copy(), fb0.copy()]
+        w = [np.zeros_like(u), kb0.copy() if mask & 1 else None, fb0.copy() if mask & 2 else None]
+        adj_k(lam_next.ctypes.data, kappa.ctypes.data, u.ctypes.data,
+              *(a.ctypes.data for a in g), nx, ny, r, dt, *rect, mask)
+        stencil.adjoint(lam_next, kappa, u, *w, r, dt, *rect)
+        for a, b, a0 in zip(g, w, (None, kb0, fb0)):
+            # A cotangent not asked for is left untouched.
+            _assert_close(a, a0 if b is None else b, np.dtype(dtype).type)
 
     buf_g, buf_w = np.zeros(nx, dtype), np.zeros(nx, dtype)
     pack_k(u.ctypes.data, buf_g.ctypes.data, nx, ny, 3, 1)
@@ -408,3 +421,5 @@ def test_host_rejects_bad_arguments():
         hostkernels.pack(u, np.zeros(2), 0, 0)
     with pytest.raises(ValueError, match="side"):
         hostkernels.unpack(u, np.zeros(8), 4, 0, 0)
+    with pytest.raises(ValueError, match="u .* is needed to accumulate kappa_bar"):
+        hostkernels.adjoint(u, ok[0], None, ok[1], ok[2], None, 0.1, 0.1, 1, 4, 1, 5)

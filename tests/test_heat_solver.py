@@ -5,6 +5,8 @@
 * the linearised step and the linear multi-step map pass cross-rank dot-product tests;
 * gradients with respect to u0, kappa and f pass a Taylor test and check_grad (a serial kappa
   included), and checkpointed gradients equal stored-state ones;
+* differentiating some of (u0, kappa, f) gives the full gradient's components, keeping the states
+  only for kappa's; a vjp's pullback through the solver runs repeatedly;
 * unstable dt, mismatched patches and too-small grids raise on every rank.
 """
 from functools import lru_cache
@@ -16,7 +18,7 @@ from pytest_mpi import parallel_assert
 
 import gpumpiad
 from gpumpiad.backend import to_numpy
-from gpumpiad.heat import Grid, recompute_steps, solve
+from gpumpiad.heat import Grid, recompute_steps, solve, solver
 from gpumpiad.heat.grid import split_sizes
 from gpumpiad.heat.solver import _cost, _spine
 
@@ -234,6 +236,62 @@ def test_taylor_and_checkpointed_gradients():
         for g, h in zip(grads, again):
             parallel_assert(float(abs(g - h).max()) <= 1e-12 * float(abs(g).max()),
                             f"checkpoints={checkpoints}: gradients differ from stored states")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_gradient_of_some_arguments_computes_only_theirs(monkeypatch):
+    """Differentiating a subset of (u0, kappa, f) gives the same components as differentiating
+    all three, and only kappa's cotangent keeps the states u^n for the reverse pass."""
+    comm = MPI.COMM_WORLD
+    grid = Grid((NX, NY))
+    args = [dist(grid.local(a)) for a in global_problem(6)]
+    w = np.random.default_rng(7 + comm.rank).standard_normal(grid.local_shape)
+    kept = []
+    vjp = solver._Heat.vjp
+
+    def counting_vjp(self, *a):
+        kept.append(len(self.states))
+        return vjp(self, *a)
+
+    monkeypatch.setattr(solver._Heat, "vjp", counting_vjp)
+    for checkpoints in (None, 3):
+        def objective(*a):
+            out = solve(*a, DT, H, STEPS, grid=grid, boundary=boundary, checkpoints=checkpoints)
+            return gpumpiad.mpi_sum((out * out * w).sum())
+
+        full = gpumpiad.grad(objective, argnums=(0, 1, 2))(*args)
+        for nums in ((0,), (1,), (2,), (0, 2), (1, 2)):
+            kept.clear()
+            some = gpumpiad.grad(objective, argnums=nums)(*args)
+            for i, g in zip(nums, some):
+                err = float(abs(to_numpy(g) - to_numpy(full[i])).max())
+                parallel_assert(err <= 1e-12 * float(abs(to_numpy(full[i])).max()),
+                                f"argnums {nums}, checkpoints {checkpoints}: argument {i} "
+                                f"differs from the full gradient by {err:.2e}")
+            stored = STEPS if checkpoints is None else checkpoints
+            parallel_assert(kept == [stored if 1 in nums else 0],
+                            f"argnums {nums}, checkpoints {checkpoints}: states kept {kept}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_vjp_pulls_back_through_solve_repeatedly():
+    """A vjp's pullback may run several times: the solver keeps its states for it."""
+    comm = MPI.COMM_WORLD
+    grid = Grid((NX, NY))
+    u0, kappa, f = (grid.local(a) for a in global_problem(8))
+    rng = np.random.default_rng(9 + comm.rank)
+    cotangents = [rng.standard_normal(grid.local_shape) for _ in range(2)]
+    for checkpoints in (None, 3):
+        def run(k):
+            return solve(u0, k, f, DT, H, STEPS, grid=grid, checkpoints=checkpoints)
+
+        _, pullback = gpumpiad.vjp(run, dist(kappa))
+        for c in cotangents + cotangents:
+            got = pullback(c)
+            want = gpumpiad.grad(lambda k: gpumpiad.mpi_sum((run(k) * c).sum()))(dist(kappa))
+            err = float(abs(got - want).max())
+            parallel_assert(err <= 1e-12 * float(abs(want).max()),
+                            f"checkpoints {checkpoints}: pullback differs by {err:.2e}")
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stencil import check_rect
+from .stencil import check_rect, grads
 
 __all__ = [
     "available",
@@ -112,7 +112,7 @@ def _declare(lib) -> None:
     for suffix, real in (("float32", ctypes.c_float), ("float64", ctypes.c_double)):
         sigs = {
             "host_heat_step": [p, p, p, p, i, i, real, real, i, i, i, i],
-            "host_heat_adjoint": [p, p, p, p, p, p, i, i, real, real, i, i, i, i],
+            "host_heat_adjoint": [p, p, p, p, p, p, i, i, real, real, i, i, i, i, i],
             "host_halo_pack": [p, p, i, i, i, i],
             "host_halo_unpack": [p, p, i, i, i, i, i],
             "host_copy4": [p, p, p, p, ctypes.c_longlong],
@@ -254,22 +254,24 @@ def step(u, kappa, f, u_new, r, dt, i0, i1, j0, j1):
 
 
 def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt, i0, i1, j0, j1):
-    """Fused adjoint on ``[i0, i1) x [j0, j1)``; see :func:`gpumpiad.heat.stencil.adjoint`.
+    """Fused adjoint on ``[i0, i1) x [j0, j1)``; see :func:`gpumpiad.heat.stencil.adjoint`
+    (``kappa_bar``, ``f_bar`` and, without ``kappa_bar``, ``u`` may be ``None``).
 
     Raises
     ------
     ValueError
         On wrong dtype, layout, shape, overlap or sub-rectangle.
     """
-    dtype, nx, ny = _check_fields(
-        [("lam_next", lam_next), ("kappa", kappa), ("u", u)],
-        [("lam", lam), ("kappa_bar", kappa_bar), ("f_bar", f_bar)],
-    )
+    mask = grads(u, kappa_bar, f_bar)
+    inputs = [("lam_next", lam_next), ("kappa", kappa), ("u", u)]
+    outputs = [("lam", lam), ("kappa_bar", kappa_bar), ("f_bar", f_bar)]
+    dtype, nx, ny = _check_fields([(n, a) for n, a in inputs if a is not None],
+                                  [(n, a) for n, a in outputs if a is not None])
     i0, i1, j0, j1 = check_rect(nx, ny, i0, i1, j0, j1)
+    pointer = [None if a is None else a.ctypes.data for a in (u, kappa_bar, f_bar)]
     _fn("host_heat_adjoint", dtype)(
-        lam_next.ctypes.data, kappa.ctypes.data, u.ctypes.data, lam.ctypes.data,
-        kappa_bar.ctypes.data, f_bar.ctypes.data, nx, ny, float(r), float(dt),
-        i0, i1, j0, j1,
+        lam_next.ctypes.data, kappa.ctypes.data, pointer[0], lam.ctypes.data,
+        pointer[1], pointer[2], nx, ny, float(r), float(dt), i0, i1, j0, j1, mask,
     )
 
 

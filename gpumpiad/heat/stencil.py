@@ -9,7 +9,7 @@ sub-rectangle ``[i0, i1) x [j0, j1)`` (``1 <= i0 <= i1 <= nx+1``, same for
 
 from __future__ import annotations
 
-__all__ = ["interior", "step", "adjoint", "pack", "unpack", "halo_length"]
+__all__ = ["interior", "step", "adjoint", "grads", "pack", "unpack", "halo_length"]
 
 #: Index of the interior cells of a padded array.
 interior = (slice(1, -1), slice(1, -1))
@@ -71,18 +71,20 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt, i0, i1, j0, j1):
     lam_next : array, shape (nx+2, ny+2)
         Cotangent of ``u^{n+1}``, ghosts included.
     kappa, u : array, shape (nx+2, ny+2)
-        Diffusivity and the state ``u^n`` (ghosts filled).
+        Diffusivity and the state ``u^n`` (ghosts filled). ``u`` is read only for
+        ``kappa_bar`` and may be ``None`` without it.
     lam : array, shape (nx+2, ny+2)
         Output cotangent of ``u^n``; only the sub-rectangle is written.
-    kappa_bar, f_bar : array, shape (nx+2, ny+2)
-        Accumulated (``+=``) on the sub-rectangle.
+    kappa_bar, f_bar : array, shape (nx+2, ny+2), or None
+        Accumulated (``+=``) on the sub-rectangle; ``None``: not computed.
     r, dt : float
         ``dt / h**2`` and the time step.
     i0, i1, j0, j1 : int
         Half-open interior sub-rectangle.
     """
-    r = u.dtype.type(r)
-    dt = u.dtype.type(dt)
+    grads(u, kappa_bar, f_bar)
+    r = lam.dtype.type(r)
+    dt = lam.dtype.type(dt)
     s = (slice(i0, i1), slice(j0, j1))
     # w = kappa*lam_next on the window grown by one cell (corners unused).
     win = (slice(i0 - 1, i1 + 1), slice(j0 - 1, j1 + 1))
@@ -90,8 +92,21 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt, i0, i1, j0, j1):
     lapw = w[2:, 1:-1] + w[:-2, 1:-1] + w[1:-1, 2:] + w[1:-1, :-2] - 4 * w[1:-1, 1:-1]
     ln = lam_next[s]
     lam[s] = ln + r * lapw
-    kappa_bar[s] += r * ln * _lap(u, i0, i1, j0, j1)
-    f_bar[s] += dt * ln
+    if kappa_bar is not None:
+        kappa_bar[s] += r * ln * _lap(u, i0, i1, j0, j1)
+    if f_bar is not None:
+        f_bar[s] += dt * ln
+
+
+#: Bits of the adjoint kernels' ``grads`` argument (``HEAT_KAPPA_BAR``, ``HEAT_F_BAR`` in heat.cu).
+KAPPA_BAR, F_BAR = 1, 2
+
+
+def grads(u, kappa_bar, f_bar):
+    """The ``grads`` bit mask for the cotangents given (not ``None``); ``kappa_bar`` needs ``u``."""
+    if kappa_bar is not None and u is None:
+        raise ValueError("u (the state u^n) is needed to accumulate kappa_bar, got None")
+    return (KAPPA_BAR if kappa_bar is not None else 0) | (F_BAR if f_bar is not None else 0)
 
 
 def halo_length(u, side):
