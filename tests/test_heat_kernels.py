@@ -3,7 +3,9 @@
 * heat.cu compiles with NVRTC (sm_80, sm_90) and nvcc, exporting every kernel;
 * the NumPy reference matches an independent loop implementation and its
   adjoint is the exact transpose of the linearised step (dot-product test);
-* the host (g++) build of heat.cu matches the NumPy reference.
+* the host (g++) build of heat.cu matches the NumPy reference, for every choice of the
+  adjoint's cotangents;
+* the CuPy launchers, driving the host build of the same kernels, match it too.
 """
 
 from __future__ import annotations
@@ -400,6 +402,69 @@ def test_host_compiled_cuda_kernels_single_thread(dtype):
 
     a, b, c, d = _rand_fields(rng, nx, ny, dtype, 4)
     copy4_k(a.ctypes.data, b.ctypes.data, c.ctypes.data, d.ctypes.data, a.size)
+    np.testing.assert_array_equal(d, a + b + c)
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
+    """The CuPy launchers' argument lists, run through the host build of the same kernels.
+
+    ``get_kernel`` is replaced by the host library's extern "C" kernel of that name (one thread
+    whose grid-stride loops cover the whole launch, see host_cuda.h), NumPy arrays standing in
+    for CuPy ones: pointer order, scalar widths, the adjoint's ``grads`` mask and the arrays
+    it passes for unused pointers are checked against NumPy without a GPU.
+    """
+    lib = ctypes.CDLL(str(hostkernels.library_path()))
+    scalars = {np.int32: ctypes.c_int, np.int64: ctypes.c_longlong,
+               np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+
+    def host_kernel(name):
+        fn = lib[name]
+
+        def launch(grid, block, args):
+            fn.argtypes = [ctypes.c_void_p if isinstance(a, np.ndarray) else scalars[type(a)]
+                           for a in args]
+            fn(*(a.ctypes.data if isinstance(a, np.ndarray) else a for a in args))
+        return launch
+
+    monkeypatch.setattr(cuda_kernels, "get_kernel", host_kernel)
+    rng = np.random.default_rng(12)
+    nx, ny = 9, 6
+    r, dt = 0.2, 0.01
+    rect = (2, 9, 1, 6)
+    u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
+    got, want = np.zeros_like(u), np.zeros_like(u)
+    cuda_kernels.launch_step(u, kappa, f, got, r, dt, *rect)
+    stencil.step(u, kappa, f, want, r, dt, *rect)
+    _assert_close(got, want, dtype)
+    for kb_on in (True, False):
+        for fb_on in (True, False):
+            g = [np.zeros_like(u), kb0.copy() if kb_on else None, fb0.copy() if fb_on else None]
+            w = [np.zeros_like(u), kb0.copy() if kb_on else None, fb0.copy() if fb_on else None]
+            state = u if kb_on else None
+            cuda_kernels.launch_adjoint(lam_next, kappa, state, *g, r, dt, *rect)
+            stencil.adjoint(lam_next, kappa, state, *w, r, dt, *rect)
+            for a, b in zip(g, w):
+                if b is not None:
+                    _assert_close(a, b, dtype)
+            # The stand-ins for unused pointers are inputs the kernel must not have written.
+            _assert_close(lam_next, _rand_fields(np.random.default_rng(12), nx, ny, dtype, 6)[3],
+                          dtype)
+    for side in range(4):
+        n = ny if side < 2 else nx
+        for ghost in (0, 1):
+            buf_g, buf_w = np.zeros(n, dtype), np.zeros(n, dtype)
+            cuda_kernels.launch_pack(u, buf_g, side, ghost)
+            stencil.pack(u, buf_w, side, ghost)
+            np.testing.assert_array_equal(buf_g, buf_w)
+            for add in (0, 1):
+                v_g, v_w = u.copy(), u.copy()
+                cuda_kernels.launch_unpack(v_g, buf_g, side, ghost, add)
+                stencil.unpack(v_w, buf_w, side, ghost, add)
+                np.testing.assert_array_equal(v_g, v_w)
+    a, b, c, d = (x.ravel() for x in _rand_fields(rng, nx, ny, dtype, 4))
+    cuda_kernels.launch_copy4(a, b, c, d)
     np.testing.assert_array_equal(d, a + b + c)
 
 
