@@ -11,7 +11,7 @@ from .autodiff import LossError, grad, value_and_grad, vjp
 from .backend import array_module, backend_name
 from .comm import Comm, RankInt, mpi_finalize, mpi_init, mpi_rank, mpi_size
 from .custom import custom_op
-from .debug import CommunicationMismatch, CommunicationTimeout, set_debug
+from .debug import CommunicationMismatch, CommunicationTimeout, set_debug, set_timeout
 from .gradcheck import GradientCheckError, check_grad
 from .halo import halo_exchange
 from .mpi.allgather import mpi_allgather
@@ -50,6 +50,6 @@ __all__ = [
     "mpi_barrier", "mpi_bcast", "mpi_finalize", "mpi_gather", "mpi_init", "mpi_rank",
     "mpi_recv", "mpi_reduce", "mpi_reduce_scatter", "mpi_scatter", "mpi_send", "mpi_sendrecv",
     "mpi_size", "mpi_sum", "multiply", "negative", "optimize", "path_description", "power",
-    "reshape", "set_debug", "sin", "sqrt", "stack", "subtract", "sum", "tanh", "tensor",
-    "transpose", "value_and_grad", "vjp", "where",
+    "reshape", "set_debug", "set_timeout", "sin", "sqrt", "stack", "subtract", "sum", "tanh",
+    "tensor", "transpose", "value_and_grad", "vjp", "where",
 ]

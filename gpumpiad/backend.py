@@ -11,9 +11,10 @@ GPUMPIAD_BACKEND : ``numpy`` | ``cupy``
 GPUMPIAD_DEVICE : int
     Overrides the device a rank binds to (default: node-local rank modulo device count).
 GPUMPIAD_STAGE_HOST_ARRAYS : ``0`` | ``1``
-    Test switch: the transport treats plain NumPy arrays as device arrays, so the staging path
-    (and the CUDA-aware one) runs on a machine without a GPU; "pinned" buffers are then
-    ordinary host arrays of type :class:`StagingBuffer` and the copies are NumPy copies.
+    Test switch, read at first use: the transport treats plain NumPy arrays as device arrays, so
+    the staging path (and the CUDA-aware one) runs on a machine without a GPU; "pinned" buffers
+    are then ordinary host arrays of type :class:`StagingBuffer` and the copies are NumPy
+    copies.
 """
 from __future__ import annotations
 
@@ -188,9 +189,17 @@ def comm_stream():
     return stream
 
 
+_stage = {}
+
+
 def stage_host_arrays() -> bool:
-    """Whether ``GPUMPIAD_STAGE_HOST_ARRAYS=1`` (NumPy arrays stand in for device arrays)."""
-    return os.environ.get("GPUMPIAD_STAGE_HOST_ARRAYS", "0").strip() == "1"
+    """Whether ``GPUMPIAD_STAGE_HOST_ARRAYS=1`` (NumPy arrays stand in for device arrays); read
+    once, as it is asked for every array MPI moves."""
+    flag = _stage.get("host arrays")
+    if flag is None:
+        flag = _stage["host arrays"] = (
+            os.environ.get("GPUMPIAD_STAGE_HOST_ARRAYS", "0").strip() == "1")
+    return flag
 
 
 class StagingBuffer(numpy.ndarray):

@@ -6,8 +6,12 @@ root, dtype, shape, layout, and a checksum of values declared serial — and rai
 naming the call, the argument and the ranks that differ, instead of hanging or mixing data.
 Two threads racing collectives on one communicator show up as differing thread names or calls.
 
-The watchdog (``GPUMPIAD_TIMEOUT=seconds``) bounds every wait for communication: a wait that
-does not complete in time raises :class:`CommunicationTimeout` naming the call this rank is in.
+The watchdog (``GPUMPIAD_TIMEOUT=seconds`` or :func:`set_timeout`) bounds every wait for
+communication: a wait that does not complete in time raises :class:`CommunicationTimeout` naming
+the call this rank is in.
+
+Both environment variables are read once, at first use (every wait would otherwise pay for an
+environment lookup); the two functions change the settings at run time.
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import time
 import zlib
 
 import numpy as np
+from mpi4py import MPI
 
-_settings = {"debug": None}
+_UNREAD = object()
+_settings = {"debug": None, "timeout": _UNREAD, "timeout from": "GPUMPIAD_TIMEOUT"}
 
 
 class CommunicationMismatch(RuntimeError):
@@ -43,14 +49,36 @@ def debug_enabled() -> bool:
     return _settings["debug"]
 
 
+def set_timeout(seconds):
+    """Bound every wait for a communication by ``seconds`` (``None``: no bound); overrides
+    ``GPUMPIAD_TIMEOUT``.
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> gpumpiad.set_timeout(30.0)
+    >>> gpumpiad.set_timeout(None)
+    """
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"set_timeout needs a positive number of seconds or None, got "
+                             f"{seconds!r}")
+        seconds = float(seconds)
+    _settings["timeout"] = seconds
+    _settings["timeout from"] = "gpumpiad.set_timeout"
+
+
 def timeout() -> float | None:
-    """``GPUMPIAD_TIMEOUT`` in seconds, or ``None`` when unset."""
-    value = os.environ.get("GPUMPIAD_TIMEOUT")
-    if not value:
-        return None
-    seconds = float(value)
-    if seconds <= 0:
-        raise ValueError(f"GPUMPIAD_TIMEOUT must be a positive number of seconds, got {value!r}")
+    """The watchdog's bound in seconds (``GPUMPIAD_TIMEOUT`` or :func:`set_timeout`), or
+    ``None``."""
+    seconds = _settings["timeout"]
+    if seconds is _UNREAD:
+        value = os.environ.get("GPUMPIAD_TIMEOUT")
+        seconds = float(value) if value else None
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"GPUMPIAD_TIMEOUT must be a positive number of seconds, "
+                             f"got {value!r}")
+        _settings["timeout"] = seconds
     return seconds
 
 
@@ -108,7 +136,6 @@ def _describe(view, field):
 
 def wait(requests, comm=None, call="communication"):
     """Complete MPI request(s), bounded by the watchdog when ``GPUMPIAD_TIMEOUT`` is set."""
-    from mpi4py import MPI
     requests = requests if isinstance(requests, list) else [requests]
     limit = timeout()
     if limit is None:
@@ -121,7 +148,8 @@ def wait(requests, comm=None, call="communication"):
             rank = MPI.COMM_WORLD.Get_rank()
             where = f" on {comm!r} (call #{comm.sequence})" if comm is not None else ""
             raise CommunicationTimeout(
-                f"rank {rank}: {call}{where} did not complete within GPUMPIAD_TIMEOUT="
-                f"{limit:g} s; another rank is probably in a different call or has failed")
+                f"rank {rank}: {call}{where} did not complete within {limit:g} s (the "
+                f"watchdog, {_settings['timeout from']}); another rank is probably in a "
+                "different call or has failed")
         time.sleep(pause)
         pause = min(pause * 2, 1e-2)

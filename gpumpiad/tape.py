@@ -21,6 +21,12 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+from mpi4py import MPI
+
+from .backend import get_array_module
+from .transport import start_allreduce
+
 _active = threading.local()
 _NO_ORIGINS = frozenset()
 DISTRIBUTED = "distributed"
@@ -234,10 +240,6 @@ class Tape:
     def _agree_on_shares(self):
         """Which sinks (index k) and serial leaves (origin -1 - k) receive shares on some rank:
         one small allreduce (MAX) of a bitmap per communicator, issued by every rank."""
-        import numpy as np
-        from mpi4py import MPI
-
-        from .transport import start_allreduce
         by_comm = {}
         for k, node in enumerate(self.sinks):
             comm = node.outputs[0].comm
@@ -328,7 +330,6 @@ def _shared_by_ranks(t):
 
 
 def _zeros_like(t):
-    from .backend import get_array_module
     return get_array_module(t.data).zeros(t.shape, t.dtype)
 
 
@@ -368,7 +369,6 @@ def _finalize_leaves(leaves, total, share, agreed):
         if len(group) == 1:
             _finalize(group[0], total, share)
             continue
-        from .backend import get_array_module
         xp = get_array_module(group[0].data)
         dtype = xp.result_type(*[leaf.dtype for leaf in group])
         flat = xp.zeros(sum(leaf.size for leaf in group), dtype)

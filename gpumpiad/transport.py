@@ -27,6 +27,7 @@ import numpy
 
 from . import backend
 from .backend import get_array_module, is_device_array
+from .debug import wait as _wait
 
 log = logging.getLogger("gpumpiad")
 
@@ -192,8 +193,7 @@ class Pending:
     def wait(self):
         with self.lock:
             if self.requests is not None:
-                from .debug import wait
-                wait(self.requests, self.comm, self.call)
+                _wait(self.requests, self.comm, self.call)
                 self.requests = None
                 self.result = self.finish() if self.finish is not None else None
                 self.finish = None

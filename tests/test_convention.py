@@ -21,7 +21,7 @@ from gpumpiad.backend import get_array_module, to_numpy
 @pytest.fixture
 def short_timeouts(monkeypatch):
     """A hang fails within seconds: the watchdog bounds every wait, mpiexec bounds the run."""
-    monkeypatch.setenv("GPUMPIAD_TIMEOUT", "10")
+    monkeypatch.setitem(gp.debug._settings, "timeout", 10.0)
     monkeypatch.setenv("MPIEXEC_TIMEOUT", "30")
 
 

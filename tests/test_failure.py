@@ -113,14 +113,15 @@ def test_without_abort_the_watchdog_ends_the_waiting_ranks(tmp_path):
     assert "passed the collective" not in out, out
     for rank in (0, 1, 3):
         assert (f"CommunicationTimeout: rank {rank}: mpi_sum(SUM)" in out
-                and "GPUMPIAD_TIMEOUT=3" in out), out
+                and "within 3 s (the watchdog, GPUMPIAD_TIMEOUT)" in out), out
 
 
 def test_watchdog_ends_a_job_whose_rank_skips_a_collective(tmp_path):
     rc, out, seconds = _mpiexec(tmp_path, SKIP_A_COLLECTIVE_ON_RANK_0, 3, GPUMPIAD_TIMEOUT="3")
     assert rc != 0, out
     assert seconds < 10, f"took {seconds:.1f} s:\n{out}"
-    assert "CommunicationTimeout" in out and "did not complete within GPUMPIAD_TIMEOUT=3" in out
+    assert ("CommunicationTimeout" in out
+            and "did not complete within 3 s (the watchdog, GPUMPIAD_TIMEOUT)" in out)
     assert "CommunicationTimeout: rank 1: mpi_sum(SUM)" in out or \
         "CommunicationTimeout: rank 2: mpi_sum(SUM)" in out, out
     assert "finished" not in out, out
@@ -134,7 +135,8 @@ def test_watchdog_names_the_call_on_each_rank(monkeypatch):
     # Without debug mode's signature exchange, which would be the call that times out.
     monkeypatch.setitem(gp.debug._settings, "debug", False)
     gp.mpi_sum(np.ones(2)).numpy()  # first-use costs (device set-up, kernel loads) come first
-    monkeypatch.setenv("GPUMPIAD_TIMEOUT", "1")
+    monkeypatch.setitem(gp.debug._settings, "timeout", None)  # restored afterwards
+    gp.set_timeout(1)
     message = "rank 0 is late, not waiting"
     if r == 0:
         time.sleep(2.5)
@@ -148,8 +150,18 @@ def test_watchdog_names_the_call_on_each_rank(monkeypatch):
         except gp.CommunicationTimeout as exc:
             seconds = time.monotonic() - start
             message = str(exc) if seconds < 2.0 else f"took {seconds:.1f} s: {exc}"
-    monkeypatch.delenv("GPUMPIAD_TIMEOUT")
+    gp.set_timeout(None)
     value = y.numpy()  # rank 0 has arrived: the collective completes
-    named = message.startswith(f"rank {r}: mpi_sum(SUM)") and "GPUMPIAD_TIMEOUT=1" in message
+    named = (message.startswith(f"rank {r}: mpi_sum(SUM)")
+             and "within 1 s (the watchdog, gpumpiad.set_timeout)" in message)
     parallel_assert(r == 0 or named, message)
     parallel_assert(np.array_equal(value, np.full(2, float(P))), f"{value}")
+
+
+def test_set_timeout_rejects_what_is_not_a_positive_number(monkeypatch):
+    monkeypatch.setitem(gp.debug._settings, "timeout", None)
+    for bad in (0, -1.0, "3", True, float("nan")):
+        with pytest.raises(ValueError, match="set_timeout needs a positive number of seconds"):
+            gp.set_timeout(bad)
+    gp.set_timeout(2)
+    assert gp.debug.timeout() == 2.0

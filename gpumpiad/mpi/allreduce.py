@@ -39,8 +39,10 @@ def mpi_allreduce(x, op=SUM, comm=None):
     True
     """
     comm = resolve(comm)
-    op_name = next((n for o, n in _NAMES if o == op), None)
-    if op_name is None:
+    for known, op_name in _NAMES:
+        if op == known:
+            break
+    else:
         raise ValueError(f"rank {comm.rank}: op must be gpumpiad.SUM, MAX, MIN or PROD, got {op!r}")
     x = as_tensor(x, comm)
     name = "mpi_allreduce" if op != SUM else "mpi_sum"
