@@ -61,7 +61,7 @@ __device__ __forceinline__ T heat_w(const T* __restrict__ lam_next, const T* __r
 
 // Which cotangents the adjoint accumulates besides lam (the kernels' `grads` bit mask). A
 // gradient with respect to kappa alone skips f_bar's read and write, one with respect to f or
-// u0 alone also skips reading u: 64 -> 48 or 40 bytes per cell.
+// u0 alone also skips reading u: 64 -> 48, or 40 bytes per cell and fewer.
 #define HEAT_KAPPA_BAR 1
 #define HEAT_F_BAR 2
 
