@@ -160,29 +160,19 @@ __device__ __forceinline__ void heat_adjoint_body(
                                          (gpumpiad_idx)i * s + j, s, r, dt);
 }
 
-// One branch per launch, outside the loops: each variant is its own specialised loop.
-template <typename T>
-__device__ __forceinline__ void heat_adjoint_grads(
-    const T* __restrict__ lam_next, const T* __restrict__ kappa, const T* __restrict__ u,
-    T* __restrict__ lam, T* __restrict__ kappa_bar, T* __restrict__ f_bar,
-    int nx, int ny, T r, T dt, int i0, int i1, int j0, int j1, int grads)
+// A compile-time flag for the adjoint's variants (NVRTC builds see no <type_traits>).
+template <bool B> struct heat_flag { static constexpr bool value = B; };
+
+// body(heat_flag<KB>(), heat_flag<FB>()) for the variant `grads` selects: one branch per
+// launch, outside the loops, so that each variant runs its own specialised loop.
+template <typename Body>
+__device__ __forceinline__ void heat_with_grads(int grads, Body body)
 {
     switch (grads & (HEAT_KAPPA_BAR | HEAT_F_BAR)) {
-    case HEAT_KAPPA_BAR | HEAT_F_BAR:
-        heat_adjoint_body<T, true, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
-                                         dt, i0, i1, j0, j1);
-        break;
-    case HEAT_KAPPA_BAR:
-        heat_adjoint_body<T, true, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
-                                          dt, i0, i1, j0, j1);
-        break;
-    case HEAT_F_BAR:
-        heat_adjoint_body<T, false, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
-                                          dt, i0, i1, j0, j1);
-        break;
-    default:
-        heat_adjoint_body<T, false, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
-                                           dt, i0, i1, j0, j1);
+    case HEAT_KAPPA_BAR | HEAT_F_BAR: body(heat_flag<true>(), heat_flag<true>()); break;
+    case HEAT_KAPPA_BAR: body(heat_flag<true>(), heat_flag<false>()); break;
+    case HEAT_F_BAR: body(heat_flag<false>(), heat_flag<true>()); break;
+    default: body(heat_flag<false>(), heat_flag<false>());
     }
 }
 
@@ -233,8 +223,10 @@ __device__ __forceinline__ void copy4_body(const T* __restrict__ a, const T* __r
                            T* __restrict__ kappa_bar, T* __restrict__ f_bar, int nx, int ny,   \
                            T r, T dt, int i0, int i1, int j0, int j1, int grads)               \
     {                                                                                          \
-        heat_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, i0, i1, \
-                              j0, j1, grads);                                                  \
+        heat_with_grads(grads, [&](auto kb, auto fb) {                                         \
+            heat_adjoint_body<T, decltype(kb)::value, decltype(fb)::value>(                    \
+                lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, i0, i1, j0, j1);     \
+        });                                                                                    \
     }                                                                                          \
     extern "C" __global__ void halo_pack_##SUF(const T* __restrict__ u, T* __restrict__ buf,   \
                                                int nx, int ny, int side, int ghost)            \
@@ -319,30 +311,6 @@ static void host_heat_adjoint(const T* __restrict__ lam_next, const T* __restric
 }
 
 template <typename T>
-static void host_heat_adjoint_grads(const T* lam_next, const T* kappa, const T* u, T* lam,
-                                    T* kappa_bar, T* f_bar, int nx, int ny, T r, T dt, int i0,
-                                    int i1, int j0, int j1, int grads)
-{
-    switch (grads & (HEAT_KAPPA_BAR | HEAT_F_BAR)) {
-    case HEAT_KAPPA_BAR | HEAT_F_BAR:
-        host_heat_adjoint<T, true, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
-                                         dt, i0, i1, j0, j1);
-        break;
-    case HEAT_KAPPA_BAR:
-        host_heat_adjoint<T, true, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
-                                          dt, i0, i1, j0, j1);
-        break;
-    case HEAT_F_BAR:
-        host_heat_adjoint<T, false, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
-                                          dt, i0, i1, j0, j1);
-        break;
-    default:
-        host_heat_adjoint<T, false, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
-                                           dt, i0, i1, j0, j1);
-    }
-}
-
-template <typename T>
 static void host_halo_pack(const T* __restrict__ u, T* __restrict__ buf, int nx, int ny,
                            int side, int ghost)
 {
@@ -376,8 +344,10 @@ static void host_copy4(const T* __restrict__ a, const T* __restrict__ b, const T
         const T* lam_next, const T* kappa, const T* u, T* lam, T* kappa_bar, T* f_bar, int nx,  \
         int ny, T r, T dt, int i0, int i1, int j0, int j1, int grads)                           \
     {                                                                                           \
-        host_heat_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt,    \
-                                   i0, i1, j0, j1, grads);                                      \
+        heat_with_grads(grads, [&](auto kb, auto fb) {                                          \
+            host_heat_adjoint<T, decltype(kb)::value, decltype(fb)::value>(                     \
+                lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, i0, i1, j0, j1);      \
+        });                                                                                     \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_halo_pack_##SUF(const T* u, T* buf, int nx, int ny,    \
                                                          int side, int ghost)                   \

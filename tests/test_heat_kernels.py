@@ -350,70 +350,15 @@ def test_host_halo_matches_reference(dtype, shape):
 
 
 @needs_host
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_host_compiled_cuda_kernels_single_thread(dtype):
-    """The __global__ kernel bodies themselves, run on the host as one thread.
-
-    host_cuda.h maps threadIdx/blockIdx to a 1x1 launch, so this exercises the
-    grid-stride index arithmetic of the GPU kernels.
-    """
-    lib = ctypes.CDLL(str(hostkernels.library_path()))
-    real = ctypes.c_float if dtype == "float32" else ctypes.c_double
-    p, i = ctypes.c_void_p, ctypes.c_int
-    step_k = lib[f"heat_step_{dtype}"]
-    step_k.argtypes = [p, p, p, p, i, i, real, real, i, i, i, i]
-    adj_k = lib[f"heat_adjoint_{dtype}"]
-    adj_k.argtypes = [p, p, p, p, p, p, i, i, real, real, i, i, i, i, i]
-    pack_k = lib[f"halo_pack_{dtype}"]
-    pack_k.argtypes = [p, p, i, i, i, i]
-    unpack_k = lib[f"halo_unpack_{dtype}"]
-    unpack_k.argtypes = [p, p, i, i, i, i, i]
-    copy4_k = lib[f"copy4_{dtype}"]
-    copy4_k.argtypes = [p, p, p, p, ctypes.c_longlong]
-
-    rng = np.random.default_rng(6)
-    nx, ny = 11, 7
-    r, dt = 0.2, 0.01
-    rect = (2, 10, 1, 6)
-    u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
-    got, want = np.zeros_like(u), np.zeros_like(u)
-    step_k(u.ctypes.data, kappa.ctypes.data, f.ctypes.data, got.ctypes.data, nx, ny, r, dt, *rect)
-    stencil.step(u, kappa, f, want, r, dt, *rect)
-    _assert_close(got, want, np.dtype(dtype).type)
-
-    for mask in range(4):  # the grads bits: which of kappa_bar, f_bar are accumulated
-        g = [np.zeros_like(u), kb0.copy(), fb0.copy()]
-        w = [np.zeros_like(u), kb0.copy() if mask & 1 else None, fb0.copy() if mask & 2 else None]
-        adj_k(lam_next.ctypes.data, kappa.ctypes.data, u.ctypes.data,
-              *(a.ctypes.data for a in g), nx, ny, r, dt, *rect, mask)
-        stencil.adjoint(lam_next, kappa, u, *w, r, dt, *rect)
-        for a, b, a0 in zip(g, w, (None, kb0, fb0)):
-            # A cotangent not asked for is left untouched.
-            _assert_close(a, a0 if b is None else b, np.dtype(dtype).type)
-
-    buf_g, buf_w = np.zeros(nx, dtype), np.zeros(nx, dtype)
-    pack_k(u.ctypes.data, buf_g.ctypes.data, nx, ny, 3, 1)
-    stencil.pack(u, buf_w, 3, 1)
-    np.testing.assert_array_equal(buf_g, buf_w)
-    v_g, v_w = u.copy(), u.copy()
-    unpack_k(v_g.ctypes.data, buf_g.ctypes.data, nx, ny, 2, 0, 1)
-    stencil.unpack(v_w, buf_w, 2, 0, 1)
-    np.testing.assert_array_equal(v_g, v_w)
-
-    a, b, c, d = _rand_fields(rng, nx, ny, dtype, 4)
-    copy4_k(a.ctypes.data, b.ctypes.data, c.ctypes.data, d.ctypes.data, a.size)
-    np.testing.assert_array_equal(d, a + b + c)
-
-
-@needs_host
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
-    """The CuPy launchers' argument lists, run through the host build of the same kernels.
+    """The __global__ kernels, launched by the CuPy launchers, run on the host.
 
-    ``get_kernel`` is replaced by the host library's extern "C" kernel of that name (one thread
-    whose grid-stride loops cover the whole launch, see host_cuda.h), NumPy arrays standing in
-    for CuPy ones: pointer order, scalar widths, the adjoint's ``grads`` mask and the arrays
-    it passes for unused pointers are checked against NumPy without a GPU.
+    ``get_kernel`` is replaced by the host library's extern "C" kernel of that name: host_cuda.h
+    maps threadIdx/blockIdx to a 1x1 launch, so the GPU kernels' grid-stride loops cover the
+    whole launch in one thread. NumPy arrays stand in for CuPy ones: the kernels' index
+    arithmetic and the launchers' pointer order, scalar widths, the adjoint's ``grads`` mask
+    and the arrays passed for unused pointers are checked against NumPy without a GPU.
     """
     lib = ctypes.CDLL(str(hostkernels.library_path()))
     scalars = {np.int32: ctypes.c_int, np.int64: ctypes.c_longlong,
