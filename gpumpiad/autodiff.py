@@ -294,21 +294,20 @@ def _cotangent(cotangent, out, xp):
 
 
 def _check_loss(out, args, nums):
-    rank = _rank()
     if not isinstance(out, Tensor):
-        raise LossError(f"rank {rank}: the function must return a gpumpiad Tensor (the loss), "
-                        f"got {type(out).__name__}")
+        raise LossError(f"rank {_rank()}: the function must return a gpumpiad Tensor (the "
+                        f"loss), got {type(out).__name__}")
     if out.size != 1:
-        raise LossError(f"rank {rank}: the loss must be a scalar, got shape {out.shape}; "
+        raise LossError(f"rank {_rank()}: the loss must be a scalar, got shape {out.shape}; "
                         "reduce it with .sum() or .mean()")
     if out.distributed:
-        raise LossError(f"rank {rank}: the loss is distributed (each rank holds its own value); "
-                        "reduce it to one serial value with gpumpiad.mpi_sum(loss)")
-    if get_array_module(out.data).issubdtype(out.dtype, get_array_module(out.data).complexfloating):
-        raise LossError(f"rank {rank}: the loss must be real, got dtype {out.dtype}")
+        raise LossError(f"rank {_rank()}: the loss is distributed (each rank holds its own "
+                        "value); reduce it to one serial value with gpumpiad.mpi_sum(loss)")
+    if out.dtype.kind == "c":
+        raise LossError(f"rank {_rank()}: the loss must be real, got dtype {out.dtype}")
     value = float(to_numpy(out.data).reshape(-1)[0])
     if not math.isfinite(value):
-        raise LossError(f"rank {rank}: the loss is {value!r}: expected a finite value "
+        raise LossError(f"rank {_rank()}: the loss is {value!r}: expected a finite value "
                         "(the loss is serial, so every rank sees the same)"
                         + "".join(f"; {cause}" for cause in _nonfinite_args(args, nums, out.comm)))
 

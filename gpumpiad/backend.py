@@ -81,7 +81,8 @@ def backend_name() -> str:
 
 def is_device_array(x) -> bool:
     """True when ``x`` is a CuPy array (checked without importing CuPy)."""
-    return type(x).__module__.split(".")[0] == "cupy"
+    kind = type(x)
+    return kind is not numpy.ndarray and kind.__module__.split(".")[0] == "cupy"
 
 
 def get_array_module(x):
