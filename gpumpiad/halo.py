@@ -23,6 +23,7 @@ from mpi4py import MPI
 from . import transport
 from .backend import get_array_module, is_device_array
 from .custom import custom_op
+from .debug import wait
 from .tensor import DISTRIBUTED, Tensor
 
 __all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "kernels_for", "Exchange"]
@@ -158,7 +159,7 @@ class Exchange:
         """Wait for every message, then unpack (assign ghosts, or add into boundary cells)."""
         if self._requests is None:
             return self._array
-        MPI.Request.Waitall(self._requests)
+        wait(self._requests, call="adjoint halo exchange" if self._adjoint else "halo exchange")
         self._requests = None
         ghost, add = (0, 1) if self._adjoint else (1, 0)
         for side, buf in self._received:

@@ -165,3 +165,35 @@ def test_set_timeout_rejects_what_is_not_a_positive_number(monkeypatch):
             gp.set_timeout(bad)
     gp.set_timeout(2)
     assert gp.debug.timeout() == 2.0
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_watchdog_ends_a_stuck_halo_exchange(monkeypatch):
+    """Rank 1 is late to a halo exchange: rank 0's wait raises CommunicationTimeout naming it
+    instead of hanging; once rank 1 arrives, the same exchange completes."""
+    from mpi4py import MPI
+
+    from gpumpiad import halo
+    from gpumpiad.heat import Grid
+    monkeypatch.setitem(gp.debug._settings, "timeout", 1.0)
+    world = MPI.COMM_WORLD
+    grid = Grid((8, 6), dims=(2, 1))
+    a = np.zeros(grid.padded_shape)
+    a[1:-1, 1:-1] = world.rank + 1
+    message = "rank 1 is late, not waiting"
+    if world.rank == 0:
+        pending = halo.start(a, grid)
+        try:
+            pending.wait()
+            message = "no timeout"
+        except gp.CommunicationTimeout as exc:
+            message = str(exc)
+        world.Barrier()
+        pending.wait()
+    else:
+        world.Barrier()
+        halo.exchange(a, grid)
+    parallel_assert(world.rank != 0 or (message.startswith("rank 0: halo exchange")
+                                        and "within 1 s (the watchdog" in message), message)
+    ghost = a[-1, 1:-1] if world.rank == 0 else a[0, 1:-1]
+    parallel_assert(np.all(ghost == 2 - world.rank), f"ghost row {ghost}")

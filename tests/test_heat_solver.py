@@ -273,6 +273,29 @@ def test_gradient_of_some_arguments_computes_only_theirs(monkeypatch):
                             f"argnums {nums}, checkpoints {checkpoints}: states kept {kept}")
 
 
+@pytest.mark.parallel(nprocs=[2, 3, 4])
+def test_rank_whose_kappa_is_not_traced_joins_the_reverse_pass():
+    """Only rank 0 differentiates its kappa: the others' solves have no traced argument, yet
+    their reverse passes run (the adjoint's halo exchanges need every rank) and rank 0's
+    gradient is its piece of the full one."""
+    comm = MPI.COMM_WORLD
+    grid = Grid((NX, NY))
+    u0, kappa, f = (grid.local(a) for a in global_problem(10))
+    w = np.random.default_rng(11 + comm.rank).standard_normal(grid.local_shape)
+
+    def objective(k, rank_zero_only):
+        if rank_zero_only and comm.rank != 0:
+            k = np.array(k.data)  # a plain array: not traced on this rank
+        out = solve(u0, k, f, DT, H, STEPS, grid=grid, checkpoints=3)
+        return gpumpiad.mpi_sum((out * out * w).sum())
+
+    full = gpumpiad.grad(lambda k: objective(k, False))(dist(kappa))
+    mine = gpumpiad.grad(lambda k: objective(k, True))(dist(kappa))
+    want = full if comm.rank == 0 else np.zeros_like(full)
+    err = float(abs(mine - want).max())
+    parallel_assert(err <= 1e-12 * float(abs(full).max()), f"differs by {err:.2e}")
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_vjp_pulls_back_through_solve_repeatedly():
     """A vjp's pullback may run several times: the solver keeps its states for it."""

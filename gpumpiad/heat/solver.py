@@ -135,27 +135,30 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
             frame = _frame(grid, boundary, raws[0])
         except (ValueError, TypeError) as exc:
             problem = f"rank {rank}: {exc}"
-    reports = grid.cart.mpi.allgather((problem, kmax))
-    problems = [p for p, _ in reports if p is not None]
+    tape = active_tape()
+    # Which arguments the reverse pass differentiates on this rank: only kappa's cotangent needs
+    # the states u^n, only f's and kappa's are accumulated over the steps.
+    wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
+    reports = grid.cart.mpi.allgather((problem, kmax, wants[1]))
+    problems = [p for p, _, _ in reports if p is not None]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
                          "; ".join(dict.fromkeys(problems)))
-    bad = [r for r, (_, k) in enumerate(reports) if not np.isfinite(k)]
+    bad = [r for r, (_, k, _) in enumerate(reports) if not np.isfinite(k)]
     if bad:
         raise ValueError(f"rank {rank}: kappa holds NaN or Inf on rank(s) {bad}: expected "
                          "finite diffusivities")
-    owner = int(np.argmax([k for _, k in reports]))
+    owner = int(np.argmax([k for _, k, _ in reports]))
     kmax = reports[owner][1]
     if kmax > 0 and dt > h * h / (4 * kmax):
         raise ValueError(
             f"rank {rank}: dt = {dt!r} exceeds the stability limit h**2 / (4 max kappa) = "
             f"{h * h / (4 * kmax)!r} (h = {h!r}, max kappa = {kmax!r} on rank {owner})")
-    tape = active_tape()
-    # Which arguments the reverse pass differentiates on this rank: only kappa's cotangent needs
-    # the states u^n, only f's and kappa's are accumulated over the steps.
-    wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
+    # Recomputing states from checkpoints exchanges halos: when any rank differentiates kappa,
+    # every rank keeps (and recomputes) its states, so that they all exchange in step.
+    keep_states = any(k for _, _, k in reports)
     run = _Heat(grid, kernels, frame, dt, h, steps, checkpoints, trajectory, wants,
-                retain=getattr(tape, "retain", False))
+                keep_states, retain=getattr(tape, "retain", False))
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
     return CustomOp(run.forward, run.vjp, name="heat.solve", layout=layout)(*args)
 
@@ -181,14 +184,14 @@ class _Heat:
     """One solve: the forward time loop, the states it keeps and the adjoint time loop."""
 
     def __init__(self, grid, kernels, frame, dt, h, steps, checkpoints, trajectory, wants,
-                 retain=False):
+                 keep_states, retain=False):
         self.grid, self.kernels, self.frame = grid, kernels, frame
         self.dt, self.r, self.steps = dt, dt / (h * h), steps
         self.checkpoints, self.trajectory = checkpoints, trajectory
-        # wants: (u0, kappa, f) differentiated; the states are kept only for kappa's cotangent.
-        # retain: the reverse pass may run again (a vjp's pullback), so it keeps the states.
-        self.wants, self.retain = wants, retain
-        self.keep_states = wants[1]
+        # wants: (u0, kappa, f) differentiated on this rank. keep_states: kappa's cotangent, the
+        # only one that reads the states, is wanted on some rank. retain: the reverse pass may
+        # run again (a vjp's pullback), so it keeps the states.
+        self.wants, self.keep_states, self.retain = wants, keep_states, retain
         nx, ny = grid.local_shape
         # Overlapping the exchange with the interior pays where kernels run asynchronously (a
         # GPU). On the CPU, MPI makes no progress while a kernel runs, and the four thin
@@ -318,8 +321,8 @@ class _Heat:
         return cur
 
     def _reversed_states(self):
-        """``(n, u^n)`` with ghosts filled, for ``n = steps-1 ... 0`` (``u^n`` None when kappa's
-        cotangent, the only one that reads the states, is not wanted)."""
+        """``(n, u^n)`` with ghosts filled, for ``n = steps-1 ... 0`` (``u^n`` None when no
+        rank wants kappa's cotangent, the only one that reads the states)."""
         take = self.states.get if self.retain else self.states.pop
         if not self.keep_states:
             for n in range(self.steps - 1, -1, -1):

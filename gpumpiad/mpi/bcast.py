@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..tensor import SERIAL
 from ..transport import start_bcast
-from ._record import as_tensor, check_root, pending_tensor, record, resolve, zeros_like
+from ._record import as_tensor, check_root, pending_tensor, record, resolve
 
 
 def mpi_bcast(x, root=0, comm=None):
@@ -43,10 +43,9 @@ def mpi_bcast(x, root=0, comm=None):
     cross = not x.distributed and x.comm.mpi != comm.mpi
 
     def vjp(gs):
-        g = gs[0]
         if (x.distributed or cross) and comm.rank != root:
-            return [zeros_like(g)]
-        return [g]
+            return [None]  # structurally zero: nothing upstream of x runs for it
+        return [gs[0]]
 
     record("mpi_bcast", vjp, [x], [out], local=[cross], communicates=False)
     return out

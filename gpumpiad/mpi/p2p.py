@@ -165,7 +165,7 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
             if g is None:
                 g = zeros_like(x.data)
             _post_send(comm, g, source, back_tag, "mpi_sendrecv (reverse: send)")
-            return [zeros_like(g)]
+            return [None]  # dest's own x went nowhere
         return [g]
 
     record("mpi_sendrecv", vjp, [x], [out], local=[True], eager=comm.rank == dest != source,

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from ..tensor import DISTRIBUTED, Tensor
 from ..transport import is_device, start_gatherv, start_scatterv
-from ._record import (as_tensor, check_root, pending_tensor, record, resolve, row_counts,
-                      zeros_like)
+from ._record import as_tensor, check_root, pending_tensor, record, resolve, row_counts
 
 
 def mpi_scatter(x, root=0, rows=None, comm=None):
@@ -71,7 +70,7 @@ def mpi_scatter(x, root=0, rows=None, comm=None):
                                                  box["trailing"]), root=root).wait()
         if not isinstance(x, Tensor):
             return [None]
-        return [whole.reshape(x.shape) if is_root else zeros_like(x.data)]
+        return [whole.reshape(x.shape) if is_root else None]
 
     record("mpi_scatter", vjp, [x], [out], local=[True])
     return out
