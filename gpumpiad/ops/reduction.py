@@ -14,7 +14,7 @@ def _normalize_axes(axis, ndim):
 
 def _expand(g, x, axis, keepdims):
     xp = get_array_module(g)
-    if axis is None:  # g is a scalar: it broadcasts as it is
+    if axis is None:  # a full reduction: g holds one element, which broadcasts as it is
         return xp.broadcast_to(g, x.shape)
     if not keepdims:
         for a in _normalize_axes(axis, x.ndim):
