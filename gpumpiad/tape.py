@@ -11,11 +11,11 @@ leaves are summed in one fused allreduce at the end of the pass.
 
 Whether a sink or a leaf receives shares can depend on rank-dependent control flow, so the
 ranks agree on it first: one small allreduce (MAX) of a bitmap over each communicator's sinks
-and serial leaves at the start of the pass. A serial leaf that receives no share on any rank (a
-purely local function of it) needs no allreduce at all. Every rank then visits the nodes in the
-exact reverse of their recording order and runs every communicating node even when its
-cotangent is structurally zero, so all ranks issue the same reverse communications in the same
-order.
+and serial leaves at the start of the pass (once per recorded program: a vjp's repeated
+pullbacks reuse it). A serial leaf that receives no share on any rank (a purely local function
+of it) needs no allreduce at all. Every rank then visits the nodes in the exact reverse of their
+recording order and runs every communicating node even when its cotangent is structurally zero,
+so all ranks issue the same reverse communications in the same order.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ class Tape:
         # True when backward may run more than once (a vjp's pullback): ops whose reverse rule
         # consumes what the forward kept (the heat solver's states) must keep it then.
         self.retain = False
+        self.agreed = None
 
     def watch(self, tensor, leaf=False, origins=_NO_ORIGINS):
         """Give ``tensor`` a cotangent slot on this tape."""
@@ -157,7 +158,12 @@ class Tape:
         share = [None] * self.nslots
         deferred = {}
         total[loss._slot] = seed
-        agreed = self._agree_on_shares()
+        # The agreement depends only on what was recorded: a repeated pass reuses it.
+        agreed = self.agreed
+        if agreed is None:
+            agreed = self._agree_on_shares()
+            if self.retain:
+                self.agreed = agreed
         nodes = self.nodes
         # An eager node (a receive, whose reverse rule only sends) runs as soon as its outputs'
         # cotangents are complete, i.e. right after their first consumer is visited, so that

@@ -68,6 +68,31 @@ def test_mpi_sum_pullback_follows_the_convention():
     parallel_assert(_close(gs, P * ybar) and _close(gd, ybar), f"{gs}, {gd}")
 
 
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_repeated_pullbacks_agree_on_shares_once():
+    """The ranks agree once per recorded program on where the reverse allreduces go: a second
+    pullback issues no agreement collective, and a serial argument's shares still add up."""
+    world = gp.comm.world()
+    P = mpi_size()
+    x = gp.tensor(np.arange(3.0) + mpi_rank(), distributed=True)
+    s = np.arange(3.0)
+    for arg, scale in ((x, 1), (s, P)):  # a serial x is a term on every rank: P * ybar
+        _, pullback = gp.vjp(gp.mpi_sum, arg)
+        before = world.collectives
+        first = pullback(np.ones(3))
+        between = world.collectives
+        second = pullback(np.full(3, 2.0))
+        # The serial argument's shares need their allreduce on every pass.
+        per_pass = 1 if (P > 1 and arg is s) else 0
+        parallel_assert(between - before == (1 if P > 1 else 0) + per_pass
+                        and world.collectives - between == per_pass,
+                        f"collectives: first pass {between - before}, second "
+                        f"{world.collectives - between}")
+        parallel_assert(np.array_equal(to_numpy(first), np.full(3, float(scale)))
+                        and np.array_equal(to_numpy(second), np.full(3, 2.0 * scale)),
+                        f"{first} {second}")
+
+
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_argnums_tuple_and_release():
     x, y = np.array([1.0, 2.0]), np.array([3.0, -1.0])
