@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 import zlib
 
 import numpy as np
@@ -134,15 +133,24 @@ def vjp(fn, *args, argnums=0):
     except BaseException:
         tape.release()
         raise
-    originals = [args[i] for i in nums]
-    xp = get_array_module(out.data)
+    return out.data, _Pullback(tape, out, [args[i] for i in nums], multi)
 
-    def pullback(cotangent):
-        seed = _cotangent(cotangent, out, xp)
-        return _gradients(tape.backward(out, seed), originals, multi)
 
-    weakref.finalize(pullback, tape.release)
-    return out.data, pullback
+class _Pullback:
+    """``vjp``'s pullback: holds the tape, and releases it when dropped."""
+
+    __slots__ = ("tape", "out", "originals", "multi")
+
+    def __init__(self, tape, out, originals, multi):
+        self.tape, self.out, self.originals, self.multi = tape, out, originals, multi
+
+    def __call__(self, cotangent):
+        out = self.out
+        seed = _cotangent(cotangent, out, get_array_module(out.data))
+        return _gradients(self.tape.backward(out, seed), self.originals, self.multi)
+
+    def __del__(self):
+        self.tape.release()
 
 
 def _trace(tape, fn, args, kwargs, nums):
