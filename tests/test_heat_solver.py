@@ -7,7 +7,8 @@
   included), and checkpointed gradients equal stored-state ones;
 * differentiating some of (u0, kappa, f) gives the full gradient's components, keeping the states
   only for kappa's; a vjp's pullback through the solver runs repeatedly;
-* unstable dt, mismatched patches and too-small grids raise on every rank.
+* unstable dt, mismatched patches, ranks disagreeing on the time loop and too-small grids
+  raise on every rank.
 """
 from functools import lru_cache
 
@@ -356,6 +357,11 @@ def test_errors_unstable_dt_and_mismatched_patch():
         solve(u0, kappa, bad, DT, H, 1, grid=grid)
     with pytest.raises(ValueError, match="kappa has dtype float32"):
         solve(u0, kappa.astype(np.float32), f, DT, H, 1, grid=grid)
+    if comm.size > 1:  # ranks marching different time loops: named, not a hang
+        steps = 3 if comm.rank == last else 2
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: solve's steps differs "
+                                             rf"between ranks: rank 0: 2, .*rank {last}: 3"):
+            solve(u0, kappa, f, DT, H, steps, grid=grid)
 
 
 @pytest.mark.parallel(nprocs=[2, 4])

@@ -82,6 +82,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     ------
     ValueError
         On every rank, for a shape, dtype or kind mismatch (naming the argument and the rank),
+        when ranks pass different ``dt``, ``h``, ``steps``, ``checkpoints`` or ``trajectory``,
         or when ``dt > h**2 / (4 * max kappa)`` (the global maximum): the scheme is unstable.
 
     Notes
@@ -139,16 +140,24 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # Which arguments the reverse pass differentiates on this rank: only kappa's cotangent needs
     # the states u^n, only f's and kappa's are accumulated over the steps.
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
-    reports = grid.cart.mpi.allgather((problem, kmax, wants[1]))
-    problems = [p for p, _, _ in reports if p is not None]
+    settings = (dt, h, steps, checkpoints, bool(trajectory))
+    reports = grid.cart.mpi.allgather((problem, kmax, wants[1], settings))
+    problems = [p for p, _, _, _ in reports if p is not None]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
                          "; ".join(dict.fromkeys(problems)))
-    bad = [r for r, (_, k, _) in enumerate(reports) if not np.isfinite(k)]
+    # Ranks that disagree on the time loop would wait for each other's halos forever.
+    for k, name in enumerate(("dt", "h", "steps", "checkpoints", "trajectory")):
+        values = [r[3][k] for r in reports]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"rank {rank}: solve's {name} differs between ranks: "
+                             + ", ".join(f"rank {q}: {v!r}" for q, v in enumerate(values))
+                             + "; every rank must march the same time loop")
+    bad = [r for r, (_, k, _, _) in enumerate(reports) if not np.isfinite(k)]
     if bad:
         raise ValueError(f"rank {rank}: kappa holds NaN or Inf on rank(s) {bad}: expected "
                          "finite diffusivities")
-    owner = int(np.argmax([k for _, k, _ in reports]))
+    owner = int(np.argmax([k for _, k, _, _ in reports]))
     kmax = reports[owner][1]
     if kmax > 0 and dt > h * h / (4 * kmax):
         raise ValueError(
@@ -156,7 +165,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
             f"{h * h / (4 * kmax)!r} (h = {h!r}, max kappa = {kmax!r} on rank {owner})")
     # Recomputing states from checkpoints exchanges halos: when any rank differentiates kappa,
     # every rank keeps (and recomputes) its states, so that they all exchange in step.
-    keep_states = any(k for _, _, k in reports)
+    keep_states = any(k for _, _, k, _ in reports)
     run = _Heat(grid, kernels, frame, dt, h, steps, checkpoints, trajectory, wants,
                 keep_states, retain=getattr(tape, "retain", False))
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
