@@ -65,7 +65,18 @@ class RankFloat(float):
 RANK_DEPENDENT = (RankInt, RankFloat)
 
 
-class Comm:
+class FreedOnExit:
+    """``with`` support for an object with a collective ``free()``: freed when the block ends."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+        return False
+
+
+class Comm(FreedOnExit):
     """A communicator for gpumpiad primitives.
 
     Parameters
@@ -110,13 +121,6 @@ class Comm:
         """
         if self.owned and self.mpi != MPI.COMM_NULL:
             self.mpi.Free()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()
-        return False
 
     def split(self, color, key=None):
         """A sub-communicator of the ranks that pass the same ``color`` (``MPI_Comm_split``).

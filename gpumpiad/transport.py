@@ -9,7 +9,8 @@ derived datatypes.
 Environment
 -----------
 GPUMPIAD_CUDA_AWARE : ``0`` | ``1``
-    Overrides the probe of the MPI library's CUDA support (``MPIX_Query_cuda_support``).
+    Overrides the probe of the MPI library's CUDA support (``MPIX_Query_cuda_support``); read
+    at first use.
 GPUMPIAD_STAGE_HOST_ARRAYS : ``0`` | ``1``
     Test switch (see :mod:`gpumpiad.backend`): NumPy arrays take the device paths.
 """
@@ -55,16 +56,21 @@ def _libmpi_path():
     return mpi4py.MPI.__file__
 
 
+_aware = {}
+
+
 def cuda_aware() -> bool:
     """Whether device buffers are handed to MPI directly.
 
     ``GPUMPIAD_CUDA_AWARE=0|1`` decides when set; otherwise the MPI library is asked through
-    ``MPIX_Query_cuda_support`` (False where the library does not export it).
+    ``MPIX_Query_cuda_support`` (False where the library does not export it). Decided once:
+    every buffer a device array sends or receives asks.
     """
-    env = os.environ.get("GPUMPIAD_CUDA_AWARE")
-    if env is not None and env.strip() in ("0", "1"):
-        return env.strip() == "1"
-    return _probe_cuda_support()
+    flag = _aware.get("flag")
+    if flag is None:
+        env = os.environ.get("GPUMPIAD_CUDA_AWARE", "").strip()
+        flag = _aware["flag"] = env == "1" if env in ("0", "1") else _probe_cuda_support()
+    return flag
 
 
 def path_description() -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..backend import asarray, to_numpy
-from ..comm import resolve, world
+from ..comm import FreedOnExit, resolve, world
 from ..tensor import Tensor
 
 __all__ = ["Grid", "split_sizes"]
@@ -39,7 +39,7 @@ def split_sizes(n, parts):
     return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
 
 
-class Grid:
+class Grid(FreedOnExit):
     """A global ``NX x NY`` grid split into one rectangular patch per rank.
 
     Collective: every rank of ``comm`` must construct it with the same arguments.
@@ -122,13 +122,6 @@ class Grid:
         """Release the grid's Cartesian communicator (collective); see :meth:`Comm.free`.
         ``with Grid(...) as grid:`` frees it at the end of the block."""
         self.cart.free()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()
-        return False
 
     def __repr__(self):
         return (f"Grid(shape={self.shape}, dims={self.dims}, periodic={self.periodic}, "
