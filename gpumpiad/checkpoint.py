@@ -26,6 +26,7 @@ import tempfile
 
 import numpy
 
+from . import control
 from .backend import is_device_array, to_numpy
 
 FORMAT_VERSION = 1
@@ -85,7 +86,7 @@ def save(path, payload, *, comm=None, root=0):
             _save(os.fspath(path), payload)
         except CheckpointError as exc:
             error = str(exc)
-    error = comm.mpi.bcast(error, root=root)
+    error = control.bcast(comm.mpi, error, root, "checkpoint.save")
     if error is not None:
         raise CheckpointError(f"rank {root}: {error}")
 
@@ -133,7 +134,7 @@ def load(path, *, comm=None, root=0):
             result = ("ok", _load(os.fspath(path)))
         except CheckpointError as exc:
             result = ("error", str(exc))
-    status, value = comm.mpi.bcast(result, root=root)
+    status, value = control.bcast(comm.mpi, result, root, "checkpoint.load")
     if status == "error":
         raise CheckpointError(f"rank {root}: {value}")
     return value
@@ -167,7 +168,8 @@ def exists(path, *, comm=None, root=0):
     """Whether a file is at ``path`` (decided by ``root`` and broadcast when ``comm`` is given)."""
     if comm is None:
         return os.path.exists(path)
-    return comm.mpi.bcast(os.path.exists(path) if comm.rank == root else None, root=root)
+    return control.bcast(comm.mpi, os.path.exists(path) if comm.rank == root else None, root,
+                         "checkpoint.exists")
 
 
 def encode(payload, version=FORMAT_VERSION):

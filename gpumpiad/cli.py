@@ -29,6 +29,8 @@ class JobError(Exception):
 def _prepare_output(folder):
     """Root creates ``folder`` and checks it is writable; every rank learns the outcome."""
     from mpi4py import MPI
+
+    from gpumpiad import control
     comm = MPI.COMM_WORLD
     problem = None
     if comm.rank == 0:
@@ -40,7 +42,7 @@ def _prepare_output(folder):
             os.remove(probe)
         except OSError as exc:
             problem = f"output folder {folder!r} is not writable: {exc.strerror or exc}"
-    problem = comm.bcast(problem, root=0)
+    problem = control.bcast(comm, problem, 0, "output folder check")
     if problem:
         raise JobError(problem)
 

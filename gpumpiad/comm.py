@@ -10,7 +10,7 @@ import threading
 
 from mpi4py import MPI
 
-from . import transport
+from . import control, transport
 from .debug import check_signature, debug_enabled
 
 
@@ -136,7 +136,7 @@ class Comm(FreedOnExit):
             problem = f"key must be an int or None, got {key!r} on rank {self.rank}"
         # Colors differ between ranks, so one rank's complaint must reach all of them before
         # the Split that the others would otherwise wait in.
-        problems = [p for p in self.mpi.allgather(problem) if p is not None]
+        problems = [p for p in control.allgather(self.mpi, problem, "Comm.split") if p is not None]
         if problems:
             raise ValueError(f"rank {self.rank}: Comm.split: " + "; ".join(problems))
         return Comm(_create(self, "split", lambda: self.mpi.Split(
@@ -274,7 +274,7 @@ def mpi_finalize():
     """
     if MPI.Is_initialized() and not MPI.Is_finalized():
         transport.complete_sends()
-        world().mpi.Barrier()
+        control.barrier(world().mpi, "mpi_finalize")
 
 
 def mpi_rank(comm=None) -> RankInt:

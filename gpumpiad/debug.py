@@ -15,6 +15,7 @@ environment lookup); the two functions change the settings at run time.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -134,15 +135,20 @@ def _describe(view, field):
     return f"{call}: " + text[field] if field not in ("call", "thread") else text[field]
 
 
-def wait(requests, comm=None, call="communication"):
-    """Complete MPI request(s), bounded by the watchdog when ``GPUMPIAD_TIMEOUT`` is set."""
+def wait(requests, comm=None, call="communication", idle=False):
+    """Complete MPI request(s), bounded by the watchdog when ``GPUMPIAD_TIMEOUT`` is set.
+
+    ``idle``: the wait may be long and nothing else runs meanwhile (a worker waiting for its
+    next instruction): poll with short sleeps instead of MPI's busy wait, leaving the core to
+    other ranks.
+    """
     requests = requests if isinstance(requests, list) else [requests]
     limit = timeout()
-    if limit is None:
+    if limit is None and not idle:
         MPI.Request.Waitall(requests)
         return
-    deadline = time.monotonic() + limit
-    pause = 1e-5
+    deadline = time.monotonic() + limit if limit is not None else math.inf
+    pause = 2e-4 if idle else 1e-5
     while not MPI.Request.Testall(requests):
         if time.monotonic() > deadline:
             rank = MPI.COMM_WORLD.Get_rank()
@@ -152,4 +158,5 @@ def wait(requests, comm=None, call="communication"):
                 f"watchdog, {_settings['timeout from']}); another rank is probably in a "
                 "different call or has failed")
         time.sleep(pause)
-        pause = min(pause * 2, 1e-2)
+        if not idle:
+            pause = min(pause * 2, 1e-2)

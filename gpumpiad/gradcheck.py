@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import control
 from .autodiff import value_and_grad
 from .backend import asarray, to_numpy
 from .comm import world
@@ -98,7 +99,8 @@ def check_grad(fn, *args, argnums=None, eps=None, rtol=None, atol=None, max_elem
         h0, rt, at = eps or h0, rtol or rt, atol or at
         if not distributed:
             _check_agreement(comm, i, g, report, failures)
-        sizes = comm.allgather(data.size) if distributed else [data.size] * comm.size
+        sizes = (control.allgather(comm, data.size, "check_grad") if distributed
+                 else [data.size] * comm.size)
         owners = range(comm.size) if distributed else [None]
         for owner in owners:
             n = sizes[owner if owner is not None else 0]
@@ -108,7 +110,8 @@ def check_grad(fn, *args, argnums=None, eps=None, rtol=None, atol=None, max_elem
             for e in picks:
                 mine = owner is None or owner == comm.rank
                 step = h0 * max(1.0, abs(float(data.reshape(-1)[e]))) if mine else 0.0
-                step = comm.bcast(step, root=owner) if owner is not None else step
+                if owner is not None:
+                    step = control.bcast(comm, step, owner, "check_grad")
                 values = []
                 for sign in (1, -1):
                     pert = data.copy()
@@ -128,7 +131,7 @@ def check_grad(fn, *args, argnums=None, eps=None, rtol=None, atol=None, max_elem
                         f"argument {i}, element {np.unravel_index(e, data.shape)} {where}: "
                         f"reverse mode gives {ad!r}, finite differences give {fd!r} "
                         f"(difference {err:.3e})")
-    everyone = [f for fs in comm.allgather(failures) for f in fs]
+    everyone = [f for fs in control.allgather(comm, failures, "check_grad") for f in fs]
     if everyone:
         unique = list(dict.fromkeys(everyone))
         raise GradientCheckError(
@@ -157,10 +160,11 @@ def _check_agreement(comm, i, g, report, failures):
     """The gradient of a serial argument must be the same total on every rank."""
     if comm.size == 1:
         return
-    reference = comm.bcast(g, root=0)
+    reference = control.bcast(comm, g, 0, "check_grad")
     diff = np.abs(g - reference) if g.shape == reference.shape else np.full(1, np.inf)
     worst = float(diff.max()) if diff.size else 0.0
-    table = comm.allgather((worst, int(diff.argmax()) if diff.size else 0))
+    table = control.allgather(comm, (worst, int(diff.argmax()) if diff.size else 0),
+                              "check_grad")
     rank = int(np.argmax([w for w, _ in table]))
     worst, element = table[rank]
     report["max_rank_disagreement"] = max(report["max_rank_disagreement"], worst)

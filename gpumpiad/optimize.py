@@ -20,9 +20,11 @@ import scipy.optimize
 from mpi4py import MPI
 
 from . import checkpoint as ckpt
+from . import control
 from .autodiff import value_and_grad
 from .backend import to_numpy
 from .comm import resolve
+from .debug import wait
 from .tensor import Tensor, tensor
 
 _EVAL, _STOP = 1, 0
@@ -191,7 +193,7 @@ class _Problem:
         self.distributed = isinstance(x0, Tensor) and x0.distributed
         local = numpy.array(raw, dtype=numpy.float64)
         if not self.distributed:
-            local = self.ctl.bcast(local, root=self.root)
+            local = control.bcast(self.ctl, local, self.root, "minimize's x0")
             if not numpy.isfinite(local).all():
                 self.ctl.Free()
                 raise ValueError(f"rank {comm.rank}: minimize's x0 holds NaN or Inf (the "
@@ -199,8 +201,9 @@ class _Problem:
         self.shape = local.shape
         self.x0_local = local.ravel()
         if self.distributed:
-            table = self.ctl.allgather((self.x0_local.size,
-                                        bool(numpy.isfinite(self.x0_local).all())))
+            table = control.allgather(
+                self.ctl, (self.x0_local.size, bool(numpy.isfinite(self.x0_local).all())),
+                "minimize's x0")
             bad = [r for r, (_, finite) in enumerate(table) if not finite]
             if bad:
                 self.ctl.Free()
@@ -226,20 +229,20 @@ class _Problem:
         if not self.distributed:
             return local if self.is_root else None
         out = numpy.empty(self.n) if self.is_root else None
-        self.ctl.Gatherv(numpy.ascontiguousarray(local),
-                         [out, (self.counts, self.displs), MPI.DOUBLE] if self.is_root else None,
-                         root=self.root)
+        wait(self.ctl.Igatherv(numpy.ascontiguousarray(local),
+                               [out, (self.counts, self.displs), MPI.DOUBLE] if self.is_root
+                               else None, root=self.root), None, "minimize's gather")
         return out
 
     def scatter(self, full):
         """This rank's piece of the root's global vector ``full``."""
         if not self.distributed:
             buf = full if self.is_root else numpy.empty(self.n)
-            self.ctl.Bcast(buf, root=self.root)
+            wait(self.ctl.Ibcast(buf, root=self.root), None, "minimize's broadcast")
             return buf
         out = numpy.empty(int(self.counts[self.comm.rank]))
-        self.ctl.Scatterv([full, (self.counts, self.displs), MPI.DOUBLE] if self.is_root
-                          else None, out, root=self.root)
+        wait(self.ctl.Iscatterv([full, (self.counts, self.displs), MPI.DOUBLE] if self.is_root
+                                else None, out, root=self.root), None, "minimize's scatter")
         return out
 
     def fingerprint(self):
@@ -294,7 +297,7 @@ def _collective(problem, fn):
             result = ("ok", fn())
         except ckpt.CheckpointError as exc:
             result = ("error", str(exc))
-    status, value = problem.ctl.bcast(result, root=problem.root)
+    status, value = control.bcast(problem.ctl, result, problem.root, "minimize's checkpoint")
     if status == "error":
         raise ckpt.CheckpointError(value if problem.is_root or value.startswith("rank ")
                                    else f"rank 0: {value}")
@@ -331,7 +334,7 @@ class _RootScipy:
             error, outcome = self._drive()
         else:
             error, outcome = self._serve(), None
-        status, value = p.ctl.bcast(outcome, root=p.root)
+        status, value = control.bcast(p.ctl, outcome, p.root, "minimize's result")
         if status == "error":
             if error is not None:
                 raise error
@@ -460,12 +463,8 @@ def _instruction(p, command=None):
     leave the CPU to the root (and to other ranks on oversubscribed nodes) while SciPy runs.
     """
     buf = numpy.array([-1 if command is None else command], dtype=numpy.int64)
-    request = p.ctl.Ibcast(buf, root=p.root)
-    if p.is_root:
-        request.Wait()
-    else:
-        while not request.Test():
-            time.sleep(2e-4)
+    wait(p.ctl.Ibcast(buf, root=p.root), None, "minimize: the root's next instruction",
+         idle=not p.is_root)
     return int(buf[0])
 
 
@@ -494,11 +493,13 @@ class _DistLBFGS:
 
     def dot(self, a, b):
         local = float(numpy.dot(a, b))
-        return self.p.ctl.allreduce(local, op=MPI.SUM) if self.p.distributed else local
+        return (control.allreduce(self.p.ctl, local, MPI.SUM, "minimize's dot product")
+                if self.p.distributed else local)
 
     def inf_norm(self, g):
         local = _inf_norm(g)
-        return self.p.ctl.allreduce(local, op=MPI.MAX) if self.p.distributed else local
+        return (control.allreduce(self.p.ctl, local, MPI.MAX, "minimize's gradient norm")
+                if self.p.distributed else local)
 
     def evaluate(self, x):
         self.nfev += 1

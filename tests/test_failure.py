@@ -58,6 +58,27 @@ SKIP_A_COLLECTIVE_ON_RANK_0 = PROLOGUE + textwrap.dedent("""\
     print(f"rank {r} finished", flush=True)
 """)
 
+SKIP_A_SOLVE_ON_RANK_0 = PROLOGUE + textwrap.dedent("""\
+    from gpumpiad.heat import Grid, solve
+    grid = Grid((12, 12))
+    ones = np.ones(grid.local_shape)
+    if r != 0:
+        solve(0 * ones, ones, ones, 1e-4, grid.h[0], 5, grid=grid)   # rank 0 never enters it
+    else:
+        time.sleep(60)
+    print(f"rank {r} finished", flush=True)
+""")
+
+SKIP_A_GATHER_ON_RANK_0 = PROLOGUE + textwrap.dedent("""\
+    from gpumpiad.heat import Grid
+    grid = Grid((12, 12))
+    if r != 0:
+        grid.gather(np.ones(grid.local_shape), root=None)   # rank 0 never enters it
+    else:
+        time.sleep(60)
+    print(f"rank {r} finished", flush=True)
+""")
+
 
 def _mpiexec(tmp_path, source, nprocs, **env_extra):
     """Run ``source`` under ``mpiexec -n nprocs``; ``(returncode, output, seconds)``."""
@@ -124,6 +145,21 @@ def test_watchdog_ends_a_job_whose_rank_skips_a_collective(tmp_path):
             and "did not complete within 3 s (the watchdog, GPUMPIAD_TIMEOUT)" in out)
     assert "CommunicationTimeout: rank 1: mpi_sum(SUM)" in out or \
         "CommunicationTimeout: rank 2: mpi_sum(SUM)" in out, out
+    assert "finished" not in out, out
+
+
+@pytest.mark.parametrize("program, call", [
+    (SKIP_A_SOLVE_ON_RANK_0, "heat.solve's argument check"),
+    (SKIP_A_GATHER_ON_RANK_0, "Grid.gather"),
+], ids=["heat.solve", "Grid.gather"])
+def test_watchdog_bounds_the_control_path(tmp_path, program, call):
+    """The object collectives of argument checks and field gathers are watched too: a rank
+    that skips the call leaves the others with CommunicationTimeout naming it, not a hang."""
+    rc, out, seconds = _mpiexec(tmp_path, program, 2, GPUMPIAD_TIMEOUT="3")
+    assert rc != 0, out
+    assert seconds < 20, f"took {seconds:.1f} s:\n{out}"
+    assert (f"CommunicationTimeout: rank 1: {call}" in out
+            and "did not complete within 3 s (the watchdog, GPUMPIAD_TIMEOUT)" in out), out
     assert "finished" not in out, out
 
 

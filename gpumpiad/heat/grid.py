@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from .. import control
 from ..backend import asarray, to_numpy
 from ..comm import FreedOnExit, resolve, world
 from ..tensor import Tensor
@@ -188,7 +189,7 @@ class Grid(FreedOnExit):
             _check_global(field, self.shape, self.rank)
             pieces = [np.ascontiguousarray(field[self.slices(mpi.Get_coords(r))])
                       for r in range(mpi.size)]
-        return asarray(mpi.scatter(pieces, root=root))
+        return asarray(control.scatter(mpi, pieces, root, "Grid.scatter"))
 
     def gather(self, patch, root=0):
         """Assemble every rank's ``(nx, ny)`` patch into the global ``(NX, NY)`` NumPy field.
@@ -201,7 +202,8 @@ class Grid(FreedOnExit):
             raise ValueError(f"rank {self.rank}: gather expects this rank's patch of shape "
                              f"{self.local_shape}, got {patch.shape}")
         mpi = self.cart.mpi
-        pieces = mpi.allgather(patch) if root is None else mpi.gather(patch, root=root)
+        pieces = (control.allgather(mpi, patch, "Grid.gather") if root is None
+                  else control.gather(mpi, patch, root, "Grid.gather"))
         if pieces is None:
             return None
         out = np.empty(self.shape, patch.dtype)

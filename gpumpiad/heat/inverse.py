@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from mpi4py import MPI
 
 import gpumpiad as gm
 
+from .. import control
 from ..halo import halo_exchange
 from ..optimize import minimize
 from .grid import Grid
@@ -84,7 +86,7 @@ class Problem:
                                                  * rng.standard_normal(d.shape), dtype)
                          for d in clean]
         norm = sum(float((d * d).sum()) for d in self.observed)
-        self.norm = self.grid.cart.mpi.allreduce(norm)
+        self.norm = control.allreduce(self.grid.cart.mpi, norm, MPI.SUM, "heat-inverse data norm")
 
     def states(self, kappa):
         """The states at the observation times for diffusivity ``kappa`` (this patch)."""

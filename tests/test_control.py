@@ -1,0 +1,83 @@
+"""The control path's object collectives give what mpi4py's blocking ones give, and the
+watchdog bounds them (a rank that skips one is ``test_failure.py``'s job tests)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import gpumpiad as gp
+from gpumpiad import control
+
+
+def _piece(rank):
+    """Objects of rank-dependent size and kind, empty ones included."""
+    return {"rank": rank, "data": np.arange(rank * 3, dtype=np.float32),
+            "text": "x" * (7 * rank), "none": None}
+
+
+def _same(a, b):
+    return (a.keys() == b.keys() and a["rank"] == b["rank"] and a["text"] == b["text"]
+            and a["none"] is b["none"] and a["data"].dtype == b["data"].dtype
+            and np.array_equal(a["data"], b["data"]))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_object_collectives_match_mpi4py():
+    comm = MPI.COMM_WORLD
+    r, P = comm.rank, comm.size
+    mine = _piece(r)
+    got = control.allgather(comm, mine, "test allgather")
+    parallel_assert(len(got) == P and all(_same(g, _piece(q)) for q, g in enumerate(got)))
+    for root in range(P):
+        value = control.bcast(comm, mine if r == root else "ignored", root, "test bcast")
+        parallel_assert(_same(value, comm.bcast(mine, root=root)), f"bcast from {root}")
+        gathered = control.gather(comm, mine, root, "test gather")
+        expected = comm.gather(mine, root=root)
+        parallel_assert((gathered is None) == (expected is None) and (
+            gathered is None or all(_same(a, b) for a, b in zip(gathered, expected))),
+            f"gather to {root}")
+        pieces = [_piece(10 + q) for q in range(P)] if r == root else None
+        parallel_assert(_same(control.scatter(comm, pieces, root, "test scatter"),
+                              _piece(10 + r)), f"scatter from {root}")
+    parallel_assert(control.allreduce(comm, r + 0.5, MPI.SUM, "test sum")
+                    == comm.allreduce(r + 0.5, op=MPI.SUM))
+    parallel_assert(control.allreduce(comm, -r, MPI.MAX, "test max") == 0.0)
+    control.barrier(comm, "test barrier")
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_a_late_rank_is_waited_for_within_the_watchdog(monkeypatch):
+    """A rank that arrives late but within the bound is waited for; the results are right."""
+    monkeypatch.setitem(gp.debug._settings, "timeout", 5.0)
+    comm = MPI.COMM_WORLD
+    if comm.rank == 0:
+        time.sleep(0.5)
+    got = control.allgather(comm, comm.rank, "late allgather")
+    parallel_assert(got == list(range(comm.size)), f"{got}")
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_a_missing_rank_raises_communication_timeout_naming_the_call(monkeypatch):
+    """Rank 1 is late to a gather: its root's wait ends in CommunicationTimeout naming it."""
+    monkeypatch.setitem(gp.debug._settings, "timeout", 1.0)
+    comm = MPI.COMM_WORLD.Dup()  # the abandoned request stays off the world communicator
+    message = "rank 1 is late, not waiting"
+    if comm.rank == 0:
+        start = time.monotonic()
+        try:
+            control.gather(comm, "payload", 0, "the test's gather")
+            message = "no timeout"
+        except gp.CommunicationTimeout as exc:
+            seconds = time.monotonic() - start
+            message = str(exc) if seconds < 3 else f"took {seconds:.1f} s: {exc}"
+    MPI.COMM_WORLD.Barrier()
+    if comm.rank == 1:  # matches the size gather rank 0 posted, so nothing is left pending
+        comm.Igather(np.array([0], np.int64), None, root=0).Wait()
+    rank = comm.rank
+    comm.Free()
+    parallel_assert(rank != 0 or (
+        message.startswith("rank 0: the test's gather did not complete within 1 s")), message)
