@@ -178,8 +178,7 @@ class Comm(FreedOnExit):
         if len(periods) != len(dims):
             raise ValueError(f"rank {self.rank}: Comm.cart's periods must give one bool per "
                              f"dimension ({len(dims)}), got {periods!r}")
-        return CartComm(_create(self, "cart", lambda: self.mpi.Create_cart(
-            dims, periods=periods, reorder=False)), owned=True)
+        return make_cart(self, dims, [bool(p) for p in periods])
 
     def issue(self, call, start, *, collective=True, root=None, array=None, layout=None,
               same_shape=True, serial_value=False):
@@ -207,8 +206,19 @@ class Comm(FreedOnExit):
                           array=array).wait()
 
 
-def _create(comm, name, make):
-    """``make()``, a new MPI communicator; MPI's refusal comes back with what to do about it."""
+def _create(comm, name, make, agreed=None):
+    """``make()``, a new MPI communicator; MPI's refusal comes back with what to do about it.
+
+    MPI creates communicators in blocking calls the watchdog cannot bound, and leaves ranks
+    that pass different topologies undefined: first every rank shows up with the call and its
+    ``agreed`` arguments, in a watched allgather.
+    """
+    views = control.allgather(comm.mpi, (name, agreed), f"Comm.{name}")
+    if any(v != views[0] for v in views):
+        detail = "; ".join(f"rank {r}: Comm.{n}" + (f" with {a}" if a is not None else "")
+                           for r, (n, a) in enumerate(views))
+        raise ValueError(f"rank {comm.rank}: ranks create communicators differently ({detail})"
+                         ": every rank must make the same call with the same arguments")
     try:
         return make()
     except MPI.Exception as exc:
@@ -216,6 +226,14 @@ def _create(comm, name, make):
             f"rank {comm.rank}: Comm.{name} could not create a communicator: {exc}. If the "
             "program makes communicators (Comm.split/dup/cart, heat.Grid) repeatedly, free "
             "the ones it no longer uses: .free(), or a `with` block") from None
+
+
+def make_cart(comm, dims, periods, what=None):
+    """A :class:`CartComm` of validated ``dims`` and ``periods``, made once every rank agrees on
+    them and on ``what`` (the caller's own arguments, e.g. a grid's shape)."""
+    agreed = f"dims {list(dims)}, periods {list(periods)}" + (f", {what}" if what else "")
+    return CartComm(_create(comm, "cart", lambda: comm.mpi.Create_cart(
+        dims, periods=periods, reorder=False), agreed), owned=True)
 
 
 class CartComm(Comm):

@@ -187,7 +187,7 @@ class _Problem:
             # x0's dtype is given alike on every rank, so every rank raises here together.
             raise TypeError(f"rank {comm.rank}: minimize's x0 must be real numbers (int or "
                             f"float), got dtype {raw.dtype}")
-        self.ctl = comm.mpi.Dup()
+        self.ctl = comm.dup().mpi  # freed by minimize when it ends
         self.root = 0
         self.is_root = comm.rank == self.root
         self.distributed = isinstance(x0, Tensor) and x0.distributed

@@ -52,3 +52,25 @@ def test_running_out_of_communicators_says_what_to_do():
                     and "with" in message, message)
     with Grid((4, 4)) as grid:  # the freed ones are available again
         parallel_assert(grid.cart.size == gp.mpi_size())
+
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_ranks_that_make_different_communicators_get_an_error_naming_each():
+    """MPI leaves Create_cart with differing dims undefined, and a grid of differing shapes
+    would split the field inconsistently: every rank raises, naming what each rank passed."""
+    rank = gp.mpi_rank()
+    with pytest.raises(ValueError) as info:
+        Grid((12, 10 + (rank == 1)))
+    message = str(info.value)
+    parallel_assert(message.startswith(f"rank {rank}: ranks create communicators differently")
+                    and "rank 0: Comm.cart with dims" in message
+                    and "grid shape (12, 10)" in message and "grid shape (12, 11)" in message,
+                    message)
+    with pytest.raises(ValueError) as info:
+        gp.Comm().dup() if rank == 1 else gp.Comm().cart()
+    message = str(info.value)
+    parallel_assert("rank 0: Comm.cart with dims" in message and "rank 1: Comm.dup" in message,
+                    message)
+    with Grid((6, 6)) as grid:  # nothing was left half made: the next one works
+        parallel_assert(grid.cart.size == gp.mpi_size())

@@ -69,6 +69,15 @@ SKIP_A_SOLVE_ON_RANK_0 = PROLOGUE + textwrap.dedent("""\
     print(f"rank {r} finished", flush=True)
 """)
 
+SKIP_A_GRID_ON_RANK_0 = PROLOGUE + textwrap.dedent("""\
+    from gpumpiad.heat import Grid
+    if r != 0:
+        Grid((12, 12))   # rank 0 never enters it: MPI's Create_cart alone would wait forever
+    else:
+        time.sleep(60)
+    print(f"rank {r} finished", flush=True)
+""")
+
 SKIP_A_GATHER_ON_RANK_0 = PROLOGUE + textwrap.dedent("""\
     from gpumpiad.heat import Grid
     grid = Grid((12, 12))
@@ -151,9 +160,10 @@ def test_watchdog_ends_a_job_whose_rank_skips_a_collective(tmp_path):
 @pytest.mark.parametrize("program, call", [
     (SKIP_A_SOLVE_ON_RANK_0, "heat.solve's argument check"),
     (SKIP_A_GATHER_ON_RANK_0, "Grid.gather"),
-], ids=["heat.solve", "Grid.gather"])
+    (SKIP_A_GRID_ON_RANK_0, "Comm.cart"),
+], ids=["heat.solve", "Grid.gather", "Grid"])
 def test_watchdog_bounds_the_control_path(tmp_path, program, call):
-    """The object collectives of argument checks and field gathers are watched too: a rank
+    """Argument checks, field gathers and communicator creation are watched too: a rank
     that skips the call leaves the others with CommunicationTimeout naming it, not a hang."""
     rc, out, seconds = _mpiexec(tmp_path, program, 2, GPUMPIAD_TIMEOUT="3")
     assert rc != 0, out

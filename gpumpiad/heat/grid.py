@@ -21,7 +21,7 @@ from mpi4py import MPI
 
 from .. import control
 from ..backend import asarray, to_numpy
-from ..comm import FreedOnExit, resolve, world
+from ..comm import FreedOnExit, make_cart, resolve, world
 from ..tensor import Tensor
 
 __all__ = ["Grid", "split_sizes"]
@@ -107,7 +107,7 @@ class Grid(FreedOnExit):
                     f"rank {rank}: a grid of {self.shape[0]}x{self.shape[1]} cells cannot be "
                     f"split into {self.dims[0]}x{self.dims[1]} patches: axis {axis} has {cells} "
                     f"cell(s) for {parts} patches (each patch needs at least one cell per axis)")
-        self.cart = comm.cart(self.dims, periods=self.periodic)
+        self.cart = make_cart(comm, self.dims, self.periodic, f"grid shape {self.shape}")
         self.coords = self.cart.coords
         self.row_sizes = split_sizes(self.shape[0], self.dims[0])
         self.col_sizes = split_sizes(self.shape[1], self.dims[1])
