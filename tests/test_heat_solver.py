@@ -372,3 +372,37 @@ def test_errors_grid_smaller_than_decomposition():
         Grid((1, 5), dims=(2, comm.size // 2))
     with pytest.raises(ValueError, match=r"dims 3x1 do not fit a communicator"):
         Grid((8, 8), dims=(3, 1))
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_buffer_cache_keeps_at_most_its_limit_and_releases_on_zero():
+    """A gradient's freed states are kept up to the limit and reused by the next solve; a
+    smaller limit trims the kept buffers at once, 0 releases them all; gradients are the same."""
+    grid = Grid((NX, NY))
+    args = [dist(grid.local(a)) for a in global_problem(8)]
+
+    def objective(k):
+        out = solve(args[0], k, args[2], DT, H, STEPS, grid=grid, boundary=boundary)
+        return gpumpiad.mpi_sum((out * out).sum())
+
+    state_bytes = np.zeros(grid.padded_shape).nbytes
+    previous = solver.set_buffer_cache(0)
+    try:
+        parallel_assert(solver._free_bytes["n"] == 0, "set_buffer_cache(0) kept buffers")
+        g_none = to_numpy(gpumpiad.grad(objective)(args[1]))
+        parallel_assert(solver._free_bytes["n"] == 0, "a gradient kept buffers above limit 0")
+        solver.set_buffer_cache(5 * state_bytes)
+        g_five = to_numpy(gpumpiad.grad(objective)(args[1]))
+        kept = solver._free_bytes["n"]
+        parallel_assert(kept == 5 * state_bytes, f"kept {kept} bytes, limit {5 * state_bytes}")
+        g_again = to_numpy(gpumpiad.grad(objective)(args[1]))  # reuses the five
+        parallel_assert(solver.set_buffer_cache(2 * state_bytes) == 5 * state_bytes)
+        parallel_assert(solver._free_bytes["n"] <= 2 * state_bytes,
+                        f"trimming to 2 buffers left {solver._free_bytes['n']} bytes")
+        parallel_assert(np.array_equal(g_none, g_five) and np.array_equal(g_five, g_again),
+                        "the kept buffers changed the gradient")
+        for bad in (-1, 1.5, True, "1"):
+            with pytest.raises(ValueError, match="set_buffer_cache needs a number of bytes"):
+                solver.set_buffer_cache(bad)
+    finally:
+        solver.set_buffer_cache(previous)

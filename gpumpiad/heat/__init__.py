@@ -2,7 +2,7 @@
 :func:`solve`; the kernels live in :mod:`~gpumpiad.heat.stencil`, :mod:`~gpumpiad.heat.hostkernels`
 and :mod:`gpumpiad.cuda_kernels`."""
 from .grid import Grid
-from .solver import recompute_steps, solve
+from .solver import recompute_steps, set_buffer_cache, solve
 from .state import load_state, save_state
 
-__all__ = ["Grid", "load_state", "recompute_steps", "save_state", "solve"]
+__all__ = ["Grid", "load_state", "recompute_steps", "save_state", "set_buffer_cache", "solve"]

@@ -433,10 +433,36 @@ def _check_arrays(grid, raws):
 
 # State buffers freed by a reverse pass, kept for the next solve of the same shape: a fresh
 # buffer per stored step costs its page faults, which cost more than the step itself.
-_CACHE_BYTES = 1 << 30
 _free = {}                 # (shape, dtype, array type) -> buffers
-_free_bytes = {"n": 0}
+_free_bytes = {"n": 0, "limit": 1 << 30}
 _free_lock = threading.Lock()
+
+
+def set_buffer_cache(nbytes):
+    """Keep at most ``nbytes`` of freed state buffers in this process for later solves; return
+    the previous limit (default 1 GiB).
+
+    A gradient stores the solve's states, and its reverse pass frees them. Buffers kept for the
+    next solve of the same shape, dtype and array kind spare it the page faults of new memory
+    (host) or the allocator (device): repeated gradients in an optimisation loop whose states
+    exceed the limit run faster with a larger one. ``0`` releases every kept buffer now.
+
+    Examples
+    --------
+    >>> from gpumpiad.heat import set_buffer_cache
+    >>> previous = set_buffer_cache(0)        # release the kept buffers
+    >>> set_buffer_cache(previous)
+    0
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
+        raise ValueError(f"rank {world().rank}: set_buffer_cache needs a number of bytes >= 0, "
+                         f"got {nbytes!r}")
+    with _free_lock:
+        previous, _free_bytes["limit"] = _free_bytes["limit"], int(nbytes)
+        for bucket in _free.values():
+            while bucket and _free_bytes["n"] > _free_bytes["limit"]:
+                _free_bytes["n"] -= bucket.pop().nbytes
+    return previous
 
 
 def _kind(a):
@@ -445,7 +471,7 @@ def _kind(a):
 
 def _recycle(u):
     with _free_lock:
-        if _free_bytes["n"] + u.nbytes <= _CACHE_BYTES:
+        if _free_bytes["n"] + u.nbytes <= _free_bytes["limit"]:
             _free.setdefault(_kind(u), []).append(u)
             _free_bytes["n"] += u.nbytes
 
