@@ -86,7 +86,7 @@ def save(path, payload, *, comm=None, root=0):
             _save(os.fspath(path), payload)
         except CheckpointError as exc:
             error = str(exc)
-    error = control.bcast(comm.mpi, error, root, "checkpoint.save")
+    error = control.bcast(comm, error, root, "checkpoint.save")
     if error is not None:
         raise CheckpointError(f"rank {root}: {error}")
 
@@ -134,7 +134,7 @@ def load(path, *, comm=None, root=0):
             result = ("ok", _load(os.fspath(path)))
         except CheckpointError as exc:
             result = ("error", str(exc))
-    status, value = control.bcast(comm.mpi, result, root, "checkpoint.load")
+    status, value = control.bcast(comm, result, root, "checkpoint.load")
     if status == "error":
         raise CheckpointError(f"rank {root}: {value}")
     return value
@@ -168,7 +168,7 @@ def exists(path, *, comm=None, root=0):
     """Whether a file is at ``path`` (decided by ``root`` and broadcast when ``comm`` is given)."""
     if comm is None:
         return os.path.exists(path)
-    return control.bcast(comm.mpi, os.path.exists(path) if comm.rank == root else None, root,
+    return control.bcast(comm, os.path.exists(path) if comm.rank == root else None, root,
                          "checkpoint.exists")
 
 

@@ -28,10 +28,9 @@ class JobError(Exception):
 
 def _prepare_output(folder):
     """Root creates ``folder`` and checks it is writable; every rank learns the outcome."""
-    from mpi4py import MPI
-
     from gpumpiad import control
-    comm = MPI.COMM_WORLD
+    from gpumpiad.comm import world
+    comm = world()
     problem = None
     if comm.rank == 0:
         try:

@@ -6,6 +6,7 @@ control flow and indexing, but a rank-dependent (distributed) value when combine
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from mpi4py import MPI
@@ -136,7 +137,7 @@ class Comm(FreedOnExit):
             problem = f"key must be an int or None, got {key!r} on rank {self.rank}"
         # Colors differ between ranks, so one rank's complaint must reach all of them before
         # the Split that the others would otherwise wait in.
-        problems = [p for p in control.allgather(self.mpi, problem, "Comm.split") if p is not None]
+        problems = [p for p in control.allgather(self, problem, "Comm.split") if p is not None]
         if problems:
             raise ValueError(f"rank {self.rank}: Comm.split: " + "; ".join(problems))
         return Comm(_create(self, "split", lambda: self.mpi.Split(
@@ -199,6 +200,19 @@ class Comm(FreedOnExit):
             requests, finish = start()
         return transport.Pending(requests, finish, self, call)
 
+    @contextlib.contextmanager
+    def exclusive(self, call):
+        """Hold this communicator for a collective ``call`` of several MPI steps, issued and
+        completed inside the ``with`` block (the control path's, :mod:`gpumpiad.control`):
+        no other thread issues on it meanwhile, and debug mode checks ``call`` like any
+        collective. Yields the mpi4py communicator."""
+        with self.lock:
+            self.sequence += 1
+            self.collectives += 1
+            if debug_enabled():
+                check_signature(self, call)
+            yield self.mpi
+
     def allreduce_sum(self, array):
         """Allreduce-sum of a NumPy or CuPy array, waited for; returns a new array."""
         return self.issue("allreduce of serial cotangent shares",
@@ -213,7 +227,7 @@ def _create(comm, name, make, agreed=None):
     that pass different topologies undefined: first every rank shows up with the call and its
     ``agreed`` arguments, in a watched allgather.
     """
-    views = control.allgather(comm.mpi, (name, agreed), f"Comm.{name}")
+    views = control.allgather(comm, (name, agreed), f"Comm.{name}")
     if any(v != views[0] for v in views):
         detail = "; ".join(f"rank {r}: Comm.{n}" + (f" with {a}" if a is not None else "")
                            for r, (n, a) in enumerate(views))
@@ -292,7 +306,7 @@ def mpi_finalize():
     """
     if MPI.Is_initialized() and not MPI.Is_finalized():
         transport.complete_sends()
-        control.barrier(world().mpi, "mpi_finalize")
+        control.barrier(world(), "mpi_finalize")
 
 
 def mpi_rank(comm=None) -> RankInt:

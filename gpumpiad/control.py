@@ -9,14 +9,17 @@ then the bytes) completed by :func:`gpumpiad.debug.wait`, so a stuck one raises
 :class:`~gpumpiad.debug.CommunicationTimeout` naming ``call``. Every rank takes the same path
 whatever its settings, so ranks never disagree about how many collectives a call issues.
 
-All functions take an mpi4py communicator and are collective over it.
+All functions take a :class:`gpumpiad.Comm` and are collective over it. Each holds the
+communicator for its steps (:meth:`~gpumpiad.Comm.exclusive`): a primitive issued meanwhile by
+another thread cannot slip between them, and debug mode checks each call like any collective
+(the same call on every rank, from one thread at a time).
 
 Examples
 --------
->>> from mpi4py import MPI
+>>> import gpumpiad
 >>> from gpumpiad import control
->>> control.allgather(MPI.COMM_SELF, {"steps": 10}, "an example")
-[{'steps': 10}]
+>>> control.allgather(gpumpiad.Comm(), "ok", "an example") == ["ok"] * gpumpiad.mpi_size()
+True
 """
 from __future__ import annotations
 
@@ -48,21 +51,23 @@ def _layout(sizes):
 def allgather(comm, obj, call):
     """Every rank's ``obj``, as a list indexed by rank."""
     data = _dumps(obj)
-    sizes = np.empty(comm.size, _COUNT)
-    wait(comm.Iallgather(np.array([data.size], _COUNT), sizes), None, call)
-    out = np.empty(int(sizes.sum()), np.uint8)
-    wait(comm.Iallgatherv(data, [out, _layout(sizes), MPI.BYTE]), None, call)
+    with comm.exclusive(call) as mpi:
+        sizes = np.empty(comm.size, _COUNT)
+        wait(mpi.Iallgather(np.array([data.size], _COUNT), sizes), comm, call)
+        out = np.empty(int(sizes.sum()), np.uint8)
+        wait(mpi.Iallgatherv(data, [out, _layout(sizes), MPI.BYTE]), comm, call)
     return _loads(out, sizes)
 
 
 def bcast(comm, obj, root, call):
     """``root``'s ``obj`` on every rank (a copy, on ``root`` too)."""
     data = _dumps(obj) if comm.rank == root else None
-    size = np.array([0 if data is None else data.size], _COUNT)
-    wait(comm.Ibcast(size, root=root), None, call)
-    if data is None:
-        data = np.empty(int(size[0]), np.uint8)
-    wait(comm.Ibcast(data, root=root), None, call)
+    with comm.exclusive(call) as mpi:
+        size = np.array([0 if data is None else data.size], _COUNT)
+        wait(mpi.Ibcast(size, root=root), comm, call)
+        if data is None:
+            data = np.empty(int(size[0]), np.uint8)
+        wait(mpi.Ibcast(data, root=root), comm, call)
     return pickle.loads(data)
 
 
@@ -70,11 +75,12 @@ def gather(comm, obj, root, call):
     """Every rank's ``obj`` as a list on ``root``; ``None`` elsewhere."""
     data = _dumps(obj)
     mine = comm.rank == root
-    sizes = np.empty(comm.size, _COUNT) if mine else None
-    wait(comm.Igather(np.array([data.size], _COUNT), sizes, root=root), None, call)
-    out = np.empty(int(sizes.sum()), np.uint8) if mine else None
-    wait(comm.Igatherv(data, [out, _layout(sizes), MPI.BYTE] if mine else None, root=root),
-         None, call)
+    with comm.exclusive(call) as mpi:
+        sizes = np.empty(comm.size, _COUNT) if mine else None
+        wait(mpi.Igather(np.array([data.size], _COUNT), sizes, root=root), comm, call)
+        out = np.empty(int(sizes.sum()), np.uint8) if mine else None
+        recv = [out, _layout(sizes), MPI.BYTE] if mine else None
+        wait(mpi.Igatherv(data, recv, root=root), comm, call)
     return _loads(out, sizes) if mine else None
 
 
@@ -83,24 +89,27 @@ def scatter(comm, objs, root, call):
     mine = comm.rank == root
     pieces = [_dumps(o) for o in objs] if mine else None
     sizes = np.array([p.size for p in pieces], _COUNT) if mine else None
-    size = np.empty(1, _COUNT)
-    wait(comm.Iscatter(sizes, size, root=root), None, call)
     send = [np.concatenate(pieces), _layout(sizes), MPI.BYTE] if mine else None
-    data = np.empty(int(size[0]), np.uint8)
-    wait(comm.Iscatterv(send, data, root=root), None, call)
+    with comm.exclusive(call) as mpi:
+        size = np.empty(1, _COUNT)
+        wait(mpi.Iscatter(sizes, size, root=root), comm, call)
+        data = np.empty(int(size[0]), np.uint8)
+        wait(mpi.Iscatterv(send, data, root=root), comm, call)
     return pickle.loads(data)
 
 
 def allreduce(comm, value, op, call):
     """``value`` (a float) reduced over the ranks with the MPI ``op``, as a float."""
     out = np.empty(1)
-    wait(comm.Iallreduce(np.array([float(value)]), out, op=op), None, call)
+    with comm.exclusive(call) as mpi:
+        wait(mpi.Iallreduce(np.array([float(value)]), out, op=op), comm, call)
     return float(out[0])
 
 
 def barrier(comm, call):
     """Every rank has arrived."""
-    wait(comm.Ibarrier(), None, call)
+    with comm.exclusive(call) as mpi:
+        wait(mpi.Ibarrier(), comm, call)
 
 
 __all__ = ["allgather", "bcast", "gather", "scatter", "allreduce", "barrier"]

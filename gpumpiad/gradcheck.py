@@ -74,7 +74,7 @@ def check_grad(fn, *args, argnums=None, eps=None, rtol=None, atol=None, max_elem
     >>> report["checked"]
     3
     """
-    comm = world().mpi
+    comm = world()
     _check_options(fn, eps, rtol, atol, max_elements, comm.rank)
     if argnums is None:
         argnums = tuple(i for i, a in enumerate(args)

@@ -150,7 +150,7 @@ def minimize(fn, x0, method="L-BFGS-B", *, bounds=None, tol=None, options=None, 
         return _RootScipy(problem, method, bounds, tol, options, callback, checkpoint,
                           checkpoint_every, trace).run()
     finally:
-        problem.ctl.Free()
+        problem.ctl.free()
 
 
 def _scipy_methods():
@@ -187,7 +187,7 @@ class _Problem:
             # x0's dtype is given alike on every rank, so every rank raises here together.
             raise TypeError(f"rank {comm.rank}: minimize's x0 must be real numbers (int or "
                             f"float), got dtype {raw.dtype}")
-        self.ctl = comm.dup().mpi  # freed by minimize when it ends
+        self.ctl = comm.dup()  # freed by minimize when it ends
         self.root = 0
         self.is_root = comm.rank == self.root
         self.distributed = isinstance(x0, Tensor) and x0.distributed
@@ -195,7 +195,7 @@ class _Problem:
         if not self.distributed:
             local = control.bcast(self.ctl, local, self.root, "minimize's x0")
             if not numpy.isfinite(local).all():
-                self.ctl.Free()
+                self.ctl.free()
                 raise ValueError(f"rank {comm.rank}: minimize's x0 holds NaN or Inf (the "
                                  f"root's x0 is used): expected finite values")
         self.shape = local.shape
@@ -206,7 +206,7 @@ class _Problem:
                 "minimize's x0")
             bad = [r for r, (_, finite) in enumerate(table) if not finite]
             if bad:
-                self.ctl.Free()
+                self.ctl.free()
                 raise ValueError(f"rank {comm.rank}: minimize's x0 (distributed) holds NaN or "
                                  f"Inf on rank(s) {bad}: expected finite values")
             self.counts = numpy.array([n for n, _ in table], dtype=numpy.int64)
@@ -229,20 +229,20 @@ class _Problem:
         if not self.distributed:
             return local if self.is_root else None
         out = numpy.empty(self.n) if self.is_root else None
-        wait(self.ctl.Igatherv(numpy.ascontiguousarray(local),
-                               [out, (self.counts, self.displs), MPI.DOUBLE] if self.is_root
-                               else None, root=self.root), None, "minimize's gather")
+        recv = [out, (self.counts, self.displs), MPI.DOUBLE] if self.is_root else None
+        wait(self.ctl.mpi.Igatherv(numpy.ascontiguousarray(local), recv, root=self.root),
+             None, "minimize's gather")
         return out
 
     def scatter(self, full):
         """This rank's piece of the root's global vector ``full``."""
         if not self.distributed:
             buf = full if self.is_root else numpy.empty(self.n)
-            wait(self.ctl.Ibcast(buf, root=self.root), None, "minimize's broadcast")
+            wait(self.ctl.mpi.Ibcast(buf, root=self.root), None, "minimize's broadcast")
             return buf
         out = numpy.empty(int(self.counts[self.comm.rank]))
-        wait(self.ctl.Iscatterv([full, (self.counts, self.displs), MPI.DOUBLE] if self.is_root
-                                else None, out, root=self.root), None, "minimize's scatter")
+        send = [full, (self.counts, self.displs), MPI.DOUBLE] if self.is_root else None
+        wait(self.ctl.mpi.Iscatterv(send, out, root=self.root), None, "minimize's scatter")
         return out
 
     def fingerprint(self):
@@ -463,7 +463,7 @@ def _instruction(p, command=None):
     leave the CPU to the root (and to other ranks on oversubscribed nodes) while SciPy runs.
     """
     buf = numpy.array([-1 if command is None else command], dtype=numpy.int64)
-    wait(p.ctl.Ibcast(buf, root=p.root), None, "minimize: the root's next instruction",
+    wait(p.ctl.mpi.Ibcast(buf, root=p.root), None, "minimize: the root's next instruction",
          idle=not p.is_root)
     return int(buf[0])
 

@@ -23,6 +23,7 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import gpumpiad as gp
+from gpumpiad import control
 from gpumpiad.backend import to_numpy
 from gpumpiad.mpi._record import REVERSE_TAG, split_rows
 
@@ -492,7 +493,11 @@ def test_threads_on_their_own_communicators():
 
 
 @pytest.mark.parallel(nprocs=[2, 3, 4])
-def test_debug_mode_two_threads_racing_one_communicator():
+@pytest.mark.parametrize("collective", [
+    lambda comm, r: gp.mpi_sum(np.full(4, float(r)), comm=comm).numpy(),
+    lambda comm, r: control.allgather(comm, r, "a control-path allgather"),
+], ids=["mpi_sum", "control.allgather"])
+def test_debug_mode_two_threads_racing_one_communicator(collective):
     """Rank 0 issues thread A's collective first, the others thread B's: CommunicationMismatch
     on every rank, in both threads, no hang and no mixed data."""
     comm = gp.Comm().dup()
@@ -505,7 +510,7 @@ def test_debug_mode_two_threads_racing_one_communicator():
             if not first:
                 first_done.wait(timeout=60)
             try:
-                outcome[name] = gp.mpi_sum(np.full(4, float(r)), comm=comm).numpy()
+                outcome[name] = collective(comm, r)
             except gp.CommunicationMismatch as exc:
                 outcome[name] = exc
             finally:

@@ -1,5 +1,6 @@
-"""The control path's object collectives give what mpi4py's blocking ones give, and the
-watchdog bounds them (a rank that skips one is ``test_failure.py``'s job tests)."""
+"""The control path's object collectives give what mpi4py's blocking ones give, the watchdog
+bounds them (a rank that skips one is ``test_failure.py``'s job tests), and debug mode checks
+them like any collective."""
 from __future__ import annotations
 
 import time
@@ -27,16 +28,16 @@ def _same(a, b):
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_object_collectives_match_mpi4py():
-    comm = MPI.COMM_WORLD
+    comm, raw = gp.Comm(), MPI.COMM_WORLD
     r, P = comm.rank, comm.size
     mine = _piece(r)
     got = control.allgather(comm, mine, "test allgather")
     parallel_assert(len(got) == P and all(_same(g, _piece(q)) for q, g in enumerate(got)))
     for root in range(P):
         value = control.bcast(comm, mine if r == root else "ignored", root, "test bcast")
-        parallel_assert(_same(value, comm.bcast(mine, root=root)), f"bcast from {root}")
+        parallel_assert(_same(value, raw.bcast(mine, root=root)), f"bcast from {root}")
         gathered = control.gather(comm, mine, root, "test gather")
-        expected = comm.gather(mine, root=root)
+        expected = raw.gather(mine, root=root)
         parallel_assert((gathered is None) == (expected is None) and (
             gathered is None or all(_same(a, b) for a, b in zip(gathered, expected))),
             f"gather to {root}")
@@ -44,7 +45,7 @@ def test_object_collectives_match_mpi4py():
         parallel_assert(_same(control.scatter(comm, pieces, root, "test scatter"),
                               _piece(10 + r)), f"scatter from {root}")
     parallel_assert(control.allreduce(comm, r + 0.5, MPI.SUM, "test sum")
-                    == comm.allreduce(r + 0.5, op=MPI.SUM))
+                    == raw.allreduce(r + 0.5, op=MPI.SUM))
     parallel_assert(control.allreduce(comm, -r, MPI.MAX, "test max") == 0.0)
     control.barrier(comm, "test barrier")
 
@@ -53,7 +54,7 @@ def test_object_collectives_match_mpi4py():
 def test_a_late_rank_is_waited_for_within_the_watchdog(monkeypatch):
     """A rank that arrives late but within the bound is waited for; the results are right."""
     monkeypatch.setitem(gp.debug._settings, "timeout", 5.0)
-    comm = MPI.COMM_WORLD
+    comm = gp.Comm()
     if comm.rank == 0:
         time.sleep(0.5)
     got = control.allgather(comm, comm.rank, "late allgather")
@@ -64,7 +65,7 @@ def test_a_late_rank_is_waited_for_within_the_watchdog(monkeypatch):
 def test_a_missing_rank_raises_communication_timeout_naming_the_call(monkeypatch):
     """Rank 1 is late to a gather: its root's wait ends in CommunicationTimeout naming it."""
     monkeypatch.setitem(gp.debug._settings, "timeout", 1.0)
-    comm = MPI.COMM_WORLD.Dup()  # the abandoned request stays off the world communicator
+    comm = gp.Comm().dup()  # the abandoned request stays off the world communicator
     message = "rank 1 is late, not waiting"
     if comm.rank == 0:
         start = time.monotonic()
@@ -76,8 +77,31 @@ def test_a_missing_rank_raises_communication_timeout_naming_the_call(monkeypatch
             message = str(exc) if seconds < 3 else f"took {seconds:.1f} s: {exc}"
     MPI.COMM_WORLD.Barrier()
     if comm.rank == 1:  # matches the size gather rank 0 posted, so nothing is left pending
-        comm.Igather(np.array([0], np.int64), None, root=0).Wait()
+        comm.mpi.Igather(np.array([0], np.int64), None, root=0).Wait()
     rank = comm.rank
-    comm.Free()
-    parallel_assert(rank != 0 or (
-        message.startswith("rank 0: the test's gather did not complete within 1 s")), message)
+    comm.free()
+    parallel_assert(rank != 0 or (message.startswith("rank 0: the test's gather on Comm(")
+                                  and "did not complete within 1 s" in message), message)
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_debug_mode_reports_ranks_in_different_control_calls():
+    """Rank 0 gathers while the others broadcast: in debug mode every rank raises
+    CommunicationMismatch naming both calls, and the communicator stays usable."""
+    comm = gp.Comm().dup()
+    r = comm.rank
+    gp.set_debug(True)
+    try:
+        with pytest.raises(gp.CommunicationMismatch) as info:
+            if r == 0:
+                control.allgather(comm, r, "the gather")
+            else:
+                control.bcast(comm, r, 0, "the broadcast")
+        message = str(info.value)
+        agreed = control.allgather(comm, r, "afterwards")
+    finally:
+        gp.set_debug(False)
+        comm.free()
+    parallel_assert("the call differs" in message and "the gather" in message
+                    and "the broadcast" in message, message)
+    parallel_assert(agreed == list(range(comm.size)), f"{agreed}")

@@ -189,7 +189,7 @@ class Grid(FreedOnExit):
             _check_global(field, self.shape, self.rank)
             pieces = [np.ascontiguousarray(field[self.slices(mpi.Get_coords(r))])
                       for r in range(mpi.size)]
-        return asarray(control.scatter(mpi, pieces, root, "Grid.scatter"))
+        return asarray(control.scatter(self.cart, pieces, root, "Grid.scatter"))
 
     def gather(self, patch, root=0):
         """Assemble every rank's ``(nx, ny)`` patch into the global ``(NX, NY)`` NumPy field.
@@ -202,8 +202,8 @@ class Grid(FreedOnExit):
             raise ValueError(f"rank {self.rank}: gather expects this rank's patch of shape "
                              f"{self.local_shape}, got {patch.shape}")
         mpi = self.cart.mpi
-        pieces = (control.allgather(mpi, patch, "Grid.gather") if root is None
-                  else control.gather(mpi, patch, root, "Grid.gather"))
+        pieces = (control.allgather(self.cart, patch, "Grid.gather") if root is None
+                  else control.gather(self.cart, patch, root, "Grid.gather"))
         if pieces is None:
             return None
         out = np.empty(self.shape, patch.dtype)

@@ -86,7 +86,7 @@ class Problem:
                                                  * rng.standard_normal(d.shape), dtype)
                          for d in clean]
         norm = sum(float((d * d).sum()) for d in self.observed)
-        self.norm = control.allreduce(self.grid.cart.mpi, norm, MPI.SUM, "heat-inverse data norm")
+        self.norm = control.allreduce(self.grid.cart, norm, MPI.SUM, "heat-inverse data norm")
 
     def states(self, kappa):
         """The states at the observation times for diffusivity ``kappa`` (this patch)."""

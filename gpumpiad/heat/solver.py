@@ -141,7 +141,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # the states u^n, only f's and kappa's are accumulated over the steps.
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
     settings = (dt, h, steps, checkpoints, bool(trajectory))
-    reports = control.allgather(grid.cart.mpi, (problem, kmax, wants[1], settings),
+    reports = control.allgather(grid.cart, (problem, kmax, wants[1], settings),
                                 "heat.solve's argument check")
     problems = [p for p, _, _, _ in reports if p is not None]
     if problems:
