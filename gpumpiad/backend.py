@@ -75,7 +75,14 @@ def _choose():
 
 
 def backend_name() -> str:
-    """``"numpy"`` or ``"cupy"``."""
+    """``"numpy"`` or ``"cupy"``.
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> gpumpiad.backend_name() in ("numpy", "cupy")
+    True
+    """
     return array_module().__name__
 
 

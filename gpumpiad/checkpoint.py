@@ -165,7 +165,14 @@ def _prefixed(fn, *args):
 
 
 def exists(path, *, comm=None, root=0):
-    """Whether a file is at ``path`` (decided by ``root`` and broadcast when ``comm`` is given)."""
+    """Whether a file is at ``path`` (decided by ``root`` and broadcast when ``comm`` is given).
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> gpumpiad.checkpoint.exists("no/such/file.ckpt", comm=gpumpiad.Comm())
+    False
+    """
     if comm is None:
         return os.path.exists(path)
     return control.bcast(comm, os.path.exists(path) if comm.rank == root else None, root,
@@ -173,7 +180,15 @@ def exists(path, *, comm=None, root=0):
 
 
 def encode(payload, version=FORMAT_VERSION):
-    """The bytes :func:`save` writes for ``payload`` (``version`` is for tests of old files)."""
+    """The bytes :func:`save` writes for ``payload`` (``version`` is for tests of old files).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.checkpoint import decode, encode
+    >>> decode(encode({"x": np.arange(3), "it": 2}))["x"].tolist()
+    [0, 1, 2]
+    """
     if not isinstance(payload, dict):
         raise CheckpointError(f"the payload must be a dict, got {type(payload).__name__}")
     meta, arrays, blobs, offset = {}, {}, [], 0
@@ -202,7 +217,19 @@ def encode(payload, version=FORMAT_VERSION):
 
 
 def decode(data, path="<bytes>"):
-    """The payload in ``data`` (the bytes of a checkpoint file); raises :class:`CheckpointError`."""
+    """The payload in ``data`` (the bytes of a checkpoint file); raises :class:`CheckpointError`.
+
+    Examples
+    --------
+    >>> from gpumpiad.checkpoint import decode, encode
+    >>> data = encode({"it": 2})
+    >>> decode(data)["it"]
+    2
+    >>> decode(data[:-1])
+    Traceback (most recent call last):
+    ...
+    gpumpiad.checkpoint.CheckpointError: <bytes>: ...
+    """
     if len(data) < len(MAGIC) and MAGIC.startswith(bytes(data)):
         raise CheckpointError(f"{path}: truncated: {len(data)} bytes, shorter than the "
                               f"{_PREFIX.size}-byte prefix")

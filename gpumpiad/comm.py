@@ -39,6 +39,13 @@ class RankInt(int):
 
     Python gives a float on the left the first go, so write ``rank * 0.5``, not ``0.5 * rank``
     (the latter is a plain float).
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> r = gpumpiad.mpi_rank()
+    >>> (gpumpiad.tensor(np.ones(2)) * r).distributed     # a per-rank value
+    True
     """
 
     for _op in _ARITHMETIC:
@@ -291,6 +298,13 @@ def mpi_init():
     """Start gpumpiad's MPI session (idempotent) and return the world :class:`Comm`.
 
     MPI itself is initialised when ``mpi4py.MPI`` is imported (thread level MULTIPLE).
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> world = gpumpiad.mpi_init()
+    >>> world.size == gpumpiad.mpi_size()
+    True
     """
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
@@ -303,6 +317,13 @@ def mpi_finalize():
 
     ``MPI_Finalize`` itself runs at interpreter exit (mpi4py's handler), so a program may call
     this and still let other libraries use MPI until it ends.
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> gpumpiad.mpi_finalize()     # sends completed, every rank past this point
+    >>> gpumpiad.mpi_size() >= 1    # MPI remains usable until the interpreter exits
+    True
     """
     if MPI.Is_initialized() and not MPI.Is_finalized():
         transport.complete_sends()
@@ -323,5 +344,12 @@ def mpi_rank(comm=None) -> RankInt:
 
 
 def mpi_size(comm=None) -> int:
-    """The number of ranks in ``comm``."""
+    """The number of ranks in ``comm``.
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> gpumpiad.mpi_size() == gpumpiad.Comm().size
+    True
+    """
     return resolve(comm).size

@@ -40,6 +40,14 @@ def set_debug(enabled=True):
     """Switch debug mode on or off for this process (overrides ``GPUMPIAD_DEBUG``).
 
     Every rank must make the same choice: the checks are collective.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> gpumpiad.set_debug(True)          # every collective's signature is compared
+    >>> gpumpiad.mpi_sum(np.ones(2)).numpy().tolist() == [gpumpiad.mpi_size()] * 2
+    True
+    >>> gpumpiad.set_debug(False)
     """
     _settings["debug"] = bool(enabled)
 

@@ -15,6 +15,14 @@ class Tensor:
     A *serial* tensor holds the same value on every rank of :attr:`comm`; a *distributed* tensor
     holds this rank's own piece. Arithmetic, indexing and the functions in :mod:`gpumpiad` work
     on Tensors, arrays and Python scalars alike.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> x = gpumpiad.tensor(np.arange(3.0), distributed=True)
+    >>> y = (x * 2).sum()
+    >>> y.distributed, y.shape, float(y.numpy())
+    (True, (), 6.0)
     """
 
     __slots__ = ("_data", "_pending", "layout", "comm", "_tape", "_slot")

@@ -65,6 +65,12 @@ def cuda_aware() -> bool:
     ``GPUMPIAD_CUDA_AWARE=0|1`` decides when set; otherwise the MPI library is asked through
     ``MPIX_Query_cuda_support`` (False where the library does not export it). Decided once:
     every buffer a device array sends or receives asks.
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> isinstance(gpumpiad.cuda_aware(), bool)
+    True
     """
     flag = _aware.get("flag")
     if flag is None:
@@ -74,7 +80,14 @@ def cuda_aware() -> bool:
 
 
 def path_description() -> str:
-    """Which data path device buffers take: ``"host"``, ``"cuda-aware"`` or ``"staged"``."""
+    """Which data path device buffers take: ``"host"``, ``"cuda-aware"`` or ``"staged"``.
+
+    Examples
+    --------
+    >>> import gpumpiad
+    >>> gpumpiad.path_description() in ("host", "cuda-aware", "staged")
+    True
+    """
     if not backend.device_backend():
         return "host"
     return "cuda-aware" if cuda_aware() else "staged"

@@ -57,6 +57,18 @@ def load_state(path, grid):
     0 reads and checks the file (a truncated, corrupt, foreign or mismatched file raises
     :class:`gpumpiad.checkpoint.CheckpointError` on every rank, nothing loaded half-way) and
     scatters the patches.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np
+    >>> from gpumpiad.heat import Grid, save_state, load_state
+    >>> field = np.arange(30.0).reshape(6, 5)
+    >>> grid = Grid((6, 5))
+    >>> path = os.path.join(tempfile.mkdtemp(), "u.ckpt")
+    >>> save_state(path, grid.local(field), grid, step=3)
+    >>> u, step, meta = load_state(path, grid)
+    >>> step, bool((grid.gather(u, root=None) == field).all())
+    (3, True)
     """
     if not isinstance(grid, Grid):
         raise TypeError(f"rank {_rank()}: grid must be a gpumpiad.heat.Grid, "

@@ -101,6 +101,15 @@ def mpi_recv(like, source, tag=0, comm=None):
     -----
     Reverse rule (the adjoint of a receive is a send): the result's cotangent is sent back to
     ``source``; ``like`` gets no cotangent.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> r, P = gpumpiad.mpi_rank(), gpumpiad.mpi_size()
+    >>> x = gpumpiad.tensor(np.full(2, float(r)), distributed=True)
+    >>> _ = gpumpiad.mpi_send(x, dest=(r + 1) % P)          # every rank sends before receiving
+    >>> gpumpiad.mpi_recv(x, source=(r - 1) % P).numpy().tolist() == [float((r - 1) % P)] * 2
+    True
     """
     comm = resolve(comm)
     source = check_root(source, comm, "source")

@@ -53,7 +53,14 @@ def _rank_dependent(index):
 def getitem(x, index):
     """``x[index]`` for basic and integer-array indexing.
 
-    The result is distributed when ``x`` is or when the index depends on the rank.
+    The result is distributed when ``x`` is or when the index depends on the rank. The
+    reverse rule scatter-adds into ``x``'s shape (repeated indices accumulate).
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> gpumpiad.grad(lambda x: x[np.array([0, 0, 2])].sum())(np.zeros(3)).tolist()
+    [2.0, 0.0, 1.0]
     """
     if _rank_dependent(index):
         return _getitem(x, _raw_index(index), _RANK_DEPENDENT)

@@ -27,5 +27,12 @@ matmul = primitive(_matmul, name="matmul").defvjp_all(_matmul_vjp)
 
 
 def dot(a, b):
-    """``dot`` of vectors and matrices (same as :func:`matmul` for 1-D and 2-D operands)."""
+    """``dot`` of vectors and matrices (same as :func:`matmul` for 1-D and 2-D operands).
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> gpumpiad.grad(lambda v: gpumpiad.dot(v, v))(np.array([1.0, 2.0])).tolist()
+    [2.0, 4.0]
+    """
     return matmul(a, b)

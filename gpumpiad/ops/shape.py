@@ -41,7 +41,15 @@ _concatenate_p = primitive(_concatenate, name="concatenate").defvjp_all(_concate
 
 
 def concatenate(tensors, axis=0):
-    """Join a sequence of Tensors/arrays along an existing ``axis``."""
+    """Join a sequence of Tensors/arrays along an existing ``axis``.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> f = lambda a, b: (gpumpiad.concatenate([a, 2 * b]) ** 2).sum()
+    >>> [g.tolist() for g in gpumpiad.grad(f, argnums=(0, 1))(np.ones(2), np.ones(1))]
+    [[2.0, 2.0], [8.0]]
+    """
     return _concatenate_p(*tensors, axis=axis)
 
 
@@ -58,5 +66,12 @@ _stack_p = primitive(_stack, name="stack").defvjp_all(_stack_vjp)
 
 
 def stack(tensors, axis=0):
-    """Join a sequence of same-shaped Tensors/arrays along a new ``axis``."""
+    """Join a sequence of same-shaped Tensors/arrays along a new ``axis``.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> gpumpiad.stack([np.zeros(2), np.ones(2)], axis=1).shape
+    (2, 2)
+    """
     return _stack_p(*tensors, axis=axis)
