@@ -208,14 +208,8 @@ class _Heat:
         # boundary strips cost more than the exchange hides: exchange, then one sweep.
         self.overlap = getattr(kernels, "ASYNCHRONOUS", False)
         self.whole = (1, nx + 1, 1, ny + 1)
-        self.inner = (2, max(2, nx), 2, max(2, ny))
-        self.ring = [(1, 2, 1, ny + 1)]
-        if nx >= 2:
-            self.ring.append((nx, nx + 1, 1, ny + 1))
-        if nx >= 3:
-            self.ring.append((2, nx, 1, 2))
-            if ny >= 2:
-                self.ring.append((2, nx, ny, ny + 1))
+        self.inner, self.ring = _inner_and_ring(nx, ny, [n != MPI.PROC_NULL
+                                                         for n in grid.neighbours])
         self.states = {}
         self.spare = None
 
@@ -379,6 +373,22 @@ def _split(t, c):
         if m + _cost(t - m, c - 1) + _cost(m, c) == best:
             return m
     raise AssertionError(f"no optimal split for t={t}, c={c}")
+
+
+def _inner_and_ring(nx, ny, exchanged):
+    """The cells a step may update before its halos arrive (a rectangle) and the rest (a list
+    of rectangles, each cell once: the adjoint accumulates). ``exchanged``: whether the
+    (north, south, west, east) ghosts come from a neighbour; a physical boundary's ghosts are
+    fixed, so the cells beside it need not wait."""
+    north, south, west, east = exchanged
+    i0, i1 = (2 if north else 1), (nx if south else nx + 1)
+    j0, j1 = (2 if west else 1), (ny if east else ny + 1)
+    i1, j1 = max(i0, i1), max(j0, j1)
+    rows = sorted({i for i, wanted in ((1, north), (nx, south)) if wanted})
+    ring = [(i, i + 1, 1, ny + 1) for i in rows]
+    cols = sorted({j for j, wanted in ((1, west), (ny, east)) if wanted}) if i0 < i1 else []
+    ring += [(i0, i1, j, j + 1) for j in cols]
+    return (i0, i1, j0, j1), ring
 
 
 def _spine(steps, checkpoints):
