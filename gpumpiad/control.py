@@ -1,7 +1,7 @@
 """Collectives of the control path, bounded by the watchdog.
 
-Argument checks, gradient checks, the optimiser's messages and checkpoint agreement exchange
-small Python objects between ranks. mpi4py's object collectives (``comm.allgather(obj)``) block
+Argument checks, gradient checks, communicator creation, the optimiser's messages and
+checkpoint agreement exchange small Python objects between ranks. mpi4py's object collectives (``comm.allgather(obj)``) block
 inside MPI, where the watchdog cannot reach them: a rank that never arrives (it took another
 branch, or failed without aborting the job) would leave the others waiting forever even with
 ``GPUMPIAD_TIMEOUT`` set. Here each is a pickle plus two non-blocking collectives (the sizes,
@@ -71,33 +71,6 @@ def bcast(comm, obj, root, call):
     return pickle.loads(data)
 
 
-def gather(comm, obj, root, call):
-    """Every rank's ``obj`` as a list on ``root``; ``None`` elsewhere."""
-    data = _dumps(obj)
-    mine = comm.rank == root
-    with comm.exclusive(call) as mpi:
-        sizes = np.empty(comm.size, _COUNT) if mine else None
-        wait(mpi.Igather(np.array([data.size], _COUNT), sizes, root=root), comm, call)
-        out = np.empty(int(sizes.sum()), np.uint8) if mine else None
-        recv = [out, _layout(sizes), MPI.BYTE] if mine else None
-        wait(mpi.Igatherv(data, recv, root=root), comm, call)
-    return _loads(out, sizes) if mine else None
-
-
-def scatter(comm, objs, root, call):
-    """This rank's item of ``root``'s list ``objs`` (one per rank; ignored elsewhere)."""
-    mine = comm.rank == root
-    pieces = [_dumps(o) for o in objs] if mine else None
-    sizes = np.array([p.size for p in pieces], _COUNT) if mine else None
-    send = [np.concatenate(pieces), _layout(sizes), MPI.BYTE] if mine else None
-    with comm.exclusive(call) as mpi:
-        size = np.empty(1, _COUNT)
-        wait(mpi.Iscatter(sizes, size, root=root), comm, call)
-        data = np.empty(int(size[0]), np.uint8)
-        wait(mpi.Iscatterv(send, data, root=root), comm, call)
-    return pickle.loads(data)
-
-
 def allreduce(comm, value, op, call):
     """``value`` (a float) reduced over the ranks with the MPI ``op``, as a float."""
     out = np.empty(1)
@@ -112,4 +85,4 @@ def barrier(comm, call):
         wait(mpi.Ibarrier(), comm, call)
 
 
-__all__ = ["allgather", "bcast", "gather", "scatter", "allreduce", "barrier"]
+__all__ = ["allgather", "bcast", "allreduce", "barrier"]

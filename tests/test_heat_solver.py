@@ -7,8 +7,11 @@
   included), and checkpointed gradients equal stored-state ones;
 * differentiating some of (u0, kappa, f) gives the full gradient's components, keeping the states
   only for kappa's; a vjp's pullback through the solver runs repeatedly;
-* unstable dt, mismatched patches, ranks disagreeing on the time loop and too-small grids
-  raise on every rank.
+* the overlapped time loop (the GPU's) gives the sequential loop's bits; the kept state buffers
+  respect their limit;
+* Grid.gather/scatter round-trip every split, root and dtype;
+* unstable dt, mismatched patches, ranks disagreeing on the time loop, too-small grids and bad
+  gather/scatter arguments raise on every rank.
 """
 from functools import lru_cache
 
@@ -437,3 +440,45 @@ def test_buffer_cache_keeps_at_most_its_limit_and_releases_on_zero():
                 solver.set_buffer_cache(bad)
     finally:
         solver.set_buffer_cache(previous)
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_grid_gather_and_scatter_round_trip_every_split_and_dtype():
+    comm = MPI.COMM_WORLD
+    for dims in splits(comm.size):
+        with Grid((NX, NY), dims=dims) as grid:
+            base = np.arange(NX * NY).reshape(NX, NY)
+            for field in (base.astype(np.float32), base.astype(np.int64), base * 1j):
+                dtype = field.dtype
+                for root in (0, comm.size - 1, None):
+                    got = grid.gather(grid.local(field), root=root)
+                    if root is None or comm.rank == root:
+                        parallel_assert(got.dtype == field.dtype and np.array_equal(got, field),
+                                        f"dims {dims}, {dtype}, root {root}")
+                    else:
+                        parallel_assert(got is None)
+                    if root is not None:
+                        patch = to_numpy(grid.scatter(field if comm.rank == root else None,
+                                                      root=root))
+                        parallel_assert(patch.dtype == field.dtype
+                                        and np.array_equal(patch, grid.local(field)),
+                                        f"scatter: dims {dims}, {dtype}, root {root}")
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_grid_gather_and_scatter_errors_reach_every_rank():
+    """A wrong patch, differing dtypes or a wrong field on the root raise on every rank,
+    naming the rank at fault, instead of leaving the others waiting."""
+    comm = MPI.COMM_WORLD
+    last = comm.size - 1
+    with Grid((NX, NY)) as grid:
+        good = np.zeros(grid.local_shape)
+        with pytest.raises(ValueError, match=rf"Grid.gather: rank {last}'s patch has shape"):
+            grid.gather(np.zeros((2, 2)) if comm.rank == last else good)
+        with pytest.raises(ValueError, match=r"the patches' dtypes differ \(rank 0: float64"):
+            grid.gather(good.astype(np.float32) if comm.rank == last else good)
+        with pytest.raises(ValueError, match="the patch must hold numbers"):
+            grid.gather(good.astype(object))
+        with pytest.raises(ValueError, match=r"expected a global field of shape \(13, 11\)"):
+            grid.scatter(np.zeros((3, 3)) if comm.rank == 0 else None)
+        parallel_assert(np.array_equal(grid.gather(good + 1, root=None), np.ones((NX, NY))))

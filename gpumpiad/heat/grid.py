@@ -22,6 +22,7 @@ from mpi4py import MPI
 from .. import control
 from ..backend import asarray, to_numpy
 from ..comm import FreedOnExit, make_cart, resolve, world
+from ..debug import wait
 from ..tensor import Tensor
 
 __all__ = ["Grid", "split_sizes"]
@@ -180,36 +181,80 @@ class Grid(FreedOnExit):
         """Send each rank its patch of the root's global ``(NX, NY)`` field.
 
         Collective. ``field`` is read on ``root`` only (pass ``None`` elsewhere). Returns this
-        rank's patch as an array of the process's backend.
+        rank's patch as an array of the process's backend. A field of the wrong shape raises
+        ``ValueError`` on every rank.
         """
-        mpi = self.cart.mpi
-        pieces = None
-        if mpi.rank == root:
+        problem = dtype = None
+        if self.cart.rank == root:
             field = to_numpy(field)
-            _check_global(field, self.shape, self.rank)
-            pieces = [np.ascontiguousarray(field[self.slices(mpi.Get_coords(r))])
-                      for r in range(mpi.size)]
-        return asarray(control.scatter(self.cart, pieces, root, "Grid.scatter"))
+            problem = _global_problem(field, self.shape, self.rank)
+            dtype = field.dtype.str
+        problem, dtype = control.bcast(self.cart, (problem, dtype), root, "Grid.scatter")
+        if problem is not None:
+            raise ValueError(problem if self.cart.rank == root else
+                             f"rank {self.rank}: Grid.scatter from rank {root}: {problem}")
+        dtype = np.dtype(dtype)
+        counts, displs = self._layout(dtype)
+        flat = None
+        if self.cart.rank == root:
+            flat = np.empty(sum(counts) // dtype.itemsize, dtype)
+            for r, piece in self._pieces(flat, dtype, counts, displs):
+                piece[...] = field[self.slices(self.cart.mpi.Get_coords(r))]
+        patch = np.empty(self.local_shape, dtype)
+        send = None if flat is None else [flat.view(np.uint8), (counts, displs), MPI.BYTE]
+        with self.cart.exclusive("Grid.scatter") as mpi:
+            wait(mpi.Iscatterv(send, patch.view(np.uint8).reshape(-1), root=root), self.cart,
+                 "Grid.scatter")
+        return asarray(patch)
 
     def gather(self, patch, root=0):
         """Assemble every rank's ``(nx, ny)`` patch into the global ``(NX, NY)`` NumPy field.
 
         Collective. Returns the field on ``root`` and ``None`` elsewhere, or on every rank when
-        ``root`` is ``None``.
+        ``root`` is ``None``. A patch of the wrong shape, or patches of different dtypes, raise
+        ``ValueError`` on every rank.
         """
         patch = to_numpy(patch.data if isinstance(patch, Tensor) else patch)
+        problem = _number_problem(patch, "the patch", self.rank)
         if patch.shape != self.local_shape:
-            raise ValueError(f"rank {self.rank}: gather expects this rank's patch of shape "
-                             f"{self.local_shape}, got {patch.shape}")
-        mpi = self.cart.mpi
-        pieces = (control.allgather(self.cart, patch, "Grid.gather") if root is None
-                  else control.gather(self.cart, patch, root, "Grid.gather"))
-        if pieces is None:
+            problem = (f"rank {self.rank}'s patch has shape {patch.shape}, expected "
+                       f"{self.local_shape}")
+        reports = control.allgather(self.cart, (problem, patch.dtype.str), "Grid.gather")
+        problems = [p for p, _ in reports if p is not None]
+        if problems:
+            raise ValueError(f"rank {self.rank}: Grid.gather: " + "; ".join(problems))
+        if any(d != reports[0][1] for _, d in reports):
+            raise ValueError(f"rank {self.rank}: Grid.gather: the patches' dtypes differ ("
+                             + ", ".join(f"rank {r}: {np.dtype(d)}"
+                                         for r, (_, d) in enumerate(reports)) + ")")
+        counts, displs = self._layout(patch.dtype)
+        mine = root is None or self.cart.rank == root
+        flat = np.empty(sum(counts) // patch.dtype.itemsize, patch.dtype) if mine else None
+        send = np.ascontiguousarray(patch).view(np.uint8).reshape(-1)
+        recv = [flat.view(np.uint8), (counts, displs), MPI.BYTE] if mine else None
+        with self.cart.exclusive("Grid.gather") as mpi:
+            request = (mpi.Iallgatherv(send, recv) if root is None
+                       else mpi.Igatherv(send, recv, root=root))
+            wait(request, self.cart, "Grid.gather")
+        if not mine:
             return None
         out = np.empty(self.shape, patch.dtype)
-        for r, piece in enumerate(pieces):
-            out[self.slices(mpi.Get_coords(r))] = piece
+        for r, piece in self._pieces(flat, patch.dtype, counts, displs):
+            out[self.slices(self.cart.mpi.Get_coords(r))] = piece
         return out
+
+    def _layout(self, dtype):
+        """Byte counts and displacements of every rank's patch, in rank order."""
+        counts = [nx * ny * dtype.itemsize for nx, ny in
+                  (self.patch_shape(self.cart.mpi.Get_coords(r)) for r in range(self.cart.size))]
+        return counts, [sum(counts[:r]) for r in range(len(counts))]
+
+    def _pieces(self, flat, dtype, counts, displs):
+        """``(rank, view of flat)`` holding each rank's patch."""
+        for r, (count, displ) in enumerate(zip(counts, displs)):
+            shape = self.patch_shape(self.cart.mpi.Get_coords(r))
+            start = displ // dtype.itemsize
+            yield r, flat[start:start + count // dtype.itemsize].reshape(shape)
 
 
 def _check_shape(shape, rank):
@@ -255,7 +300,21 @@ def _check_periodic(periodic, rank):
     return tuple(bool(p) for p in pair)
 
 
-def _check_global(field, shape, rank):
+def _global_problem(field, shape, rank):
     if tuple(getattr(field, "shape", ())) != shape:
-        raise ValueError(f"rank {rank}: expected a global field of shape {shape}, got "
-                         f"{tuple(getattr(field, 'shape', ()))}")
+        return (f"rank {rank}: expected a global field of shape {shape}, got "
+                f"{tuple(getattr(field, 'shape', ()))}")
+    return _number_problem(field, "the field", rank)
+
+
+def _number_problem(a, what, rank):
+    """A complaint about an array that cannot travel as raw bytes (objects, records), or None."""
+    if a.dtype.kind not in "biufc":
+        return f"rank {rank}: {what} must hold numbers (bool, int, float, complex), got {a.dtype}"
+    return None
+
+
+def _check_global(field, shape, rank):
+    problem = _global_problem(field, shape, rank)
+    if problem is not None:
+        raise ValueError(problem)
