@@ -7,6 +7,7 @@ import zlib
 
 import numpy as np
 
+from . import control
 from .backend import get_array_module, is_device_array, to_numpy
 from .debug import CommunicationMismatch, debug_enabled
 from .tape import Tape, recording
@@ -246,21 +247,11 @@ def _finite(data):
     return bool(get_array_module(data).isfinite(data).all())
 
 
-def _allgather_ints(comm, call, values):
-    """Every rank's ``values`` (ints), as a ``(comm.size, len(values))`` table; issued on
-    ``comm``'s chain, outside the collectives that debug mode checks."""
-    mine = np.array(values, dtype=np.int64)
-    table = np.empty((comm.size, mine.size), dtype=np.int64)
-    comm.issue(call, lambda: ([comm.mpi.Iallgather(mine, table)], None),
-               collective=False).wait()
-    return table
-
-
 def _debug_check_args(comm, entries):
     """Debug mode: one allgather per communicator of (checksum | non-finite flag) per argument."""
     from .comm import resolve
     comm = resolve(comm)
-    table = _allgather_ints(comm, "value_and_grad argument check", [
+    table = control.allgather_ints(comm, "value_and_grad argument check", [
         (int(not _finite(d)) if dist else
          zlib.crc32(np.ascontiguousarray(to_numpy(d)).tobytes()) & 0x7FFFFFFF)
         for _, d, dist in entries])
@@ -340,7 +331,8 @@ def _nonfinite_args(args, nums, comm):
         elif x.comm.mpi == comm.mpi:
             shared.append((i, not _finite(data)))
     if shared:
-        table = _allgather_ints(comm, "non-finite argument check", [bad for _, bad in shared])
+        table = control.allgather_ints(comm, "non-finite argument check",
+                                       [bad for _, bad in shared])
         for k, (i, _) in enumerate(shared):
             ranks = np.flatnonzero(table[:, k]).tolist()
             if ranks:

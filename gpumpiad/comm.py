@@ -144,11 +144,8 @@ class Comm(FreedOnExit):
             problem = f"key must be an int or None, got {key!r} on rank {self.rank}"
         # Colors differ between ranks, so one rank's complaint must reach all of them before
         # the Split that the others would otherwise wait in.
-        problems = [p for p in control.allgather(self, problem, "Comm.split") if p is not None]
-        if problems:
-            raise ValueError(f"rank {self.rank}: Comm.split: " + "; ".join(problems))
         return Comm(_create(self, "split", lambda: self.mpi.Split(
-            int(color), self.rank if key is None else int(key))), owned=True)
+            int(color), self.rank if key is None else int(key)), problem=problem), owned=True)
 
     def dup(self):
         """A duplicate communicator: same ranks, separate message space (``MPI_Comm_dup``)."""
@@ -227,17 +224,21 @@ class Comm(FreedOnExit):
                           array=array).wait()
 
 
-def _create(comm, name, make, agreed=None):
+def _create(comm, name, make, agreed=None, problem=None):
     """``make()``, a new MPI communicator; MPI's refusal comes back with what to do about it.
 
     MPI creates communicators in blocking calls the watchdog cannot bound, and leaves ranks
-    that pass different topologies undefined: first every rank shows up with the call and its
-    ``agreed`` arguments, in a watched allgather.
+    that pass different topologies undefined: first every rank shows up with the call, its
+    ``agreed`` arguments and its ``problem`` with its own arguments (or None), in one watched
+    allgather; any problem is raised on every rank.
     """
-    views = control.allgather(comm, (name, agreed), f"Comm.{name}")
+    views = control.allgather(comm, (name, agreed, problem), f"Comm.{name}")
+    problems = [p for _, _, p in views if p is not None]
+    if problems:
+        raise ValueError(f"rank {comm.rank}: Comm.{name}: " + "; ".join(problems))
     if any(v != views[0] for v in views):
         detail = "; ".join(f"rank {r}: Comm.{n}" + (f" with {a}" if a is not None else "")
-                           for r, (n, a) in enumerate(views))
+                           for r, (n, a, _) in enumerate(views))
         raise ValueError(f"rank {comm.rank}: ranks create communicators differently ({detail})"
                          ": every rank must make the same call with the same arguments")
     try:

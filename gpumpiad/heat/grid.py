@@ -194,14 +194,13 @@ class Grid(FreedOnExit):
             raise ValueError(problem if self.cart.rank == root else
                              f"rank {self.rank}: Grid.scatter from rank {root}: {problem}")
         dtype = np.dtype(dtype)
-        counts, displs = self._layout(dtype)
-        flat = None
+        send = None
         if self.cart.rank == root:
-            flat = np.empty(sum(counts) // dtype.itemsize, dtype)
-            for r, piece in self._pieces(flat, dtype, counts, displs):
-                piece[...] = field[self.slices(self.cart.mpi.Get_coords(r))]
+            flat = np.empty(self.shape[0] * self.shape[1], dtype)
+            for where, piece in self._pieces(flat):
+                piece[...] = field[where]
+            send = [flat.view(np.uint8), self._byte_layout(dtype), MPI.BYTE]
         patch = np.empty(self.local_shape, dtype)
-        send = None if flat is None else [flat.view(np.uint8), (counts, displs), MPI.BYTE]
         with self.cart.exclusive("Grid.scatter") as mpi:
             wait(mpi.Iscatterv(send, patch.view(np.uint8).reshape(-1), root=root), self.cart,
                  "Grid.scatter")
@@ -227,11 +226,10 @@ class Grid(FreedOnExit):
             raise ValueError(f"rank {self.rank}: Grid.gather: the patches' dtypes differ ("
                              + ", ".join(f"rank {r}: {np.dtype(d)}"
                                          for r, (_, d) in enumerate(reports)) + ")")
-        counts, displs = self._layout(patch.dtype)
         mine = root is None or self.cart.rank == root
-        flat = np.empty(sum(counts) // patch.dtype.itemsize, patch.dtype) if mine else None
+        flat = np.empty(self.shape[0] * self.shape[1], patch.dtype) if mine else None
         send = np.ascontiguousarray(patch).view(np.uint8).reshape(-1)
-        recv = [flat.view(np.uint8), (counts, displs), MPI.BYTE] if mine else None
+        recv = [flat.view(np.uint8), self._byte_layout(patch.dtype), MPI.BYTE] if mine else None
         with self.cart.exclusive("Grid.gather") as mpi:
             request = (mpi.Iallgatherv(send, recv) if root is None
                        else mpi.Igatherv(send, recv, root=root))
@@ -239,22 +237,25 @@ class Grid(FreedOnExit):
         if not mine:
             return None
         out = np.empty(self.shape, patch.dtype)
-        for r, piece in self._pieces(flat, patch.dtype, counts, displs):
-            out[self.slices(self.cart.mpi.Get_coords(r))] = piece
+        for where, piece in self._pieces(flat):
+            out[where] = piece
         return out
 
-    def _layout(self, dtype):
-        """Byte counts and displacements of every rank's patch, in rank order."""
+    def _pieces(self, flat):
+        """``(slices of the global field, view of flat)`` for every rank's patch, in rank
+        order: ``flat`` holds the patches one after another."""
+        start = 0
+        for r in range(self.cart.size):
+            coords = self.cart.mpi.Get_coords(r)
+            nx, ny = self.patch_shape(coords)
+            yield self.slices(coords), flat[start:start + nx * ny].reshape(nx, ny)
+            start += nx * ny
+
+    def _byte_layout(self, dtype):
+        """Byte counts and displacements of the ranks' patches in a flat buffer."""
         counts = [nx * ny * dtype.itemsize for nx, ny in
                   (self.patch_shape(self.cart.mpi.Get_coords(r)) for r in range(self.cart.size))]
         return counts, [sum(counts[:r]) for r in range(len(counts))]
-
-    def _pieces(self, flat, dtype, counts, displs):
-        """``(rank, view of flat)`` holding each rank's patch."""
-        for r, (count, displ) in enumerate(zip(counts, displs)):
-            shape = self.patch_shape(self.cart.mpi.Get_coords(r))
-            start = displ // dtype.itemsize
-            yield r, flat[start:start + count // dtype.itemsize].reshape(shape)
 
 
 def _check_shape(shape, rank):
