@@ -2,10 +2,10 @@
 
 The public function works on Tensors and is differentiable; :func:`start`, :func:`exchange` and
 :func:`exchange_adjoint` are the raw, in-place forms on arrays that the heat solver's time loops
-use. Each exchange packs the four boundary rows/columns into contiguous buffers with the heat
-kernels' ``pack`` for the array's backend, posts every non-blocking receive, then every send,
-and finishes with one ``Waitall`` and ``unpack``. Corners are not exchanged (a 5-point stencil
-does not read them). Device buffers go to CUDA-aware MPI directly or through pinned host
+use. Each exchange packs the four boundary rows/columns into contiguous buffers (the heat
+kernels' ``pack`` on a device, NumPy slicing on the host), posts every non-blocking receive,
+then every send, and finishes with one ``Waitall`` and ``unpack``. Corners are not exchanged
+(a 5-point stencil does not read them). Device buffers go to CUDA-aware MPI directly or through pinned host
 staging (:mod:`gpumpiad.transport`).
 
 Environment
@@ -24,6 +24,7 @@ from . import transport
 from .backend import get_array_module, is_device_array
 from .custom import custom_op
 from .debug import wait
+from .heat import stencil
 from .tensor import DISTRIBUTED, Tensor
 
 __all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "kernels_for", "Exchange"]
@@ -144,14 +145,14 @@ def kernels_for(array, backend=None):
 class Exchange:
     """An exchange in flight: :meth:`wait` completes it and writes the received data."""
 
-    __slots__ = ("_array", "_requests", "_received", "_adjoint", "_kernels", "_device", "_keep")
+    __slots__ = ("_array", "_requests", "_received", "_adjoint", "_edges", "_device", "_keep")
 
-    def __init__(self, array, requests, received, adjoint, kernels, device, keep):
+    def __init__(self, array, requests, received, adjoint, edges, device, keep):
         self._array = array
         self._requests = requests
         self._received = received
         self._adjoint = adjoint
-        self._kernels = kernels
+        self._edges = edges
         self._device = device
         self._keep = keep
 
@@ -163,8 +164,8 @@ class Exchange:
         self._requests = None
         ghost, add = (0, 1) if self._adjoint else (1, 0)
         for side, buf in self._received:
-            self._kernels.unpack(self._array, transport.deliver(buf, self._device), side,
-                                 ghost, add)
+            self._edges.unpack(self._array, transport.deliver(buf, self._device), side,
+                               ghost, add)
         self._received = self._keep = None
         return self._array
 
@@ -183,32 +184,34 @@ def start(a, grid, adjoint=False, kernels=None):
         False: receive the neighbours' boundary cells into the ghosts. True: the adjoint, send
         the ghosts to their owners, zero them, and add what arrives into the boundary cells.
     kernels : module, optional
-        Heat-kernel module for ``pack``/``unpack`` (default :func:`kernels_for` ``(a)``).
+        Heat-kernel module whose ``pack``/``unpack`` move a device array's rows and columns
+        (default :func:`kernels_for` ``(a)``); a host array's move through NumPy slicing.
     """
     kernels = kernels_for(a) if kernels is None else kernels
     device = is_device_array(a)
+    # A row or column moves through NumPy slicing on the host: cheaper than a kernel call.
+    edges = kernels if device else stencil
     xp = get_array_module(a)
     mpi = grid.cart.mpi
     nx, ny = a.shape[0] - 2, a.shape[1] - 2
-    sides = [s for s, n in enumerate(grid.neighbours) if n != MPI.PROC_NULL]
+    links = [(side, peer) for side, peer in enumerate(grid.neighbours) if peer != MPI.PROC_NULL]
     tag0 = _ADJOINT_TAG if adjoint else 0
     requests, received, keep = [], [], []
-    for side in sides:
+    for side, peer in links:
         buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, device)
-        requests.append(mpi.Irecv(buf, source=grid.neighbours[side],
-                                  tag=tag0 + _OPPOSITE[side]))
+        requests.append(mpi.Irecv(buf, source=peer, tag=tag0 + _OPPOSITE[side]))
         received.append((side, buf))
-    for side in sides:
+    for side, peer in links:
         packed = xp.empty((ny if side < 2 else nx,), a.dtype)
-        kernels.pack(a, packed, side, 1 if adjoint else 0)
+        edges.pack(a, packed, side, 1 if adjoint else 0)
         send = transport.send_buffer(packed)
         keep.append(send)
-        requests.append(mpi.Isend(send, dest=grid.neighbours[side], tag=tag0 + side))
+        requests.append(mpi.Isend(send, dest=peer, tag=tag0 + side))
     if adjoint:
         # Ghost copies were just sent to their owners: their cotangent now lives there.
-        for side in sides:
+        for side, _ in links:
             _ghost(a, side)[...] = 0
-    return Exchange(a, requests, received, adjoint, kernels, device, keep)
+    return Exchange(a, requests, received, adjoint, edges, device, keep)
 
 
 def exchange(a, grid, kernels=None):

@@ -433,3 +433,39 @@ def test_host_rejects_bad_arguments():
         hostkernels.unpack(u, np.zeros(8), 4, 0, 0)
     with pytest.raises(ValueError, match="u .* is needed to accumulate kappa_bar"):
         hostkernels.adjoint(u, ok[0], None, ok[1], ok[2], None, 0.1, 0.1, 1, 4, 1, 5)
+
+
+@needs_host
+def test_host_quick_checks_catch_what_the_full_checks_do():
+    """The kernels' cheap first-pass checks let nothing through that the full checks refuse:
+    overlaps by address range (not only the same object), read-only outputs."""
+    memory = np.zeros(64)
+    u, shifted = memory[:30].reshape(5, 6), memory[3:33].reshape(5, 6)
+    ok = [np.zeros((5, 6)) for _ in range(3)]
+    with pytest.raises(ValueError, match="u_new must not overlap u"):
+        hostkernels.step(u, ok[0], ok[1], shifted, 0.1, 0.1, 1, 4, 1, 5)
+    frozen = np.zeros((5, 6))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="u_new must be writable"):
+        hostkernels.step(u, ok[0], ok[1], frozen, 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="lam must not overlap kappa_bar"):
+        hostkernels.adjoint(u, ok[0], ok[1], ok[2], ok[2], None, 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="buf must not overlap u"):
+        hostkernels.pack(u, memory[20:28], 0, 0)
+    with pytest.raises(ValueError, match="u must be writable"):
+        hostkernels.unpack(frozen, np.zeros(8), 0, 0, 0)
+
+
+@needs_host
+def test_host_kernels_take_read_only_inputs_and_numpy_ints():
+    rng = np.random.default_rng(5)
+    u, kappa, f = _rand_fields(rng, 6, 7, np.float64, 3)
+    for a in (u, kappa, f):
+        a.flags.writeable = False
+    got, want = np.zeros_like(u), np.zeros_like(u)
+    hostkernels.step(u, kappa, f, got, 0.1, 0.01, np.int64(1), 7, 1, np.int32(8))
+    stencil.step(u, kappa, f, want, 0.1, 0.01, 1, 7, 1, 8)
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    buf = np.zeros(7)
+    hostkernels.pack(u, buf, np.int64(0), 0)
+    np.testing.assert_array_equal(buf, u[1, 1:-1])
