@@ -442,6 +442,37 @@ def test_buffer_cache_keeps_at_most_its_limit_and_releases_on_zero():
         solver.set_buffer_cache(previous)
 
 
+@pytest.mark.parallel(nprocs=[1, 2, 3])
+def test_kept_buffers_take_the_next_solves_ghost_ring():
+    """States kept from one solve hold its ghost ring; a later solve of the same patch shape
+    with another constant boundary, or with other sides physical, gets its own ring: results
+    equal those of solves that keep no buffers."""
+    u0, kappa, f = global_problem(9)
+    runs = [(1.0, False), (2.0, False), (2.0, (True, False)), (2.0, False), (2.0, False)]
+
+    def run(value, periodic):
+        with Grid((NX, NY), periodic=periodic) as grid:
+            args = [dist(grid.local(a)) for a in (u0, kappa, f)]
+
+            def objective(k):
+                out = solve(args[0], k, args[2], DT, H, STEPS, grid=grid, boundary=value)
+                return gpumpiad.mpi_sum((out * out).sum())
+
+            g = to_numpy(gpumpiad.grad(objective)(args[1]))
+            return g, to_numpy(solve(*args, DT, H, STEPS, grid=grid, boundary=value))
+
+    previous = solver.set_buffer_cache(0)
+    try:
+        fresh = [run(*r) for r in runs]
+        solver.set_buffer_cache(1 << 30)
+        kept = [run(*r) for r in runs]
+    finally:
+        solver.set_buffer_cache(previous)
+    for r, (g_fresh, u_fresh), (g_kept, u_kept) in zip(runs, fresh, kept):
+        parallel_assert(np.array_equal(g_fresh, g_kept) and np.array_equal(u_fresh, u_kept),
+                        f"boundary {r[0]}, periodic {r[1]}: kept buffers changed the result")
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_grid_gather_and_scatter_round_trip_every_split_and_dtype():
     comm = MPI.COMM_WORLD
