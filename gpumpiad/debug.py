@@ -29,7 +29,8 @@ _settings = {"debug": None, "timeout": _UNREAD, "timeout from": "GPUMPIAD_TIMEOU
 
 
 class CommunicationMismatch(RuntimeError):
-    """Ranks disagree about a collective call (detected in debug mode)."""
+    """Ranks disagree about a communication: a collective's call or arguments (detected in
+    debug mode), or the size of a message and the receive that matched it."""
 
 
 class CommunicationTimeout(RuntimeError):
@@ -143,21 +144,21 @@ def _describe(view, field):
     return f"{call}: " + text[field] if field not in ("call", "thread") else text[field]
 
 
-def wait(requests, comm=None, call="communication", idle=False):
+def wait(requests, comm=None, call="communication", idle=False, statuses=None):
     """Complete MPI request(s), bounded by the watchdog when ``GPUMPIAD_TIMEOUT`` is set.
 
     ``idle``: the wait may be long and nothing else runs meanwhile (a worker waiting for its
     next instruction): poll with short sleeps instead of MPI's busy wait, leaving the core to
-    other ranks.
+    other ranks. ``statuses``: a list of ``MPI.Status``, one per request, to fill.
     """
     requests = requests if isinstance(requests, list) else [requests]
     limit = timeout()
     if limit is None and not idle:
-        MPI.Request.Waitall(requests)
+        MPI.Request.Waitall(requests, statuses)
         return
     deadline = time.monotonic() + limit if limit is not None else math.inf
     pause = 2e-4 if idle else 1e-5
-    while not MPI.Request.Testall(requests):
+    while not MPI.Request.Testall(requests, statuses):
         if time.monotonic() > deadline:
             rank = MPI.COMM_WORLD.Get_rank()
             where = f" on {comm!r} (call #{comm.sequence})" if comm is not None else ""

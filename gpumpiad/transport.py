@@ -25,9 +25,11 @@ import sys
 import threading
 
 import numpy
+from mpi4py import MPI
 
 from . import backend
 from .backend import get_array_module, is_device_array
+from .debug import CommunicationMismatch
 from .debug import wait as _wait
 
 log = logging.getLogger("gpumpiad")
@@ -39,7 +41,6 @@ def _probe_cuda_support() -> bool:
         probe = ctypes.CDLL(None).MPIX_Query_cuda_support
     except (OSError, AttributeError):
         try:
-            from mpi4py import MPI  # noqa: F401  (loads libmpi into the process)
             probe = ctypes.CDLL(_libmpi_path()).MPIX_Query_cuda_support
         except (OSError, AttributeError, TypeError):
             return False
@@ -205,18 +206,58 @@ class Pending:
     def done(self) -> bool:
         if self.requests is None:
             return True
-        from mpi4py import MPI
         with self.lock:
             return self.requests is None or MPI.Request.Testall(self.requests)
 
     def wait(self):
         with self.lock:
             if self.requests is not None:
-                _wait(self.requests, self.comm, self.call)
+                try:
+                    _wait(self.requests, self.comm, self.call,
+                          statuses=getattr(self.finish, "statuses", None))
+                except MPI.Exception as exc:
+                    self.requests = None
+                    raise _failure(self.call, exc, getattr(self.finish, "statuses", None)) \
+                        from None
                 self.requests = None
                 self.result = self.finish() if self.finish is not None else None
                 self.finish = None
         return self.result
+
+
+def _failure(call, exc, statuses):
+    """The error for an MPI failure of ``call``: MPI's own words where it has some, and the
+    usual cause."""
+    text = "" if exc.Get_error_class() == MPI.ERR_IN_STATUS else exc.Get_error_string()
+    for status in statuses or ():
+        if status.Get_error() != MPI.SUCCESS:
+            text = MPI.Get_error_string(status.Get_error())
+    text = ": " + " ".join(text.split()) if text else ""
+    return RuntimeError(
+        f"rank {MPI.COMM_WORLD.Get_rank()}: {call} failed in MPI{text}. Ranks passing "
+        "different shapes or dtypes to one call is the usual cause (GPUMPIAD_DEBUG=1 compares "
+        "every collective's arguments across ranks and names the ranks that differ)")
+
+
+class _Received:
+    """A receive's ``finish``: delivers the buffer once the message has filled all of it. MPI
+    accepts a shorter message and leaves the rest of the buffer unwritten."""
+
+    __slots__ = ("out", "device", "source", "tag", "call", "statuses")
+
+    def __init__(self, out, device, source, tag, call):
+        self.out, self.device, self.source, self.tag, self.call = out, device, source, tag, call
+        self.statuses = [MPI.Status()]
+
+    def __call__(self):
+        got = self.statuses[0].Get_count(MPI.BYTE)
+        if got != self.out.nbytes:
+            raise CommunicationMismatch(
+                f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call} from rank {self.source} (tag "
+                f"{self.tag}) got a message of {got} bytes, expected {self.out.nbytes} (shape "
+                f"{tuple(self.out.shape)}, {self.out.dtype}): the sent array and the receive's "
+                "`like` differ")
+        return deliver(self.out, self.device)
 
 
 _outstanding = []
@@ -339,11 +380,11 @@ def start_send(mpi_comm, array, dest, tag):
     return [request], lambda keep=send: None
 
 
-def start_recv(mpi_comm, shape, dtype, device, source, tag):
-    """Post a non-blocking receive into a new buffer."""
+def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive"):
+    """Post a non-blocking receive into a new buffer; ``finish`` checks the message's size."""
     out = recv_buffer(shape, dtype, device)
     request = mpi_comm.Irecv(out, source=source, tag=tag)
-    return [request], lambda: deliver(out, device)
+    return [request], _Received(out, device, source, tag, call)
 
 
 def _prod(shape):

@@ -330,6 +330,30 @@ def test_ring_shift_sends_before_receives(n):
                     f"rank {r}: the gradient is not the right neighbour's weight")
 
 
+@pytest.mark.parallel(nprocs=[2])
+def test_receive_of_another_size_names_both_sizes():
+    """A message shorter than the receive's ``like`` would leave the rest of the buffer
+    unwritten, a longer one is truncated by MPI: both raise on the receiving rank, naming the
+    call and the sizes, and MPI stays usable."""
+    r = gp.mpi_rank()
+    comm = gp.Comm().dup()
+    sent = np.arange(3.0)
+    if r == 0:
+        for tag in (1, 2, 3):
+            gp.mpi_send(sent, dest=1, tag=tag, comm=comm)
+    else:
+        with pytest.raises(gp.CommunicationMismatch,
+                           match=r"rank 1: mpi_recv from rank 0 \(tag 1\) got a message of 24 "
+                                 r"bytes, expected 40 \(shape \(5,\), float64\)"):
+            gp.mpi_recv(np.zeros(5), source=0, tag=1, comm=comm).numpy()
+        with pytest.raises(RuntimeError, match="rank 1: mpi_recv failed in MPI: .*truncated"):
+            gp.mpi_recv(np.zeros(2), source=0, tag=2, comm=comm).numpy()
+        got = gp.mpi_recv(np.zeros(3), source=0, tag=3, comm=comm).numpy()
+    parallel_assert(r == 0 or np.array_equal(got, sent), "a receive after the errors")
+    gp.mpi_barrier(comm=comm)
+    comm.free()
+
+
 def _ring_receive_first(x, w):
     r, P = gp.mpi_rank(), gp.mpi_size()
     got = gp.mpi_recv(x, (r - 1) % P, tag=3)

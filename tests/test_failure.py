@@ -89,6 +89,13 @@ SKIP_A_GATHER_ON_RANK_0 = PROLOGUE + textwrap.dedent("""\
 """)
 
 
+BCAST_OF_OTHER_SHAPES = PROLOGUE + textwrap.dedent("""\
+    x = np.arange(3.0) if r == 0 else np.zeros(5)   # no debug mode: MPI itself fails
+    gm.mpi_bcast(x).numpy()
+    gm.mpi_sum(np.ones(3)).numpy()
+    print(f"rank {r} passed the collectives", flush=True)
+""")
+
 def _mpiexec(tmp_path, source, nprocs, **env_extra):
     """Run ``source`` under ``mpiexec -n nprocs``; ``(returncode, output, seconds)``."""
     script = tmp_path / "job.py"
@@ -131,6 +138,15 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path, program, message):
     assert seconds < 10, f"took {seconds:.1f} s:\n{out}"
     assert message in out, out
     assert "passed the collective" not in out, out
+
+
+def test_collective_that_mpi_refuses_ends_the_job_naming_the_call(tmp_path):
+    """Outside debug mode MPI refuses a broadcast whose receivers expect another size: the
+    error names the call and the rank and points to debug mode, and the job ends."""
+    message = "rank 1: mpi_bcast failed in MPI. Ranks passing different shapes or dtypes"
+    rc, out, seconds = _ended_job(tmp_path, BCAST_OF_OTHER_SHAPES, [message], nprocs=2)
+    assert message in out and "GPUMPIAD_DEBUG=1" in out, out
+    assert "passed the collectives" not in out, out
 
 
 def test_without_abort_the_watchdog_ends_the_waiting_ranks(tmp_path):

@@ -52,7 +52,7 @@ def _post_send(comm, array, dest, tag, call):
 
 def _recv_now(comm, like, source, tag, call):
     return comm.issue(call, lambda: start_recv(comm.mpi, like.shape, like.dtype,
-                                               is_device(like.data), source, tag),
+                                               is_device(like.data), source, tag, call),
                       collective=False)
 
 
