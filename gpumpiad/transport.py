@@ -190,7 +190,8 @@ def deliver(buffer, device):
 class Pending:
     """A result MPI is still producing: ``wait()`` completes the requests and returns it.
 
-    ``wait`` is bounded by the watchdog (``GPUMPIAD_TIMEOUT``) and names ``call`` on timeout.
+    ``wait`` is bounded by the watchdog (``GPUMPIAD_TIMEOUT``) and names ``call`` on timeout;
+    a failed communication raises on every ``wait``.
     """
 
     __slots__ = ("requests", "finish", "result", "comm", "call", "lock")
@@ -212,16 +213,20 @@ class Pending:
     def wait(self):
         with self.lock:
             if self.requests is not None:
+                statuses = getattr(self.finish, "statuses", None)
                 try:
-                    _wait(self.requests, self.comm, self.call,
-                          statuses=getattr(self.finish, "statuses", None))
+                    _wait(self.requests, self.comm, self.call, statuses=statuses)
                 except MPI.Exception as exc:
-                    self.requests = None
-                    raise _failure(self.call, exc, getattr(self.finish, "statuses", None)) \
-                        from None
-                self.requests = None
-                self.result = self.finish() if self.finish is not None else None
-                self.finish = None
+                    self.result = _failure(self.call, exc, statuses)
+                else:
+                    try:
+                        self.result = self.finish() if self.finish is not None else None
+                    except CommunicationMismatch as exc:
+                        self.result = exc
+                self.requests = self.finish = None
+            if isinstance(self.result, Exception):
+                # Every later reader of a failed result gets the error again, never data.
+                raise self.result
         return self.result
 
 
