@@ -1,6 +1,8 @@
 """Shared plumbing of the communication primitives."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import get_array_module, is_device_array
 from ..comm import resolve
 from ..tape import active_tape
@@ -64,6 +66,24 @@ def row_counts(rows, n, comm, name):
     return rows, None
 
 
+def piece(data):
+    """What a row-block collective tells the other ranks about this rank's piece: its rows,
+    trailing shape and dtype."""
+    return data.shape[0], tuple(data.shape[1:]), data.dtype.str
+
+
+def agreed_rows(pieces, comm, name):
+    """The row counts of ``pieces`` (:func:`piece` of every rank, in rank order), once their
+    trailing shapes and dtypes agree; otherwise a ValueError naming each rank's, raised on
+    every rank that holds them (MPI would move mismatched bytes without a word)."""
+    if any(p[1:] != pieces[0][1:] for p in pieces):
+        described = ", ".join(f"rank {q}: {trailing} {np.dtype(dtype).name}"
+                              for q, (_, trailing, dtype) in enumerate(pieces))
+        raise ValueError(f"rank {comm.rank}: {name}'s pieces must have the same trailing shape "
+                         f"and dtype on every rank, got {described}")
+    return [p[0] for p in pieces]
+
+
 def offsets(rows):
     out = [0]
     for r in rows:
@@ -77,5 +97,6 @@ def zeros_like(array):
     return get_array_module(array).zeros(array.shape, array.dtype)
 
 
-__all__ = ["REVERSE_TAG", "as_tensor", "check_root", "check_rows", "is_device_array", "offsets",
-           "pending_tensor", "record", "resolve", "row_counts", "split_rows", "zeros_like"]
+__all__ = ["REVERSE_TAG", "agreed_rows", "as_tensor", "check_root", "check_rows",
+           "is_device_array", "offsets", "pending_tensor", "piece", "record", "resolve",
+           "row_counts", "split_rows", "zeros_like"]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..tensor import SERIAL
 from ..transport import start_allgatherv
-from ._record import as_tensor, check_rows, offsets, pending_tensor, record, resolve
+from ._record import (agreed_rows, as_tensor, check_rows, offsets, pending_tensor, piece,
+                      record, resolve)
 
 
 def mpi_allgather(x, comm=None):
@@ -31,7 +32,7 @@ def mpi_allgather(x, comm=None):
     box = {}
 
     def start():
-        box["rows"] = comm.mpi.allgather(data.shape[0])
+        box["rows"] = agreed_rows(comm.mpi.allgather(piece(data)), comm, "mpi_allgather")
         return start_allgatherv(comm.mpi, data, box["rows"], trailing)
 
     pending = comm.issue("mpi_allgather", start, array=data, same_shape=False)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..tensor import DISTRIBUTED
 from ..transport import start_alltoallv
-from ._record import as_tensor, check_rows, pending_tensor, record, resolve, row_counts
+from ._record import (agreed_rows, as_tensor, check_rows, pending_tensor, piece, record,
+                      resolve, row_counts)
 
 
 def mpi_alltoall(x, rows=None, comm=None):
@@ -39,7 +40,11 @@ def mpi_alltoall(x, rows=None, comm=None):
     box = {}
 
     def start():
-        box["recv"] = comm.mpi.alltoall(send_rows)
+        # Every rank hears from every other: a rank whose trailing shape or dtype differs
+        # from anyone's is seen by every rank, so they all raise.
+        _, trailing, dtype = piece(data)
+        box["recv"] = agreed_rows(comm.mpi.alltoall([(n, trailing, dtype) for n in send_rows]),
+                                  comm, "mpi_alltoall")
         return start_alltoallv(comm.mpi, data, send_rows, box["recv"])
 
     pending = comm.issue("mpi_alltoall", start, array=data, same_shape=False)

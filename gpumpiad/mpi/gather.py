@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..tensor import DISTRIBUTED
 from ..transport import is_device, start_gatherv, start_scatterv
-from ._record import as_tensor, check_root, check_rows, pending_tensor, record, resolve
+from ._record import (agreed_rows, as_tensor, check_root, check_rows, pending_tensor, piece,
+                      record, resolve)
 
 
 def mpi_gather(x, root=0, comm=None):
@@ -42,7 +43,7 @@ def mpi_gather(x, root=0, comm=None):
     box = {}
 
     def start():
-        box["rows"] = comm.mpi.allgather(data.shape[0])
+        box["rows"] = agreed_rows(comm.mpi.allgather(piece(data)), comm, "mpi_gather")
         return start_gatherv(comm.mpi, data, box["rows"], root, trailing)
 
     pending = comm.issue("mpi_gather", start, root=root, array=data, same_shape=False)
