@@ -442,6 +442,15 @@ def test_buffer_cache_keeps_at_most_its_limit_and_releases_on_zero():
         solver.set_buffer_cache(previous)
 
 
+def test_huge_finite_values_are_not_taken_for_nan_or_inf():
+    """The finiteness check sums each argument first; a sum that overflows must not make huge
+    but finite values an error."""
+    u0, kappa, f = global_problem(3)
+    for dtype, huge in ((np.float64, 1e307), (np.float32, 1e37)):
+        out = solve((u0 * huge).astype(dtype), kappa.astype(dtype), f.astype(dtype), DT, H, 0)
+        assert np.array_equal(to_numpy(out), (u0 * huge).astype(dtype))
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 3])
 def test_kept_buffers_take_the_next_solves_ghost_ring():
     """States kept from one solve hold its ghost ring; a later solve of the same patch shape

@@ -29,6 +29,7 @@ __all__ = ["solve", "recompute_steps"]
 _STEP = nvtx.annotate("heat.step", domain="gpumpiad")
 _ADJOINT = nvtx.annotate("heat.adjoint", domain="gpumpiad")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_ARGUMENTS = ("u0", "kappa", "f")
 _self_grids = {}
 
 
@@ -83,7 +84,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     ValueError
         On every rank, for a shape, dtype or kind mismatch (naming the argument and the rank),
         when ranks pass different ``dt``, ``h``, ``steps``, ``checkpoints`` or ``trajectory``,
-        or when ``dt > h**2 / (4 * max kappa)`` (the global maximum): the scheme is unstable.
+        when ``u0``, ``kappa`` or ``f`` holds NaN or Inf on some rank (naming the ranks), or
+        when ``dt > h**2 / (4 * max kappa)`` (the global maximum): the scheme is unstable.
 
     Notes
     -----
@@ -128,9 +130,11 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     dt, h, steps = _check_scalars(dt, h, steps, checkpoints, rank)
     args = [a if isinstance(a, Tensor) else asarray(a) for a in (u0, kappa, f)]
     raws = [a.data if isinstance(a, Tensor) else a for a in args]
-    problem, kmax = _check_arrays(grid, raws), None
+    problem, kmax, nonfinite = _check_arrays(grid, raws), None, ()
     if problem is None:
-        kmax = float(get_array_module(raws[1]).max(raws[1]))
+        xp = get_array_module(raws[1])
+        kmax = float(xp.max(raws[1]))
+        nonfinite = tuple(name for name, a in zip(_ARGUMENTS, raws) if not _finite(xp, a))
         try:
             kernels = halo.kernels_for(raws[0], backend)
             frame, ghosts = _frame(grid, boundary, raws[0])
@@ -141,9 +145,9 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # the states u^n, only f's and kappa's are accumulated over the steps.
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
     settings = (dt, h, steps, checkpoints, bool(trajectory))
-    reports = control.allgather(grid.cart, (problem, kmax, wants[1], settings),
+    reports = control.allgather(grid.cart, (problem, kmax, wants[1], settings, nonfinite),
                                 "heat.solve's argument check")
-    problems = [p for p, _, _, _ in reports if p is not None]
+    problems = [p for p, *_ in reports if p is not None]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
                          "; ".join(dict.fromkeys(problems)))
@@ -154,11 +158,12 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
             raise ValueError(f"rank {rank}: solve's {name} differs between ranks: "
                              + ", ".join(f"rank {q}: {v!r}" for q, v in enumerate(values))
                              + "; every rank must march the same time loop")
-    bad = [r for r, (_, k, _, _) in enumerate(reports) if not np.isfinite(k)]
-    if bad:
-        raise ValueError(f"rank {rank}: kappa holds NaN or Inf on rank(s) {bad}: expected "
-                         "finite diffusivities")
-    owner = int(np.argmax([k for _, k, _, _ in reports]))
+    holding = {name: [q for q, r in enumerate(reports) if name in r[4]] for name in _ARGUMENTS}
+    if any(holding.values()):
+        raise ValueError(f"rank {rank}: " + "; ".join(
+            f"{name} holds NaN or Inf on rank(s) {ranks}" for name, ranks in holding.items()
+            if ranks) + ": expected finite values")
+    owner = int(np.argmax([r[1] for r in reports]))
     kmax = reports[owner][1]
     if kmax > 0 and dt > h * h / (4 * kmax):
         raise ValueError(
@@ -166,7 +171,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
             f"{h * h / (4 * kmax)!r} (h = {h!r}, max kappa = {kmax!r} on rank {owner})")
     # Recomputing states from checkpoints exchanges halos: when any rank differentiates kappa,
     # every rank keeps (and recomputes) its states, so that they all exchange in step.
-    keep_states = any(k for _, _, k, _ in reports)
+    keep_states = any(r[2] for r in reports)
     run = _Heat(grid, kernels, frame, ghosts, dt, h, steps, checkpoints, trajectory, wants,
                 keep_states, retain=getattr(tape, "retain", False))
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
@@ -424,10 +429,19 @@ def _check_scalars(dt, h, steps, checkpoints, rank):
     return float(dt), float(h), int(steps)
 
 
+def _finite(xp, a):
+    """Whether ``a`` holds no NaN or Inf: one pass (a sum), two more (its extremes) only when
+    the sum is not finite, which a sum of huge finite values can also be."""
+    with np.errstate(all="ignore"):
+        if math.isfinite(float(xp.sum(a))):
+            return True
+        return math.isfinite(float(xp.min(a))) and math.isfinite(float(xp.max(a)))
+
+
 def _check_arrays(grid, raws):
     """This rank's complaint about the arrays, or None."""
     rank = world().rank
-    for name, a in zip(("u0", "kappa", "f"), raws):
+    for name, a in zip(_ARGUMENTS, raws):
         if tuple(a.shape) != grid.local_shape:
             return (f"rank {rank}: {name} must be this rank's patch of shape {grid.local_shape} "
                     f"(grid {grid.shape[0]}x{grid.shape[1]} over {grid.dims[0]}x{grid.dims[1]} "
