@@ -11,7 +11,7 @@ from __future__ import annotations
 from numpy import ndarray
 
 from .backend import operand
-from .comm import RANK_DEPENDENT
+from .comm import RANK_DEPENDENT, world
 from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
@@ -72,7 +72,10 @@ class Primitive:
                 raws.append(operand(a))
             else:
                 raws.append(a)
-        ans = self.forward(*raws, **kwargs)
+        try:
+            ans = self.forward(*raws, **kwargs)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise _on_this_rank(exc, self.name) from exc
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if traced is not None:
             # One traced, differentiable argument (most ops): its vjp returns its cotangent.
@@ -109,6 +112,18 @@ class Primitive:
                 out[i] = vjps[i](gs[0], ans, *raws, **kwargs)
             return out
         return vjp, -1
+
+
+def _on_this_rank(exc, name):
+    """``exc`` with the rank and the op in front of its message: the array library's errors
+    name neither, and a job's ranks share one output. Exceptions of other classes than the
+    plain built-in ones (their constructors may take other arguments) pass unchanged."""
+    if type(exc) not in (ValueError, TypeError, IndexError) or len(exc.args) != 1:
+        return exc
+    message = str(exc.args[0])
+    if not message.startswith(f"{name}:"):
+        message = f"{name}: {message}"
+    return type(exc)(f"rank {world().rank}: {message}")
 
 
 def primitive(forward=None, *, name=None):

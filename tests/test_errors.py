@@ -178,6 +178,17 @@ def cases(r, P, tmp):
           lambda: gp.grad(lambda t: gp.sum(gp.custom_op(
               lambda a: a * 2.0, _ones_like_vjp, name="wide")(t)))(np.ones(2)),
           ValueError, [me, "'wide'", "shape (3,)", "expected its shape (2,)"]),
+        # --- local ops: the array library's own errors, with the rank and the op -------------
+        C("indexing: out of range", lambda: gp.tensor(np.ones(3))[7], IndexError,
+          [me, "getitem", "index 7 is out of bounds"]),
+        C("reshape: to another size", lambda: gp.tensor(np.ones(6)).reshape(4, 2), ValueError,
+          [me, "reshape", "cannot reshape array of size 6"]),
+        C("matmul: inner sizes differ",
+          lambda: gp.tensor(np.ones((2, 3))) @ gp.tensor(np.ones((2, 3))), ValueError,
+          [me, "matmul: Input operand 1"]),
+        C("sum: axis out of range (NumPy's AxisError passes as it is)",
+          lambda: gp.sum(gp.tensor(np.ones(3)), axis=4), np.exceptions.AxisError,
+          ["axis 4 is out of bounds"]),
         # --- mpi_* ---------------------------------------------------------------------------
         C("mpi_bcast: root out of range", lambda: gp.mpi_bcast(x, root=P), ValueError,
           [me, "root", f"[0, {P})", f"got {P}"], subset=True),
