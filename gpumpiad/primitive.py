@@ -75,7 +75,10 @@ class Primitive:
         try:
             ans = self.forward(*raws, **kwargs)
         except (ValueError, TypeError, IndexError) as exc:
-            raise _on_this_rank(exc, self.name) from exc
+            named = _on_this_rank(exc, self.name)
+            if named is exc:
+                raise
+            raise named from exc
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if traced is not None:
             # One traced, differentiable argument (most ops): its vjp returns its cotangent.
@@ -116,11 +119,14 @@ class Primitive:
 
 def _on_this_rank(exc, name):
     """``exc`` with the rank and the op in front of its message: the array library's errors
-    name neither, and a job's ranks share one output. Exceptions of other classes than the
-    plain built-in ones (their constructors may take other arguments) pass unchanged."""
+    name neither, and a job's ranks share one output. Messages that name a rank already, and
+    exceptions of other classes than the plain built-in ones (their constructors may take other
+    arguments), pass unchanged."""
     if type(exc) not in (ValueError, TypeError, IndexError) or len(exc.args) != 1:
         return exc
     message = str(exc.args[0])
+    if message.startswith("rank "):
+        return exc
     if not message.startswith(f"{name}:"):
         message = f"{name}: {message}"
     return type(exc)(f"rank {world().rank}: {message}")
