@@ -23,7 +23,7 @@ from mpi4py import MPI
 from . import transport
 from .backend import get_array_module, is_device_array
 from .custom import custom_op
-from .debug import wait
+from .debug import CommunicationMismatch, wait
 from .heat import stencil
 from .tensor import DISTRIBUTED, Tensor
 
@@ -145,9 +145,10 @@ def kernels_for(array, backend=None):
 class Exchange:
     """An exchange in flight: :meth:`wait` completes it and writes the received data."""
 
-    __slots__ = ("_array", "_requests", "_received", "_adjoint", "_edges", "_device", "_keep")
+    __slots__ = ("_array", "_requests", "_received", "_adjoint", "_edges", "_device", "_keep",
+                 "_verify", "_error")
 
-    def __init__(self, array, requests, received, adjoint, edges, device, keep):
+    def __init__(self, array, requests, received, adjoint, edges, device, keep, verify):
         self._array = array
         self._requests = requests
         self._received = received
@@ -155,22 +156,38 @@ class Exchange:
         self._edges = edges
         self._device = device
         self._keep = keep
+        self._verify = verify
+        self._error = None
 
     def wait(self):
         """Wait for every message, then unpack (assign ghosts, or add into boundary cells)."""
+        if self._error is not None:
+            raise self._error
         if self._requests is None:
             return self._array
-        wait(self._requests, call="adjoint halo exchange" if self._adjoint else "halo exchange")
+        call = "adjoint halo exchange" if self._adjoint else "halo exchange"
+        statuses = [MPI.Status() for _ in self._requests] if self._verify else None
+        try:
+            # A watchdog timeout propagates from here and leaves the requests to wait for again.
+            wait(self._requests, call=call, statuses=statuses)
+            for (_, buf, peer, tag), status in zip(self._received, statuses or ()):
+                transport.check_filled(status, buf, call, peer, tag)
+        except MPI.Exception as exc:
+            self._error = transport.mpi_error(call, exc, statuses)
+        except CommunicationMismatch as exc:
+            self._error = exc
         self._requests = None
+        if self._error is not None:
+            raise self._error
         ghost, add = (0, 1) if self._adjoint else (1, 0)
-        for side, buf in self._received:
+        for side, buf, _, _ in self._received:
             self._edges.unpack(self._array, transport.deliver(buf, self._device), side,
                                ghost, add)
         self._received = self._keep = None
         return self._array
 
 
-def start(a, grid, adjoint=False, kernels=None):
+def start(a, grid, adjoint=False, kernels=None, verify=True):
     """Start filling the ghosts of padded ``a`` in place; returns an :class:`Exchange`.
 
     Compute whatever does not read the ghosts, then call ``.wait()``.
@@ -186,6 +203,10 @@ def start(a, grid, adjoint=False, kernels=None):
     kernels : module, optional
         Heat-kernel module whose ``pack``/``unpack`` move a device array's rows and columns
         (default :func:`kernels_for` ``(a)``); a host array's move through NumPy slicing.
+    verify : bool
+        Check that every message filled its buffer, as it does unless a neighbour's array has
+        another dtype (a half-filled buffer would be unpacked). The heat solver, which checks
+        dtypes across ranks once per solve, skips it.
     """
     kernels = kernels_for(a) if kernels is None else kernels
     device = is_device_array(a)
@@ -199,30 +220,33 @@ def start(a, grid, adjoint=False, kernels=None):
     requests, received, keep = [], [], []
     for side, peer in links:
         buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, device)
-        requests.append(mpi.Irecv(buf, source=peer, tag=tag0 + _OPPOSITE[side]))
-        received.append((side, buf))
+        # Messages travel as bytes (both ends): a message of another dtype is then a size
+        # that the receive can report, not a type MPI may fail an assertion on.
+        requests.append(mpi.Irecv([buf, MPI.BYTE], source=peer, tag=tag0 + _OPPOSITE[side]))
+        received.append((side, buf, peer, tag0 + _OPPOSITE[side]))
     for side, peer in links:
         packed = xp.empty((ny if side < 2 else nx,), a.dtype)
         edges.pack(a, packed, side, 1 if adjoint else 0)
         send = transport.send_buffer(packed)
         keep.append(send)
-        requests.append(mpi.Isend(send, dest=peer, tag=tag0 + side))
+        requests.append(mpi.Isend([send, MPI.BYTE], dest=peer, tag=tag0 + side))
     if adjoint:
         # Ghost copies were just sent to their owners: their cotangent now lives there.
         for side, _ in links:
             _ghost(a, side)[...] = 0
-    return Exchange(a, requests, received, adjoint, edges, device, keep)
+    return Exchange(a, requests, received, adjoint, edges, device, keep, verify)
 
 
-def exchange(a, grid, kernels=None):
-    """Fill the ghosts of padded ``a`` from the neighbours, in place (blocking); returns ``a``."""
-    return start(a, grid, False, kernels).wait()
+def exchange(a, grid, kernels=None, verify=True):
+    """Fill the ghosts of padded ``a`` from the neighbours, in place (blocking); returns ``a``.
+    ``verify``: see :func:`start`."""
+    return start(a, grid, False, kernels, verify).wait()
 
 
-def exchange_adjoint(a, grid, kernels=None):
+def exchange_adjoint(a, grid, kernels=None, verify=True):
     """Adjoint of :func:`exchange`, in place: ghosts facing a neighbour are sent to their owner,
     zeroed here, and the ghosts received are added into ``a``'s boundary cells; returns ``a``."""
-    return start(a, grid, True, kernels).wait()
+    return start(a, grid, True, kernels, verify).wait()
 
 
 def _ghost(a, side):

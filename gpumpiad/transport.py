@@ -217,7 +217,7 @@ class Pending:
                 try:
                     _wait(self.requests, self.comm, self.call, statuses=statuses)
                 except MPI.Exception as exc:
-                    self.result = _failure(self.call, exc, statuses)
+                    self.result = mpi_error(self.call, exc, statuses)
                 else:
                     try:
                         self.result = self.finish() if self.finish is not None else None
@@ -230,12 +230,12 @@ class Pending:
         return self.result
 
 
-def _failure(call, exc, statuses):
-    """The error for an MPI failure of ``call``: MPI's own words where it has some, and the
-    usual cause."""
+def mpi_error(call, exc, statuses=None):
+    """The error to raise for an MPI failure of ``call``: MPI's own words where it has some,
+    and the usual cause."""
     text = "" if exc.Get_error_class() == MPI.ERR_IN_STATUS else exc.Get_error_string()
     for status in statuses or ():
-        if status.Get_error() != MPI.SUCCESS:
+        if status.Get_error() not in (MPI.SUCCESS, MPI.ERR_PENDING):
             text = MPI.Get_error_string(status.Get_error())
     text = ": " + " ".join(text.split()) if text else ""
     return RuntimeError(
@@ -244,9 +244,19 @@ def _failure(call, exc, statuses):
         "every collective's arguments across ranks and names the ranks that differ)")
 
 
+def check_filled(status, buf, call, source, tag):
+    """Raise :class:`CommunicationMismatch` unless the message ``status`` describes filled all
+    of ``buf``: MPI accepts a shorter message and leaves the rest unwritten."""
+    got = status.Get_count(MPI.BYTE)
+    if got != buf.nbytes:
+        raise CommunicationMismatch(
+            f"rank {MPI.COMM_WORLD.Get_rank()}: {call} from rank {source} (tag {tag}) got a "
+            f"message of {got} bytes, expected {buf.nbytes} (shape {tuple(buf.shape)}, "
+            f"{buf.dtype}): the sender's array differs from the receiver's")
+
+
 class _Received:
-    """A receive's ``finish``: delivers the buffer once the message has filled all of it. MPI
-    accepts a shorter message and leaves the rest of the buffer unwritten."""
+    """A receive's ``finish``: delivers the buffer once the message has filled all of it."""
 
     __slots__ = ("out", "device", "source", "tag", "call", "statuses")
 
@@ -255,13 +265,7 @@ class _Received:
         self.statuses = [MPI.Status()]
 
     def __call__(self):
-        got = self.statuses[0].Get_count(MPI.BYTE)
-        if got != self.out.nbytes:
-            raise CommunicationMismatch(
-                f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call} from rank {self.source} (tag "
-                f"{self.tag}) got a message of {got} bytes, expected {self.out.nbytes} (shape "
-                f"{tuple(self.out.shape)}, {self.out.dtype}): the sent array and the receive's "
-                "`like` differ")
+        check_filled(self.statuses[0], self.out, self.call, self.source, self.tag)
         return deliver(self.out, self.device)
 
 
@@ -381,14 +385,16 @@ def start_alltoallv(mpi_comm, array, send_rows, recv_rows):
 def start_send(mpi_comm, array, dest, tag):
     """Post a non-blocking send; ``finish`` returns nothing."""
     send = send_buffer(array)
-    request = mpi_comm.Isend(send, dest=dest, tag=tag)
+    request = mpi_comm.Isend([send, MPI.BYTE], dest=dest, tag=tag)
     return [request], lambda keep=send: None
 
 
 def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive"):
     """Post a non-blocking receive into a new buffer; ``finish`` checks the message's size."""
     out = recv_buffer(shape, dtype, device)
-    request = mpi_comm.Irecv(out, source=source, tag=tag)
+    # As bytes, like every send: another dtype's message is a size to report, not a type
+    # MPI may fail an internal assertion on.
+    request = mpi_comm.Irecv([out, MPI.BYTE], source=source, tag=tag)
     return [request], _Received(out, device, source, tag, call)
 
 

@@ -341,6 +341,7 @@ def test_receive_of_another_size_names_both_sizes():
     if r == 0:
         for tag in (1, 2, 3):
             gp.mpi_send(sent, dest=1, tag=tag, comm=comm)
+        gp.mpi_send(sent.astype(np.float32), dest=1, tag=4, comm=comm)
     else:
         short = gp.mpi_recv(np.zeros(5), source=0, tag=1, comm=comm)
         for _ in range(2):  # every read of the result raises, none returns the buffer
@@ -351,6 +352,10 @@ def test_receive_of_another_size_names_both_sizes():
         with pytest.raises(RuntimeError, match="rank 1: mpi_recv failed in MPI: .*truncated"):
             gp.mpi_recv(np.zeros(2), source=0, tag=2, comm=comm).numpy()
         got = gp.mpi_recv(np.zeros(3), source=0, tag=3, comm=comm).numpy()
+        # 12 bytes of float32 for two float64: not a whole number of elements of either
+        with pytest.raises(gp.CommunicationMismatch, match="got a message of 12 bytes, "
+                                                           "expected 16"):
+            gp.mpi_recv(np.zeros(2), source=0, tag=4, comm=comm).numpy()
     parallel_assert(r == 0 or np.array_equal(got, sent), "a receive after the errors")
     gp.mpi_barrier(comm=comm)
     comm.free()

@@ -120,3 +120,23 @@ def test_halo_exchange_rejects_unpadded_input():
     grid = Grid((NX, NY))
     with pytest.raises(ValueError, match=r"rank \d: halo_exchange expects u of padded shape"):
         halo_exchange(np.zeros(grid.local_shape), grid)
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_exchange_between_patches_of_different_dtypes_raises_on_both_ranks():
+    """A float64 patch next to a float32 one: the shorter message would leave half the ghost
+    buffer unwritten, the longer is truncated by MPI; each rank names what it got (11 cells a
+    row: 44 bytes, which MPICH refuses with an internal assertion when received as float64)."""
+    grid = Grid((NX, NY), dims=(2, 1))
+    rank = grid.cart.rank
+    u = np.ones(grid.padded_shape, np.float64 if rank == 0 else np.float32)
+    if rank == 0:
+        with pytest.raises(gpumpiad.CommunicationMismatch,
+                           match=r"rank 0: halo exchange from rank 1 \(tag \d\) got a message of "
+                                 r"44 bytes, expected 88 \(shape \(11,\), float64\)"):
+            halo.exchange(u, grid)
+    else:
+        with pytest.raises(RuntimeError, match=r"rank 1: halo exchange failed in MPI: .*trunc"):
+            halo.exchange(u, grid)
+    MPI.COMM_WORLD.Barrier()
+    grid.free()

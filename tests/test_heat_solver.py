@@ -396,6 +396,12 @@ def test_errors_unstable_dt_and_mismatched_patch():
         with pytest.raises(ValueError, match=rf"rank {comm.rank}: solve's steps differs "
                                              rf"between ranks: rank 0: 2, .*rank {last}: 3"):
             solve(u0, kappa, f, DT, H, steps, grid=grid)
+        # Patches of different dtypes: their halos would not fill each other's buffers.
+        dtype = np.float32 if comm.rank == last else np.float64
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: solve's dtype differs "
+                                             rf"between ranks: rank 0: 'float64', .*rank "
+                                             rf"{last}: 'float32'"):
+            solve(*(a.astype(dtype) for a in (u0, kappa, f)), DT, H, 2, grid=grid)
 
 
 @pytest.mark.parallel(nprocs=[2, 4])

@@ -83,9 +83,10 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     ------
     ValueError
         On every rank, for a shape, dtype or kind mismatch (naming the argument and the rank),
-        when ranks pass different ``dt``, ``h``, ``steps``, ``checkpoints`` or ``trajectory``,
-        when ``u0``, ``kappa`` or ``f`` holds NaN or Inf on some rank (naming the ranks), or
-        when ``dt > h**2 / (4 * max kappa)`` (the global maximum): the scheme is unstable.
+        when ranks pass different ``dt``, ``h``, ``steps``, ``checkpoints``, ``trajectory`` or
+        dtypes, when ``u0``, ``kappa`` or ``f`` holds NaN or Inf on some rank (naming the
+        ranks), or when ``dt > h**2 / (4 * max kappa)`` (the global maximum): the scheme is
+        unstable.
 
     Notes
     -----
@@ -144,7 +145,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # Which arguments the reverse pass differentiates on this rank: only kappa's cotangent needs
     # the states u^n, only f's and kappa's are accumulated over the steps.
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
-    settings = (dt, h, steps, checkpoints, bool(trajectory))
+    # The halos of patches of different dtypes would not fill each other's buffers.
+    settings = (dt, h, steps, checkpoints, bool(trajectory), np.dtype(raws[0].dtype).name)
     reports = control.allgather(grid.cart, (problem, kmax, wants[1], settings, nonfinite),
                                 "heat.solve's argument check")
     problems = [p for p, *_ in reports if p is not None]
@@ -152,7 +154,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         raise ValueError(problems[0] if len(problems) == 1 else
                          "; ".join(dict.fromkeys(problems)))
     # Ranks that disagree on the time loop would wait for each other's halos forever.
-    for k, name in enumerate(("dt", "h", "steps", "checkpoints", "trajectory")):
+    for k, name in enumerate(("dt", "h", "steps", "checkpoints", "trajectory", "dtype")):
         values = [r[3][k] for r in reports]
         if any(v != values[0] for v in values):
             raise ValueError(f"rank {rank}: solve's {name} differs between ranks: "
@@ -222,7 +224,7 @@ class _Heat:
     def forward(self, u0, kappa, f):
         xp = get_array_module(u0)
         self.kappa = self._padded(kappa, xp.zeros(self.frame.shape, self.frame.dtype))
-        halo.exchange(self.kappa, self.grid, self.kernels)
+        halo.exchange(self.kappa, self.grid, self.kernels, verify=False)
         self.f = self._padded(f, xp.zeros(self.frame.shape, self.frame.dtype))
         keep = set()
         if self.keep_states:
@@ -294,10 +296,10 @@ class _Heat:
         with _STEP:
             if not self.overlap:
                 if exchange:
-                    halo.exchange(u, self.grid, K)
+                    halo.exchange(u, self.grid, K, verify=False)
                 K.step(u, *args, *self.whole)
                 return
-            pending = halo.start(u, self.grid, kernels=K) if exchange else None
+            pending = halo.start(u, self.grid, kernels=K, verify=False) if exchange else None
             K.step(u, *args, *self.inner)
             if pending is not None:
                 pending.wait()
@@ -309,10 +311,10 @@ class _Heat:
         args = (self.kappa, u, lam, kappa_bar, f_bar, self.r, self.dt)
         with _ADJOINT:
             if not self.overlap:
-                halo.exchange(lam_next, self.grid, K)
+                halo.exchange(lam_next, self.grid, K, verify=False)
                 K.adjoint(lam_next, *args, *self.whole)
                 return
-            pending = halo.start(lam_next, self.grid, kernels=K)
+            pending = halo.start(lam_next, self.grid, kernels=K, verify=False)
             K.adjoint(lam_next, *args, *self.inner)
             pending.wait()
             for rect in self.ring:
@@ -327,7 +329,7 @@ class _Heat:
             if cur is not u:
                 self.spare = cur
             cur = nxt
-        halo.exchange(cur, self.grid, self.kernels)
+        halo.exchange(cur, self.grid, self.kernels, verify=False)
         return cur
 
     def _reversed_states(self):
