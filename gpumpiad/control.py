@@ -1,13 +1,14 @@
 """Collectives of the control path, bounded by the watchdog.
 
 Argument checks, gradient checks, communicator creation, the optimiser's messages and
-checkpoint agreement exchange small Python objects between ranks. mpi4py's object collectives (``comm.allgather(obj)``) block
-inside MPI, where the watchdog cannot reach them: a rank that never arrives (it took another
-branch, or failed without aborting the job) would leave the others waiting forever even with
-``GPUMPIAD_TIMEOUT`` set. Here each is a pickle plus two non-blocking collectives (the sizes,
-then the bytes) completed by :func:`gpumpiad.debug.wait`, so a stuck one raises
-:class:`~gpumpiad.debug.CommunicationTimeout` naming ``call``. Every rank takes the same path
-whatever its settings, so ranks never disagree about how many collectives a call issues.
+checkpoint agreement exchange small Python objects between ranks. mpi4py's object collectives
+(``comm.allgather(obj)``) block inside MPI, where the watchdog cannot reach them: a rank that
+never arrives (it took another branch, or failed without aborting the job) would leave the
+others waiting forever even with ``GPUMPIAD_TIMEOUT`` set. Here each is a pickle plus two
+non-blocking collectives (the sizes, then the bytes) completed by :func:`gpumpiad.debug.wait`,
+so a stuck one raises :class:`~gpumpiad.debug.CommunicationTimeout` naming ``call``. Every
+rank takes the same path whatever its settings, so ranks never disagree about how many
+collectives a call issues.
 
 All functions take a :class:`gpumpiad.Comm` and are collective over it. Each holds the
 communicator for its steps (:meth:`~gpumpiad.Comm.exclusive`): a primitive issued meanwhile by

@@ -5,8 +5,8 @@ The public function works on Tensors and is differentiable; :func:`start`, :func
 use. Each exchange packs the four boundary rows/columns into contiguous buffers (the heat
 kernels' ``pack`` on a device, NumPy slicing on the host), posts every non-blocking receive,
 then every send, and finishes with one ``Waitall`` and ``unpack``. Corners are not exchanged
-(a 5-point stencil does not read them). Device buffers go to CUDA-aware MPI directly or through pinned host
-staging (:mod:`gpumpiad.transport`).
+(a 5-point stencil does not read them). Device buffers go to CUDA-aware MPI directly or
+through pinned host staging (:mod:`gpumpiad.transport`).
 
 Environment
 -----------

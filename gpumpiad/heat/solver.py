@@ -147,33 +147,35 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
     # The halos of patches of different dtypes would not fill each other's buffers.
     settings = (dt, h, steps, checkpoints, bool(trajectory), np.dtype(raws[0].dtype).name)
-    reports = control.allgather(grid.cart, (problem, kmax, wants[1], settings, nonfinite),
+    reports = control.allgather(grid.cart, dict(problem=problem, kmax=kmax, kappa=wants[1],
+                                                settings=settings, nonfinite=nonfinite),
                                 "heat.solve's argument check")
-    problems = [p for p, *_ in reports if p is not None]
+    problems = [r["problem"] for r in reports if r["problem"] is not None]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
                          "; ".join(dict.fromkeys(problems)))
     # Ranks that disagree on the time loop would wait for each other's halos forever.
     for k, name in enumerate(("dt", "h", "steps", "checkpoints", "trajectory", "dtype")):
-        values = [r[3][k] for r in reports]
+        values = [r["settings"][k] for r in reports]
         if any(v != values[0] for v in values):
             raise ValueError(f"rank {rank}: solve's {name} differs between ranks: "
                              + ", ".join(f"rank {q}: {v!r}" for q, v in enumerate(values))
                              + "; every rank must march the same time loop")
-    holding = {name: [q for q, r in enumerate(reports) if name in r[4]] for name in _ARGUMENTS}
+    holding = {name: [q for q, r in enumerate(reports) if name in r["nonfinite"]]
+               for name in _ARGUMENTS}
     if any(holding.values()):
         raise ValueError(f"rank {rank}: " + "; ".join(
             f"{name} holds NaN or Inf on rank(s) {ranks}" for name, ranks in holding.items()
             if ranks) + ": expected finite values")
-    owner = int(np.argmax([r[1] for r in reports]))
-    kmax = reports[owner][1]
+    owner = int(np.argmax([r["kmax"] for r in reports]))
+    kmax = reports[owner]["kmax"]
     if kmax > 0 and dt > h * h / (4 * kmax):
         raise ValueError(
             f"rank {rank}: dt = {dt!r} exceeds the stability limit h**2 / (4 max kappa) = "
             f"{h * h / (4 * kmax)!r} (h = {h!r}, max kappa = {kmax!r} on rank {owner})")
     # Recomputing states from checkpoints exchanges halos: when any rank differentiates kappa,
     # every rank keeps (and recomputes) its states, so that they all exchange in step.
-    keep_states = any(r[2] for r in reports)
+    keep_states = any(r["kappa"] for r in reports)
     run = _Heat(grid, kernels, frame, ghosts, dt, h, steps, checkpoints, trajectory, wants,
                 keep_states, retain=getattr(tape, "retain", False))
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
@@ -224,7 +226,7 @@ class _Heat:
     def forward(self, u0, kappa, f):
         xp = get_array_module(u0)
         self.kappa = self._padded(kappa, xp.zeros(self.frame.shape, self.frame.dtype))
-        halo.exchange(self.kappa, self.grid, self.kernels, verify=False)
+        self._exchange(self.kappa).wait()
         self.f = self._padded(f, xp.zeros(self.frame.shape, self.frame.dtype))
         keep = set()
         if self.keep_states:
@@ -292,33 +294,35 @@ class _Heat:
 
     def _step(self, u, u_new, exchange=True):
         """``u_new = step(u)`` on the interior; fills ``u``'s ghosts first unless told not to."""
-        K, args = self.kernels, (self.kappa, self.f, u_new, self.r, self.dt)
         with _STEP:
-            if not self.overlap:
-                if exchange:
-                    halo.exchange(u, self.grid, K, verify=False)
-                K.step(u, *args, *self.whole)
-                return
-            pending = halo.start(u, self.grid, kernels=K, verify=False) if exchange else None
-            K.step(u, *args, *self.inner)
-            if pending is not None:
-                pending.wait()
-            for rect in self.ring:
-                K.step(u, *args, *rect)
+            self._sweep(self.kernels.step, u, (self.kappa, self.f, u_new, self.r, self.dt),
+                        exchange)
 
     def _adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
-        K = self.kernels
-        args = (self.kappa, u, lam, kappa_bar, f_bar, self.r, self.dt)
         with _ADJOINT:
-            if not self.overlap:
-                halo.exchange(lam_next, self.grid, K, verify=False)
-                K.adjoint(lam_next, *args, *self.whole)
-                return
-            pending = halo.start(lam_next, self.grid, kernels=K, verify=False)
-            K.adjoint(lam_next, *args, *self.inner)
+            self._sweep(self.kernels.adjoint, lam_next,
+                        (self.kappa, u, lam, kappa_bar, f_bar, self.r, self.dt))
+
+    def _sweep(self, kernel, a, args, exchange=True):
+        """``kernel(a, *args, *rect)`` over the interior once ``a``'s ghosts are filled (unless
+        ``exchange`` is False): exchange, then one sweep; or, overlapped, the cells that read
+        no exchanged ghost while the halos travel, then the rest."""
+        if not self.overlap:
+            if exchange:
+                self._exchange(a).wait()
+            kernel(a, *args, *self.whole)
+            return
+        pending = self._exchange(a) if exchange else None
+        kernel(a, *args, *self.inner)
+        if pending is not None:
             pending.wait()
-            for rect in self.ring:
-                K.adjoint(lam_next, *args, *rect)
+        for rect in self.ring:
+            kernel(a, *args, *rect)
+
+    def _exchange(self, a):
+        """Start filling ``a``'s ghosts. Unverified: solve compared the dtypes across ranks, and
+        the grid fixes every message's size."""
+        return halo.start(a, self.grid, kernels=self.kernels, verify=False)
 
     def _advance(self, u, a, b):
         """``u^b`` from ``u^a`` (ghosts filled), in a new buffer with its ghosts filled."""
@@ -329,7 +333,7 @@ class _Heat:
             if cur is not u:
                 self.spare = cur
             cur = nxt
-        halo.exchange(cur, self.grid, self.kernels, verify=False)
+        self._exchange(cur).wait()
         return cur
 
     def _reversed_states(self):
