@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 
 from . import control
-from .backend import get_array_module, is_device_array, to_numpy
+from .backend import all_finite, get_array_module, is_device_array, to_numpy
 from .debug import CommunicationMismatch, debug_enabled
 from .tape import Tape, recording
 from .tensor import Tensor, tensor
@@ -243,16 +243,12 @@ def _check_args(args, nums):
         _debug_check_args(comm, entries)
 
 
-def _finite(data):
-    return bool(get_array_module(data).isfinite(data).all())
-
-
 def _debug_check_args(comm, entries):
     """Debug mode: one allgather per communicator of (checksum | non-finite flag) per argument."""
     from .comm import resolve
     comm = resolve(comm)
     table = control.allgather_ints(comm, "value_and_grad argument check", [
-        (int(not _finite(d)) if dist else
+        (int(not all_finite(d)) if dist else
          zlib.crc32(np.ascontiguousarray(to_numpy(d)).tobytes()) & 0x7FFFFFFF)
         for _, d, dist in entries])
     for k, (i, data, dist) in enumerate(entries):
@@ -261,7 +257,7 @@ def _debug_check_args(comm, entries):
             raise ValueError(f"rank {comm.rank}: argument {i} (argnums, distributed) holds NaN "
                              f"or Inf on rank(s) {np.flatnonzero(column).tolist()}: expected "
                              "finite values (checked in debug mode)")
-        if not dist and not _finite(data):
+        if not dist and not all_finite(data):
             raise ValueError(f"rank {comm.rank}: argument {i} (argnums) holds NaN or Inf: "
                              "expected finite values")
         if not dist and np.any(column != column[0]):
@@ -326,10 +322,10 @@ def _nonfinite_args(args, nums, comm):
         x = args[i]
         data = x.data if isinstance(x, Tensor) else x
         if not (isinstance(x, Tensor) and x.distributed):
-            if not _finite(data):
+            if not all_finite(data):
                 causes.append(f"argument {i} (argnums) holds NaN or Inf")
         elif x.comm.mpi == comm.mpi:
-            shared.append((i, not _finite(data)))
+            shared.append((i, not all_finite(data)))
     if shared:
         table = control.allgather_ints(comm, "non-finite argument check",
                                        [bad for _, bad in shared])

@@ -108,6 +108,15 @@ def asarray(data, dtype=None):
     return xp.asarray(data, dtype=dtype)
 
 
+def all_finite(x) -> bool:
+    """Whether array ``x`` (NumPy or CuPy) holds no NaN or Inf: one pass, a sum, with no
+    boolean array of ``x``'s size; the element-wise test only when the sum is not finite,
+    which a sum of huge finite values can also be."""
+    xp = get_array_module(x)
+    with numpy.errstate(all="ignore"):
+        return bool(xp.isfinite(xp.sum(x))) or bool(xp.isfinite(x).all())
+
+
 def device_backend() -> bool:
     """Whether this process computes on a CUDA device (the CuPy backend)."""
     return array_module() is not numpy

@@ -22,7 +22,7 @@ from mpi4py import MPI
 from . import checkpoint as ckpt
 from . import control
 from .autodiff import value_and_grad
-from .backend import to_numpy
+from .backend import all_finite, to_numpy
 from .comm import resolve
 from .debug import wait
 from .tensor import Tensor, tensor
@@ -194,7 +194,7 @@ class _Problem:
         local = numpy.array(raw, dtype=numpy.float64)
         if not self.distributed:
             local = control.bcast(self.ctl, local, self.root, "minimize's x0")
-            if not numpy.isfinite(local).all():
+            if not all_finite(local):
                 self.ctl.free()
                 raise ValueError(f"rank {comm.rank}: minimize's x0 holds NaN or Inf (the "
                                  f"root's x0 is used): expected finite values")
@@ -202,7 +202,7 @@ class _Problem:
         self.x0_local = local.ravel()
         if self.distributed:
             table = control.allgather(
-                self.ctl, (self.x0_local.size, bool(numpy.isfinite(self.x0_local).all())),
+                self.ctl, (self.x0_local.size, all_finite(self.x0_local)),
                 "minimize's x0")
             bad = [r for r, (_, finite) in enumerate(table) if not finite]
             if bad:

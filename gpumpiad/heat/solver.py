@@ -17,7 +17,7 @@ import nvtx
 from mpi4py import MPI
 
 from .. import control, halo
-from ..backend import asarray, get_array_module, is_device_array
+from ..backend import all_finite, asarray, get_array_module, is_device_array
 from ..comm import Comm, world
 from ..custom import CustomOp
 from ..tape import active_tape
@@ -133,9 +133,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     raws = [a.data if isinstance(a, Tensor) else a for a in args]
     problem, kmax, nonfinite = _check_arrays(grid, raws), None, ()
     if problem is None:
-        xp = get_array_module(raws[1])
-        kmax = float(xp.max(raws[1]))
-        nonfinite = tuple(name for name, a in zip(_ARGUMENTS, raws) if not _finite(xp, a))
+        kmax = float(get_array_module(raws[1]).max(raws[1]))
+        nonfinite = tuple(name for name, a in zip(_ARGUMENTS, raws) if not all_finite(a))
         try:
             kernels = halo.kernels_for(raws[0], backend)
             frame, ghosts = _frame(grid, boundary, raws[0])
@@ -433,15 +432,6 @@ def _check_scalars(dt, h, steps, checkpoints, rank):
         raise ValueError(f"rank {rank}: checkpoints must be None or an int >= 1, "
                          f"got {checkpoints!r}")
     return float(dt), float(h), int(steps)
-
-
-def _finite(xp, a):
-    """Whether ``a`` holds no NaN or Inf: one pass (a sum), two more (its extremes) only when
-    the sum is not finite, which a sum of huge finite values can also be."""
-    with np.errstate(all="ignore"):
-        if math.isfinite(float(xp.sum(a))):
-            return True
-        return math.isfinite(float(xp.min(a))) and math.isfinite(float(xp.max(a)))
 
 
 def _check_arrays(grid, raws):
