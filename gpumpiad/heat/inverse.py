@@ -11,6 +11,7 @@ over every rank's patch of κ, with the optional smoothness term summed over all
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -22,16 +23,23 @@ import gpumpiad as gm
 from .. import control
 from ..halo import halo_exchange
 from ..optimize import minimize
+from ..primitive import primitive
 from .grid import Grid
 from .solver import solve
 
 
 @dataclass
 class Settings:
-    """What the job solves; every field has a default that runs in seconds on a laptop CPU."""
+    """What the job solves; every field has a default that runs in seconds on a laptop CPU.
+
+    ``time`` is the simulated physical time, the same for every ``n``. ``steps=None`` takes the
+    fewest steps, a multiple of ``snapshots``, that keep the explicit scheme stable at the
+    largest κ the optimiser may try (``kappa_bounds[1]``), with a 5 % margin.
+    """
 
     n: int = 32
-    steps: int = 240
+    time: float = 0.02
+    steps: int | None = None
     snapshots: int = 4
     dims: tuple | None = None
     dtype: str = "float64"
@@ -61,6 +69,48 @@ def source(x, y):
     return sum(20.0 * np.exp(-((x - a) ** 2 + (y - b) ** 2) / 0.01) for a, b in bumps)
 
 
+def stable_steps(settings: Settings, h: float, rank: int = 0) -> int:
+    """The number of time steps for ``settings`` on cells of width ``h``.
+
+    The explicit scheme is stable while ``dt <= h² / (4 κ_max)``. ``settings.steps=None``
+    gives the fewest steps, a multiple of ``snapshots``, with ``dt`` at most 95 % of that
+    bound; given steps are checked against it.
+
+    Examples
+    --------
+    >>> from gpumpiad.heat.inverse import Settings, stable_steps
+    >>> stable_steps(Settings(n=32), 1 / 33), stable_steps(Settings(n=16), 1 / 17)
+    (232, 64)
+    """
+    s = settings
+    if not (isinstance(s.snapshots, int) and s.snapshots >= 1):
+        raise ValueError(f"rank {rank}: snapshots must be an int >= 1, got {s.snapshots!r}")
+    if not (isinstance(s.time, (int, float)) and math.isfinite(s.time) and s.time > 0):
+        raise ValueError(f"rank {rank}: time must be a positive number, got {s.time!r}")
+    limit = h ** 2 / (4 * s.kappa_bounds[1])
+    if s.steps is None:
+        return s.snapshots * math.ceil(s.time / (s.snapshots * 0.95 * limit))
+    if not isinstance(s.steps, int) or s.steps < 1 or s.steps % s.snapshots:
+        raise ValueError(f"rank {rank}: steps ({s.steps}) must be a positive multiple of "
+                         f"snapshots ({s.snapshots})")
+    if s.time / s.steps > limit:
+        fewest = s.snapshots * math.ceil(s.time / (s.snapshots * limit))
+        raise ValueError(f"rank {rank}: steps ({s.steps}) give dt = {s.time / s.steps:.4g} "
+                         f"for time {s.time:g}, above the stability limit h²/(4 κ_max) = "
+                         f"{limit:.4g} (h = {h:.4g}, κ_max = {s.kappa_bounds[1]:g}): expected "
+                         f"at least {fewest} steps")
+    return s.steps
+
+
+def _astype(x, dtype):
+    return x.astype(dtype, copy=False)
+
+
+# The optimiser works in float64; the solver needs κ in the fields' dtype.
+_to_dtype = primitive(_astype, name="astype")
+_to_dtype.defvjp(lambda g, ans, x, dtype: g.astype(x.dtype, copy=False))
+
+
 class Problem:
     """The observations and the objective on this rank's patch."""
 
@@ -74,11 +124,9 @@ class Problem:
         self.kappa_true = gm.backend.asarray(true_kappa(X, Y), dtype)
         self.u0 = gm.backend.asarray(initial_state(X, Y), dtype)
         self.f = gm.backend.asarray(source(X, Y), dtype)
-        self.dt = 0.95 * self.h ** 2 / (4 * settings.kappa_bounds[1])
-        if settings.snapshots < 1 or settings.steps % settings.snapshots:
-            raise ValueError(f"rank {self.grid.rank}: steps ({settings.steps}) must be a "
-                             f"positive multiple of snapshots ({settings.snapshots})")
-        self.segment = settings.steps // settings.snapshots
+        self.steps = stable_steps(settings, self.h, self.grid.rank)
+        self.dt = settings.time / self.steps
+        self.segment = self.steps // settings.snapshots
         clean = [s.data for s in self.states(self.kappa_true)]
         rng = np.random.default_rng(settings.seed + 7919 * self.grid.rank)
         scale = max(float(gm.backend.to_numpy(abs(d)).max()) for d in clean)
@@ -91,6 +139,8 @@ class Problem:
     def states(self, kappa):
         """The states at the observation times for diffusivity ``kappa`` (this patch)."""
         u, out = self.u0, []
+        if kappa.dtype != self.u0.dtype:
+            kappa = _to_dtype(kappa, dtype=self.u0.dtype)
         for _ in range(self.settings.snapshots):
             u = solve(u, kappa, self.f, self.dt, self.h, self.segment, grid=self.grid,
                       checkpoints=self.settings.checkpoints)
@@ -132,10 +182,15 @@ class Problem:
         return out
 
 
-def recover(problem: Problem, progress=print):
+def recover(problem: Problem, progress=print, checkpoint=None):
     """Recover κ from the constant guess; return ``(result, history)`` (history on the root).
 
-    ``progress`` receives one line per iteration on the root.
+    Collective. ``progress`` receives one line per iteration on the root, from iteration 0
+    (the guess). ``history`` holds, per iteration from 0, the loss, the relative κ error
+    ``‖κ − κ_true‖ / ‖κ_true‖`` and the seconds since the start. ``checkpoint`` is the
+    optimiser's restart file (see :func:`gpumpiad.optimize.minimize`): written every
+    iteration, and resumed from when it exists; the resumed iterations are replayed into
+    ``progress`` and ``history``.
     """
     s = problem.settings
     kappa0 = gm.tensor(np.full(problem.grid.local_shape, s.kappa_guess), distributed=True)
@@ -143,24 +198,56 @@ def recover(problem: Problem, progress=print):
     true_global = problem.grid.gather(problem.kappa_true)
     is_root = problem.grid.cart.rank == 0
     history = {"loss": [], "kappa_error": [], "seconds": []}
-    start = [time.perf_counter()]
+    start = time.perf_counter()
+
+    def record(kappa, loss, gnorm):
+        error = float(np.linalg.norm(kappa - true_global) / np.linalg.norm(true_global))
+        seconds = time.perf_counter() - start
+        history["loss"].append(float(loss))
+        history["kappa_error"].append(error)
+        history["seconds"].append(seconds)
+        grad = f"{gnorm:10.3e}" if gnorm is not None else f"{'-':>10}"
+        progress(f"{len(history['loss']) - 1:5d}  loss {loss:12.5e}  |grad| {grad}  "
+                 f"κ error {100 * error:7.3f}%  {seconds:8.2f} s")
+
+    # Iteration 0 (the guess): a forward evaluation only, as no gradient is asked for.
+    loss0 = float(problem.loss(kappa0))
+    if is_root:
+        record(problem.assemble(np.full(n_global, s.kappa_guess)), loss0, None)
 
     def callback(intermediate_result):
-        kappa = problem.assemble(intermediate_result.x)
-        error = float(np.linalg.norm(kappa - true_global) / np.linalg.norm(true_global))
-        now = time.perf_counter()
-        history["loss"].append(float(intermediate_result.fun))
-        history["kappa_error"].append(error)
-        history["seconds"].append(now - start[0])
-        gnorm = float(np.abs(intermediate_result.jac).max()) if "jac" in intermediate_result \
-            else float("nan")
-        progress(f"{len(history['loss']):5d}  loss {intermediate_result.fun:12.5e}  "
-                 f"|grad| {gnorm:10.3e}  κ error {100 * error:7.3f}%  "
-                 f"{now - start[0]:8.2f} s")
+        jac = intermediate_result.get("jac")
+        record(problem.assemble(intermediate_result.x), float(intermediate_result.fun),
+               None if jac is None else float(np.abs(jac).max()))
 
     result = minimize(problem.loss, kappa0, method="L-BFGS-B",
                       bounds=[s.kappa_bounds] * n_global,
                       options={"maxiter": s.maxiter, "ftol": 1e-14, "gtol": 1e-12},
                       callback=callback if is_root else None, trace=False,
-                      comm=problem.grid.cart)
+                      checkpoint=checkpoint, comm=problem.grid.cart)
     return result, history
+
+
+_CONVERGED = {"REL_REDUCTION_OF_F": "the loss stopped decreasing (relative change below ftol)",
+              "PROJECTED GRADIENT": "the projected gradient is below gtol"}
+
+
+def outcome(result):
+    """``(converged, text)``: whether the optimiser converged, in words for the console.
+
+    Examples
+    --------
+    >>> from scipy.optimize import OptimizeResult
+    >>> from gpumpiad.heat.inverse import outcome
+    >>> outcome(OptimizeResult(status=1, nit=30,
+    ...                        message="STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT"))
+    (False, 'not converged: stopped at the iteration limit (30 iterations)')
+    """
+    message = str(result.message)
+    if result.status == 0:
+        reason = next((text for key, text in _CONVERGED.items() if key in message),
+                      message.lower())
+        return True, f"converged after {result.nit} iterations: {reason}"
+    if "ITERATIONS REACHED LIMIT" in message:
+        return False, f"not converged: stopped at the iteration limit ({result.nit} iterations)"
+    return False, f"not converged: stopped after {result.nit} iterations: {message}"
