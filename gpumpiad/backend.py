@@ -171,12 +171,24 @@ def bind_device(comm=None) -> int:
     import cupy
     count = cupy.cuda.runtime.getDeviceCount()
     override = os.environ.get("GPUMPIAD_DEVICE")
-    device = int(override) if override is not None else node_local_rank(comm) % count
+    if override is None:
+        device = node_local_rank(comm) % count
+    elif override.strip().isdigit():
+        device = int(override)
+    else:
+        raise BackendError(f"rank {_rank()}: GPUMPIAD_DEVICE must be a device number (an int "
+                           f">= 0), got {override!r}")
     if not 0 <= device < count:
-        raise BackendError(f"GPUMPIAD_DEVICE={device} but only {count} CUDA device(s) are visible")
+        raise BackendError(f"rank {_rank()}: GPUMPIAD_DEVICE={device} but only {count} CUDA "
+                           "device(s) are visible")
     cupy.cuda.Device(device).use()
     _state["device"] = device
     return device
+
+
+def _rank():
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank()
 
 
 def device_of(x) -> str:

@@ -25,6 +25,7 @@ from .backend import get_array_module, is_device_array
 from .custom import custom_op
 from .debug import CommunicationMismatch, wait
 from .heat import stencil
+from .heat.grid import check_grid
 from .tensor import DISTRIBUTED, Tensor
 
 __all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "kernels_for", "Exchange"]
@@ -54,6 +55,13 @@ def halo_exchange(u, grid):
         boundary row/column; ghosts on the physical boundary (Dirichlet values) and corners are
         ``u``'s own.
 
+    Raises
+    ------
+    TypeError
+        When ``grid`` is not a Grid or ``u`` not of a floating dtype.
+    ValueError
+        When ``u`` is not of the padded shape, or ``grid`` was freed.
+
     Notes
     -----
     The exchange is linear, ``v = E u``. Its adjoint sends the cotangent of every received
@@ -74,11 +82,7 @@ def halo_exchange(u, grid):
     >>> halo_exchange(u, grid).shape == grid.padded_shape
     True
     """
-    from .heat.grid import Grid
-    if not isinstance(grid, Grid):
-        from .comm import world
-        raise TypeError(f"rank {world().rank}: halo_exchange's grid must be a "
-                        f"gpumpiad.heat.Grid, got {type(grid).__name__}")
+    check_grid(grid, "halo_exchange")
     data = u.data if isinstance(u, Tensor) else u
     shape = tuple(getattr(data, "shape", ()))
     kind = getattr(getattr(data, "dtype", None), "kind", None)
@@ -122,7 +126,8 @@ def kernels_for(array, backend=None):
     if choice is None and not device:
         choice = os.environ.get("GPUMPIAD_HEAT_KERNELS", "").strip().lower() or None
     if choice is not None and choice not in _KERNELS:
-        raise ValueError(f"heat kernels must be one of {_KERNELS}, got {choice!r}")
+        source = "backend" if backend is not None else "GPUMPIAD_HEAT_KERNELS"
+        raise ValueError(f"{source}: heat kernels must be one of {_KERNELS}, got {choice!r}")
     if choice is None:
         choice = "cuda" if device else "host"
         if choice == "host":
@@ -207,6 +212,11 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
         Check that every message filled its buffer, as it does unless a neighbour's array has
         another dtype (a half-filled buffer would be unpacked). The heat solver, which checks
         dtypes across ranks once per solve, skips it.
+
+    Raises
+    ------
+    ValueError
+        When ``grid`` was freed.
     """
     kernels = kernels_for(a) if kernels is None else kernels
     device = is_device_array(a)
@@ -216,20 +226,29 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
     mpi = grid.cart.mpi
     nx, ny = a.shape[0] - 2, a.shape[1] - 2
     links = [(side, peer) for side, peer in enumerate(grid.neighbours) if peer != MPI.PROC_NULL]
+    if not links:
+        # No message to fail on a freed grid's communicator: ask.
+        check_grid(grid, "halo exchange")
     tag0 = _ADJOINT_TAG if adjoint else 0
     requests, received, keep = [], [], []
-    for side, peer in links:
-        buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, device)
-        # Messages travel as bytes (both ends): a message of another dtype is then a size
-        # that the receive can report, not a type MPI may fail an assertion on.
-        requests.append(mpi.Irecv([buf, MPI.BYTE], source=peer, tag=tag0 + _OPPOSITE[side]))
-        received.append((side, buf, peer, tag0 + _OPPOSITE[side]))
-    for side, peer in links:
-        packed = xp.empty((ny if side < 2 else nx,), a.dtype)
-        edges.pack(a, packed, side, 1 if adjoint else 0)
-        send = transport.send_buffer(packed)
-        keep.append(send)
-        requests.append(mpi.Isend([send, MPI.BYTE], dest=peer, tag=tag0 + side))
+    try:
+        for side, peer in links:
+            buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, device)
+            # Messages travel as bytes (both ends): a message of another dtype is then a size
+            # that the receive can report, not a type MPI may fail an assertion on.
+            requests.append(mpi.Irecv([buf, MPI.BYTE], source=peer,
+                                      tag=tag0 + _OPPOSITE[side]))
+            received.append((side, buf, peer, tag0 + _OPPOSITE[side]))
+        for side, peer in links:
+            packed = xp.empty((ny if side < 2 else nx,), a.dtype)
+            edges.pack(a, packed, side, 1 if adjoint else 0)
+            send = transport.send_buffer(packed)
+            keep.append(send)
+            requests.append(mpi.Isend([send, MPI.BYTE], dest=peer, tag=tag0 + side))
+    except MPI.Exception:
+        # A freed grid's communicator fails the first call: say so, not MPI's words.
+        check_grid(grid, "halo exchange")
+        raise
     if adjoint:
         # Ghost copies were just sent to their owners: their cotangent now lives there.
         for side, _ in links:

@@ -59,8 +59,11 @@ def test_kernels_for_dispatch(monkeypatch):
     if hostkernels.available():
         monkeypatch.setenv("GPUMPIAD_HEAT_KERNELS", "host")
         assert halo.kernels_for(a) is hostkernels
-    with pytest.raises(ValueError, match="heat kernels must be one of"):
+    with pytest.raises(ValueError, match="backend: heat kernels must be one of"):
         halo.kernels_for(a, "fortran")
+    monkeypatch.setenv("GPUMPIAD_HEAT_KERNELS", "fortran")
+    with pytest.raises(ValueError, match="GPUMPIAD_HEAT_KERNELS: heat kernels must be one of"):
+        halo.kernels_for(a)
     with pytest.raises(ValueError, match="cannot run on a NumPy array"):
         halo.kernels_for(a, "cuda")
 
@@ -140,3 +143,23 @@ def test_exchange_between_patches_of_different_dtypes_raises_on_both_ranks():
             halo.exchange(u, grid)
     MPI.COMM_WORLD.Barrier()
     grid.free()
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_exchanges_over_a_freed_grid_say_it_was_freed():
+    """After Grid.free() (or its with block), every exchange names the grid as freed, on every
+    rank, whether or not the rank has a neighbour to send to."""
+    rank = MPI.COMM_WORLD.rank
+    for dims, periodic in (((MPI.COMM_WORLD.size, 1), False), ((1, MPI.COMM_WORLD.size), True)):
+        with Grid((NX, NY), dims=dims, periodic=periodic) as grid:
+            u = np.ones(grid.padded_shape)
+        calls = (("halo_exchange's grid", lambda: halo_exchange(u, grid)),
+                 ("halo_exchange's grid", lambda: halo_exchange(gpumpiad.tensor(
+                     u, distributed=True), grid)),
+                 ("halo exchange's grid", lambda: halo.exchange(u.copy(), grid)),
+                 ("halo exchange's grid", lambda: halo.exchange_adjoint(u.copy(), grid)))
+        for words, call in calls:
+            with pytest.raises(ValueError, match=rf"rank {rank}: {words} was freed \(Grid.free"
+                                                 r"\(\) or the end of its with block\)"):
+                call()
+        parallel_assert(grid.freed)

@@ -11,7 +11,12 @@
   respect their limit;
 * Grid.gather/scatter round-trip every split, root and dtype;
 * unstable dt, mismatched patches, ranks disagreeing on the time loop, too-small grids and bad
-  gather/scatter arguments raise on every rank.
+  gather/scatter arguments raise on every rank;
+* several solves in one loss on patches one row or one cell thick keep their results (the NumPy
+  loop's value, check_grad);
+* a non-finite boundary, a negative kappa and a bad scalar on any rank raise on every rank;
+  Grid takes NumPy integers and refuses floats and bools; a grid that is no Grid, or a freed
+  one, is named as such.
 """
 from functools import lru_cache
 
@@ -22,7 +27,7 @@ from pytest_mpi import parallel_assert
 
 import gpumpiad
 from gpumpiad.backend import to_numpy
-from gpumpiad.heat import Grid, recompute_steps, solve, solver
+from gpumpiad.heat import Grid, load_state, recompute_steps, save_state, solve, solver
 from gpumpiad.heat.grid import split_sizes
 from gpumpiad.heat.solver import _cost, _spine
 
@@ -528,3 +533,187 @@ def test_grid_gather_and_scatter_errors_reach_every_rank():
         with pytest.raises(ValueError, match=r"expected a global field of shape \(13, 11\)"):
             grid.scatter(np.zeros((3, 3)) if comm.rank == 0 else None)
         parallel_assert(np.array_equal(grid.gather(good + 1, root=None), np.ones((NX, NY))))
+
+
+# --------------------------------------------------------------------------------------------
+# results of one-row patches; argument checks
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_several_solves_in_one_loss_on_one_row_patches_pass_check_grad():
+    """Patches one row (or one cell) thick: a loss that chains two solves and adds a third
+    keeps every solve's result (none is a view of a state buffer the next solve reuses), so
+    its value is the plain NumPy loop's and its gradients match finite differences."""
+    comm = MPI.COMM_WORLD
+    for ny in (5, 1):
+        with Grid((comm.size, ny), dims=(comm.size, 1)) as grid:
+            parallel_assert(grid.local_shape == (1, ny))
+            u0, kappa, f = global_problem(12, comm.size, ny)
+            h = min(grid.h)
+            dt = 0.1 * h * h
+
+            def objective(u_, k_, s_):
+                a = solve(u_, k_, s_, dt, h, 4, grid=grid, boundary=boundary)
+                b = solve(a, k_, 2 * s_, dt, h, 3, grid=grid, checkpoints=2)
+                c = solve(2 * u_, k_, s_, dt, h, 4, grid=grid)
+                return gpumpiad.mpi_sum((a * b + c * c).sum())
+
+            args = [grid.local(x) for x in (u0, kappa, f)]
+            value = float(objective(*args).data)
+            want = _serial_several_solves(u0, kappa, f, dt, h, comm.size, ny)
+            parallel_assert(abs(value - want) <= 1e-12 * abs(want),
+                            f"patches 1x{ny}: loss {value!r}, the NumPy loop gives {want!r}")
+            report = gpumpiad.check_grad(objective, *map(dist, args), max_elements=3)
+            parallel_assert(report["checked"] > 0)
+
+
+def _serial_several_solves(u0, kappa, f, dt, h, nx, ny):
+    """:func:`test_several_solves_in_one_loss_on_one_row_patches_pass_check_grad`'s loss with
+    NumPy on the whole grid (its cell size ``h`` at both axes, its boundaries)."""
+    x, y = np.arange(nx + 2) / (nx + 1), np.arange(ny + 2) / (ny + 1)
+
+    def march(u, ring, source, steps):
+        p = ring.copy()
+        p[1:-1, 1:-1] = u
+        for _ in range(steps):
+            lap = p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * p[1:-1, 1:-1]
+            p[1:-1, 1:-1] = p[1:-1, 1:-1] + dt / h**2 * kappa * lap + dt * source
+        return p[1:-1, 1:-1]
+
+    zero = np.zeros((nx + 2, ny + 2))
+    a = march(u0, boundary(x[:, None], y[None, :]), f, 4)
+    b = march(a, zero, 2 * f, 3)
+    c = march(2 * u0, zero, f, 4)
+    return float((a * b + c * c).sum())
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_non_finite_boundary_is_an_error_on_every_rank():
+    """A NaN or Inf boundary number, a boundary function returning one on some rank's physical
+    boundary, or a boundary array holding one in its used ring: an error on every rank naming
+    the argument and the rank, instead of an all-NaN field. Values never read (a corner, the
+    array's interior, a periodic side) are no error."""
+    comm = MPI.COMM_WORLD
+    last = comm.size - 1
+    grid = Grid((NX, NY), dims=(comm.size, 1))
+    u0, kappa, f = (grid.local(a) for a in global_problem(13))
+    for value in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: boundary must be a finite "
+                                             rf"number, got {value!r}"):
+            solve(u0, kappa, f, DT, H, 2, grid=grid, boundary=value)
+
+    def nan_on_the_south(x, y):
+        return np.where(x >= 1.0, np.nan, 1.0 + 0 * y)
+
+    with pytest.raises(ValueError, match=rf"rank {last}: boundary function g\(x, y\) returned "
+                                         r"NaN or Inf in the ghost cells of this rank's physical "
+                                         r"boundary \(side\(s\) south"):
+        solve(u0, kappa, f, DT, H, 2, grid=grid, boundary=nan_on_the_south)
+    ring = np.ones(grid.padded_shape)
+    if comm.rank == 0:
+        ring[1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"rank 0: boundary array holds NaN or Inf .*side\(s\) "
+                                         r"west"):
+        solve(u0, kappa, f, DT, H, 2, grid=grid, boundary=ring)
+    # Unread values: the corners, the interior, the ring along a periodic axis.
+    ring = np.ones(grid.padded_shape)
+    ring[[0, 0, -1, -1], [0, -1, 0, -1]] = np.nan
+    ring[1:-1, 1:-1] = np.inf
+    want = solve(u0, kappa, f, DT, H, 3, grid=grid, boundary=1.0).numpy()
+    got = solve(u0, kappa, f, DT, H, 3, grid=grid, boundary=ring).numpy()
+    parallel_assert(np.array_equal(got, want), "unread boundary values changed the result")
+    with Grid((NX, NY), dims=(comm.size, 1), periodic=True) as wrapped:
+        u = solve(*(wrapped.local(a) for a in global_problem(13)), DT, H, 3, grid=wrapped,
+                  boundary=np.full(wrapped.padded_shape, np.nan))
+        parallel_assert(bool(np.isfinite(u.numpy()).all()))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_negative_kappa_is_an_error_on_every_rank_and_zero_kappa_is_not():
+    comm = MPI.COMM_WORLD
+    last = comm.size - 1
+    grid = Grid((NX, NY))
+    u0, kappa, f = (grid.local(a) for a in global_problem(14))
+    bad = kappa.copy()
+    if comm.rank == last:
+        bad[0, 0] = -1e-3
+    with pytest.raises(ValueError, match=rf"rank {comm.rank}: kappa holds negative values on "
+                                         rf"rank\(s\) \[{last}\] \(min kappa = -0.001 on rank "
+                                         rf"{last}\): expected kappa >= 0"):
+        solve(u0, bad, f, DT, H, 2, grid=grid)
+    with pytest.raises(ValueError, match=rf"rank {comm.rank}: kappa holds negative values on "
+                                         rf"rank\(s\) \[0"):
+        solve(u0, -kappa if comm.rank == 0 else kappa, f, DT, H, 2, grid=grid)
+    # Zero diffusivity: each cell gains dt * f per step.
+    u = solve(u0, np.zeros_like(kappa), f, DT, H, 4, grid=grid)
+    parallel_assert(np.allclose(u.numpy(), u0 + 4 * DT * f, rtol=1e-14, atol=0))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+def test_grid_takes_numpy_integers_and_refuses_floats_and_bools():
+    comm = MPI.COMM_WORLD
+    size = comm.size
+    with Grid((np.int64(NX), np.int32(NY)), dims=(np.int64(size), np.int64(1))) as grid, \
+            Grid((NX, NY), dims=(size, 1)) as plain:
+        parallel_assert(grid.dims == plain.dims and grid.shape == plain.shape and
+                        type(grid.shape[0]) is int and grid.local_shape == plain.local_shape)
+    with Grid((NX, NY), dims=np.array([size, 0])) as grid:
+        parallel_assert(grid.dims == (size, 1))
+    for dims in ((size + 0.5, 1), (float(size), 1), (True, size), (size, np.bool_(True))):
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: dims must be two "
+                                             rf"non-negative ints \(N, M\), got"):
+            Grid((NX, NY), dims=dims)
+    for shape in ((8.0, 8), (8, 2.5), (True, 8)):
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: grid shape must be a pair of "
+                                             rf"ints \(NX, NY\), got"):
+            Grid(shape)
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3])
+def test_solve_scalars_take_numpy_integers_and_any_rank_s_bad_one_reaches_all():
+    comm = MPI.COMM_WORLD
+    last = comm.size - 1
+    grid = Grid((NX, NY))
+    u0, kappa, f = (grid.local(a) for a in global_problem(15))
+    want = solve(u0, kappa, f, DT, H, 5, grid=grid, checkpoints=2).numpy()
+    got = solve(u0, kappa, f, np.float32(DT), np.float64(H), np.int64(5), grid=grid,
+                checkpoints=np.int32(2)).numpy()
+    parallel_assert(np.allclose(got, want, rtol=1e-6, atol=0))
+    for name, bad, words in (("steps", 5.0, "steps must be a non-negative int, got 5.0"),
+                             ("steps", True, "steps must be a non-negative int, got True"),
+                             ("checkpoints", 2.5, "checkpoints must be None or an int >= 1"),
+                             ("dt", -DT, "dt must be a positive number")):
+        values = dict(dt=DT, steps=5, checkpoints=None)
+        if comm.rank == last:
+            values[name] = bad
+        with pytest.raises(ValueError, match=rf"rank {last}: {words}"):
+            solve(u0, kappa, f, values["dt"], H, values["steps"], grid=grid,
+                  checkpoints=values["checkpoints"])
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_solve_names_a_grid_that_is_not_a_grid_or_was_freed(tmp_path):
+    comm = MPI.COMM_WORLD
+    grid = Grid((NX, NY))
+    u0, kappa, f = (grid.local(a) for a in global_problem(16))
+    with pytest.raises(TypeError, match=rf"rank {comm.rank}: solve's grid must be a "
+                                        r"gpumpiad.heat.Grid .*got tuple \(2, 2\)"):
+        solve(u0, kappa, f, DT, H, 2, grid=(2, 2))
+    grid.free()
+    freed = rf"rank {comm.rank}: (solve's grid|Grid.gather: the grid|Grid.scatter: the grid) " \
+            r"was freed \(Grid.free\(\) or the end of its with block\)"
+    with pytest.raises(ValueError, match=freed):
+        solve(u0, kappa, f, DT, H, 2, grid=grid)
+    with pytest.raises(ValueError, match=freed):
+        grid.gather(u0)
+    with pytest.raises(ValueError, match=freed):
+        grid.scatter(np.zeros((NX, NY)))
+    for call, run in (("save_state", lambda: save_state(str(tmp_path / "u"), u0, grid)),
+                      ("load_state", lambda: load_state(str(tmp_path / "u"), grid))):
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: {call}'s grid was freed"):
+            run()
+    parallel_assert(grid.freed and grid.local_shape == u0.shape)
+    with Grid((NX, NY)) as grid:
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: save_state's step must be an "
+                                             r"int, got 2.5 \(float\)"):
+            save_state(str(tmp_path / "u"), u0, grid, step=2.5)

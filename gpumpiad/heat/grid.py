@@ -16,6 +16,9 @@ Along a periodic axis ``hx = 1/NX``: the cells cover the circle ``[0, 1)``, cell
 """
 from __future__ import annotations
 
+import reprlib
+from numbers import Integral
+
 import numpy as np
 from mpi4py import MPI
 
@@ -78,12 +81,15 @@ class Grid(FreedOnExit):
         boundary. North is the smaller ``i``, west the smaller ``j``.
     h : tuple of float
         Cell spacing ``(1/(NX+1), 1/(NY+1))``; ``1/NX`` along a periodic axis.
+    freed : bool
+        Whether :meth:`free` released the communicator.
 
     Raises
     ------
     ValueError
         On every rank, when ``dims`` does not match the communicator or the grid has fewer cells
-        than patches along an axis.
+        than patches along an axis; when ``shape`` or ``dims`` holds anything but ints (NumPy
+        integers included; floats and bools are refused, never truncated).
 
     Examples
     --------
@@ -122,8 +128,16 @@ class Grid(FreedOnExit):
 
     def free(self):
         """Release the grid's Cartesian communicator (collective); see :meth:`Comm.free`.
-        ``with Grid(...) as grid:`` frees it at the end of the block."""
+        ``with Grid(...) as grid:`` frees it at the end of the block. A freed grid still
+        answers questions about its shape (:attr:`local_shape`, :meth:`local`, ...); what
+        communicates over it (:meth:`gather`, :meth:`scatter`, :func:`gpumpiad.heat.solve`,
+        :func:`gpumpiad.halo_exchange`, ...) raises ``ValueError`` saying it was freed."""
         self.cart.free()
+
+    @property
+    def freed(self):
+        """Whether :meth:`free` released the grid's communicator."""
+        return self.cart.mpi == MPI.COMM_NULL
 
     def __repr__(self):
         return (f"Grid(shape={self.shape}, dims={self.dims}, periodic={self.periodic}, "
@@ -184,6 +198,7 @@ class Grid(FreedOnExit):
         rank's patch as an array of the process's backend. A field of the wrong shape raises
         ``ValueError`` on every rank.
         """
+        check_grid(self, "Grid.scatter", None)
         problem = dtype = None
         if self.cart.rank == root:
             field = to_numpy(field)
@@ -213,6 +228,7 @@ class Grid(FreedOnExit):
         ``root`` is ``None``. A patch of the wrong shape, or patches of different dtypes, raise
         ``ValueError`` on every rank.
         """
+        check_grid(self, "Grid.gather", None)
         patch = to_numpy(patch.data if isinstance(patch, Tensor) else patch)
         problem = _number_problem(patch, "the patch", self.rank)
         if patch.shape != self.local_shape:
@@ -258,30 +274,52 @@ class Grid(FreedOnExit):
         return counts, [sum(counts[:r]) for r in range(len(counts))]
 
 
-def _check_shape(shape, rank):
+def check_grid(grid, call, argument="grid"):
+    """Raise unless ``grid`` is a :class:`Grid` that has not been freed; ``call`` and
+    ``argument`` (None: the grid is ``call``'s own) name the caller and its parameter."""
+    if not isinstance(grid, Grid):
+        raise TypeError(f"rank {world().rank}: {call}'s {argument} must be a gpumpiad.heat.Grid "
+                        f"(made by Grid(shape, comm=None, dims=None)), got "
+                        f"{type(grid).__name__} {reprlib.repr(grid)}")
+    if grid.freed:
+        subject = f"{call}'s {argument}" if argument else f"{call}: the grid"
+        raise ValueError(f"rank {world().rank}: {subject} was freed (Grid.free() or the end of "
+                         f"its with block), so it has no communicator left: expected a grid in "
+                         f"use; make a new Grid({grid.shape}, dims={grid.dims})")
+    return grid
+
+
+def _is_int(value):
+    """Whether ``value`` is an integer (Python or NumPy) and not a bool."""
+    return isinstance(value, (Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _pair(value):
     try:
-        ints = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
+        pair = tuple(value)
+    except TypeError:
+        return None
+    return pair if len(pair) == 2 and all(_is_int(v) for v in pair) else None
+
+
+def _check_shape(shape, rank):
+    pair = _pair(shape)
+    if pair is None:
         raise ValueError(f"rank {rank}: grid shape must be a pair of ints (NX, NY), "
-                         f"got {shape!r}") from None
-    if any(isinstance(s, bool) or s != i for s, i in zip(shape, ints)):
-        raise ValueError(f"rank {rank}: grid shape must be a pair of ints (NX, NY), "
-                         f"got {tuple(shape)!r}")
-    shape = ints
-    if len(shape) != 2 or min(shape) < 1:
+                         f"got {shape!r}")
+    shape = tuple(int(s) for s in pair)
+    if min(shape) < 1:
         raise ValueError(f"rank {rank}: grid shape must be two positive ints (NX, NY), "
                          f"got {shape}")
     return shape
 
 
 def _check_dims(dims, size, rank):
-    try:
-        dims = [0, 0] if dims is None else [int(d) for d in dims]
-    except (TypeError, ValueError):
+    pair = (0, 0) if dims is None else _pair(dims)
+    if pair is None or min(pair) < 0:
         raise ValueError(f"rank {rank}: dims must be two non-negative ints (N, M), "
-                         f"got {dims!r}") from None
-    if len(dims) != 2 or min(dims) < 0:
-        raise ValueError(f"rank {rank}: dims must be two non-negative ints (N, M), got {dims}")
+                         f"got {dims!r}")
+    dims = [int(d) for d in pair]
     fixed = int(np.prod([d for d in dims if d > 0]))
     if size % fixed or (0 not in dims and fixed != size):
         raise ValueError(f"rank {rank}: dims {dims[0]}x{dims[1]} do not fit a communicator of "

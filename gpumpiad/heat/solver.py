@@ -22,7 +22,7 @@ from ..comm import Comm, world
 from ..custom import CustomOp
 from ..tape import active_tape
 from ..tensor import DISTRIBUTED, Tensor
-from .grid import Grid
+from .grid import Grid, check_grid
 
 __all__ = ["solve", "recompute_steps"]
 
@@ -30,6 +30,7 @@ _STEP = nvtx.annotate("heat.step", domain="gpumpiad")
 _ADJOINT = nvtx.annotate("heat.adjoint", domain="gpumpiad")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _ARGUMENTS = ("u0", "kappa", "f")
+_SIDES = ("north", "south", "west", "east")
 _self_grids = {}
 
 
@@ -61,7 +62,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         Dirichlet values in the ghost cells of the physical boundary: a number (default 0), a
         function ``g(x, y)`` of NumPy coordinate arrays (see :meth:`Grid.coordinates`), or an
         ``(nx+2, ny+2)`` array whose ring is used on the sides that are physical boundary
-        (none along an axis the grid makes periodic).
+        (none along an axis the grid makes periodic; the corners are never read). The values
+        used must be finite.
     checkpoints : int, optional
         None (default): store all ``steps`` states for the reverse pass. ``k >= 1``: store at
         most ``k`` states (the initial one included) and recompute the others with binomial
@@ -77,16 +79,19 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     -------
     Tensor or (Tensor, Tensor)
         The final state ``u^steps`` (distributed, ``(nx, ny)``) and, with ``trajectory``, all
-        states.
+        states: new arrays, which no later solve writes to.
 
     Raises
     ------
     ValueError
-        On every rank, for a shape, dtype or kind mismatch (naming the argument and the rank),
+        On every rank, for a bad ``dt``, ``h``, ``steps`` or ``checkpoints``, a shape, dtype or
+        kind mismatch or a ``boundary`` holding NaN or Inf (naming the argument and the rank),
         when ranks pass different ``dt``, ``h``, ``steps``, ``checkpoints``, ``trajectory`` or
-        dtypes, when ``u0``, ``kappa`` or ``f`` holds NaN or Inf on some rank (naming the
-        ranks), or when ``dt > h**2 / (4 * max kappa)`` (the global maximum): the scheme is
-        unstable.
+        dtypes, when ``u0``, ``kappa`` or ``f`` holds NaN or Inf or ``kappa`` a negative value
+        on some rank (naming the ranks), or when ``dt > h**2 / (4 * max kappa)`` (the global
+        maximum): the scheme is unstable. Also when ``grid`` was freed.
+    TypeError
+        When ``grid`` is not a :class:`Grid`.
 
     Notes
     -----
@@ -127,14 +132,23 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     """
     if grid is None:
         grid = _own_grid(np.shape(u0.data if isinstance(u0, Tensor) else u0))
+    check_grid(grid, "solve")
     rank = world().rank
-    dt, h, steps = _check_scalars(dt, h, steps, checkpoints, rank)
     args = [a if isinstance(a, Tensor) else asarray(a) for a in (u0, kappa, f)]
     raws = [a.data if isinstance(a, Tensor) else a for a in args]
-    problem, kmax, nonfinite = _check_arrays(grid, raws), None, ()
+    problem = _check_scalars(dt, h, steps, checkpoints, rank)
     if problem is None:
-        kmax = float(get_array_module(raws[1]).max(raws[1]))
+        problem = _check_arrays(grid, raws)
+    kmin = kmax = settings = None
+    nonfinite = ()
+    if problem is None:
+        dt, h, steps = float(dt), float(h), int(steps)
+        checkpoints = None if checkpoints is None else int(checkpoints)
+        xp = get_array_module(raws[1])
+        kmin, kmax = float(xp.min(raws[1])), float(xp.max(raws[1]))
         nonfinite = tuple(name for name, a in zip(_ARGUMENTS, raws) if not all_finite(a))
+        # The halos of patches of different dtypes would not fill each other's buffers.
+        settings = (dt, h, steps, checkpoints, bool(trajectory), np.dtype(raws[0].dtype).name)
         try:
             kernels = halo.kernels_for(raws[0], backend)
             frame, ghosts = _frame(grid, boundary, raws[0])
@@ -144,10 +158,9 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # Which arguments the reverse pass differentiates on this rank: only kappa's cotangent needs
     # the states u^n, only f's and kappa's are accumulated over the steps.
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
-    # The halos of patches of different dtypes would not fill each other's buffers.
-    settings = (dt, h, steps, checkpoints, bool(trajectory), np.dtype(raws[0].dtype).name)
-    reports = control.allgather(grid.cart, dict(problem=problem, kmax=kmax, kappa=wants[1],
-                                                settings=settings, nonfinite=nonfinite),
+    reports = control.allgather(grid.cart, dict(problem=problem, kmin=kmin, kmax=kmax,
+                                                kappa=wants[1], settings=settings,
+                                                nonfinite=nonfinite),
                                 "heat.solve's argument check")
     problems = [r["problem"] for r in reports if r["problem"] is not None]
     if problems:
@@ -166,6 +179,12 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         raise ValueError(f"rank {rank}: " + "; ".join(
             f"{name} holds NaN or Inf on rank(s) {ranks}" for name, ranks in holding.items()
             if ranks) + ": expected finite values")
+    negative = [q for q, r in enumerate(reports) if r["kmin"] < 0]
+    if negative:
+        lowest = min(negative, key=lambda q: reports[q]["kmin"])
+        raise ValueError(f"rank {rank}: kappa holds negative values on rank(s) {negative} "
+                         f"(min kappa = {reports[lowest]['kmin']!r} on rank {lowest}): expected "
+                         "kappa >= 0 (a negative diffusivity makes the scheme blow up)")
     owner = int(np.argmax([r["kmax"] for r in reports]))
     kmax = reports[owner]["kmax"]
     if kmax > 0 and dt > h * h / (4 * kmax):
@@ -243,7 +262,7 @@ class _Heat:
             else:
                 self.spare = u
             u = nxt
-        out = xp.ascontiguousarray(u[1:-1, 1:-1])
+        out = _interior(u)
         _recycle(u, self.ghosts)
         if not self.keep_states and self.spare is not None:
             _recycle(self.spare, self.ghosts)
@@ -277,8 +296,7 @@ class _Heat:
         if not self.retain:
             self.states.clear()
         self.spare = None
-        return tuple(xp.ascontiguousarray(a[1:-1, 1:-1]).astype(x.dtype, copy=False)
-                     if want else None
+        return tuple(_interior(a).astype(x.dtype, copy=False) if want else None
                      for a, x, want in zip((lam, kappa_bar, f_bar), (u0, kappa, f), self.wants))
 
     def _padded(self, interior, out):
@@ -421,17 +439,27 @@ def _own_grid(shape):
 
 
 def _check_scalars(dt, h, steps, checkpoints, rank):
+    """This rank's complaint about the scalar arguments, or None."""
     for name, value in (("dt", dt), ("h", h)):
-        if not isinstance(value, Real) or not value > 0 or not math.isfinite(value):
-            raise ValueError(f"rank {rank}: {name} must be a positive number, got {value!r}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"rank {rank}: steps must be a non-negative int, got {steps!r}")
-    if checkpoints is not None and (isinstance(checkpoints, bool) or
-                                    not isinstance(checkpoints, (int, np.integer)) or
-                                    checkpoints < 1):
-        raise ValueError(f"rank {rank}: checkpoints must be None or an int >= 1, "
-                         f"got {checkpoints!r}")
-    return float(dt), float(h), int(steps)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or \
+                not value > 0 or not math.isfinite(value):
+            return f"rank {rank}: {name} must be a positive number, got {value!r}"
+    if not _is_int(steps) or steps < 0:
+        return f"rank {rank}: steps must be a non-negative int, got {steps!r}"
+    if checkpoints is not None and (not _is_int(checkpoints) or checkpoints < 1):
+        return f"rank {rank}: checkpoints must be None or an int >= 1, got {checkpoints!r}"
+    return None
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _interior(a):
+    """A new array holding the interior of padded ``a``. Every array a solve hands out is made
+    here: ``a`` may be a state buffer the next solve reuses, and the interior of a one-row
+    patch is contiguous, so a mere ``ascontiguousarray`` would hand out the buffer itself."""
+    return a[1:-1, 1:-1].copy()
 
 
 def _check_arrays(grid, raws):
@@ -476,7 +504,7 @@ def set_buffer_cache(nbytes):
     >>> set_buffer_cache(previous)
     0
     """
-    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
+    if not _is_int(nbytes) or nbytes < 0:
         raise ValueError(f"rank {world().rank}: set_buffer_cache needs a number of bytes >= 0, "
                          f"got {nbytes!r}")
     with _free_lock:
@@ -516,24 +544,49 @@ def _reuse(frame, ghosts):
 def _frame(grid, boundary, like):
     """A padded array with the Dirichlet values in the physical-boundary ghosts and zeros
     elsewhere, and a hashable description of those ghosts for a constant ``boundary`` (None
-    otherwise). Exchanged ghosts are always overwritten before they are read."""
+    otherwise). Exchanged ghosts are always overwritten before they are read; corners are
+    never read."""
     nx, ny = grid.local_shape
     frame = np.zeros(grid.padded_shape, np.dtype(like.dtype))
-    if isinstance(boundary, Real):
+    if isinstance(boundary, Real) and not isinstance(boundary, (bool, np.bool_)):
+        if not math.isfinite(boundary):
+            raise ValueError(f"boundary must be a finite number, got {boundary!r}")
         values = np.broadcast_to(np.float64(boundary), grid.padded_shape)
+        what = f"boundary {boundary!r} gives"
     elif callable(boundary):
         x, y = grid.coordinates(ghosts=True)
-        values = np.broadcast_to(np.asarray(boundary(x[:, None], y[None, :]), dtype=float),
-                                 grid.padded_shape)
+        got = np.asarray(boundary(x[:, None], y[None, :]))
+        try:
+            values = np.broadcast_to(got.astype(float), grid.padded_shape)
+        except (TypeError, ValueError):
+            values = None
+        if values is None or got.dtype.kind not in "biuf":
+            raise ValueError(f"boundary function g(x, y) must return real numbers broadcastable "
+                             f"to this rank's padded shape {grid.padded_shape}, got "
+                             f"{got.dtype} of shape {got.shape}")
+        what = "boundary function g(x, y) returned"
     else:
         values = np.asarray(boundary.get() if is_device_array(boundary) else boundary)
-        if values.shape != grid.padded_shape:
-            raise ValueError(f"boundary must be a number, a function g(x, y) or an array of "
-                             f"this rank's padded shape {grid.padded_shape}, got shape "
-                             f"{values.shape}")
-    sides = ((0, slice(None)), (nx + 1, slice(None)), (slice(None), 0), (slice(None), ny + 1))
-    for index, physical in zip(sides, grid.physical):
+        if values.shape != grid.padded_shape or values.dtype.kind not in "biuf":
+            raise ValueError(f"boundary must be a number, a function g(x, y) or a real array of "
+                             f"this rank's padded shape {grid.padded_shape}, got "
+                             f"{type(boundary).__name__} of shape {values.shape} and dtype "
+                             f"{values.dtype}")
+        what = "boundary array holds"
+    sides = ((0, slice(1, ny + 1)), (nx + 1, slice(1, ny + 1)), (slice(1, nx + 1), 0),
+             (slice(1, nx + 1), ny + 1))
+    bad = []
+    for name, index, physical in zip(_SIDES, sides, grid.physical):
         if physical:
-            frame[index] = values[index]
+            with np.errstate(over="ignore", invalid="ignore"):
+                frame[index] = values[index]
+            if not np.isfinite(frame[index]).all():
+                bad.append(name)
+    if bad:
+        x, y = grid.coordinates(ghosts=True)
+        raise ValueError(f"{what} NaN or Inf in the ghost cells of this rank's physical "
+                         f"boundary (side(s) {', '.join(bad)}; patch x in [{x[0]:.6g}, "
+                         f"{x[-1]:.6g}], y in [{y[0]:.6g}, {y[-1]:.6g}]; as {frame.dtype}): "
+                         "expected finite Dirichlet values")
     ghosts = (float(boundary), tuple(grid.physical)) if isinstance(boundary, Real) else None
     return get_array_module(like).asarray(frame), ghosts

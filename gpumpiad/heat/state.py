@@ -7,7 +7,7 @@ import numpy as np
 from .. import checkpoint
 from ..backend import asarray
 from ..tensor import Tensor
-from .grid import Grid
+from .grid import check_grid
 
 KIND = "gpumpiad.heat.state"
 
@@ -25,7 +25,8 @@ def save_state(path, u, grid, step=0, metadata=None):
     u : Tensor or array, shape ``grid.local_shape``
     grid : Grid
     step : int
-        The time step ``u`` belongs to, returned by :func:`load_state`.
+        The time step ``u`` belongs to, returned by :func:`load_state` (a Python or NumPy
+        integer).
     metadata : dict, optional
         JSON-able values stored alongside (e.g. dt, h).
 
@@ -40,9 +41,10 @@ def save_state(path, u, grid, step=0, metadata=None):
     >>> step, u.shape == grid.local_shape
     (7, True)
     """
-    if not isinstance(grid, Grid):
-        raise TypeError(f"rank {_rank()}: grid must be a gpumpiad.heat.Grid, "
-                        f"got {type(grid).__name__}")
+    check_grid(grid, "save_state")
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise ValueError(f"rank {_rank()}: save_state's step must be an int, got {step!r} "
+                         f"({type(step).__name__})")
     data = u.data if isinstance(u, Tensor) else u
     field = grid.gather(data, root=0)
     payload = {"kind": KIND, "shape": list(grid.shape), "step": int(step),
@@ -70,9 +72,7 @@ def load_state(path, grid):
     >>> step, bool((grid.gather(u, root=None) == field).all())
     (3, True)
     """
-    if not isinstance(grid, Grid):
-        raise TypeError(f"rank {_rank()}: grid must be a gpumpiad.heat.Grid, "
-                        f"got {type(grid).__name__}")
+    check_grid(grid, "load_state")
     payload = checkpoint.load(path, comm=grid.cart, root=0)
     if payload.get("kind") != KIND:
         raise checkpoint.CheckpointError(
