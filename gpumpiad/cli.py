@@ -41,8 +41,10 @@ def _failures(comm, message):
         for text, ranks in groups.items():
             # One write per line, so that mpiexec does not interleave it with other output.
             sys.stderr.write(f"gpumpiad heat-inverse: error: {_ranks(ranks)}: {text}\n")
-        sys.stderr.flush()
-    return any(m is not None for m in messages)
+    failed = any(m is not None for m in messages)
+    if failed:
+        _settle()
+    return failed
 
 
 def _ranks(ranks):
@@ -241,7 +243,7 @@ class _Parser(argparse.ArgumentParser):
         if message:
             self._print_message(message, sys.stderr)
         _settle()
-        sys.exit(status)
+        raise SystemExit(status)  # an agreed exit: see main
 
 
 def _settle(seconds=10.0):
@@ -337,7 +339,12 @@ def _parser():
 
 
 def main(argv=None):
-    """Entry point of the ``gpumpiad`` console script; returns the exit code."""
+    """Entry point of the ``gpumpiad`` console script.
+
+    Returns 0 on success. A failure every rank agreed on (a usage error, a setting the job
+    cannot run with), which rank 0 has reported, raises ``SystemExit`` with code 2 (usage) or
+    1 on every rank.
+    """
     import gpumpiad
 
     args = _parser().parse_args(argv)
@@ -346,6 +353,10 @@ def main(argv=None):
     gpumpiad.mpi_init()
     code = args.run(args)
     gpumpiad.mpi_finalize()
+    if code:
+        # Raised, not sys.exit: every rank ends alike with its code, which is no rank failing
+        # alone, so the abort-on-error hook (which watches sys.exit) must not end the job.
+        raise SystemExit(code)
     return code
 
 
