@@ -271,7 +271,8 @@ def _parser():
 
     parser = _Parser(prog="gpumpiad", description=gpumpiad.__doc__.splitlines()[0],
                      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"gpumpiad {gpumpiad.__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"gpumpiad {gpumpiad.__version__}")
     jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     example = jobs.add_parser(
         "theta-rank", help="the θ^rank sum/broadcast example and its gradient",
