@@ -20,7 +20,7 @@ from .mpi.alltoall import mpi_alltoall
 from .mpi.barrier import mpi_barrier
 from .mpi.bcast import mpi_bcast
 from .mpi.gather import mpi_gather
-from .mpi.p2p import mpi_recv, mpi_send, mpi_sendrecv
+from .mpi.p2p import mpi_exchange, mpi_recv, mpi_send, mpi_sendrecv
 from .mpi.reduce import mpi_reduce
 from .mpi.reduce_scatter import mpi_reduce_scatter
 from .mpi.scatter import mpi_scatter
@@ -47,7 +47,7 @@ __all__ = [
     "backend", "backend_name", "check_grad", "checkpoint", "concatenate", "cos", "cuda_aware",
     "custom_op", "divide", "dot", "exp", "getitem", "grad", "halo_exchange", "heat", "log",
     "matmul", "maximum", "mean", "minimum", "mpi_allgather", "mpi_allreduce", "mpi_alltoall",
-    "mpi_barrier", "mpi_bcast", "mpi_finalize", "mpi_gather", "mpi_init", "mpi_rank",
+    "mpi_barrier", "mpi_bcast", "mpi_exchange", "mpi_finalize", "mpi_gather", "mpi_init", "mpi_rank",
     "mpi_recv", "mpi_reduce", "mpi_reduce_scatter", "mpi_scatter", "mpi_send", "mpi_sendrecv",
     "mpi_size", "mpi_sum", "multiply", "negative", "optimize", "path_description", "power",
     "reshape", "set_debug", "set_timeout", "sin", "sqrt", "stack", "subtract", "sum", "tanh",

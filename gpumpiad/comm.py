@@ -12,7 +12,14 @@ import threading
 from mpi4py import MPI
 
 from . import control, transport
+from .arguments import as_int, is_int
 from .debug import check_signature, debug_enabled
+
+# Each MPI communicator caches its one Comm (MPI attribute caching): the reverse-mode message
+# numbering and the call counts live there, so a communicator passed as mpi4py's object at every
+# call must find the same Comm every time. MPI drops the attribute when the communicator is freed.
+_COMM_KEYVAL = MPI.Comm.Create_keyval()
+_C_INT_MAX = 2**31 - 1
 
 
 def _rank_dependent(op, base):
@@ -87,6 +94,9 @@ class FreedOnExit:
 class Comm(FreedOnExit):
     """A communicator for gpumpiad primitives.
 
+    One MPI communicator has one ``Comm``: wrapping the same mpi4py communicator again (or
+    passing it as ``comm=``) gives the same object, with the same message numbering.
+
     Parameters
     ----------
     mpi_comm : mpi4py.MPI.Intracomm, optional
@@ -95,12 +105,21 @@ class Comm(FreedOnExit):
     Examples
     --------
     >>> import gpumpiad
+    >>> from mpi4py import MPI
     >>> world = gpumpiad.Comm()
     >>> world.size >= 1
     True
+    >>> gpumpiad.Comm(MPI.COMM_WORLD) is world
+    True
     """
 
+    def __new__(cls, mpi_comm=None, owned=False):
+        known = _registered(_usable_mpi_comm(mpi_comm))
+        return known if known is not None else super().__new__(cls)
+
     def __init__(self, mpi_comm=None, owned=False):
+        if getattr(self, "mpi", None) is not None:
+            return  # the communicator's existing Comm, from __new__
         self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
@@ -109,6 +128,8 @@ class Comm(FreedOnExit):
         self.collectives = 0   # of which collectives: the same count on every rank
         self.p2p_counts = {}   # messages per (kind, peer, tag): numbers reverse-mode tags
         self.owned = owned  # created by split/dup/cart: free() releases it
+        self.freed = False
+        self.mpi.Set_attr(_COMM_KEYVAL, self)
 
     def __repr__(self):
         return f"Comm(rank={self.rank}, size={self.size})"
@@ -127,8 +148,11 @@ class Comm(FreedOnExit):
         ...     comm.size == gpumpiad.mpi_size()
         True
         """
-        if self.owned and self.mpi != MPI.COMM_NULL:
+        if self.owned and not self.freed and self.mpi != MPI.COMM_NULL:
+            if MPI.Is_finalized():
+                raise RuntimeError(f"rank {self.rank}: {self!r}.free() after MPI was finalized")
             self.mpi.Free()
+            self.freed = True
 
     def split(self, color, key=None):
         """A sub-communicator of the ranks that pass the same ``color`` (``MPI_Comm_split``).
@@ -138,10 +162,12 @@ class Comm(FreedOnExit):
         rank raise ``ValueError`` on every rank, naming the rank(s).
         """
         problem = None
-        if isinstance(color, bool) or not isinstance(color, int) or color < 0:
-            problem = f"color must be an int >= 0, got {color!r} on rank {self.rank}"
-        elif key is not None and (isinstance(key, bool) or not isinstance(key, int)):
-            problem = f"key must be an int or None, got {key!r} on rank {self.rank}"
+        if not is_int(color) or not 0 <= color <= _C_INT_MAX:
+            problem = (f"color must be an int >= 0 and <= {_C_INT_MAX} (a C int), got "
+                       f"{color!r} on rank {self.rank}")
+        elif key is not None and (not is_int(key) or not -_C_INT_MAX <= key <= _C_INT_MAX):
+            problem = (f"key must be an int of at most {_C_INT_MAX} in magnitude (a C int) or "
+                       f"None, got {key!r} on rank {self.rank}")
         # Colors differ between ranks, so one rank's complaint must reach all of them before
         # the Split that the others would otherwise wait in.
         return Comm(_create(self, "split", lambda: self.mpi.Split(
@@ -158,19 +184,17 @@ class Comm(FreedOnExit):
         positive entries multiply to ``size`` (zeros are filled in); ``periods``: one bool per
         dimension.
         """
-        if isinstance(ndims, bool) or not isinstance(ndims, int) or ndims < 1:
-            raise ValueError(f"rank {self.rank}: Comm.cart's ndims must be an int >= 1, "
-                             f"got {ndims!r}")
+        ndims = as_int(ndims, "Comm.cart's ndims", self.rank, low=1)
         dims = [0] * ndims if dims is None else dims
         try:
             dims = [d for d in dims]
         except TypeError:
             raise ValueError(f"rank {self.rank}: Comm.cart's dims must be a sequence of ints, "
                              f"got {dims!r}") from None
-        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 0
-                           for d in dims):
+        if not dims or any(not is_int(d) or d < 0 for d in dims):
             raise ValueError(f"rank {self.rank}: Comm.cart's dims must be non-negative ints, "
                              f"got {dims!r}")
+        dims = [int(d) for d in dims]
         fixed = 1
         for d in dims:
             fixed *= d if d > 0 else 1
@@ -216,6 +240,16 @@ class Comm(FreedOnExit):
             if debug_enabled():
                 check_signature(self, call)
             yield self.mpi
+
+    def agree(self, call, arguments):
+        """Debug mode: check that every rank calls ``call`` with the same ``arguments`` (text),
+        as one collective; raises :class:`~gpumpiad.CommunicationMismatch` naming the ranks
+        that differ. Outside debug mode nothing is checked and nothing is sent."""
+        if debug_enabled():
+            with self.lock:
+                self.sequence += 1
+                self.collectives += 1
+                check_signature(self, call, agreed=arguments)
 
     def allreduce_sum(self, array):
         """Allreduce-sum of a NumPy or CuPy array, waited for; returns a new array."""
@@ -284,15 +318,45 @@ def world() -> Comm:
 
 
 def resolve(comm) -> Comm:
-    """``comm`` as a :class:`Comm` (``None`` means the world; raw mpi4py comms are wrapped)."""
+    """``comm`` as a usable :class:`Comm`: ``None`` means the world, an mpi4py communicator
+    gives its one Comm; a freed communicator, or any after MPI was finalized, is an error."""
     if comm is None:
-        return world()
-    if isinstance(comm, Comm):
-        return comm
-    if isinstance(comm, MPI.Intracomm):
+        comm = world()
+    elif not isinstance(comm, Comm):
         return Comm(comm)
-    raise TypeError(f"rank {world().rank}: comm must be a gpumpiad.Comm or mpi4py Intracomm, "
-                    f"got {type(comm).__name__}")
+    if comm.freed or MPI.Is_finalized():
+        _usable_mpi_comm(comm.mpi if not comm.freed else MPI.COMM_NULL)
+    return comm
+
+
+def _usable_mpi_comm(mpi_comm):
+    """``mpi_comm`` (``None``: the world) if gpumpiad can communicate on it; else a clear
+    error: a wrong type, a freed communicator, or MPI finalized."""
+    rank = MPI.COMM_WORLD.Get_rank() if not MPI.Is_finalized() else _world["comm"].rank
+    if mpi_comm is None:
+        mpi_comm = MPI.COMM_WORLD
+    if isinstance(mpi_comm, MPI.Comm) and mpi_comm == MPI.COMM_NULL:
+        raise ValueError(f"rank {rank}: the communicator was freed (Comm.free(), a `with` "
+                         "block's end, or Grid.free()); make a new one")
+    if not isinstance(mpi_comm, MPI.Intracomm):
+        raise TypeError(f"rank {rank}: comm must be a gpumpiad.Comm or an mpi4py "
+                        f"Intracomm (e.g. MPI.COMM_WORLD), got {mpi_comm!r} "
+                        f"({type(mpi_comm).__name__})")
+    if MPI.Is_finalized():
+        raise RuntimeError(f"rank {rank}: MPI was finalized (MPI.Finalize); no communication "
+                           "is possible afterwards, and MPI cannot be started again in the "
+                           "same process")
+    return mpi_comm
+
+
+def _registered(mpi_comm):
+    """The :class:`Comm` already made for ``mpi_comm``, or None."""
+    try:
+        return mpi_comm.Get_attr(_COMM_KEYVAL)
+    except MPI.Exception:
+        # Another Python object of a communicator freed through a different one.
+        raise ValueError(f"rank {MPI.COMM_WORLD.Get_rank()}: the communicator was freed; "
+                         "make a new one") from None
 
 
 def mpi_init():
@@ -307,6 +371,8 @@ def mpi_init():
     >>> world.size == gpumpiad.mpi_size()
     True
     """
+    if MPI.Is_finalized():
+        _usable_mpi_comm(None)  # raises: MPI cannot be started twice in one process
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
     transport.log_path()
@@ -314,7 +380,11 @@ def mpi_init():
 
 
 def mpi_finalize():
-    """End gpumpiad's MPI session: wait for outstanding communication.
+    """End gpumpiad's MPI session: complete every outstanding communication (sends, and
+    results never read), then meet the other ranks. Collective.
+
+    A communication that can no longer complete (a send no rank receives) raises
+    ``RuntimeError`` naming it, once every rank has arrived, instead of hanging.
 
     ``MPI_Finalize`` itself runs at interpreter exit (mpi4py's handler), so a program may call
     this and still let other libraries use MPI until it ends.
@@ -327,8 +397,9 @@ def mpi_finalize():
     True
     """
     if MPI.Is_initialized() and not MPI.Is_finalized():
-        transport.complete_sends()
-        control.barrier(world(), "mpi_finalize")
+        comm = world()
+        with comm.exclusive("mpi_finalize"):
+            transport.settle("mpi_finalize")
 
 
 def mpi_rank(comm=None) -> RankInt:
@@ -354,3 +425,6 @@ def mpi_size(comm=None) -> int:
     True
     """
     return resolve(comm).size
+
+
+world()  # made at import: its rank is still known after MPI_Finalize

@@ -70,9 +70,10 @@ def set_timeout(seconds):
     >>> gpumpiad.set_timeout(None)
     """
     if seconds is not None:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-            raise ValueError(f"set_timeout needs a positive number of seconds or None, got "
-                             f"{seconds!r}")
+        if (isinstance(seconds, (bool, np.bool_)) or not isinstance(seconds, (int, float, np.number))
+                or not 0 < seconds < math.inf):
+            raise ValueError(f"rank {MPI.COMM_WORLD.Get_rank()}: set_timeout needs a positive "
+                             f"number of seconds or None, got {seconds!r}")
         seconds = float(seconds)
     _settings["timeout"] = seconds
     _settings["timeout from"] = "gpumpiad.set_timeout"
@@ -83,11 +84,14 @@ def timeout() -> float | None:
     ``None``."""
     seconds = _settings["timeout"]
     if seconds is _UNREAD:
-        value = os.environ.get("GPUMPIAD_TIMEOUT")
-        seconds = float(value) if value else None
-        if seconds is not None and not seconds > 0:
-            raise ValueError(f"GPUMPIAD_TIMEOUT must be a positive number of seconds, "
-                             f"got {value!r}")
+        value = os.environ.get("GPUMPIAD_TIMEOUT", "").strip()
+        try:
+            seconds = float(value) if value else None
+        except ValueError:
+            seconds = math.nan
+        if seconds is not None and not 0 < seconds < math.inf:
+            raise ValueError(f"rank {MPI.COMM_WORLD.Get_rank()}: GPUMPIAD_TIMEOUT must be a "
+                             f"positive number of seconds (e.g. 60), got {value!r}")
         _settings["timeout"] = seconds
     return seconds
 
@@ -96,12 +100,15 @@ def _code(text) -> int:
     return zlib.crc32(str(text).encode()) & 0x7FFFFFFF
 
 
-_FIELDS = ("call", "sequence", "thread", "root", "dtype", "shape", "layout", "serial value")
+_FIELDS = ("call", "sequence", "thread", "root", "dtype", "shape", "layout", "serial value",
+           "argument list")
 
 
 def check_signature(comm, call, root=None, array=None, layout=None, same_shape=True,
-                    serial_value=False):
+                    serial_value=False, agreed=None):
     """Collectively compare this rank's view of a collective with every other rank's.
+
+    ``agreed``: text of further arguments every rank must pass alike.
 
     Raises :class:`CommunicationMismatch` on every rank when any field differs.
     """
@@ -116,7 +123,7 @@ def check_signature(comm, call, root=None, array=None, layout=None, same_shape=T
         _code(call), comm.collectives, _code(threading.current_thread().name),
         -1 if root is None else root,
         _code(array.dtype) if array is not None else 0, _code(shape),
-        _code(layout), checksum], dtype=np.int64)
+        _code(layout), checksum, _code(agreed)], dtype=np.int64)
     table = np.empty((comm.size, mine.size), dtype=np.int64)
     request = comm.mpi.Iallgather(mine, table)
     wait(request, comm, f"debug signature check of {call}")
@@ -124,7 +131,8 @@ def check_signature(comm, call, root=None, array=None, layout=None, same_shape=T
     if not differing:
         return
     views = comm.mpi.allgather((call, threading.current_thread().name, root,
-                                None if array is None else str(array.dtype), shape, layout))
+                                None if array is None else str(array.dtype), shape, layout,
+                                agreed))
     field = _FIELDS[differing[0]]
     groups = {}
     for rank in range(comm.size):
@@ -137,10 +145,11 @@ def check_signature(comm, call, root=None, array=None, layout=None, same_shape=T
 
 
 def _describe(view, field):
-    call, thread, root, dtype, shape, layout = view
+    call, thread, root, dtype, shape, layout, agreed = view
     text = {"call": call, "thread": f"thread {thread!r} in {call}", "root": f"root={root}",
             "dtype": f"dtype {dtype}", "shape": f"shape {shape}", "layout": f"layout {layout}",
-            "sequence": f"{call}", "serial value": "a different value declared serial"}
+            "sequence": f"{call}", "serial value": "a different value declared serial",
+            "argument list": f"{agreed}"}
     return f"{call}: " + text[field] if field not in ("call", "thread") else text[field]
 
 

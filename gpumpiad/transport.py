@@ -6,6 +6,16 @@ are staged through pinned host buffers with asynchronous copies on the comm stre
 Non-contiguous data is packed into a contiguous buffer first, never described to MPI with
 derived datatypes.
 
+Value semantics: what a call sends is the value at the time of the call. MPI reads a
+non-blocking call's send buffer until the request completes, so the library sends from its own
+copy (:func:`send_buffer`), never from memory the caller may write next; a reduction copies into
+its result buffer and reduces in place, so the copy costs no extra buffer.
+
+Every issued communication stays registered until it completes, read or not: ``mpi_finalize``
+and the interpreter's exit complete them all. At exit a communication that can no longer
+complete (a send nobody receives, a receive nobody sends to) is reported, naming the call, and
+the job ends with a non-zero code instead of hanging.
+
 Environment
 -----------
 GPUMPIAD_CUDA_AWARE : ``0`` | ``1``
@@ -20,6 +30,7 @@ import atexit
 import ctypes
 import functools
 import logging
+import math
 import os
 import sys
 import threading
@@ -111,24 +122,29 @@ def is_device(array) -> bool:
     return type(array) is numpy.ndarray and backend.stage_host_arrays()
 
 
-def send_buffer(array, device=None):
-    """A contiguous buffer holding ``array`` that MPI may read now.
+def send_buffer(array, device=None, private=False):
+    """A contiguous copy of ``array`` that MPI may read now and until the send completes,
+    whatever the caller writes meanwhile.
 
-    NumPy: the array (packed if not contiguous). CuPy: the device array after the producing
-    stream is synchronised (CUDA-aware MPI), or a pinned host copy (staged). ``device``:
-    :func:`is_device` of ``array``, when the caller has it already.
+    NumPy: a host copy. CuPy: a device copy after the producing stream is synchronised
+    (CUDA-aware MPI), or a pinned host copy (staged). ``device``: :func:`is_device` of
+    ``array``, when the caller has it already. ``private``: only the library holds ``array``
+    and nothing writes it before the send completes, so a contiguous one is sent as it is.
     """
     if not (is_device(array) if device is None else device):
         array = numpy.asarray(array)
-        if array.flags.c_contiguous:
+        if private and array.flags.c_contiguous:
             return array
-        packed = host_empty(array.shape, array.dtype)
-        numpy.copyto(packed, array)
-        return packed
-    xp = get_array_module(array)
-    array = xp.ascontiguousarray(array).reshape(array.shape)
+        copy = host_empty(array.shape, array.dtype)
+        numpy.copyto(copy, array)
+        return copy
     if not cuda_aware():
         return backend.device_to_host(array, backend.pinned_empty(array.shape, array.dtype))
+    xp = get_array_module(array)
+    if private:
+        array = xp.ascontiguousarray(array).reshape(array.shape)
+    else:
+        array = xp.array(array, order="C", copy=True)
     backend.synchronize(array)
     return array
 
@@ -203,19 +219,29 @@ class Pending:
         self.comm = comm
         self.call = call
         self.lock = threading.Lock()
+        if requests:
+            _register(self)
 
     def done(self) -> bool:
         if self.requests is None:
             return True
         with self.lock:
-            return self.requests is None or MPI.Request.Testall(self.requests)
+            if not self.requests:
+                return True
+            # Requests that complete here are freed by MPI: their statuses are kept now, and
+            # ``requests`` becomes empty (complete, result not yet delivered).
+            if MPI.Request.Testall(self.requests, getattr(self.finish, "statuses", None)):
+                self.requests = []
+                return True
+            return False
 
     def wait(self):
         with self.lock:
             if self.requests is not None:
                 statuses = getattr(self.finish, "statuses", None)
                 try:
-                    _wait(self.requests, self.comm, self.call, statuses=statuses)
+                    if self.requests:
+                        _wait(self.requests, self.comm, self.call, statuses=statuses)
                 except MPI.Exception as exc:
                     self.result = mpi_error(self.call, exc, statuses)
                 else:
@@ -224,6 +250,7 @@ class Pending:
                     except CommunicationMismatch as exc:
                         self.result = exc
                 self.requests = self.finish = None
+                _unfinished.pop(id(self), None)
             if isinstance(self.result, Exception):
                 # Every later reader of a failed result gets the error again, never data.
                 raise self.result
@@ -269,35 +296,104 @@ class _Received:
         return deliver(self.out, self.device)
 
 
-_outstanding = []
-_outstanding_lock = threading.Lock()
+_unfinished = {}  # id -> Pending whose requests may not have completed
+_registered = [0]
+_PRUNE_EVERY = 64
 
 
-def track(pending):
-    """Keep a send in flight (and its buffer alive) until it completes."""
-    with _outstanding_lock:
-        _outstanding[:] = [p for p in _outstanding if not p.done()]
-        _outstanding.append(pending)
+def _register(pending):
+    """Keep ``pending`` (and so its buffers) alive until it completes, read or not: an unread
+    result's requests still have to complete before MPI is finalised."""
+    _unfinished[id(pending)] = pending
+    _registered[0] += 1
+    if _registered[0] % _PRUNE_EVERY == 0:
+        for p in list(_unfinished.values()):
+            if _finished(p):
+                _unfinished.pop(id(p), None)
 
 
-def complete_sends():
-    """Wait for every tracked send (also run at exit, before MPI is finalised)."""
-    with _outstanding_lock:
-        pending, _outstanding[:] = list(_outstanding), []
-    for p in pending:
-        p.wait()
+def _finished(pending):
+    """Whether ``pending``'s requests are complete; a failed one counts as finished (its
+    error is raised where it is read)."""
+    try:
+        return pending.done()
+    except MPI.Exception:
+        return True
 
 
-atexit.register(complete_sends)
+def unfinished():
+    """The registered communications that have not completed (tested now)."""
+    return [p for p in list(_unfinished.values()) if not _finished(p)]
+
+
+class Unfinished(RuntimeError):
+    """Communication that can no longer complete: every rank has reached the end of its
+    communication (``mpi_finalize`` or exit) and these were never matched."""
+
+
+# The communicator on which ranks meet at the end: a duplicate of the world made (without
+# waiting) at import, so that the meeting cannot match a collective some rank left unfinished.
+_meeting = MPI.COMM_WORLD.Idup()
+
+
+def settle(call, grace=1.0):
+    """Complete every registered communication, then meet the other ranks of the world.
+
+    A rank whose communication is complete waits for the others (bounded by the watchdog);
+    once every rank has arrived, nothing more can be matched, so whatever is still unfinished
+    after ``grace`` seconds raises :class:`Unfinished` naming each call. Collective.
+    """
+    from .debug import timeout
+    import time
+    limit = timeout()
+    deadline = math.inf if limit is None else time.monotonic() + limit
+    meeting, made = _meeting
+    arrived = None
+    everyone_at = None
+    rank = MPI.COMM_WORLD.Get_rank()
+    while True:
+        stuck = unfinished()
+        if arrived is None and made.Test():
+            arrived = meeting.Ibarrier()
+        met = arrived is not None and arrived.Test()
+        if met and not stuck:
+            _unfinished.clear()
+            return
+        now = time.monotonic()
+        if met and everyone_at is None:
+            everyone_at = now
+        if (everyone_at is not None and now - everyone_at > grace) or now > deadline:
+            what = "; ".join(p.call for p in stuck) or "the other ranks did not arrive"
+            why = ("every rank has arrived, so no rank will match them"
+                   if everyone_at is not None else
+                   f"not completed within {limit:g} s (the watchdog)")
+            raise Unfinished(f"rank {rank}: {call}: {len(stuck)} communication(s) never "
+                             f"completed ({why}): {what}")
+        time.sleep(1e-3)
+
+
+def _settle_at_exit():
+    """At interpreter exit (before mpi4py finalises MPI): complete what was issued; a
+    communication that never can be is reported and the job aborted with a non-zero code."""
+    if not MPI.Is_initialized() or MPI.Is_finalized():
+        return
+    try:
+        settle("exit")
+    except Unfinished as exc:
+        sys.stderr.write(f"gpumpiad: {exc}\n")
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+
+
+atexit.register(_settle_at_exit)
 
 
 def start_allreduce(mpi_comm, array, op):
     """Post a non-blocking allreduce; return ``(requests, finish)``."""
     device = is_device(array)
-    send = send_buffer(array, device=device)
-    out = recv_buffer(send.shape, send.dtype, device)
-    request = mpi_comm.Iallreduce(send, out, op=op)
-    return [request], lambda keep=send: deliver(out, device)
+    out = send_buffer(array, device=device)
+    request = mpi_comm.Iallreduce(MPI.IN_PLACE, out, op=op)
+    return [request], lambda: deliver(out, device)
 
 
 def start_bcast(mpi_comm, array, root):
@@ -315,12 +411,13 @@ def start_reduce(mpi_comm, array, root, op):
     """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage)."""
     device = is_device(array)
     send = send_buffer(array, device=device)
-    out = recv_buffer(send.shape, send.dtype, device)
     if mpi_comm.Get_rank() != root:
+        out = recv_buffer(send.shape, send.dtype, device)
         out[...] = 0
         request = mpi_comm.Ireduce(send, None, op=op, root=root)
     else:
-        request = mpi_comm.Ireduce(send, out, op=op, root=root)
+        out = send
+        request = mpi_comm.Ireduce(MPI.IN_PLACE, out, op=op, root=root)
     return [request], lambda keep=send: deliver(out, device)
 
 
@@ -382,20 +479,68 @@ def start_alltoallv(mpi_comm, array, send_rows, recv_rows):
     return [request], lambda keep=send: deliver(out, device)
 
 
-def start_send(mpi_comm, array, dest, tag):
-    """Post a non-blocking send; ``finish`` returns nothing."""
+_SIGNATURE_BYTES = 64
+
+
+def _signature(shape, dtype):
+    """A message's trailer in debug mode: the sender's dtype and shape, as text."""
+    text = f"{numpy.dtype(dtype).str} {tuple(shape)}".encode()[:_SIGNATURE_BYTES]
+    return numpy.frombuffer(text.ljust(_SIGNATURE_BYTES), numpy.uint8)
+
+
+def start_send(mpi_comm, array, dest, tag, signed=False):
+    """Post a non-blocking send; ``finish`` returns nothing. ``signed`` (debug mode, at both
+    ends): the message carries the array's dtype and shape for the receive to check."""
     send = send_buffer(array)
+    if signed:
+        xp = get_array_module(send)
+        send = xp.concatenate([send.reshape(-1).view(xp.uint8),
+                               xp.asarray(_signature(array.shape, array.dtype))])
+        backend.synchronize(send)
     request = mpi_comm.Isend([send, MPI.BYTE], dest=dest, tag=tag)
     return [request], lambda keep=send: None
 
 
-def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive"):
-    """Post a non-blocking receive into a new buffer; ``finish`` checks the message's size."""
-    out = recv_buffer(shape, dtype, device)
+def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive", signed=False):
+    """Post a non-blocking receive into a new buffer; ``finish`` checks the message's size
+    and, ``signed``, the sender's dtype and shape."""
+    if signed:
+        nbytes = _prod(shape) * numpy.dtype(dtype).itemsize
+        out = recv_buffer((nbytes + _SIGNATURE_BYTES,), numpy.uint8, device)
+        finish = _SignedReceived(out, device, source, tag, call, shape, dtype)
+    else:
+        out = recv_buffer(shape, dtype, device)
+        finish = _Received(out, device, source, tag, call)
     # As bytes, like every send: another dtype's message is a size to report, not a type
     # MPI may fail an internal assertion on.
     request = mpi_comm.Irecv([out, MPI.BYTE], source=source, tag=tag)
-    return [request], _Received(out, device, source, tag, call)
+    return [request], finish
+
+
+class _SignedReceived(_Received):
+    """A debug-mode receive's ``finish``: the sender's dtype and shape must be the receiver's."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, out, device, source, tag, call, shape, dtype):
+        super().__init__(out, device, source, tag, call)
+        self.shape, self.dtype = tuple(shape), numpy.dtype(dtype)
+
+    def __call__(self):
+        mine = _signature(self.shape, self.dtype)
+        got = self.statuses[0].Get_count(MPI.BYTE)
+        data_bytes = self.out.nbytes - _SIGNATURE_BYTES
+        trailer = (backend.to_numpy(self.out[got - _SIGNATURE_BYTES:got])
+                   if got >= _SIGNATURE_BYTES else None)
+        if got != self.out.nbytes or not numpy.array_equal(trailer, mine):
+            sent = ("an unsigned message (is debug mode on on every rank?)" if trailer is None
+                    else bytes(trailer).decode(errors="replace").strip())
+            raise CommunicationMismatch(
+                f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call} from rank {self.source} (tag "
+                f"{self.tag}): the sender sent {sent}, this rank expects "
+                f"{self.dtype.str} {self.shape} (debug mode's message check)")
+        data = self.out[:data_bytes].view(self.dtype).reshape(self.shape)
+        return deliver(data, self.device)
 
 
 def _prod(shape):

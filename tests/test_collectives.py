@@ -52,6 +52,12 @@ def _seed_source(P):
     return 2 if P >= 3 else P - 1
 
 
+def _partner(r, P):
+    """Pairs (0, 1), (2, 3), ...; an odd last rank is its own partner."""
+    partner = r ^ 1
+    return partner if partner < P else r
+
+
 class Case:
     """``fn(x, comm)`` is the program; ``ref(xs, r, P, serial)`` its value on comm rank r from
     every rank's input ``xs``; ``rows(r, P, serial)`` the input's leading length (for a serial
@@ -127,6 +133,17 @@ CASES = {
     "send_recv_ring": Case(_ring, lambda xs, r, P, s: xs[r] + xs[(r - 1) % P]),
     "sendrecv": Case(lambda x, c: gp.mpi_sendrecv(x, 0, _seed_source(c.size), comm=c),
                      lambda xs, r, P, s: xs[_seed_source(P)] if r == 0 else xs[r]),
+    "exchange_ring": Case(lambda x, c: gp.mpi_exchange(x, dest=(c.rank + 1) % c.size,
+                                                       source=(c.rank - 1) % c.size, comm=c),
+                          lambda xs, r, P, s: xs[(r - 1) % P]),
+    "exchange_swap": Case(lambda x, c: gp.mpi_exchange(x, dest=_partner(c.rank, c.size),
+                                                       source=_partner(c.rank, c.size), tag=7,
+                                                       comm=c),
+                          lambda xs, r, P, s: xs[_partner(r, P)]),
+    "exchange_open_shift": Case(
+        lambda x, c: gp.mpi_exchange(x, dest=c.rank + 1 if c.rank + 1 < c.size else None,
+                                     source=c.rank - 1 if c.rank > 0 else None, comm=c),
+        lambda xs, r, P, s: xs[r - 1] if r > 0 else 0 * xs[r]),
 }
 LINEAR = [name for name, case in CASES.items() if case.linear]
 
@@ -566,26 +583,68 @@ def test_debug_mode_two_threads_racing_one_communicator(collective):
 def test_debug_mode_reports_mismatched_calls():
     r = gp.mpi_rank()
     x = np.ones(3)
-    programs = {
-        "call": lambda: gp.mpi_sum(x) if r == 0 else gp.mpi_bcast(x),
-        "shape": lambda: gp.mpi_sum(np.ones(3 if r == 0 else 4)),
-        "root": lambda: gp.mpi_bcast(x, root=0 if r == 0 else 1),
-    }
+    P = gp.mpi_size()
+    programs = [
+        ("call", "mpi_sum", lambda: gp.mpi_sum(x) if r == 0 else gp.mpi_bcast(x)),
+        ("shape", "mpi_sum", lambda: gp.mpi_sum(np.ones(3 if r == 0 else 4))),
+        ("dtype", "mpi_sum", lambda: gp.mpi_sum(np.ones(3, np.float64 if r == 0
+                                                        else np.float32))),
+        ("root", "mpi_bcast", lambda: gp.mpi_bcast(x, root=0 if r == 0 else 1)),
+        # Same number of bytes, other dtype: MPI alone would deliver reinterpreted bytes.
+        ("dtype", "mpi_bcast", lambda: gp.mpi_bcast(np.ones(2) if r == 0
+                                                    else np.ones(4, np.float32))),
+        ("shape", "mpi_reduce_scatter",
+         lambda: gp.mpi_reduce_scatter(np.ones((P + (r == 0), 2)))),
+        # MPI_Sendrecv's form passed to the seed's mpi_sendrecv: each rank names its peers.
+        ("argument list", "mpi_sendrecv",
+         lambda: gp.mpi_sendrecv(x, dest=(r + 1) % P, source=(r - 1) % P)),
+    ]
     failures = []
     gp.set_debug(True)
     try:
-        for field, program in programs.items():
+        for field, call, program in programs:
             try:
                 program().numpy()
-                failures.append(f"{field}: no CommunicationMismatch")
+                failures.append(f"{call} {field}: no CommunicationMismatch")
             except gp.CommunicationMismatch as exc:
                 text = str(exc)
-                named = "mpi_bcast" in text or "mpi_sum" in text
-                if f"the {field} differs" not in text or "rank(s) [0]" not in text or not named:
-                    failures.append(f"{field}: message {text!r}")
+                if (f"the {field} differs" not in text or "rank(s) [0]" not in text
+                        or call not in text):
+                    failures.append(f"{call} {field}: message {text!r}")
         y = gp.mpi_sum(x).numpy()  # still in step afterwards
         if not np.array_equal(y, x * gp.mpi_size()):
             failures.append(f"afterwards: {y}")
+    finally:
+        gp.set_debug(False)
+    parallel_assert(not failures, "\n".join(failures))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3])
+def test_debug_mode_checks_what_a_receive_gets():
+    """In debug mode a message carries its dtype and shape: a receive expecting another dtype
+    of the same byte size (which MPI delivers as reinterpreted bytes) or another shape raises
+    CommunicationMismatch naming both; a matching message arrives intact."""
+    r, P = gp.mpi_rank(), gp.mpi_size()
+    dest, source = (r + 1) % P, (r - 1) % P
+    failures = []
+    gp.set_debug(True)
+    try:
+        cases = [(np.arange(4.0), np.zeros(8, np.float32), "<f8 (4,)", "<f4 (8,)"),
+                 (np.arange(6.0).reshape(2, 3), np.zeros((3, 2)), "<f8 (2, 3)", "<f8 (3, 2)")]
+        for sent, like, said, expected in cases:
+            gp.mpi_send(sent, dest=dest)
+            try:
+                gp.mpi_recv(like, source=source).numpy()
+                failures.append(f"{expected}: no CommunicationMismatch")
+            except gp.CommunicationMismatch as exc:
+                text = str(exc)
+                if not (text.startswith(f"rank {r}: mpi_recv") and said in text
+                        and expected in text and f"from rank {source}" in text):
+                    failures.append(f"message {text!r}")
+        gp.mpi_send(np.arange(3.0) + r, dest=dest)
+        got = gp.mpi_recv(np.zeros(3), source=source).numpy()
+        if not np.array_equal(got, np.arange(3.0) + source):
+            failures.append(f"matching message: {got}")
     finally:
         gp.set_debug(False)
     parallel_assert(not failures, "\n".join(failures))

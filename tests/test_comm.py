@@ -74,3 +74,60 @@ def test_ranks_that_make_different_communicators_get_an_error_naming_each():
                     message)
     with Grid((6, 6)) as grid:  # nothing was left half made: the next one works
         parallel_assert(grid.cart.size == gp.mpi_size())
+
+
+def _two_messages(x, comm):
+    """Rank 0's a = x and b = x * x reach rank 1, whose loss is 10 a + b: dloss/dx = 10 + 2x.
+    The two cotangents travel back in the order rank 1 completes them; only the message
+    numbering kept on the communicator's one Comm tells them apart."""
+    r = gp.mpi_rank(comm)
+    if r == 0:
+        gp.mpi_send(x * 1.0, dest=1, comm=comm)
+        gp.mpi_send(x * x, dest=1, comm=comm)
+        return gp.mpi_sum(x * 0.0, comm=comm)
+    a = gp.mpi_recv(x, source=0, comm=comm)
+    b = gp.mpi_recv(x, source=0, comm=comm)
+    later = b * 1.0  # a's cotangent is complete first, so it is sent back first
+    return gp.mpi_sum(gp.sum(a * 10.0 + later), comm=comm)
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_an_mpi4py_communicator_is_one_comm_at_every_call():
+    """Passing mpi4py's communicator as comm= at every call gives the same Comm each time: the
+    reverse-mode numbering of messages holds, and world-serial values are on its communicator."""
+    r = gp.mpi_rank()
+    x = gp.tensor(np.array([3.0]), distributed=True)
+    grads = []
+    with gp.Comm().split(0 if r < 2 else 1) as pair:
+        for comm in (MPI.COMM_WORLD, pair.mpi):
+            if r < 2:
+                grads.append(gp.value_and_grad(_two_messages)(x, comm)[1])
+            else:
+                gp.value_and_grad(lambda t: gp.mpi_sum(t * 0.0, comm=comm))(x)
+    parallel_assert(r != 0 or all(np.array_equal(g, [16.0]) for g in grads),
+                    f"gradients {grads}, expected [16.] for the world and for a split")
+    value, grad = gp.value_and_grad(
+        lambda t: gp.sum(gp.mpi_sum(t * t, comm=MPI.COMM_WORLD)))(np.array([3.0]))
+    P = gp.mpi_size()
+    parallel_assert(value == 9.0 * P and np.array_equal(grad, [6.0 * P]), f"{value} {grad}")
+    parallel_assert(gp.Comm(MPI.COMM_WORLD) is gp.Comm() and gp.Comm(MPI.COMM_WORLD).size == P)
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3])
+def test_numpy_integers_are_ints():
+    """Ranks, roots, tags and colours computed with NumPy are accepted like Python ints."""
+    r, P = gp.mpi_rank(), gp.mpi_size()
+    last, tag = np.int64(P - 1), np.int32(5)
+    b = gp.mpi_bcast(np.full(2, float(r)), root=last).numpy()
+    gp.mpi_send(np.full(2, float(r)), dest=np.int64((r + 1) % P), tag=tag)
+    got = gp.mpi_recv(np.zeros(2), source=np.int16((r - 1) % P), tag=tag).numpy()
+    g = gp.mpi_gather(np.ones((1, 2)), root=np.uint8(0)).numpy()
+    s = gp.mpi_scatter(np.ones((P, 2)) if r == 0 else None, root=np.int64(0),
+                       rows=np.ones(P, dtype=np.int64)).numpy()
+    with gp.Comm().split(np.int64(r % 2), key=np.int64(-r)) as half:
+        size = half.size
+    with gp.Comm().cart(dims=np.array([P, 1])) as cart:
+        dims = cart.dims
+    parallel_assert(np.array_equal(b, [P - 1.0] * 2) and np.array_equal(got, [(r - 1) % P] * 2)
+                    and g.shape == ((P if r == 0 else 0), 2) and s.shape == (1, 2)
+                    and size == len(range(r % 2, P, 2)) and dims == (P, 1))

@@ -1,4 +1,4 @@
-"""Bad input across the public API: one table of cases, run at 2 ranks (a subset at 1 and 3).
+"""Bad input across the public API: one table of cases, run at 1, 2 and 4 ranks (a subset at 3).
 
 Each case calls a public entry point with one bad argument and states the error type and the
 words its message must hold: the argument's name, the expected and actual value, and
@@ -45,6 +45,27 @@ def _serial_loss(x):
 
 def _ones_like_vjp(g, ans, x):
     return np.ones(3)
+
+
+def _freed():
+    comm = gp.Comm().dup()
+    comm.free()
+    return comm
+
+
+def _timeout_from_env(text):
+    """The watchdog's bound read from GPUMPIAD_TIMEOUT=text (settings restored after)."""
+    saved = dict(gp.debug._settings), os.environ.get("GPUMPIAD_TIMEOUT")
+    os.environ["GPUMPIAD_TIMEOUT"] = text
+    gp.debug._settings["timeout"] = gp.debug._UNREAD
+    try:
+        return gp.debug.timeout()
+    finally:
+        gp.debug._settings.update(saved[0])
+        if saved[1] is None:
+            del os.environ["GPUMPIAD_TIMEOUT"]
+        else:
+            os.environ["GPUMPIAD_TIMEOUT"] = saved[1]
 
 
 class Case:
@@ -199,7 +220,28 @@ def cases(r, P, tmp):
         C("mpi_scatter: bool root", lambda: gp.mpi_scatter(x, root=True), ValueError,
           [me, "root", "got True"]),
         C("mpi_scatter: rows that do not sum", lambda: gp.mpi_scatter(x, rows=[1] * (P + 1)),
-          ValueError, [me, "rows", f"{P} non-negative counts", f"to {P + 1}"]),
+          ValueError, [me, "rows", f"{P} non-negative ints", f"to {P + 1}"]),
+        C("mpi_scatter: fractional rows",
+          lambda: gp.mpi_scatter(x, rows=[(P + 1) / P] * P), ValueError,
+          [me, "rows", "non-negative ints", f"{(P + 1) / P}"], subset=True),
+        # One rank fails its own check: the others learn which and why in the metadata
+        # exchange they make anyway, instead of waiting in the collective.
+        C("mpi_gather: a scalar on rank 0 only",
+          lambda: gp.mpi_gather(1.0 if r == 0 else np.ones(2)), ValueError,
+          [me, "mpi_gather", "rank 0: mpi_gather needs an array with at least one axis"],
+          min_ranks=2, subset=True),
+        C("mpi_gather: root out of range on the last rank only",
+          lambda: gp.mpi_gather(x, root=P if r == P - 1 else 0), ValueError,
+          [me, f"rank {P - 1}: root must be an int in [0, {P})", f"got {P}"], min_ranks=2),
+        C("mpi_allgather: a scalar on the last rank only",
+          lambda: gp.mpi_allgather(2.0 if r == P - 1 else np.ones(2)), ValueError,
+          [me, f"rank {P - 1}: mpi_allgather needs an array"], min_ranks=2),
+        C("mpi_alltoall: rows that do not sum on rank 0 only",
+          lambda: gp.mpi_alltoall(x, rows=[P + 1] * P if r == 0 else None), ValueError,
+          [me, "rank 0: mpi_alltoall rows", f"summing to {P + 1}"], min_ranks=2, subset=True),
+        C("mpi_scatter: root out of range on the last rank only",
+          lambda: gp.mpi_scatter(x, root=P if r == P - 1 else 0), ValueError,
+          [me, f"rank {P - 1}: root must be an int", f"got {P}"], min_ranks=2),
         C("mpi_gather: scalar", lambda: gp.mpi_gather(1.0), ValueError,
           [me, "mpi_gather", "at least one axis", "scalar"]),
         C("mpi_allgather: scalar", lambda: gp.mpi_allgather(2.0), ValueError,
@@ -209,7 +251,7 @@ def cases(r, P, tmp):
                                         if P > 1 else [-1]), ValueError,
           [me, "rows", "non-negative"]),
         C("mpi_alltoall: too many rows", lambda: gp.mpi_alltoall(x, rows=[P + 1] * P),
-          ValueError, [me, "mpi_alltoall rows", f"summing to {P + 1}"]),
+          ValueError, [me, "mpi_alltoall rows", f"summing to {P + 1}"], min_ranks=2),
         C("mpi_gather: trailing shapes differ across ranks",
           lambda: gp.mpi_gather(np.ones((2, 3 if r == 0 else 4))), ValueError,
           [me, "mpi_gather's pieces", "same trailing shape and dtype",
@@ -239,6 +281,23 @@ def cases(r, P, tmp):
           [me, "tag", f"[0, {REVERSE_TAG})", f"got {REVERSE_TAG}"]),
         C("mpi_sendrecv: negative tag", lambda: gp.mpi_sendrecv(x, 0, 0, tag=-5), ValueError,
           [me, "tag", "got -5"]),
+        C("mpi_sendrecv: each rank naming its own peers (debug mode)",
+          lambda: gp.mpi_sendrecv(x, dest=(r + 1) % P, source=(r - 1) % P),
+          gp.CommunicationMismatch, [me, "mpi_sendrecv", "the argument list differs",
+                                     "use mpi_exchange"], min_ranks=2, debug=True, subset=True),
+        C("mpi_exchange: float dest", lambda: gp.mpi_exchange(x, dest=0.5, source=0),
+          ValueError, [me, "dest", "must be an int", "0.5"]),
+        C("mpi_recv: another dtype of the same size (debug mode)",
+          lambda: (gp.mpi_send(np.ones(2), dest=r),
+                   gp.mpi_recv(np.ones(4, np.float32), source=r).numpy()),
+          gp.CommunicationMismatch, [me, "mpi_recv from rank", "sent <f8 (2,)",
+                                     "expects <f4 (4,)"], debug=True, subset=True),
+        C("mpi_sum: dtypes differ across ranks (debug mode)",
+          lambda: gp.mpi_sum(np.ones(2, np.float32 if r == 0 else np.float64)),
+          gp.CommunicationMismatch, [me, "mpi_sum", "the dtype differs", "float32"],
+          min_ranks=2, debug=True),
+        C("mpi_sum: a freed communicator", lambda: gp.mpi_sum(x, comm=_freed()), ValueError,
+          [me, "communicator was freed"], subset=True),
         C("mpi_barrier: comm of a wrong type", lambda: gp.mpi_barrier(comm=object()), TypeError,
           [me, "comm", "object"]),
         # --- Comm.split / Comm.cart ----------------------------------------------------------
@@ -247,6 +306,12 @@ def cases(r, P, tmp):
           [me, "color", "int >= 0", f"got -1 on rank {P - 1}"], subset=True),
         C("Comm.split: key not an int", lambda: gp.Comm().split(0, key="first"), ValueError,
           [me, "key", "'first'"]),
+        C("Comm.split: color beyond a C int", lambda: gp.Comm().split(2**40), ValueError,
+          [me, "color", "(a C int)", f"got {2**40}"], subset=True),
+        C("Comm: a string", lambda: gp.Comm("world"), TypeError,
+          [me, "comm", "mpi4py Intracomm", "'world'"], subset=True),
+        C("GPUMPIAD_TIMEOUT not a number", lambda: _timeout_from_env("abc"), ValueError,
+          [me, "GPUMPIAD_TIMEOUT", "positive number of seconds", "'abc'"], subset=True),
         C("Comm.cart: dims do not fit", lambda: gp.Comm().cart(dims=[P + 1, 1]), ValueError,
           [me, "dims", f"[{P + 1}, 1]", f"{P} rank(s)"], subset=True),
         C("Comm.cart: negative dims", lambda: gp.Comm().cart(dims=[-1, 0]), ValueError,
@@ -384,14 +449,14 @@ def _run_table(subset_only):
     return ran, failures
 
 
-@pytest.mark.parallel(nprocs=[2])
+@pytest.mark.parallel(nprocs=[1, 2, 4])
 def test_error_table():
     ran, failures = _run_table(subset_only=False)
     parallel_assert(ran >= 40, f"only {ran} cases ran")
     parallel_assert(not failures, "\n".join(failures))
 
 
-@pytest.mark.parallel(nprocs=[1, 3])
+@pytest.mark.parallel(nprocs=[3])
 def test_error_table_subset():
     ran, failures = _run_table(subset_only=True)
     parallel_assert(ran >= 15, f"only {ran} cases ran")

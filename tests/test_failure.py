@@ -8,6 +8,7 @@ Whole jobs run under ``mpiexec`` in a subprocess with a hard ``timeout=``, so a 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -96,19 +97,70 @@ BCAST_OF_OTHER_SHAPES = PROLOGUE + textwrap.dedent("""\
     print(f"rank {r} passed the collectives", flush=True)
 """)
 
+SYS_EXIT_ON_RANK_1 = PROLOGUE + textwrap.dedent("""\
+    if r == 1:
+        time.sleep(0.5)
+        sys.exit(3)
+    gm.mpi_sum(np.ones(3)).numpy()   # never completes: rank 1 is gone
+    print(f"rank {r} passed the collective", flush=True)
+""")
+
+UNRECEIVED_SEND = PROLOGUE + textwrap.dedent("""\
+    if r == 0:
+        gm.mpi_send(np.ones(1 << 20), dest=P - 1, tag=4)   # 8 MiB that no rank receives
+    gm.mpi_sum(np.ones(3)).numpy()
+    print(f"rank {r} reached the end", flush=True)
+""")
+
+UNREAD_RESULTS = PROLOGUE + textwrap.dedent("""\
+    from mpi4py import MPI
+    gm.mpi_sum(np.ones(1 << 16))     # results never read
+    gm.mpi_bcast(np.ones(3))
+    gm.mpi_gather(np.ones((2, 2)))
+    gm.mpi_finalize()
+    MPI.Finalize()
+    print(f"rank {r} finalized", flush=True)
+""")
+
+AFTER_FINALIZE = PROLOGUE + textwrap.dedent("""\
+    from mpi4py import MPI
+    gm.mpi_finalize()
+    MPI.Finalize()
+    for call in (gm.mpi_init, lambda: gm.mpi_sum(np.ones(2)), gm.Comm):
+        try:
+            call()
+            print(f"rank {r}: no error", flush=True)
+        except RuntimeError as exc:
+            print(f"rank {r} said: {exc}", flush=True)
+""")
+
+WAITING_FOR_CTRL_C = PROLOGUE + textwrap.dedent("""\
+    print(f"rank {r} ready", flush=True)
+    if r == 0:
+        while True:                  # busy in Python when Ctrl-C comes
+            time.sleep(0.01)
+    gm.mpi_sum(np.ones(1)).numpy()   # the others wait in a collective
+""")
+
+
 def _mpiexec(tmp_path, source, nprocs, **env_extra):
     """Run ``source`` under ``mpiexec -n nprocs``; ``(returncode, output, seconds)``."""
     script = tmp_path / "job.py"
     script.write_text(source)
+    start = time.monotonic()
+    proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, str(script)],
+                          capture_output=True, text=True, env=_job_env(**env_extra),
+                          timeout=HARD_TIMEOUT)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def _job_env(**env_extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_"))}
     env.pop("GPUMPIAD_TIMEOUT", None)
     env.pop("GPUMPIAD_DEBUG", None)
     env.update(env_extra)
-    start = time.monotonic()
-    proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, str(script)],
-                          capture_output=True, text=True, env=env, timeout=HARD_TIMEOUT)
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+    return env
 
 
 def _ended_job(tmp_path, source, messages, nprocs=4, max_seconds=10, **env):
@@ -258,3 +310,62 @@ def test_watchdog_ends_a_stuck_halo_exchange(monkeypatch):
                                         and "within 1 s (the watchdog" in message), message)
     ghost = a[-1, 1:-1] if world.rank == 0 else a[0, 1:-1]
     parallel_assert(np.all(ghost == 2 - world.rank), f"ghost row {ghost}")
+
+
+def test_sys_exit_on_one_rank_ends_the_job_with_its_code(tmp_path):
+    """Python runs no exception hook for SystemExit: without the exit handler the other ranks
+    would wait in their collective forever."""
+    message = "gpumpiad: rank 1 exited with code 3 (sys.exit); ending the whole job"
+    rc, out, seconds = _ended_job(tmp_path, SYS_EXIT_ON_RANK_1, [message], nprocs=3,
+                                  max_seconds=30)
+    assert message in out and "passed the collective" not in out, out
+
+
+def test_a_send_no_rank_receives_ends_the_job_naming_it(tmp_path):
+    """At exit every rank meets the others; a send still unmatched then can never be, so it is
+    named and the job exits non-zero instead of waiting for it forever."""
+    message = ("never completed (every rank has arrived, so no rank will match them): "
+               "mpi_send to rank 2 (tag 4)")
+    rc, out, seconds = _ended_job(tmp_path, UNRECEIVED_SEND, [message], nprocs=3,
+                                  max_seconds=30)
+    assert message in out and "rank 0: exit: 1 communication(s)" in out, out
+
+
+def test_unread_results_are_completed_before_finalize(tmp_path):
+    rc, out, seconds = _mpiexec(tmp_path, UNREAD_RESULTS, 2)
+    assert rc == 0, out
+    assert "pending" not in out and out.count("finalized") == 2, out
+
+
+def test_use_after_finalize_is_a_clear_error(tmp_path):
+    rc, out, seconds = _mpiexec(tmp_path, AFTER_FINALIZE, 2)
+    assert rc == 0, out
+    for r in (0, 1):
+        assert out.count(f"rank {r} said: rank {r}: MPI was finalized") == 3, out
+    assert "no error" not in out and "MPICH" not in out, out
+
+
+def test_ctrl_c_ends_the_whole_job(tmp_path):
+    """Ctrl-C reaches mpiexec, which forwards SIGINT to the ranks: the rank interrupted in
+    Python aborts the job, so the ranks waiting inside MPI end too, within seconds."""
+    script = tmp_path / "job.py"
+    script.write_text(WAITING_FOR_CTRL_C)
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["mpiexec", "-n", "3", sys.executable, str(script)],
+                                stdout=out, stderr=subprocess.STDOUT, env=_job_env())
+        try:
+            deadline = time.monotonic() + HARD_TIMEOUT
+            while log.read_text().count("ready") < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(0.5)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=30)
+            seconds = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert rc != 0 and seconds < 10, f"rc {rc} after {seconds:.1f} s:\n{text}"
+    assert "KeyboardInterrupt" in text, text

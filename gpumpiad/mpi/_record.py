@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import control
+from ..arguments import as_int, is_int
 from ..backend import get_array_module, is_device_array
 from ..comm import resolve
 from ..tape import active_tape
@@ -36,11 +38,8 @@ def record(name, vjp, inputs, outputs, local=None, communicates=True, eager=Fals
 
 
 def check_root(root, comm, name):
-    """Validate a root/peer rank argument."""
-    if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < comm.size:
-        raise ValueError(f"rank {comm.rank}: {name} must be an int in [0, {comm.size}), "
-                         f"got {root!r}")
-    return int(root)
+    """Validate a root/peer rank argument (an int or NumPy integer in ``[0, comm.size)``)."""
+    return as_int(root, name, comm.rank, low=0, high=comm.size)
 
 
 def check_rows(x, name, comm):
@@ -48,6 +47,32 @@ def check_rows(x, name, comm):
     if x.ndim == 0:
         raise ValueError(f"rank {comm.rank}: {name} needs an array with at least one axis "
                          f"(row blocks along axis 0), got a scalar")
+
+
+def problem_of(*checks):
+    """The message of the first ``ValueError``/``TypeError`` the ``checks`` (callables) raise,
+    or None: a rank's own verdict on its arguments, to share before a collective."""
+    try:
+        for check in checks:
+            check()
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def exchange_pieces(comm, name, mine, problem):
+    """Every rank's ``mine`` (what a row-block collective tells the others about its piece),
+    in one watched exchange that also carries each rank's ``problem`` with its own arguments
+    (or None): a problem anywhere is a ValueError on every rank, saying which rank and why,
+    instead of a rank failing alone while the others wait in the collective."""
+    views = control.allgather(comm, (mine, problem), f"{name} (metadata)")
+    problems = [p for _, p in views if p is not None]
+    if problems:
+        if problem is not None and len(problems) == 1:
+            raise ValueError(problem)
+        raise ValueError(f"rank {comm.rank}: {name}'s arguments are wrong on "
+                         f"{len(problems)} rank(s): " + "; ".join(problems))
+    return [m for m, _ in views]
 
 
 def split_rows(n, parts):
@@ -59,11 +84,17 @@ def split_rows(n, parts):
 def row_counts(rows, n, comm, name):
     """``(rows, problem)``: rows per rank (default: an even split of ``n``) and a description
     of what is wrong with a user-given list, or ``None``."""
-    rows = split_rows(n, comm.size) if rows is None else list(rows)
-    if len(rows) != comm.size or sum(rows) != n or min(rows, default=0) < 0:
-        return rows, (f"{name} rows must be {comm.size} non-negative counts summing to {n}, "
-                      f"got {rows}")
-    return rows, None
+    if rows is None:
+        return split_rows(n, comm.size), None
+    try:
+        given = list(rows)
+    except TypeError:
+        given = None
+    if (given is None or len(given) != comm.size or not all(is_int(r) for r in given)
+            or sum(given) != n or min(given, default=0) < 0):
+        return rows, (f"{name} rows must be {comm.size} non-negative ints summing to {n} "
+                      f"(axis 0 of x), got {rows!r}")
+    return [int(r) for r in given], None
 
 
 def piece(data):
@@ -98,5 +129,5 @@ def zeros_like(array):
 
 
 __all__ = ["REVERSE_TAG", "agreed_rows", "as_tensor", "check_root", "check_rows",
-           "is_device_array", "offsets", "pending_tensor", "piece", "record", "resolve",
-           "row_counts", "split_rows", "zeros_like"]
+           "exchange_pieces", "is_device_array", "offsets", "pending_tensor", "piece",
+           "problem_of", "record", "resolve", "row_counts", "split_rows", "zeros_like"]

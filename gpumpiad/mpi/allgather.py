@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..tensor import SERIAL
 from ..transport import start_allgatherv
-from ._record import (agreed_rows, as_tensor, check_rows, offsets, pending_tensor, piece,
-                      record, resolve)
+from ._record import (agreed_rows, as_tensor, check_rows, exchange_pieces, offsets,
+                      pending_tensor, piece, problem_of, record, resolve)
 
 
 def mpi_allgather(x, comm=None):
@@ -26,13 +26,15 @@ def mpi_allgather(x, comm=None):
     """
     comm = resolve(comm)
     x = as_tensor(x, comm)
-    check_rows(x, "mpi_allgather", comm)
+    problem = problem_of(lambda: check_rows(x, "mpi_allgather", comm))
     data = x.data
     trailing = tuple(data.shape[1:])
     box = {}
 
     def start():
-        box["rows"] = agreed_rows(comm.mpi.allgather(piece(data)), comm, "mpi_allgather")
+        pieces = exchange_pieces(comm, "mpi_allgather", None if problem else piece(data),
+                                 problem)
+        box["rows"] = agreed_rows(pieces, comm, "mpi_allgather")
         return start_allgatherv(comm.mpi, data, box["rows"], trailing)
 
     pending = comm.issue("mpi_allgather", start, array=data, same_shape=False)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..tensor import DISTRIBUTED
 from ..transport import start_alltoallv
-from ._record import (agreed_rows, as_tensor, check_rows, pending_tensor, piece, record,
-                      resolve, row_counts)
+from ._record import (agreed_rows, as_tensor, check_rows, exchange_pieces, pending_tensor,
+                      piece, problem_of, record, resolve, row_counts)
 
 
 def mpi_alltoall(x, rows=None, comm=None):
@@ -32,10 +32,12 @@ def mpi_alltoall(x, rows=None, comm=None):
     """
     comm = resolve(comm)
     x = as_tensor(x, comm)
-    check_rows(x, "mpi_alltoall", comm)
-    send_rows, problem = row_counts(rows, x.shape[0], comm, "mpi_alltoall")
-    if problem:
-        raise ValueError(f"rank {comm.rank}: {problem}")
+    problem = problem_of(lambda: check_rows(x, "mpi_alltoall", comm))
+    send_rows = None
+    if problem is None:
+        send_rows, problem = row_counts(rows, x.shape[0], comm, "mpi_alltoall")
+        if problem is not None:
+            problem = f"rank {comm.rank}: {problem}"
     data = x.data
     box = {}
 
@@ -43,8 +45,9 @@ def mpi_alltoall(x, rows=None, comm=None):
         # Every rank hears from every other: a rank whose trailing shape or dtype differs
         # from anyone's is seen by every rank, so they all raise.
         _, trailing, dtype = piece(data)
-        box["recv"] = agreed_rows(comm.mpi.alltoall([(n, trailing, dtype) for n in send_rows]),
-                                  comm, "mpi_alltoall")
+        pieces = exchange_pieces(comm, "mpi_alltoall", (send_rows, trailing, dtype), problem)
+        box["recv"] = agreed_rows([(sent[comm.rank], trailing, dtype)
+                                   for sent, trailing, dtype in pieces], comm, "mpi_alltoall")
         return start_alltoallv(comm.mpi, data, send_rows, box["recv"])
 
     pending = comm.issue("mpi_alltoall", start, array=data, same_shape=False)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..tensor import DISTRIBUTED
 from ..transport import is_device, start_gatherv, start_scatterv
-from ._record import (agreed_rows, as_tensor, check_root, check_rows, pending_tensor, piece,
-                      record, resolve)
+from ._record import (agreed_rows, as_tensor, check_root, check_rows, exchange_pieces,
+                      pending_tensor, piece, problem_of, record, resolve)
 
 
 def mpi_gather(x, root=0, comm=None):
@@ -35,15 +35,18 @@ def mpi_gather(x, root=0, comm=None):
     True
     """
     comm = resolve(comm)
-    root = check_root(root, comm, "root")
     x = as_tensor(x, comm)
-    check_rows(x, "mpi_gather", comm)
+    problem = problem_of(lambda: check_root(root, comm, "root"),
+                         lambda: check_rows(x, "mpi_gather", comm))
+    root = check_root(root, comm, "root") if problem is None else None
     data = x.data
     trailing = tuple(data.shape[1:])
     box = {}
 
     def start():
-        box["rows"] = agreed_rows(comm.mpi.allgather(piece(data)), comm, "mpi_gather")
+        pieces = exchange_pieces(comm, "mpi_gather", None if problem else piece(data),
+                                 problem)
+        box["rows"] = agreed_rows(pieces, comm, "mpi_gather")
         return start_gatherv(comm.mpi, data, box["rows"], root, trailing)
 
     pending = comm.issue("mpi_gather", start, root=root, array=data, same_shape=False)

@@ -1,4 +1,4 @@
-"""Point-to-point: ``mpi_send``, ``mpi_recv`` and ``mpi_sendrecv``.
+"""Point-to-point: ``mpi_send``, ``mpi_recv``, ``mpi_sendrecv`` and ``mpi_exchange``.
 
 Sends never block: they are posted and completed later (their buffers kept alive), and a
 receive waits only when its data is read. In the reverse pass a send's rule (a receive) returns
@@ -13,18 +13,17 @@ right receive.
 """
 from __future__ import annotations
 
+from ..arguments import as_int
+from ..debug import CommunicationMismatch, debug_enabled
 from ..tape import Deferred
 from ..tensor import DISTRIBUTED, Tensor
-from ..transport import is_device, start_recv, start_send, track
+from ..transport import is_device, start_recv, start_send
 from ._record import (REVERSE_TAG, as_tensor, check_root, pending_tensor, record, resolve,
                       zeros_like)
 
 
 def _check_tag(tag, comm):
-    if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag < REVERSE_TAG:
-        raise ValueError(f"rank {comm.rank}: tag must be an int in [0, {REVERSE_TAG}), "
-                         f"got {tag!r}")
-    return int(tag)
+    return as_int(tag, "tag", comm.rank, low=0, high=REVERSE_TAG)
 
 
 def _window():
@@ -47,12 +46,15 @@ def _reverse_tag(comm, kind, peer, tag):
 
 
 def _post_send(comm, array, dest, tag, call):
-    track(comm.issue(call, lambda: start_send(comm.mpi, array, dest, tag), collective=False))
+    comm.issue(f"{call} to rank {dest} (tag {tag})",
+               lambda: start_send(comm.mpi, array, dest, tag, signed=debug_enabled()),
+               collective=False)
 
 
 def _recv_now(comm, like, source, tag, call):
-    return comm.issue(call, lambda: start_recv(comm.mpi, like.shape, like.dtype,
-                                               is_device(like.data), source, tag, call),
+    return comm.issue(f"{call} from rank {source} (tag {tag})",
+                      lambda: start_recv(comm.mpi, like.shape, like.dtype, is_device(like.data),
+                                         source, tag, call, signed=debug_enabled()),
                       collective=False)
 
 
@@ -130,8 +132,12 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
     """Rank ``source`` sends its ``x`` to rank ``dest``, whose result is what it received;
     every other rank's result is its own ``x`` (a send on ``source``, a receive on ``dest``).
 
-    Equivalent to ``mpi_send`` on ``source`` and ``mpi_recv`` on ``dest``. Every rank calls it;
-    the result is distributed on every rank (also when ``dest == source``, a copy-free identity).
+    Equivalent to ``mpi_send`` on ``source`` and ``mpi_recv`` on ``dest``. Every rank calls it
+    with the same ``dest`` and ``source`` (one message that all ranks name alike); the result is
+    distributed on every rank (also when ``dest == source``, a copy-free identity). For
+    ``MPI_Sendrecv``'s form, where each rank names its own peers (ring shifts, pairwise swaps),
+    use :func:`mpi_exchange`. Debug mode checks that every rank passed the same ``dest`` and
+    ``source``.
 
     Examples
     --------
@@ -146,6 +152,12 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
     source = check_root(source, comm, "source")
     tag = _check_tag(tag, comm)
     x = as_tensor(x, comm)
+    try:
+        comm.agree("mpi_sendrecv", f"dest={dest}, source={source}, tag={tag}")
+    except CommunicationMismatch as exc:
+        raise CommunicationMismatch(f"{exc}. mpi_sendrecv moves one message that every rank "
+                                    "names alike; for MPI_Sendrecv's form, each rank naming "
+                                    "its own peers, use mpi_exchange") from None
     # One node on every rank, result distributed everywhere, x in a per-rank position
     # everywhere: ranks then agree on the reverse allreduce of a serial x's shares (a send on
     # one rank and a receive on another would disagree and mix the reverse allreduces).
@@ -179,4 +191,71 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
 
     record("mpi_sendrecv", vjp, [x], [out], local=[True], eager=comm.rank == dest != source,
            takes_none=True)
+    return out
+
+
+def mpi_exchange(x, dest, source, tag=0, comm=None):
+    """Send ``x`` to rank ``dest`` and receive, from rank ``source``, an array shaped like
+    ``x``: ``MPI_Sendrecv``, where each rank names its own peers.
+
+    A ring shift is ``mpi_exchange(x, dest=(r + 1) % P, source=(r - 1) % P)``, a pairwise swap
+    ``mpi_exchange(x, dest=partner, source=partner)``. ``dest=None`` sends nothing and
+    ``source=None`` receives nothing (the result is then zeros), as at the open ends of a
+    non-periodic shift. Every message must be matched: the rank named as ``dest`` must name
+    this rank as its ``source``.
+
+    Parameters
+    ----------
+    x : Tensor or array_like
+        What this rank sends; the received message must have its shape and dtype.
+    dest, source : int or None
+        The rank to send to and the rank to receive from.
+    tag : int
+    comm : gpumpiad.Comm, optional
+
+    Returns
+    -------
+    Tensor
+        Distributed: what ``source`` sent.
+
+    Notes
+    -----
+    Reverse rule (the adjoint of an exchange is the exchange reversed): the result's cotangent
+    goes back to ``source``, and the cotangent ``dest`` sends back is ``x``'s cotangent.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> r, P = gpumpiad.mpi_rank(), gpumpiad.mpi_size()
+    >>> x = gpumpiad.tensor(np.full(2, float(r)), distributed=True)
+    >>> y = gpumpiad.mpi_exchange(x, dest=(r + 1) % P, source=(r - 1) % P)
+    >>> y.numpy().tolist() == [float((r - 1) % P)] * 2
+    True
+    """
+    comm = resolve(comm)
+    dest = None if dest is None else check_root(dest, comm, "dest")
+    source = None if source is None else check_root(source, comm, "source")
+    tag = _check_tag(tag, comm)
+    x = as_tensor(x, comm)
+    if dest is not None:
+        _post_send(comm, x.data, dest, tag, "mpi_exchange (send)")
+        send_back = _reverse_tag(comm, "send", dest, tag)
+    if source is not None:
+        out = pending_tensor(_recv_now(comm, x, source, tag, "mpi_exchange (recv)"),
+                             DISTRIBUTED, comm)
+        recv_back = _reverse_tag(comm, "recv", source, tag)
+    else:
+        out = Tensor(zeros_like(x.data), DISTRIBUTED, comm)
+
+    def vjp(gs):
+        if source is not None:
+            g = gs[0] if gs[0] is not None else zeros_like(x.data)
+            _post_send(comm, g, source, recv_back, "mpi_exchange (reverse: send)")
+        if dest is None:
+            return [None]
+        return [Deferred(_recv_now(comm, x, dest, send_back, "mpi_exchange (reverse: recv)"))]
+
+    # Eager: the cotangent goes back as soon as it is complete, whatever this rank's reverse
+    # order, so that a ring of exchanges cannot wait on itself.
+    record("mpi_exchange", vjp, [x], [out], local=[True], eager=True, takes_none=True)
     return out

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..tensor import DISTRIBUTED, Tensor
 from ..transport import is_device, start_gatherv, start_scatterv
-from ._record import as_tensor, check_root, pending_tensor, record, resolve, row_counts
+from ._record import (as_tensor, check_root, exchange_pieces, pending_tensor, problem_of,
+                      record, resolve, row_counts)
 
 
 def mpi_scatter(x, root=0, rows=None, comm=None):
@@ -36,27 +37,27 @@ def mpi_scatter(x, root=0, rows=None, comm=None):
     (2,)
     """
     comm = resolve(comm)
-    root = check_root(root, comm, "root")
+    error = problem_of(lambda: check_root(root, comm, "root"))
+    root = check_root(root, comm, "root") if error is None else None
     is_root = comm.rank == root
     x = as_tensor(x, comm) if (x is not None or is_root) else None
     # Only the root can check x and rows; its verdict travels with the metadata so that every
-    # rank raises (a root-only error would leave the others waiting in the broadcast).
-    error = None
+    # rank raises (a root-only error would leave the others waiting in the scatter).
     if is_root:
         if x.ndim == 0:
-            error = "mpi_scatter needs an array with at least one axis on the root, got a scalar"
+            error = (f"rank {comm.rank}: mpi_scatter needs an array with at least one axis on "
+                     "the root, got a scalar")
         else:
             rows, error = row_counts(rows, x.shape[0], comm, "mpi_scatter")
+            error = error and f"rank {comm.rank}: {error} (checked on root {root})"
     data = x.data if x is not None else None
     box = {}
 
     def start():
-        meta = (error, None if error else (list(rows), tuple(data.shape[1:]), data.dtype.str,
-                                           is_device(data))) if is_root else None
-        problem, meta = comm.mpi.bcast(meta, root=root)
-        if problem:
-            raise ValueError(f"rank {comm.rank}: {problem} (checked on root {root})")
-        box["rows"], box["trailing"], dtype, device = meta
+        meta = ((list(rows), tuple(data.shape[1:]), data.dtype.str, is_device(data))
+                if is_root and error is None else None)
+        views = exchange_pieces(comm, "mpi_scatter", meta, error)
+        box["rows"], box["trailing"], dtype, device = views[root]
         return start_scatterv(comm.mpi, data, box["rows"], root, box["trailing"], dtype,
                               device)
 
