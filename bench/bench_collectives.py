@@ -3,6 +3,7 @@ and mpi4jax where installed, at 8 B, 1 MB and 64 MB; and communication/compute o
 
 Run:  mpiexec -n 2 python bench/bench_collectives.py [--repeats 20] [--out FILE]
       MPIR_CVAR_ASYNC_PROGRESS=1 mpiexec -n 2 python bench/bench_collectives.py --overlap-only
+      mpiexec -n 2 python bench/bench_collectives.py --copy-cost-only
       GPUMPIAD_BACKEND=cupy mpiexec -n 2 python bench/bench_collectives.py   # device arrays
 
 Each call moves a distributed float64 array ``x``: ``mpi_sum(x)``, ``mpi_bcast(x, root=0)``, and
@@ -21,6 +22,11 @@ a CUDA build of mpi4jax).
 
 Every timing is the median over repeats of the slowest rank's time, each repeat starting after
 a barrier. Ratios are against raw mpi4py's blocking calls.
+
+The copy cost: what a call sends is the value at the time of the call, so the library sends
+from its own copy. The same gpumpiad call with that copy and without it (the caller's array
+handed to MPI, as if the caller promised not to write it) alternate repeat by repeat; min and
+median of each, and the load average.
 """
 from __future__ import annotations
 
@@ -201,16 +207,55 @@ def overlap(comm, repeats):
     return t_comm, t_comp, t_both
 
 
+def copy_cost(comm, repeats):
+    """Lines of a table: gpumpiad's broadcast and ring with the value-semantics copy and
+    without it, alternating, at 1, 8 and 64 MB."""
+    import functools
+    import statistics
+    copying = transport.send_buffer
+    no_copy = functools.partial(copying, private=True)
+    P, r = comm.size, comm.rank
+    lines = [f"load average (1 min) at the start: {os.getloadavg()[0]:.2f}", "",
+             "| call | size | with copy min / median (ms) | without min / median (ms) "
+             "| median ratio |", "|---|---|---|---|---|"]
+    for label, n in {"1 MB": 1 << 17, "8 MB": 1 << 20, "64 MB": 1 << 23}.items():
+        x = np.random.default_rng(r).standard_normal(n)
+        calls = {"bcast": lambda: gp.mpi_bcast(x, root=0).data,
+                 "sendrecv": lambda: (gp.mpi_send(x, (r + 1) % P),
+                                      gp.mpi_recv(x, (r - 1) % P).data)}
+        for call, fn in calls.items():
+            times = {"copy": [], "none": []}
+            fn()
+            for _ in range(repeats):
+                for kind, sender in (("copy", copying), ("none", no_copy)):
+                    transport.send_buffer = sender
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    fn()
+                    times[kind].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+            transport.send_buffer = copying
+            a, b = times["copy"], times["none"]
+            lines.append(f"| {call} | {label} | {min(a) * 1e3:.3f} / "
+                         f"{statistics.median(a) * 1e3:.3f} | {min(b) * 1e3:.3f} / "
+                         f"{statistics.median(b) * 1e3:.3f} | "
+                         f"{statistics.median(a) / statistics.median(b):.2f} |")
+    lines.append(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default=None)
     parser.add_argument("--overlap-only", action="store_true")
+    parser.add_argument("--copy-cost-only", action="store_true")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     lines = []
     say = lines.append
-    if not args.overlap_only:
+    if args.copy_cost_only:
+        lines += copy_cost(comm, args.repeats)
+    elif not args.overlap_only:
         say("| call | size | mpi4py fwd (ms) | gpumpiad fwd (ms) | ratio | mpi4py fwd+bwd (ms) "
             "| gpumpiad fwd+bwd (ms) | ratio | torch gloo fwd (ms) | mpi4jax fwd (ms) "
             "| mpi4jax fwd+bwd (ms) |")
@@ -236,12 +281,17 @@ def main():
                     f"{ms(jax_fwd, reps)} | {ms(jax_both, reps)} |")
         say("")
         say(f"torch: {notes['torch']}; mpi4jax: {notes['mpi4jax']}")
-    t_comm, t_comp, t_both = overlap(comm, max(5, args.repeats // 3))
-    say("")
-    say(f"overlap (MPIR_CVAR_ASYNC_PROGRESS={os.environ.get('MPIR_CVAR_ASYNC_PROGRESS', 'unset')}"
-        f"): mpi_sum 64 MB {t_comm * 1e3:.1f} ms + matmul {t_comp * 1e3:.1f} ms = "
-        f"{(t_comm + t_comp) * 1e3:.1f} ms; issued together {t_both * 1e3:.1f} ms "
-        f"(hidden: {max(0.0, t_comm + t_comp - t_both) / t_comm * 100:.0f}% of the communication)")
+        say("")
+        lines += copy_cost(comm, max(5, args.repeats // 3))
+    if not args.copy_cost_only:
+        t_comm, t_comp, t_both = overlap(comm, max(5, args.repeats // 3))
+        say("")
+        say(f"overlap (MPIR_CVAR_ASYNC_PROGRESS="
+            f"{os.environ.get('MPIR_CVAR_ASYNC_PROGRESS', 'unset')}): mpi_sum 64 MB "
+            f"{t_comm * 1e3:.1f} ms + matmul {t_comp * 1e3:.1f} ms = "
+            f"{(t_comm + t_comp) * 1e3:.1f} ms; issued together {t_both * 1e3:.1f} ms "
+            f"(hidden: {max(0.0, t_comm + t_comp - t_both) / t_comm * 100:.0f}% of the "
+            "communication)")
     if comm.rank == 0:
         header = (f"ranks {comm.size}, {MPI.Get_library_version().splitlines()[0].strip()}, "
                   f"mpi4py {__import__('mpi4py').__version__}, numpy {np.__version__}, "

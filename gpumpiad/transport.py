@@ -296,20 +296,24 @@ class _Received:
         return deliver(self.out, self.device)
 
 
-_unfinished = {}  # id -> Pending whose requests may not have completed
-_registered = [0]
-_PRUNE_EVERY = 64
+_unfinished = {}  # id -> Pending whose requests may not have completed, oldest first
+_TESTED_PER_CALL = 2
 
 
 def _register(pending):
     """Keep ``pending`` (and so its buffers) alive until it completes, read or not: an unread
-    result's requests still have to complete before MPI is finalised."""
+    result's requests still have to complete before MPI is finalised. Each registration tests
+    the oldest entries and drops the complete ones (an unfinished one goes to the back), so a
+    send's buffer returns to the pool soon after MPI is done with it, at a constant cost."""
+    for _ in range(_TESTED_PER_CALL):
+        try:
+            key = next(iter(_unfinished))
+        except (StopIteration, RuntimeError):  # empty, or changed by another thread
+            break
+        oldest = _unfinished.pop(key, None)
+        if oldest is not None and not _finished(oldest):
+            _unfinished[key] = oldest
     _unfinished[id(pending)] = pending
-    _registered[0] += 1
-    if _registered[0] % _PRUNE_EVERY == 0:
-        for p in list(_unfinished.values()):
-            if _finished(p):
-                _unfinished.pop(id(p), None)
 
 
 def _finished(pending):
