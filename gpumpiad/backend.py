@@ -205,6 +205,26 @@ def synchronize(x):
         cupy.cuda.get_current_stream().synchronize()
 
 
+def stream_of(x):
+    """The CUDA stream that work on device array ``x`` is queued on now (the current one), or
+    None for a host array: kept with memory set aside for reuse, for :func:`after_stream`."""
+    if not is_device_array(x):
+        return None
+    import cupy
+    return cupy.cuda.get_current_stream()
+
+
+def after_stream(stream):
+    """Before the current stream reuses memory last used on ``stream`` (from
+    :func:`stream_of`): wait for ``stream`` when it is another one, whose queued work may still
+    read or write that memory. Nothing for None."""
+    if stream is None:
+        return
+    import cupy
+    if stream.ptr != cupy.cuda.get_current_stream().ptr:
+        stream.synchronize()
+
+
 _comm_streams = {}
 
 

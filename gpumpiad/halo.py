@@ -147,6 +147,25 @@ def kernels_for(array, backend=None):
     return hostkernels
 
 
+# Exchanges dropped before their wait (an error between start and wait): MPI may still write
+# their receive buffers and read their send buffers, which therefore stay here, never freed
+# for reuse, until their requests complete.
+_abandoned = []
+
+
+def _release_finished():
+    """Forget the abandoned exchanges whose requests have completed."""
+    kept = []
+    for entry in _abandoned:
+        try:
+            if MPI.Request.Testall(entry[0]):
+                continue
+        except MPI.Exception:
+            continue    # failed: MPI is done with the buffers
+        kept.append(entry)
+    _abandoned[:] = kept
+
+
 class Exchange:
     """An exchange in flight: :meth:`wait` completes it and writes the received data."""
 
@@ -163,6 +182,10 @@ class Exchange:
         self._keep = keep
         self._verify = verify
         self._error = None
+
+    def __del__(self):
+        if self._requests is not None and _abandoned is not None:
+            _abandoned.append((self._requests, self._received, self._keep))
 
     def wait(self):
         """Wait for every message, then unpack (assign ghosts, or add into boundary cells)."""
@@ -219,6 +242,8 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
         When ``grid`` was freed.
     """
     kernels = kernels_for(a) if kernels is None else kernels
+    if _abandoned:
+        _release_finished()
     device = is_device_array(a)
     # A row or column moves through NumPy slicing on the host: cheaper than a kernel call.
     edges = kernels if device else stencil

@@ -118,3 +118,40 @@ def test_operands_reach_forwards_as_plain_numbers_and_backend_arrays():
     assert seen == [(int, xp.ndarray), (float, xp.ndarray)], seen
     assert out.distributed and out2.distributed
     assert np.array_equal(out.numpy(), np.array([1.0, 2.0]) * (gp.mpi_rank() + 1) + 1.0)
+
+
+def test_buffers_kept_for_reuse_wait_for_the_stream_that_used_them():
+    """Host arrays have no stream; a device buffer kept on one stream and reused on another
+    waits for the first stream's work (the heat solver's kept state buffers)."""
+    assert backend.stream_of(np.zeros(3)) is None
+    backend.after_stream(None)
+    if not HAS_GPU:
+        return
+    import cupy
+    with cupy.cuda.Device(0):
+        a = cupy.zeros(1 << 22)
+        first = cupy.cuda.Stream(non_blocking=True)
+        with first:
+            for _ in range(50):
+                a += 1
+            kept = backend.stream_of(a)
+        assert kept.ptr == first.ptr
+        second = cupy.cuda.Stream(non_blocking=True)
+        with second:
+            backend.after_stream(kept)
+            assert first.done
+            a *= 2
+        second.synchronize()
+        assert float(a[0]) == 100.0
+
+
+def test_a_device_number_that_is_not_an_int_is_named():
+    code = ("import os, gpumpiad.backend as b; os.environ['GPUMPIAD_DEVICE'] = '1.5'; "
+            "b.bind_device()")
+    res = _run("numpy", code)
+    if HAS_GPU:
+        assert res.returncode != 0
+        assert "rank 0: GPUMPIAD_DEVICE must be a device number (an int >= 0), got '1.5'" \
+            in res.stderr, res.stderr
+    else:
+        assert res.returncode != 0    # no CuPy to bind a device with

@@ -163,3 +163,35 @@ def test_exchanges_over_a_freed_grid_say_it_was_freed():
                                                  r"\(\) or the end of its with block\)"):
                 call()
         parallel_assert(grid.freed)
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_an_exchange_dropped_before_its_wait_keeps_its_buffers_until_mpi_is_done():
+    """An error between start and wait drops the exchange with its messages in flight: its
+    receive buffer must not be freed (and its memory handed to a new array) while MPI may still
+    write it; it is released once the messages have arrived."""
+    import gc
+    import time
+    import weakref
+    grid = Grid((NX, NY), dims=(2, 1))
+    rank = grid.cart.rank
+    u = np.full(grid.padded_shape, float(rank + 1))
+    pending = halo.start(u, grid)
+    if rank == 0:
+        held = weakref.ref(pending._received[0][1])
+        del pending
+        gc.collect()
+        parallel_assert(held() is not None, "the dropped exchange's receive buffer was freed")
+    else:
+        pending.wait()
+        parallel_assert(True)
+    halo.exchange(u, grid)
+    if rank == 0:
+        deadline = time.monotonic() + 10
+        while held() is not None and time.monotonic() < deadline:
+            halo._release_finished()
+            gc.collect()
+        parallel_assert(held() is None, "the buffer was kept after its message arrived")
+    else:
+        parallel_assert(True)
+    grid.free()

@@ -97,7 +97,7 @@ def shares_memory(a, b):
 
 def kept_buffers():
     """Every state buffer the solver keeps for a later solve."""
-    return [buf for bucket in solver._free.values() for buf, _ in bucket]
+    return [kept[0] for bucket in solver._free.values() for kept in bucket]
 
 
 def use_path(monkeypatch, env):

@@ -17,7 +17,8 @@ import nvtx
 from mpi4py import MPI
 
 from .. import control, halo
-from ..backend import all_finite, asarray, get_array_module, is_device_array
+from ..backend import (after_stream, all_finite, asarray, get_array_module, is_device_array,
+                       stream_of)
 from ..comm import Comm, world
 from ..custom import CustomOp
 from ..tape import active_tape
@@ -482,8 +483,9 @@ def _check_arrays(grid, raws):
 
 # State buffers freed by a reverse pass, kept for the next solve of the same shape: a fresh
 # buffer per stored step costs its page faults, which cost more than the step itself. Each is
-# kept with the description of its ghost ring's values (see _frame).
-_free = {}                 # (shape, dtype, array type) -> [(buffer, ghosts)]
+# kept with the description of its ghost ring's values (see _frame) and, on a device, the
+# stream whose work last used it. No array a solve hands out is one of them (_interior).
+_free = {}                 # (shape, dtype, array type) -> [(buffer, ghosts, stream)]
 _free_bytes = {"n": 0, "limit": 1 << 30}
 _free_lock = threading.Lock()
 
@@ -522,7 +524,7 @@ def _kind(a):
 def _recycle(u, ghosts):
     with _free_lock:
         if _free_bytes["n"] + u.nbytes <= _free_bytes["limit"]:
-            _free.setdefault(_kind(u), []).append((u, ghosts))
+            _free.setdefault(_kind(u), []).append((u, ghosts, stream_of(u)))
             _free_bytes["n"] += u.nbytes
 
 
@@ -534,8 +536,10 @@ def _reuse(frame, ghosts):
         bucket = _free.get(_kind(frame))
         if not bucket:
             return None
-        buf, written = bucket.pop()
+        buf, written, stream = bucket.pop()
         _free_bytes["n"] -= buf.nbytes
+    # A solve on another stream (another thread's) may still be using the buffer.
+    after_stream(stream)
     if ghosts is None or written != ghosts:
         buf[0], buf[-1], buf[:, 0], buf[:, -1] = frame[0], frame[-1], frame[:, 0], frame[:, -1]
     return buf
