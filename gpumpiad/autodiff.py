@@ -8,9 +8,9 @@ import zlib
 import numpy as np
 
 from . import control
-from .backend import all_finite, get_array_module, is_device_array, to_numpy
+from .backend import all_finite, asarray, get_array_module, is_device_array, to_numpy
 from .debug import CommunicationMismatch, debug_enabled
-from .tape import Tape, recording
+from .tape import Tape, nested_error, recording, traced_outside
 from .tensor import Tensor, tensor
 
 
@@ -41,6 +41,7 @@ def value_and_grad(fn, argnums=0):
     argnums : int or tuple of int
         Which positional arguments to differentiate. Arrays and scalars become serial leaves;
         a Tensor keeps its layout (``gpumpiad.tensor(x, distributed=True)`` for a per-rank one).
+        An argument named twice gets its gradient twice.
 
     Returns
     -------
@@ -53,7 +54,8 @@ def value_and_grad(fn, argnums=0):
     ------
     TypeError
         ``fn`` not callable, ``argnums`` not ints, or a differentiated argument that is not
-        real floating point (int, bool, complex).
+        real floating point (int, bool, complex); in the reverse pass, a complex cotangent for
+        a real value (a complex intermediate value, or a ``custom_op``'s vjp).
     IndexError
         ``argnums`` out of range for the arguments given.
     ValueError
@@ -65,6 +67,9 @@ def value_and_grad(fn, argnums=0):
         ``fn`` did not return a finite, real, serial scalar Tensor (every rank alike). A
         non-finite loss's message names the differentiated arguments that hold NaN or Inf
         (and, for a distributed one, on which ranks).
+    NotImplementedError
+        Higher-order derivatives: ``fn`` calls ``grad``, ``value_and_grad`` or ``vjp`` on
+        values this differentiation traces (its arguments or anything computed from them).
 
     Outside debug mode the arguments' values are read only when the loss is not finite, so
     the check costs nothing on the common path; an error that one rank alone raises inside
@@ -79,17 +84,21 @@ def value_and_grad(fn, argnums=0):
     (5.0, [2.0, 4.0])
     """
     multi, nums = _check_fn_argnums(fn, argnums, "value_and_grad")
+    return _value_and_grad(fn, multi, nums, "value_and_grad")
 
+
+def _value_and_grad(fn, multi, nums, name):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         tape = Tape()
         try:
-            out, leaves = _trace(tape, fn, args, kwargs, nums)
-            _check_loss(out, leaves, nums)
+            out, leaves, unique = _trace(tape, fn, args, kwargs, nums, name)
+            _check_loss(out, leaves, unique)
             grads = tape.backward(out, get_array_module(out.data).ones_like(out.data))
         finally:
             tape.release()
-        return out.data, _gradients(grads, [args[i] for i in nums], multi)
+        return out.data, _gradients(grads, [args[j] for j in unique], _picks(nums, unique,
+                                                                              len(args)), multi)
 
     return wrapper
 
@@ -113,10 +122,26 @@ def vjp(fn, *args, argnums=0):
         ``fn(*args)``'s data.
     pullback : callable
         ``pullback(cotangent) -> gradient`` (a tuple when ``argnums`` is a tuple). The cotangent
-        has the value's shape; for a serial value it is the global cotangent, the same on every
-        rank, for a distributed one this rank's piece. Every rank calls ``pullback`` together
-        (it communicates), as often as wanted; the recorded operations are kept until the
-        pullback is dropped.
+        is an array of real numbers with the value's shape; for a serial value it is the global
+        cotangent, the same on every rank, for a distributed one this rank's piece. Every rank
+        calls ``pullback`` together (it communicates), as often as wanted; the recorded
+        operations are kept until the pullback is dropped.
+
+    Raises
+    ------
+    TypeError
+        ``fn`` did not return a Tensor of real floating dtype; from the pullback: a cotangent
+        that is not an array of real numbers (``None``, strings, complex).
+    ValueError
+        From the pullback: a cotangent whose shape is not the value's.
+    CommunicationMismatch
+        From the pullback, debug mode only: the cotangent of a serial value differs between
+        ranks (a checksum allgather, raised on every rank naming the ranks). Outside debug
+        mode this is not checked, as it would cost a collective per call: a cotangent that
+        differs between ranks gives a wrong gradient.
+    NotImplementedError
+        Higher-order derivatives: ``vjp`` (or the pullback) used inside a function that
+        ``grad``, ``value_and_grad`` or ``vjp`` differentiates, on values it traces.
 
     Examples
     --------
@@ -129,48 +154,85 @@ def vjp(fn, *args, argnums=0):
     tape = Tape()
     tape.retain = True
     try:
-        out, _ = _trace(tape, fn, args, {}, nums)
+        out, _, unique = _trace(tape, fn, args, {}, nums, "vjp")
         _check_value(out)
     except BaseException:
         tape.release()
         raise
-    return out.data, _Pullback(tape, out, [args[i] for i in nums], multi)
+    return out.data, _Pullback(tape, out, [args[j] for j in unique],
+                               _picks(nums, unique, len(args)), multi)
 
 
 class _Pullback:
-    """``vjp``'s pullback: holds the tape, and releases it when dropped."""
+    """``vjp``'s pullback: holds the tape, and releases it when dropped.
 
-    __slots__ = ("tape", "out", "originals", "multi")
+    A copy is the pullback itself: of two objects sharing one tape, the first dropped would
+    release the other's.
+    """
 
-    def __init__(self, tape, out, originals, multi):
-        self.tape, self.out, self.originals, self.multi = tape, out, originals, multi
+    __slots__ = ("tape", "out", "originals", "picks", "multi")
+
+    def __init__(self, tape, out, originals, picks, multi):
+        self.tape, self.out, self.originals = tape, out, originals
+        self.picks, self.multi = picks, multi
 
     def __call__(self, cotangent):
+        if self.tape.released:
+            raise RuntimeError(f"rank {_rank()}: this pullback's recorded operations were "
+                               "already released (a pullback releases them when it is dropped); "
+                               "call gpumpiad.vjp again for a new pullback")
+        if isinstance(cotangent, Tensor) and traced_outside(cotangent, self.tape):
+            raise nested_error("the pullback's cotangent")
         out = self.out
-        seed = _cotangent(cotangent, out, get_array_module(out.data))
-        return _gradients(self.tape.backward(out, seed), self.originals, self.multi)
+        seed, problem = _cotangent(cotangent, out)
+        if debug_enabled() and out.comm.size > 1:
+            _debug_check_cotangent(out, seed, problem)
+        elif problem is not None:
+            raise problem
+        return _gradients(self.tape.backward(out, seed), self.originals, self.picks, self.multi)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     def __del__(self):
         self.tape.release()
 
 
-def _trace(tape, fn, args, kwargs, nums):
-    """Run ``fn`` on ``tape`` with the arguments ``nums`` as leaves; return ``(out, args)``,
-    ``args`` with those arguments replaced by their leaves."""
-    _check_args(args, nums)
+def _trace(tape, fn, args, kwargs, nums, name):
+    """Run ``fn`` on ``tape`` with the arguments ``nums`` as leaves; return ``(out, args,
+    unique)``: ``args`` with those arguments replaced by their leaves, ``unique`` their
+    positions (non-negative, each once, in the order of ``nums``)."""
+    unique = _check_args(args, nums)
     args = list(args)
-    for i in nums:
-        args[i] = tape.watch(_leaf(args[i]), leaf=True)
+    for j in unique:
+        if isinstance(args[j], Tensor) and traced_outside(args[j], tape):
+            raise nested_error(f"argument {j} of {name}")
+        args[j] = tape.watch(_leaf(args[j]), leaf=True)
     with recording(tape):
         out = fn(*args, **kwargs)
     if isinstance(out, Tensor) and out._tape is not tape:
+        if traced_outside(out, tape):
+            raise nested_error(f"the value returned by {name}'s fn")
         tape.watch(out)
-    return out, args
+    return out, args, unique
 
 
-def _gradients(grads, originals, multi):
-    grads = [_like_input(g, x) for g, x in zip(grads, originals)]
-    return tuple(grads) if multi else grads[0]
+def _picks(nums, unique, nargs):
+    """For each entry of ``nums``, the index of its leaf in ``unique``."""
+    return [unique.index(i % nargs) for i in nums]
+
+
+def _gradients(grads, originals, picks, multi):
+    """The gradients in the order of ``argnums``; an argument named twice gets a copy the
+    second time, so that no two returned arrays share memory."""
+    out = []
+    for n, k in enumerate(picks):
+        g = _like_input(grads[k], originals[k])
+        out.append(g.copy() if k in picks[:n] else g)
+    return tuple(out) if multi else out[0]
 
 
 def grad(fn, argnums=0):
@@ -182,8 +244,8 @@ def grad(fn, argnums=0):
     >>> float(gpumpiad.grad(lambda x: gpumpiad.sin(x).sum())(np.array(0.0)))
     1.0
     """
-    _check_fn_argnums(fn, argnums, "grad")
-    vg = value_and_grad(fn, argnums)
+    multi, nums = _check_fn_argnums(fn, argnums, "grad")
+    vg = _value_and_grad(fn, multi, nums, "grad")
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -212,7 +274,8 @@ def _check_fn_argnums(fn, argnums, name):
 
 
 def _check_args(args, nums):
-    """The differentiated arguments: in range and real floating point.
+    """The differentiated arguments: in range and real floating point. Returns their positions,
+    non-negative and each once, in the order of ``nums``.
 
     Their values are not read here (a pass over every argument on every call): NaN or Inf in an
     argument shows up as a non-finite loss, and :func:`_check_loss` then names the arguments
@@ -223,9 +286,10 @@ def _check_args(args, nums):
         if not -len(args) <= i < len(args):
             raise IndexError(f"rank {_rank()}: argnums {i} is out of range for {len(args)} "
                              f"argument(s); expected -{len(args)} <= argnums < {len(args)}")
+    unique = list(dict.fromkeys(i % len(args) for i in nums))
     debug = debug_enabled()
     groups = {}
-    for i in nums:
+    for i in unique:
         x = args[i]
         data = x.data if isinstance(x, Tensor) else x
         kind = getattr(getattr(data, "dtype", None), "kind", None)
@@ -241,6 +305,7 @@ def _check_args(args, nums):
             groups.setdefault(id(comm), (comm, []))[1].append((i, data, distributed))
     for comm, entries in groups.values():
         _debug_check_args(comm, entries)
+    return unique
 
 
 def _debug_check_args(comm, entries):
@@ -281,15 +346,56 @@ def _check_value(out):
                         f"dtype, got {out.dtype}")
 
 
-def _cotangent(cotangent, out, xp):
-    """The pullback's cotangent as an array of ``out``'s kind, dtype and shape."""
-    if isinstance(cotangent, Tensor):
-        cotangent = cotangent.data
-    seed = xp.asarray(cotangent, dtype=out.dtype)
+def _cotangent(cotangent, out):
+    """``(seed, problem)``: the pullback's cotangent as an array of ``out``'s kind, dtype and
+    shape, or the exception that says why it cannot be one (raised by the caller, which in
+    debug mode first tells the other ranks)."""
+    given = cotangent.data if isinstance(cotangent, Tensor) else cotangent
+    expected = (f"expected an array of real numbers of the value's shape {out.shape} (the "
+                "cotangent of the value)")
+    if given is None:
+        return None, TypeError(f"rank {_rank()}: the pullback's cotangent is None: {expected}")
+    try:
+        seed = asarray(given)
+    except (TypeError, ValueError) as exc:
+        return None, TypeError(f"rank {_rank()}: the pullback's cotangent is not an array of "
+                               f"numbers ({type(given).__name__}: {exc}): {expected}")
+    if seed.dtype.kind not in "biuf":
+        return None, TypeError(f"rank {_rank()}: the pullback's cotangent has dtype "
+                               f"{seed.dtype} ({type(given).__name__} {given!r:.40}): {expected}")
     if seed.shape != out.shape:
-        raise ValueError(f"rank {_rank()}: the pullback's cotangent must have the value's "
-                         f"shape {out.shape}, got {seed.shape}")
-    return seed
+        return None, ValueError(f"rank {_rank()}: the pullback's cotangent must have the "
+                                f"value's shape {out.shape}, got {seed.shape}")
+    return seed.astype(out.dtype, copy=False), None
+
+
+def _debug_check_cotangent(out, seed, problem):
+    """Debug mode: one allgather over the value's communicator of (checksum of a serial value's
+    cotangent | -1 for an invalid cotangent), so every rank raises together."""
+    comm = out.comm
+    serial = not out.distributed
+    code = -1
+    if problem is None:
+        # + 0.0 makes -0.0 and 0.0 one value.
+        code = (zlib.crc32(np.ascontiguousarray(to_numpy(seed) + 0.0).tobytes()) & 0x7FFFFFFF
+                if serial else 0)
+    column = control.allgather_ints(comm, "pullback cotangent check", [code])[:, 0]
+    if problem is not None:
+        raise problem
+    bad = np.flatnonzero(column == -1).tolist()
+    if bad:
+        raise ValueError(f"rank {comm.rank}: the pullback's cotangent is not valid on rank(s) "
+                         f"{bad} (their errors say why): expected an array of real numbers of "
+                         f"the value's shape {out.shape} on every rank (checked in debug mode)")
+    if serial and np.any(column != column[0]):
+        groups = {}
+        for r, c in enumerate(column):
+            groups.setdefault(int(c), []).append(r)
+        detail = "; ".join(f"rank(s) {ranks} hold one value" for ranks in groups.values())
+        raise CommunicationMismatch(
+            f"rank {comm.rank}: the pullback's cotangent differs across ranks ({detail}), but "
+            "the value is serial: expected its global cotangent, the same on every rank "
+            "(checked in debug mode)")
 
 
 def _check_loss(out, args, nums):

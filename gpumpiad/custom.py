@@ -1,7 +1,9 @@
 """User-defined differentiable operations with their own vector-Jacobian product."""
 from __future__ import annotations
 
-from .backend import operand
+import numpy as np
+
+from .backend import asarray, operand
 from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
@@ -49,8 +51,7 @@ class CustomOp:
         raws = [a.data if isinstance(a, Tensor) else operand(a) for a in args]
         ans = self.forward(*raws, **kwargs)
         multi = isinstance(ans, tuple)
-        # A forward written with NumPy alone still yields arrays of this process's backend.
-        answers = tuple(operand(a) for a in (ans if multi else (ans,)))
+        answers = tuple(self._output(a, k, multi) for k, a in enumerate(ans if multi else (ans,)))
         ans = answers if multi else answers[0]
         layouts = self._layouts(len(answers), any(t.distributed for t in tensors))
         outs = [Tensor(a, lay, comm) for a, lay in zip(answers, layouts)]
@@ -66,19 +67,28 @@ class CustomOp:
                     raise ValueError(f"rank {_rank()}: vjp of custom_op {name!r} returned "
                                      f"{len(res)} cotangent(s) for {len(args)} argument(s); "
                                      "expected one per argument")
-                for k, (c, a) in enumerate(zip(res, args)):
-                    if (c is not None and isinstance(a, Tensor)
-                            and tuple(getattr(c, "shape", ())) != tuple(a.shape)):
-                        raise ValueError(
-                            f"rank {_rank()}: vjp of custom_op {name!r} returned a cotangent "
-                            f"of shape {tuple(getattr(c, 'shape', ()))} for argument {k}, "
-                            f"expected its shape {tuple(a.shape)}")
-                return [operand(c) for c in res]
+                return [_cotangent(name, k, c, a) if isinstance(a, Tensor) else None
+                        for k, (c, a) in enumerate(zip(res, args))]
 
             tape.record(self.name, vjp, [a if isinstance(a, Tensor) else None for a in args],
                         outs, local=[any_distributed_out] * len(args), communicates=True,
                         collective=True)
         return tuple(outs) if multi else outs[0]
+
+    def _output(self, a, k, multi):
+        """Output ``k`` of the forward as an array of this process's backend (a forward written
+        with NumPy alone, or returning a scalar, still yields one)."""
+        where = f" as output {k}" if multi else ""
+        if isinstance(a, (bool, int, float, complex, np.generic)):
+            a = asarray(a)
+        elif not (hasattr(a, "shape") and hasattr(a, "dtype")) or isinstance(a, Tensor):
+            raise TypeError(f"rank {_rank()}: forward of custom_op {self.name!r} returned "
+                            f"{type(a).__name__}{where}; expected an array (a tuple of arrays "
+                            "for several outputs)")
+        if a.dtype.kind not in "biufc":
+            raise TypeError(f"rank {_rank()}: forward of custom_op {self.name!r} returned an "
+                            f"array of dtype {a.dtype}{where}; expected numbers")
+        return operand(a)
 
     def _layouts(self, n, any_distributed):
         if isinstance(self.layout, tuple):
@@ -88,6 +98,29 @@ class CustomOp:
             return self.layout
         default = self.layout or (DISTRIBUTED if any_distributed else SERIAL)
         return (default,) * n
+
+
+def _cotangent(name, k, c, arg):
+    """The cotangent ``c`` a custom op's vjp returned for Tensor argument ``k``, as an array of
+    this process's backend, checked against the argument."""
+    if c is None:
+        return None
+    expected = f"expected an array of real numbers of its shape {tuple(arg.shape)}, or None"
+    try:
+        g = asarray(c)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"rank {_rank()}: vjp of custom_op {name!r} returned a "
+                        f"{type(c).__name__} for argument {k} ({exc}); {expected}") from None
+    if g.dtype.kind not in "biuf" and not (g.dtype.kind == "c" and arg.dtype.kind == "c"):
+        what = "complex" if g.dtype.kind == "c" else "non-numeric"
+        raise TypeError(f"rank {_rank()}: vjp of custom_op {name!r} returned a {what} cotangent "
+                        f"(dtype {g.dtype}) for argument {k}, which has dtype {arg.dtype}; "
+                        f"{expected}")
+    if tuple(g.shape) != tuple(arg.shape):
+        raise ValueError(f"rank {_rank()}: vjp of custom_op {name!r} returned a cotangent of "
+                         f"shape {tuple(g.shape)} for argument {k}, expected its shape "
+                         f"{tuple(arg.shape)}")
+    return g
 
 
 def custom_op(forward=None, vjp=None, *, name=None, layout=None):

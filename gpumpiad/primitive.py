@@ -12,7 +12,7 @@ from numpy import ndarray
 
 from .backend import operand
 from .comm import RANK_DEPENDENT, world
-from .tape import active_tape
+from .tape import active_tape, nested_error, traced_outside
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
 
@@ -58,12 +58,15 @@ class Primitive:
                     raise NotImplementedError(
                         f"{self.name}: combining serial values of different communicators is "
                         "not supported; bring them to one communicator with mpi_bcast first")
-                if tape is not None and a._tape is tape:
-                    if traced is None:
-                        traced = [None] * len(args)
-                    traced[k] = a
-                    ntraced += 1
-                    only = k
+                if tape is not None:
+                    if a._tape is tape:
+                        if traced is None:
+                            traced = [None] * len(args)
+                        traced[k] = a
+                        ntraced += 1
+                        only = k
+                    elif a._tape is not None and traced_outside(a, tape):
+                        raise nested_error(f"argument {k} of {self.name}")
             elif isinstance(a, RANK_DEPENDENT):
                 # Array libraries other than NumPy refuse int/float subclasses as scalars.
                 raws.append(int(a) if isinstance(a, int) else float(a))

@@ -69,6 +69,7 @@ class Tape:
         # consumes what the forward kept (the heat solver's states) must keep it then.
         self.retain = False
         self.agreed = None
+        self.released = False
 
     def watch(self, tensor, leaf=False, origins=_NO_ORIGINS):
         """Give ``tensor`` a cotangent slot on this tape."""
@@ -96,6 +97,9 @@ class Tape:
         instead of an array of zeros for an output no cotangent reached (a send's unused
         result), so that the vjp can skip the arithmetic.
         """
+        for t in inputs:
+            if t is not None and traced_outside(t, self):
+                raise nested_error(f"an input of {name}")
         inputs = [t if (t is None or t._tape is self) else None for t in inputs]
         if local is None:
             local = [False] * len(inputs)
@@ -154,6 +158,9 @@ class Tape:
 
     def backward(self, loss, seed):
         """Return the cotangents of :attr:`leaves` for ``loss`` seeded with ``seed``."""
+        if self.released:
+            raise RuntimeError(f"rank {_rank()}: the recorded operations were already released; "
+                               "record them again")
         total = [None] * self.nslots
         share = [None] * self.nslots
         deferred = {}
@@ -219,6 +226,7 @@ class Tape:
         self.origins = []
         self.first_use = {}
         self.eager = []
+        self.released = True
 
     def _visit(self, node, total, share, deferred, agreed):
         """The general reverse step of one node."""
@@ -304,18 +312,30 @@ class Deferred:
 def _resolve(t, deferred, total, share):
     for item, to_share in deferred.pop(t._slot):
         g = item.resolve()
-        _add(t, g, share if to_share else total, "a deferred contribution")
+        _add(t, g, share if to_share else total, None)
 
 
 def _add(inp, g, buf, name):
+    """Add the cotangent ``g`` that op ``name`` (``None``: a deferred contribution) sends to
+    ``inp`` into ``buf``."""
     data = inp.data
     if g.shape != data.shape:
-        raise RuntimeError(f"internal error: {name} has shape {g.shape} for a value of shape "
-                           f"{data.shape}")
+        raise RuntimeError(f"internal error: {_contribution(name)} has shape {g.shape} for a "
+                           f"value of shape {data.shape}")
     if g.dtype != data.dtype:
+        if g.dtype.kind == "c" and data.dtype.kind != "c":
+            # Casting would drop the imaginary part: a silently wrong gradient.
+            raise TypeError(f"rank {_rank()}: {_contribution(name)} returned a complex "
+                            f"cotangent ({g.dtype}) for a real value ({data.dtype}): expected a "
+                            "real cotangent; differentiating through complex intermediate "
+                            "values is not supported")
         g = g.astype(data.dtype)
     prev = buf[inp._slot]
     buf[inp._slot] = g if prev is None else prev + g
+
+
+def _contribution(name):
+    return "a deferred contribution" if name is None else f"the vjp of {name!r}"
 
 
 def _accumulate(node, gins, total, share, all_shares, deferred):
@@ -326,7 +346,7 @@ def _accumulate(node, gins, total, share, all_shares, deferred):
         if type(g) is Deferred:
             deferred.setdefault(inp._slot, []).append((g, to_share))
         else:
-            _add(inp, g, share if to_share else total, f"the vjp of {node.name!r}")
+            _add(inp, g, share if to_share else total, node.name)
 
 
 def _shared_by_ranks(t):
@@ -391,6 +411,29 @@ def _finalize_leaves(leaves, total, share, agreed):
             offset += leaf.size
             prev = total[leaf._slot]
             total[leaf._slot] = part if prev is None else prev + part
+
+
+def _rank():
+    from .comm import world
+    return world().rank
+
+
+def traced_outside(t, tape):
+    """Whether Tensor ``t`` is traced by a tape other than ``tape`` that is recording on this
+    thread: an enclosing differentiation, whose derivative an inner one would drop."""
+    owner = t._tape
+    if owner is None or owner is tape:
+        return False
+    return any(s is owner for s in getattr(_active, "stack", ()))
+
+
+def nested_error(what):
+    """The error for a value traced by an enclosing differentiation reaching an inner one."""
+    return NotImplementedError(
+        f"rank {_rank()}: higher-order derivatives are not supported: {what} is traced by an "
+        "enclosing grad, value_and_grad or vjp, and a grad, value_and_grad or vjp called "
+        "inside the function it differentiates would drop its derivative; take the inner "
+        "derivative outside that function")
 
 
 def active_tape():

@@ -78,6 +78,47 @@ def test_missing_and_malformed_vjp():
         lay(gp.tensor([1.0]))
 
 
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_what_forward_and_vjp_return_is_checked():
+    """Scalars are arrays; lists, strings and complex cotangents of real arguments are errors
+    that name the op and the argument."""
+    me = f"rank {mpi_rank()}"
+    x = np.array([0.5, -1.5])
+
+    def run(forward, vjp, *args):
+        op = gp.custom_op(forward, vjp, name="op")
+        return gp.grad(lambda *a: gp.sum(op(*a)) if len(a) == 1 else gp.sum(op(*a) * a[1]),
+                       argnums=tuple(range(len(args))))(*args)
+
+    # A 0-d argument's cotangent may be a Python number, a forward's output a Python float.
+    g = run(lambda s: 3.0 * s, lambda g, ans, s: 3.0, np.array(2.0))
+    parallel_assert(np.allclose(g[0], 3.0), f"{g}")
+    op = gp.custom_op(lambda s: float(s) ** 2, lambda g, ans, s: 2 * s * g, name="to_float")
+    gp.check_grad(lambda s: op(s) * 1.5, np.array(0.7))
+    for forward, vjp, match in (
+            (lambda a: 2 * a, lambda g, ans, a: (2 * g).astype(complex) + 1j,
+             f"{me}: vjp of custom_op 'op' returned a complex cotangent \\(dtype complex128\\) "
+             "for argument 0, which has dtype float64; expected an array of real numbers of "
+             "its shape \\(2,\\)"),
+            (lambda a: 2 * a, lambda g, ans, a: "2",
+             f"{me}: vjp of custom_op 'op' returned a non-numeric cotangent \\(dtype <U1\\) "
+             "for argument 0"),
+            (lambda a: [a, a], lambda g, ans, a: g,
+             f"{me}: forward of custom_op 'op' returned list; expected an array \\(a tuple of "
+             "arrays for several outputs\\)"),
+            (lambda a: (a, "x"), lambda g, ans, a: g[0],
+             f"{me}: forward of custom_op 'op' returned str as output 1; expected an array")):
+        with pytest.raises(TypeError, match=match):
+            run(forward, vjp, x)
+    with pytest.raises(ValueError, match=f"{me}: vjp of custom_op 'op' returned a cotangent of "
+                                         r"shape \(\) for argument 0, expected its shape "
+                                         r"\(2,\)"):
+        run(lambda a: 2 * a, lambda g, ans, a: 2.0, x)
+    # The second argument is real: a complex cotangent for it would lose its imaginary part.
+    with pytest.raises(TypeError, match="complex cotangent .* for argument 1"):
+        run(lambda a, b: a * b, lambda g, ans, a, b: (g * b, g * a + 1j), x, x)
+
+
 def test_layouts():
     op = gp.custom_op(lambda x: 2 * x, lambda g, ans, x: 2 * g, name="double")
     assert not op(gp.tensor([1.0])).distributed

@@ -1,0 +1,143 @@
+"""The entry points of autodiff.py at their edges: an argument differentiated twice, nested
+differentiation (refused), pullback cotangents that are not arrays, a pullback whose tape was
+released, and debug mode's cross-rank check of a serial value's cotangent."""
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+from pytest_mpi import parallel_assert
+
+import gpumpiad as gp
+from gpumpiad import mpi_rank, mpi_size, mpi_sum
+from gpumpiad.backend import to_numpy
+
+
+def _close(a, b):
+    return bool(np.allclose(to_numpy(a), to_numpy(b), rtol=1e-12, atol=1e-14))
+
+
+def _objective(x, w):
+    """A serial x broadcast and weighted by a distributed w: x's gradient totals over ranks."""
+    return gp.sum(mpi_sum(gp.sin(gp.mpi_bcast(x)) * w * w))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_an_argument_named_twice_gets_its_gradient_twice():
+    x = np.array([0.3, -1.2, 2.0])
+    w = gp.tensor(np.arange(1.0, 4.0) + mpi_rank(), distributed=True)
+    value, g = gp.value_and_grad(_objective)(x, w)
+    value2, (g0, g1, gw) = gp.value_and_grad(_objective, argnums=(0, -2, 1))(x, w)
+    parallel_assert(_close(value, value2) and _close(g0, g) and _close(g1, g),
+                    f"argnums (0, -2, 1): {g0}, {g1}; argnums 0: {g}")
+    g0[0] += 1.0
+    parallel_assert(_close(g1, g), "the two gradients of one argument share memory")
+    gp.check_grad(_objective, x, w, argnums=(0, 0, 1, 1))
+    _, pullback = gp.vjp(lambda a, b: gp.sin(a) * b, x, w, argnums=(1, 0, 1))
+    gb, ga, gb2 = pullback(np.ones(3))
+    expected = mpi_sum(gp.tensor(np.cos(x) * to_numpy(w.data), distributed=True)).numpy()
+    parallel_assert(_close(gb, np.sin(x)) and _close(gb2, gb) and _close(ga, expected),
+                    f"vjp with argnums (1, 0, 1): {gb}, {ga}, {gb2}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_nested_differentiation_is_refused():
+    x = np.array([0.5, 2.0])
+    cube = lambda b: gp.sum(b * b * b)  # noqa: E731
+    cases = {
+        "grad of grad": lambda a: gp.sum(gp.grad(cube)(a)),
+        "grad of value_and_grad": lambda a: gp.sum(gp.value_and_grad(cube)(a * 2.0)[1]),
+        "grad of vjp": lambda a: gp.sum(gp.vjp(lambda b: b * b, a)[1](np.ones(2))),
+        "inner fn closes over a traced value": lambda a: gp.sum(
+            gp.grad(lambda b: gp.sum(a * b * b))(np.ones(2))),
+        "a collective inside the inner fn": lambda a: gp.sum(
+            gp.grad(lambda b: gp.sum(mpi_sum(a) * b))(np.ones(2))),
+        "the inner fn returns a traced value": lambda a: gp.sum(
+            gp.vjp(lambda b: a, np.ones(2))[1](np.ones(2))),
+    }
+    outcomes = {}
+    for name, fn in cases.items():
+        try:
+            gp.grad(fn)(x)
+            outcomes[name] = "no error"
+        except NotImplementedError as exc:
+            outcomes[name] = str(exc)
+    me = f"rank {mpi_rank()}: higher-order derivatives are not supported"
+    bad = {k: v for k, v in outcomes.items() if not v.startswith(me)}
+    parallel_assert(not bad, f"{bad}")
+    _, pullback = gp.vjp(lambda b: b * b, x)
+    with pytest.raises(NotImplementedError, match="the pullback's cotangent is traced"):
+        gp.grad(lambda a: gp.sum(pullback(a)))(x)
+    # An inner derivative of values the outer one does not trace is a constant to it: allowed.
+    inner = gp.grad(cube)(np.ones(2))
+    g = gp.grad(lambda a: gp.sum(a * gp.grad(cube)(np.ones(2))))(x)
+    parallel_assert(_close(g, inner) and _close(inner, 3.0 * np.ones(2)), f"{g}")
+    local = gp.tensor(gp.grad(cube)(np.full(2, mpi_rank() + 1.0)), distributed=True)
+    gp.check_grad(lambda a: gp.sum(mpi_sum(a * a * local)), x)
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_pullback_cotangent_must_be_an_array_of_real_numbers():
+    me = f"rank {mpi_rank()}"
+    _, pullback = gp.vjp(lambda a: a * 2.0, np.ones(3))
+    _, scalar = gp.vjp(lambda a: gp.sum(a * 2.0), np.ones(3))
+    for bad, what in ((None, "is None"), ("abc", "dtype <U3"), (np.ones(3) * 1j, "complex128"),
+                      ([object()] * 3, "dtype object")):
+        for pb in (pullback, scalar):
+            with pytest.raises(TypeError, match=f"{me}: the pullback's cotangent .*{what}.*"
+                                                "expected an array of real numbers"):
+                pb(bad)
+    with pytest.raises(ValueError, match=r"value's shape \(\), got \(3,\)"):
+        scalar(np.ones(3))
+    parallel_assert(_close(pullback([1, 2, 3]), [2.0, 4.0, 6.0])
+                    and _close(scalar(1), 2 * np.ones(3)))
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_a_released_pullback_says_so():
+    x = np.array([1.0, 2.0])
+    _, pullback = gp.vjp(lambda a: gp.mpi_sum(a * a), x)
+    same = copy.copy(pullback)
+    deep = copy.deepcopy(pullback)
+    del pullback  # a copy is the pullback itself: its tape stays
+    parallel_assert(_close(same(np.ones(2)), 2 * mpi_size() * x) and _close(deep(np.ones(2)),
+                                                                            2 * mpi_size() * x))
+    same.__del__()
+    with pytest.raises(RuntimeError, match=f"rank {mpi_rank()}: this pullback's recorded "
+                                           "operations were already released"):
+        deep(np.ones(2))
+
+
+@pytest.mark.parallel(nprocs=[2, 3, 4])
+def test_debug_mode_compares_a_serial_cotangent_across_ranks():
+    rank, size = mpi_rank(), mpi_size()
+    x = np.array([1.0, -2.0])
+    w = gp.tensor(np.full(2, rank + 1.0), distributed=True)
+    gp.set_debug(True)
+    try:
+        _, serial = gp.vjp(lambda a: gp.mpi_sum(a * w), x)
+        _, dist = gp.vjp(lambda a: a * w, x)
+        total = size * (size + 1) / 2
+        parallel_assert(_close(serial(np.array([1.0, -0.0 if rank else 0.0])),
+                               [total, 0.0]))
+        # A distributed value's cotangent is each rank's own piece: not compared.
+        parallel_assert(_close(dist(np.full(2, rank)), np.full(2, sum(
+            r * (r + 1.0) for r in range(size)))))
+        odd = [r for r in range(size) if r % 2]
+        with pytest.raises(gp.CommunicationMismatch,
+                           match=rf"rank {rank}: the pullback's cotangent differs across ranks "
+                                 rf".*{re.escape(f'rank(s) {odd}')} hold one value.*the value "
+                                 "is serial"):
+            serial(np.array([1.0, rank % 2]))
+        # One rank's invalid cotangent: it raises its own error, the others name it.
+        if rank == size - 1:
+            with pytest.raises(TypeError, match="is None"):
+                serial(None)
+        else:
+            with pytest.raises(ValueError, match=rf"not valid on rank\(s\) \[{size - 1}\]"):
+                serial(np.ones(2))
+        parallel_assert(_close(serial(np.ones(2)), np.full(2, total)), "after the errors")
+    finally:
+        gp.set_debug(False)
