@@ -535,6 +535,17 @@ def test_grid_gather_and_scatter_errors_reach_every_rank():
         with pytest.raises(ValueError, match=r"expected a global field of shape \(13, 11\)"):
             grid.scatter(np.zeros((3, 3)) if comm.rank == 0 else None)
         parallel_assert(np.array_equal(grid.gather(good + 1, root=None), np.ones((NX, NY))))
+        field = np.arange(NX * NY, dtype=float).reshape(NX, NY)
+        scattered = grid.scatter(field, root=np.int64(0))
+        gathered = grid.gather(good + 1, root=np.int32(last))
+        parallel_assert(np.array_equal(scattered, grid.local(field)) and
+                        (gathered is None) == (comm.rank != last))
+        for bad in (True, 0.0, -1, comm.size, "0"):
+            for call in (lambda: grid.gather(good, root=bad), lambda: grid.scatter(field, bad)):
+                with pytest.raises(ValueError, match=rf"rank {comm.rank}: Grid.(gather|scatter)'s "
+                                                     rf"root must be a rank of the grid, an int "
+                                                     rf"in \[0, {comm.size}\), got"):
+                    call()
 
 
 # --------------------------------------------------------------------------------------------

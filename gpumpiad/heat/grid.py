@@ -199,6 +199,7 @@ class Grid(FreedOnExit):
         ``ValueError`` on every rank.
         """
         check_grid(self, "Grid.scatter", None)
+        root = self._root(root, "Grid.scatter")
         problem = dtype = None
         if self.cart.rank == root:
             field = to_numpy(field)
@@ -229,6 +230,7 @@ class Grid(FreedOnExit):
         ``ValueError`` on every rank.
         """
         check_grid(self, "Grid.gather", None)
+        root = None if root is None else self._root(root, "Grid.gather")
         patch = to_numpy(patch.data if isinstance(patch, Tensor) else patch)
         problem = _number_problem(patch, "the patch", self.rank)
         if patch.shape != self.local_shape:
@@ -256,6 +258,14 @@ class Grid(FreedOnExit):
         for where, piece in self._pieces(flat):
             out[where] = piece
         return out
+
+    def _root(self, root, call):
+        """``root`` as an int, or ``ValueError`` unless it is a rank of the grid (an int or
+        NumPy integer, not a bool)."""
+        if not _is_int(root) or not 0 <= root < self.cart.size:
+            raise ValueError(f"rank {self.rank}: {call}'s root must be a rank of the grid, an "
+                             f"int in [0, {self.cart.size}), got {root!r}")
+        return int(root)
 
     def _pieces(self, flat):
         """``(slices of the global field, view of flat)`` for every rank's patch, in rank
