@@ -224,3 +224,27 @@ def test_rank_dependent_index_is_distributed():
     g2 = gp.grad(lambda t: mpi_sum(t[(mpi_rank() + 1) % size] * 3.0))(x)
     expected2 = np.concatenate([3.0 * np.ones(size), [0.0]])
     parallel_assert(np.allclose(g2, expected2), f"index by rank: {g2} != {expected2}")
+
+
+def test_concatenate_and_stack_need_a_non_empty_sequence():
+    me = f"rank {mpi_rank()}"
+    for fn, name in ((gp.concatenate, "concatenate"), (gp.stack, "stack")):
+        for empty, kind in (([], "list"), ((), "tuple")):
+            with pytest.raises(ValueError, match=f"{me}: {name}'s tensors must be a non-empty "
+                                                 f"sequence of Tensors or arrays, got an empty "
+                                                 f"{kind}"):
+                fn(empty)
+        with pytest.raises(TypeError, match=f"{me}: {name}'s tensors must be a non-empty "
+                                            "sequence of Tensors or arrays, got NoneType"):
+            fn(None)
+        joined = fn(x for x in (np.ones(2), gp.tensor(np.zeros(2))))
+        assert joined.size == 4
+
+
+def test_a_complex_cotangent_for_a_real_value_is_an_error():
+    """The reverse rules are real: casting a complex cotangent to a real input's dtype would
+    drop its imaginary part and give a wrong gradient (here the sign of d|ix|/dx)."""
+    with pytest.raises(TypeError, match=f"rank {mpi_rank()}: the vjp of 'multiply' returned a "
+                                        r"complex cotangent \(complex128\) for a real value "
+                                        r"\(float64\)"):
+        gp.grad(lambda x: gp.sum(gp.abs(x * 1j)))(np.array([1.0, -2.0]))

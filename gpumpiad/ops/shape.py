@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..backend import get_array_module
+from ..comm import world
 from ..primitive import primitive
 
 reshape = primitive(lambda x, shape: x.reshape(shape), name="reshape")
@@ -50,7 +51,7 @@ def concatenate(tensors, axis=0):
     >>> [g.tolist() for g in gpumpiad.grad(f, argnums=(0, 1))(np.ones(2), np.ones(1))]
     [[2.0, 2.0], [8.0]]
     """
-    return _concatenate_p(*tensors, axis=axis)
+    return _concatenate_p(*_sequence(tensors, "concatenate"), axis=axis)
 
 
 def _stack(*arrays, axis=0):
@@ -74,4 +75,18 @@ def stack(tensors, axis=0):
     >>> gpumpiad.stack([np.zeros(2), np.ones(2)], axis=1).shape
     (2, 2)
     """
-    return _stack_p(*tensors, axis=axis)
+    return _stack_p(*_sequence(tensors, "stack"), axis=axis)
+
+
+def _sequence(tensors, name):
+    """``tensors`` as a tuple of at least one Tensor or array."""
+    expected = "a non-empty sequence of Tensors or arrays"
+    try:
+        items = tuple(tensors)
+    except TypeError:
+        raise TypeError(f"rank {world().rank}: {name}'s tensors must be {expected}, got "
+                        f"{type(tensors).__name__}") from None
+    if not items:
+        raise ValueError(f"rank {world().rank}: {name}'s tensors must be {expected}, got an "
+                         f"empty {type(tensors).__name__}")
+    return items
