@@ -267,7 +267,7 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
         for side, peer in links:
             packed = xp.empty((ny if side < 2 else nx,), a.dtype)
             edges.pack(a, packed, side, 1 if adjoint else 0)
-            send = transport.send_buffer(packed)
+            send = transport.send_buffer(packed, private=True)
             keep.append(send)
             requests.append(mpi.Isend([send, MPI.BYTE], dest=peer, tag=tag0 + side))
     except MPI.Exception:

@@ -17,12 +17,12 @@ Along a periodic axis ``hx = 1/NX``: the cells cover the circle ``[0, 1)``, cell
 from __future__ import annotations
 
 import reprlib
-from numbers import Integral
 
 import numpy as np
 from mpi4py import MPI
 
 from .. import control
+from ..arguments import is_int
 from ..backend import asarray, to_numpy
 from ..comm import FreedOnExit, make_cart, resolve, world
 from ..debug import wait
@@ -262,7 +262,7 @@ class Grid(FreedOnExit):
     def _root(self, root, call):
         """``root`` as an int, or ``ValueError`` unless it is a rank of the grid (an int or
         NumPy integer, not a bool)."""
-        if not _is_int(root) or not 0 <= root < self.cart.size:
+        if not is_int(root) or not 0 <= root < self.cart.size:
             raise ValueError(f"rank {self.rank}: {call}'s root must be a rank of the grid, an "
                              f"int in [0, {self.cart.size}), got {root!r}")
         return int(root)
@@ -299,17 +299,13 @@ def check_grid(grid, call, argument="grid"):
     return grid
 
 
-def _is_int(value):
-    """Whether ``value`` is an integer (Python or NumPy) and not a bool."""
-    return isinstance(value, (Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
-
 
 def _pair(value):
     try:
         pair = tuple(value)
     except TypeError:
         return None
-    return pair if len(pair) == 2 and all(_is_int(v) for v in pair) else None
+    return pair if len(pair) == 2 and all(is_int(v) for v in pair) else None
 
 
 def _check_shape(shape, rank):

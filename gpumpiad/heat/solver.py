@@ -17,6 +17,7 @@ import nvtx
 from mpi4py import MPI
 
 from .. import control, halo
+from ..arguments import is_int
 from ..backend import (after_stream, all_finite, asarray, get_array_module, is_device_array,
                        stream_of)
 from ..comm import Comm, world
@@ -445,15 +446,12 @@ def _check_scalars(dt, h, steps, checkpoints, rank):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or \
                 not value > 0 or not math.isfinite(value):
             return f"rank {rank}: {name} must be a positive number, got {value!r}"
-    if not _is_int(steps) or steps < 0:
+    if not is_int(steps) or steps < 0:
         return f"rank {rank}: steps must be a non-negative int, got {steps!r}"
-    if checkpoints is not None and (not _is_int(checkpoints) or checkpoints < 1):
+    if checkpoints is not None and (not is_int(checkpoints) or checkpoints < 1):
         return f"rank {rank}: checkpoints must be None or an int >= 1, got {checkpoints!r}"
     return None
 
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _interior(a):
@@ -506,7 +504,7 @@ def set_buffer_cache(nbytes):
     >>> set_buffer_cache(previous)
     0
     """
-    if not _is_int(nbytes) or nbytes < 0:
+    if not is_int(nbytes) or nbytes < 0:
         raise ValueError(f"rank {world().rank}: set_buffer_cache needs a number of bytes >= 0, "
                          f"got {nbytes!r}")
     with _free_lock:
