@@ -24,6 +24,24 @@ def _theta_rank(args):
     return 0
 
 
+def _theta_root(args):
+    """The seed's distributed L-BFGS example: minimise (Σ_rank θ^rank - 2)² from θ = 1, the
+    parameter held on rank 0 and every rank computing its term; rank 0 prints the trace."""
+    import numpy as np
+
+    import gpumpiad as gm
+    from gpumpiad.optimize import minimize
+
+    def loss(theta):
+        return (gm.sum(gm.mpi_sum(gm.mpi_bcast(theta) ** gm.mpi_rank())) - 2.0) ** 2
+
+    result = minimize(loss, np.ones(1))
+    if gm.mpi_rank() == 0:
+        print(f"ranks {gm.mpi_size()}: θ = {float(result.x[0])!r}, L = {result.fun:g} after "
+              f"{result.nit} iterations ({result.message})")
+    return 0
+
+
 class JobError(Exception):
     """A setting the job cannot run with; raised alike on every rank."""
 
@@ -283,6 +301,13 @@ def _parser():
     example.add_argument("--theta", type=float, default=2.0,
                          help="the value of θ (default: %(default)s)")
     example.set_defaults(run=_theta_rank)
+    root = jobs.add_parser(
+        "theta-root", help="the distributed L-BFGS example: solve 1 + θ + ... + θ^(P-1) = 2",
+        description="Minimise (Σ_rank θ^rank - 2)² from θ = 1 with L-BFGS-B, the parameter "
+                    "held on rank 0 and every rank computing its term and its gradient.",
+        epilog="Run under MPI: mpiexec -n 4 gpumpiad theta-root",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    root.set_defaults(run=_theta_root)
     inv = jobs.add_parser(
         "heat-inverse", help="recover a diffusivity field from observed temperatures",
         description="Solve ∂u/∂t = κ(x,y)Δu + f on the unit square, split over the ranks,\n"

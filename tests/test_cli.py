@@ -1,6 +1,7 @@
 """The main job end to end: ``mpiexec -n P gpumpiad heat-inverse`` and its failures."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -209,6 +210,18 @@ def test_outcome_says_converged_or_why_not():
         False, "not converged: stopped at the iteration limit (30 iterations)")
     other = OptimizeResult(status=2, nit=4, message="ABNORMAL: ")
     assert outcome(other) == (False, "not converged: stopped after 4 iterations: ABNORMAL: ")
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_theta_root_example_reaches_the_root(ranks):
+    """The seed's L-BFGS example with the default stopping rule: θ solves 1 + θ + ... +
+    θ^(P-1) = 2 to 1e-10, as Optim.jl's defaults do in the seed."""
+    proc = run(ranks, "theta-root")
+    assert proc.returncode == 0, proc.stderr
+    theta = float(re.search(r"θ = ([0-9.e+-]+)", proc.stdout).group(1))
+    roots = np.roots([1.0] * (ranks - 1) + [-1.0])  # θ^(P-1) + ... + θ + 1 - 2 = 0
+    root = min(r.real for r in roots if abs(r.imag) < 1e-12 and r.real > 0)
+    assert abs(theta - root) < 1e-10, proc.stdout
 
 
 def test_theta_rank_example():
