@@ -47,6 +47,30 @@ def _ones_like_vjp(g, ans, x):
     return np.ones(3)
 
 
+def _double(t):
+    return t * 2.0
+
+
+def _float_vjp(g, ans, a):
+    return 3.0
+
+
+def _complex_vjp(g, ans, a):
+    return g * (1 + 1j)
+
+
+def _released_pullback():
+    _, pullback = gp.vjp(_double, np.ones(3))
+    pullback.__del__()  # what dropping the last reference does
+    return pullback
+
+
+def _freed_grid():
+    grid = Grid((8, 6))
+    grid.free()
+    return grid
+
+
 def _freed():
     comm = gp.Comm().dup()
     comm.free()
@@ -177,7 +201,29 @@ def cases(r, P, tmp):
         C("check_grad: negative eps",
           lambda: gp.check_grad(_serial_loss, np.ones(2), eps=-1e-3), ValueError,
           [me, "eps", "positive", "-0.001"]),
+        C("vjp: pullback of a string", lambda: gp.vjp(_double, x)[1]("abc"), TypeError,
+          [me, "cotangent", "<U3", f"shape {x.shape}"], subset=True),
+        C("vjp: pullback of None", lambda: gp.vjp(_double, x)[1](None), TypeError,
+          [me, "cotangent is None", "array of real numbers"]),
+        C("vjp: a released pullback", lambda: _released_pullback()(np.ones(3)), RuntimeError,
+          [me, "pullback's recorded operations were already released"]),
+        C("grad: a grad inside the differentiated function",
+          lambda: gp.grad(lambda t: gp.sum(t * gp.grad(lambda s: gp.sum(s * t))(x)))(x),
+          NotImplementedError, [me, "higher-order derivatives are not supported"],
+          subset=True),
+        C("concatenate: empty list", lambda: gp.concatenate([]), ValueError,
+          [me, "concatenate's tensors", "non-empty sequence", "empty list"]),
         # --- custom_op -----------------------------------------------------------------------
+        C("custom_op: forward returns a list",
+          lambda: gp.custom_op(lambda a: [a, a], _ones_like_vjp)(np.ones(2)), TypeError,
+          [me, "forward of custom_op", "returned list", "expected an array"], subset=True),
+        C("custom_op: vjp returns a float for an array argument",
+          lambda: gp.grad(lambda t: gp.sum(gp.custom_op(lambda a: 2 * a, _float_vjp)(t)))(
+              np.ones(3)), ValueError,
+          [me, "vjp of custom_op", "shape ()", "argument 0", "expected its shape (3,)"]),
+        C("custom_op: vjp returns a complex cotangent for a real argument",
+          lambda: gp.grad(lambda t: gp.sum(gp.custom_op(lambda a: 2 * a, _complex_vjp)(t)))(
+              np.ones(3)), TypeError, [me, "custom_op", "complex"]),
         C("custom_op: forward not callable", lambda: gp.custom_op(42), TypeError,
           [me, "forward", "callable", "int"]),
         C("custom_op: bad layout", lambda: gp.custom_op(np.sin, layout="replicated"),
@@ -322,6 +368,27 @@ def cases(r, P, tmp):
         C("Comm.cart: ndims 0", lambda: gp.Comm().cart(ndims=0), ValueError,
           [me, "ndims", "int >= 1", "got 0"]),
         # --- heat.Grid / heat.solve / halo_exchange ------------------------------------------
+        C("Grid: fractional dims", lambda: Grid((8, 6), dims=(2.5, 1)), ValueError,
+          [me, "dims", "non-negative ints", "2.5"], subset=True),
+        C("solve: grid given as a tuple", lambda: solve(u0, kappa, f, dt, h, 3, grid=(2, 2)),
+          TypeError, [me, "grid", "gpumpiad.heat.Grid", "tuple (2, 2)"], subset=True),
+        C("solve: NaN boundary", lambda: solve(u0, kappa, f, dt, h, 3, grid=grid,
+                                               boundary=np.nan), ValueError,
+          [me, "boundary", "finite number", "nan"], subset=True),
+        C("solve: boundary function returning Inf",
+          lambda: solve(u0, kappa, f, dt, h, 3, grid=grid,
+                        boundary=lambda bx, by: bx + np.inf), ValueError,
+          [me, "boundary function", "NaN or Inf", "finite Dirichlet values"]),
+        C("solve: negative kappa on the last rank",
+          lambda: solve(u0, np.where(r == P - 1, -1.0, kappa), f, dt, h, 3, grid=grid),
+          ValueError, [me, "kappa holds negative values", f"rank(s) [{P - 1}]", "kappa >= 0"],
+          subset=True),
+        C("solve: a freed grid", lambda: solve(u0, kappa, f, dt, h, 3, grid=_freed_grid()),
+          ValueError, [me, "grid was freed", "make a new Grid"]),
+        C("halo_exchange: a freed grid",
+          lambda: gp.halo_exchange(gp.tensor(np.ones((nx + 2, ny + 2)), distributed=True),
+                                   _freed_grid()), ValueError,
+          [me, "halo_exchange's grid was freed"], subset=True),
         C("Grid: smaller than the decomposition", lambda: Grid((1, 8), dims=(P, 1)),
           ValueError, [me, "1x8 cells", f"{P}x1 patches", "axis 0 has 1 cell(s)"],
           min_ranks=2, subset=True),
@@ -370,6 +437,12 @@ def cases(r, P, tmp):
           lambda: gp.halo_exchange(np.ones(grid.padded_shape), grid_shape), TypeError,
           [me, "grid", "gpumpiad.heat.Grid", "tuple"]),
         # --- optimize.minimize ---------------------------------------------------------------
+        C("minimize: maxiter a string",
+          lambda: minimize(_serial_loss, np.ones(1), options={"maxiter": "10"}), TypeError,
+          [me, "options['maxiter']", "int >= 0", "'10' (str)"], subset=True),
+        C("minimize: callback not callable",
+          lambda: minimize(_serial_loss, np.ones(1), callback=5), TypeError,
+          [me, "callback", "callable or None", "5 (int)"]),
         C("minimize: fn not callable", lambda: minimize(None, np.ones(1)), TypeError,
           [me, "fn", "callable", "NoneType"]),
         C("minimize: unknown method", lambda: minimize(_serial_loss, np.ones(1), method="bogus"),
