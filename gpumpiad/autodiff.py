@@ -326,10 +326,7 @@ def _debug_check_args(comm, entries):
             raise ValueError(f"rank {comm.rank}: argument {i} (argnums) holds NaN or Inf: "
                              "expected finite values")
         if not dist and np.any(column != column[0]):
-            groups = {}
-            for r, c in enumerate(column):
-                groups.setdefault(int(c), []).append(r)
-            detail = "; ".join(f"rank(s) {ranks} hold one value" for ranks in groups.values())
+            detail = _holders(column)
             raise CommunicationMismatch(
                 f"rank {comm.rank}: argument {i} (argnums) is serial but differs across ranks "
                 f"({detail}): expected the same value on every rank; pass "
@@ -388,10 +385,7 @@ def _debug_check_cotangent(out, seed, problem):
                          f"{bad} (their errors say why): expected an array of real numbers of "
                          f"the value's shape {out.shape} on every rank (checked in debug mode)")
     if serial and np.any(column != column[0]):
-        groups = {}
-        for r, c in enumerate(column):
-            groups.setdefault(int(c), []).append(r)
-        detail = "; ".join(f"rank(s) {ranks} hold one value" for ranks in groups.values())
+        detail = _holders(column)
         raise CommunicationMismatch(
             f"rank {comm.rank}: the pullback's cotangent differs across ranks ({detail}), but "
             "the value is serial: expected its global cotangent, the same on every rank "
@@ -441,6 +435,14 @@ def _nonfinite_args(args, nums, comm):
                 causes.append(f"argument {i} (argnums, distributed) holds NaN or Inf on "
                               f"rank(s) {ranks}")
     return causes
+
+
+def _holders(checksums):
+    """Which ranks hold which value, from one checksum per rank: for a mismatch's message."""
+    groups = {}
+    for rank, checksum in enumerate(checksums):
+        groups.setdefault(int(checksum), []).append(rank)
+    return "; ".join(f"rank(s) {ranks} hold one value" for ranks in groups.values())
 
 
 __all__ = ["value_and_grad", "grad", "vjp", "LossError"]

@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import threading
+import time
 
 import numpy
 from mpi4py import MPI
@@ -41,6 +42,7 @@ from mpi4py import MPI
 from . import backend
 from .backend import get_array_module, is_device_array
 from .debug import CommunicationMismatch
+from .debug import timeout as watchdog_limit
 from .debug import wait as _wait
 
 log = logging.getLogger("gpumpiad")
@@ -222,10 +224,15 @@ class Pending:
         if requests:
             _register(self)
 
-    def done(self) -> bool:
+    def done(self, block=True) -> bool:
+        """Whether the requests have completed (tested now). ``block=False``: False at once
+        when another thread holds this result (it is waiting for it), rather than waiting for
+        that thread, which may itself wait for other ranks."""
         if self.requests is None:
             return True
-        with self.lock:
+        if not self.lock.acquire(blocking=block):
+            return False
+        try:
             if not self.requests:
                 return True
             # Requests that complete here are freed by MPI: their statuses are kept now, and
@@ -234,6 +241,8 @@ class Pending:
                 self.requests = []
                 return True
             return False
+        finally:
+            self.lock.release()
 
     def wait(self):
         with self.lock:
@@ -317,10 +326,10 @@ def _register(pending):
 
 
 def _finished(pending):
-    """Whether ``pending``'s requests are complete; a failed one counts as finished (its
-    error is raised where it is read)."""
+    """Whether ``pending``'s requests are complete, without waiting for a thread that holds
+    it; a failed one counts as finished (its error is raised where it is read)."""
     try:
-        return pending.done()
+        return pending.done(block=False)
     except MPI.Exception:
         return True
 
@@ -347,9 +356,7 @@ def settle(call, grace=1.0):
     once every rank has arrived, nothing more can be matched, so whatever is still unfinished
     after ``grace`` seconds raises :class:`Unfinished` naming each call. Collective.
     """
-    from .debug import timeout
-    import time
-    limit = timeout()
+    limit = watchdog_limit()
     deadline = math.inf if limit is None else time.monotonic() + limit
     meeting, made = _meeting
     arrived = None

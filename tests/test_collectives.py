@@ -366,7 +366,8 @@ def test_receive_of_another_size_names_both_sizes():
                                match=r"rank 1: mpi_recv from rank 0 \(tag 1\) got a message of "
                                      r"24 bytes, expected 40 \(shape \(5,\), float64\)"):
                 short.numpy()
-        with pytest.raises(RuntimeError, match="rank 1: mpi_recv failed in MPI: .*truncated"):
+        with pytest.raises(RuntimeError, match=r"rank 1: mpi_recv from rank 0 \(tag 2\) failed in "
+                                              r"MPI: .*truncated"):
             gp.mpi_recv(np.zeros(2), source=0, tag=2, comm=comm).numpy()
         got = gp.mpi_recv(np.zeros(3), source=0, tag=3, comm=comm).numpy()
         # 12 bytes of float32 for two float64: not a whole number of elements of either

@@ -44,8 +44,8 @@ def mpi_alltoall(x, rows=None, comm=None):
     def start():
         # Every rank hears from every other: a rank whose trailing shape or dtype differs
         # from anyone's is seen by every rank, so they all raise.
-        _, trailing, dtype = piece(data)
-        pieces = exchange_pieces(comm, "mpi_alltoall", (send_rows, trailing, dtype), problem)
+        mine = None if problem else (send_rows,) + piece(data)[1:]
+        pieces = exchange_pieces(comm, "mpi_alltoall", mine, problem)
         box["recv"] = agreed_rows([(sent[comm.rank], trailing, dtype)
                                    for sent, trailing, dtype in pieces], comm, "mpi_alltoall")
         return start_alltoallv(comm.mpi, data, send_rows, box["recv"])
