@@ -23,6 +23,8 @@ import threading
 
 import numpy
 
+from . import trace
+
 _state = {"xp": None, "device": None}
 _choice_lock = threading.Lock()
 
@@ -133,8 +135,12 @@ def operand(a):
 
 
 def to_numpy(x):
-    """A NumPy copy (or view) of a NumPy or CuPy array."""
-    return x.get() if is_device_array(x) else numpy.asarray(x)
+    """A NumPy copy (or view) of a NumPy or CuPy array; a device array's copy is a
+    ``staging.to_numpy`` :data:`~gpumpiad.trace.STAGING` span of its size in bytes."""
+    if is_device_array(x):
+        with trace.span("staging.to_numpy", trace.STAGING, int(x.nbytes)):
+            return x.get()
+    return numpy.asarray(x)
 
 
 # Node-local rank as launchers publish it (MPICH/Hydra, Open MPI, MVAPICH2, Slurm), read in this
@@ -266,24 +272,33 @@ def pinned_empty(shape, dtype):
 def device_to_host(array, host):
     """Copy device ``array`` into host ``host`` on the comm stream, after the producing stream.
 
-    Returns when the copy is complete (MPI reads ``host`` next).
+    Returns when the copy is complete (MPI reads ``host`` next); the copy, waited for, is a
+    ``staging.device_to_host`` :data:`~gpumpiad.trace.STAGING` span of its size in bytes.
     """
-    if not is_device_array(array):  # GPUMPIAD_STAGE_HOST_ARRAYS: a NumPy "device" array
-        host[...] = array
-        return host
-    import cupy
-    stream = comm_stream()
-    stream.wait_event(cupy.cuda.get_current_stream().record())
-    array.get(stream=stream, out=host)
-    stream.synchronize()
+    with trace.span("staging.device_to_host", trace.STAGING, int(host.nbytes)):
+        if not is_device_array(array):  # GPUMPIAD_STAGE_HOST_ARRAYS: a NumPy "device" array
+            host[...] = array
+            return host
+        import cupy
+        stream = comm_stream()
+        stream.wait_event(cupy.cuda.get_current_stream().record())
+        array.get(stream=stream, out=host)
+        stream.synchronize()
     return host
 
 
 def host_to_device(host, keepalive=None):
     """Copy ``host`` to a new device array on the comm stream; the current stream waits for it.
 
-    The copy is asynchronous for the host; ``keepalive`` objects live until it completes.
+    The copy is asynchronous for the host; ``keepalive`` objects live until it completes. Its
+    queuing is a ``staging.host_to_device`` :data:`~gpumpiad.trace.STAGING` span of its size
+    in bytes.
     """
+    with trace.span("staging.host_to_device", trace.STAGING, int(host.nbytes)):
+        return _host_to_device(host, keepalive)
+
+
+def _host_to_device(host, keepalive):
     if isinstance(host, StagingBuffer):  # GPUMPIAD_STAGE_HOST_ARRAYS: the "device" copy
         return numpy.array(host, subok=False)
     import cupy

@@ -14,7 +14,9 @@ the folder, so a crash leaves either the old checkpoint or the new one, never a 
 :func:`load` checks the magic, length, checksum and version before it decodes anything.
 
 With ``comm=``, both are collective: the root alone touches the file and every rank sees the
-same outcome (the payload, or the same :class:`CheckpointError`).
+same outcome (the payload, or the same :class:`CheckpointError`). The file's write (with its
+fsync) and read are ``checkpoint.write`` / ``checkpoint.read`` spans of
+:data:`~gpumpiad.trace.STAGING` (host I/O) time.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import tempfile
 
 import numpy
 
-from . import control
+from . import control, trace
 from .backend import is_device_array, to_numpy
 
 FORMAT_VERSION = 1
@@ -275,7 +277,8 @@ def _save(path, payload):
         raise CheckpointError(f"{path}: cannot create a temporary file in {folder}: {exc}") \
             from None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with trace.span("checkpoint.write", trace.STAGING, len(data)), \
+                os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -309,7 +312,7 @@ def _fsync_folder(folder):
 
 def _load(path):
     try:
-        with open(path, "rb") as f:
+        with trace.span("checkpoint.read", trace.STAGING), open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None

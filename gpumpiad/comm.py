@@ -7,11 +7,12 @@ control flow and indexing, but a rank-dependent (distributed) value when combine
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 from mpi4py import MPI
 
-from . import control, transport
+from . import control, trace, transport
 from .arguments import as_int, is_int
 from .debug import check_signature, debug_enabled
 
@@ -217,15 +218,19 @@ class Comm(FreedOnExit):
         is a :class:`~gpumpiad.transport.Pending`. Issuing is serialised per communicator, so
         every rank issues its calls on a communicator in one order, whichever thread calls; in
         debug mode a collective is first checked against every other rank's view of it.
+        The call runs in a :data:`~gpumpiad.trace.COMMUNICATION` span named by its primitive
+        (``mpi.bcast``, ``mpi.reduce.reverse``, ...), with ``array``'s size in bytes as payload.
         """
-        with self.lock:
-            self.sequence += 1
-            if collective:
-                self.collectives += 1
-            if collective and debug_enabled():
-                check_signature(self, call, root=root, array=array, layout=layout,
-                                same_shape=same_shape, serial_value=serial_value)
-            requests, finish = start()
+        with trace.span(_span_name(call), trace.COMMUNICATION,
+                        None if array is None else int(array.nbytes)):
+            with self.lock:
+                self.sequence += 1
+                if collective:
+                    self.collectives += 1
+                if collective and debug_enabled():
+                    check_signature(self, call, root=root, array=array, layout=layout,
+                                    same_shape=same_shape, serial_value=serial_value)
+                requests, finish = start()
         return transport.Pending(requests, finish, self, call)
 
     @contextlib.contextmanager
@@ -233,8 +238,9 @@ class Comm(FreedOnExit):
         """Hold this communicator for a collective ``call`` of several MPI steps, issued and
         completed inside the ``with`` block (the control path's, :mod:`gpumpiad.control`):
         no other thread issues on it meanwhile, and debug mode checks ``call`` like any
-        collective. Yields the mpi4py communicator."""
-        with self.lock:
+        collective. Yields the mpi4py communicator; the block is one ``mpi.control``
+        :data:`~gpumpiad.trace.COMMUNICATION` span."""
+        with trace.span("mpi.control", trace.COMMUNICATION), self.lock:
             self.sequence += 1
             self.collectives += 1
             if debug_enabled():
@@ -256,6 +262,22 @@ class Comm(FreedOnExit):
         return self.issue("allreduce of serial cotangent shares",
                           lambda: transport.start_allreduce(self.mpi, array, MPI.SUM),
                           array=array).wait()
+
+
+_INTERNAL_CALLS = {"allreduce of serial cotangent shares": "mpi.allreduce.cotangents",
+                   "agreement on reverse-mode allreduces": "mpi.allreduce.agreement"}
+
+
+@functools.lru_cache(maxsize=512)
+def _span_name(call):
+    """The trace span of an issued ``call``: ``mpi.<primitive>`` from the public primitive's
+    name (``.reverse`` for its reverse rule), ``mpi.control`` for the library's own checks."""
+    if call in _INTERNAL_CALLS:
+        return _INTERNAL_CALLS[call]
+    if not call.startswith("mpi_"):
+        return "mpi.control"
+    head = call[4:].split(" ", 1)[0].split("(", 1)[0]
+    return f"mpi.{head}.reverse" if "(reverse" in call else f"mpi.{head}"
 
 
 def _create(comm, name, make, agreed=None, problem=None):
