@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("MPIEXEC_TIMEOUT", "300")
 os.environ.setdefault("GPUMPIAD_BACKEND", os.environ.get("GPUMPIAD_TEST_BACKEND", "numpy"))
 
+# The CUDA stream model's stand-in ``cupy`` runs in subprocesses only (tests/test_cudamodel.py);
+# collecting it for doctests would import it as ``cupy`` into this process.
+collect_ignore = ["cudamodel"]
+
 
 def pytest_report_header(config):
     from mpi4py import MPI

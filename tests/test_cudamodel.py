@@ -1,0 +1,248 @@
+"""The CPU model of CUDA streams (tests/cudamodel): each ordering rule it enforces, shown to
+catch the missing edge and to accept the edge CUDA provides. Runs in a subprocess so that the
+model's ``cupy`` never meets a real one."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+MODEL_PATH = os.path.join(os.path.dirname(__file__), "cudamodel")
+
+PRELUDE = """
+import threading
+import numpy as np
+import cupy, cupyx
+from cupy import Hazard, MODEL
+
+def expect_hazard(fn, *words):
+    try:
+        fn()
+    except Hazard as exc:
+        for w in words:
+            assert w in str(exc), (w, str(exc))
+        return str(exc)
+    raise AssertionError("no hazard")
+
+def mpi_reads(x):   # what the transport does before MPI reads memory
+    MODEL.host_op("MPI send", reads=[x])
+
+def mpi_writes(x):
+    MODEL.host_op("MPI receive", writes=[x])
+"""
+
+CASES = {
+    "producing stream not waited for before MPI reads": ("""
+s = cupy.cuda.Stream(non_blocking=True)
+a = cupy.ones(8)
+cupy.cuda.Stream.null.synchronize()
+with s:
+    x = a * 2
+expect_hazard(lambda: mpi_reads(x), "MPI send", "multiply")
+""", """
+s = cupy.cuda.Stream(non_blocking=True)
+a = cupy.ones(8)
+cupy.cuda.Stream.null.synchronize()
+with s:
+    x = a * 2
+s.synchronize()
+mpi_reads(x)
+"""),
+    "a stream reads what another wrote, without an event": ("""
+s1 = cupy.cuda.Stream(non_blocking=True); s2 = cupy.cuda.Stream(non_blocking=True)
+with s1:
+    x = cupy.zeros(16) + 1
+with s2:
+    expect_hazard(lambda: x * 3, "multiply", "reads")
+""", """
+s1 = cupy.cuda.Stream(non_blocking=True); s2 = cupy.cuda.Stream(non_blocking=True)
+with s1:
+    x = cupy.zeros(16) + 1
+s2.wait_event(s1.record())
+with s2:
+    y = x * 3
+"""),
+    "a write before another stream's read of the same words": ("""
+s1 = cupy.cuda.Stream(non_blocking=True); s2 = cupy.cuda.Stream(non_blocking=True)
+with s1:
+    x = cupy.zeros(16)
+    x.get(stream=s1, out=cupyx.empty_pinned(16), blocking=False) if False else None
+s2.wait_event(s1.record())
+with s2:
+    y = x + 1            # s2 reads x
+with s1:
+    expect_hazard(lambda: x.fill(5), "fill", "reads it")
+""", """
+s1 = cupy.cuda.Stream(non_blocking=True); s2 = cupy.cuda.Stream(non_blocking=True)
+with s1:
+    x = cupy.zeros(16)
+s2.wait_event(s1.record())
+with s2:
+    y = x + 1
+s1.wait_event(s2.record())
+with s1:
+    x.fill(5)
+"""),
+    "disjoint rows of one array on two streams": (None, """
+s1 = cupy.cuda.Stream(non_blocking=True); s2 = cupy.cuda.Stream(non_blocking=True)
+with s1:
+    u = cupy.zeros((6, 6))
+s2.wait_event(s1.record())
+with s1:
+    u[1:-1, 1:-1] += 1        # interior
+with s2:
+    u[0, :] = 7               # a ghost row, meanwhile
+"""),
+    "device pool hands a block back to its stream while another still reads it": ("""
+comm = cupy.cuda.Stream(non_blocking=True)
+x = cupy.ones(64)
+host = cupyx.empty_pinned(64)
+comm.wait_event(cupy.cuda.Stream.null.record())
+x.get(stream=comm, out=host, blocking=False)
+del x
+y = cupy.empty(64)          # same stream, same size: the freed block
+expect_hazard(lambda: y.fill(0), "fill", "copy device to host")
+""", """
+comm = cupy.cuda.Stream(non_blocking=True)
+x = cupy.ones(64)
+host = cupyx.empty_pinned(64)
+comm.wait_event(cupy.cuda.Stream.null.record())
+x.get(stream=comm, out=host, blocking=False)
+cupy.cuda.Stream.null.wait_event(comm.record())
+del x
+y = cupy.empty(64)
+y.fill(0)
+"""),
+    "pinned pool reuses a block an asynchronous copy still reads": ("""
+comm = cupy.cuda.Stream(non_blocking=True)
+p = cupyx.empty_pinned(32)
+mpi_writes(p)
+d = cupy.empty(32)
+d.set(p, stream=comm)
+del p
+q = cupyx.empty_pinned(32)   # the same block, at once
+expect_hazard(lambda: mpi_writes(q), "MPI receive", "copy host to device")
+""", """
+comm = cupy.cuda.Stream(non_blocking=True)
+p = cupyx.empty_pinned(32)
+mpi_writes(p)
+d = cupy.empty(32)
+d.set(p, stream=comm)
+done = comm.record()
+done.synchronize()
+del p
+q = cupyx.empty_pinned(32)
+mpi_writes(q)
+"""),
+    "legacy default stream orders blocking streams only": ("""
+s = cupy.cuda.Stream(non_blocking=True)
+with s:
+    x = cupy.zeros(8) + 2
+expect_hazard(lambda: x * 2, "multiply")
+""", """
+s = cupy.cuda.Stream(non_blocking=False)
+with s:
+    x = cupy.zeros(8) + 2
+y = x * 2
+"""),
+    "each thread has its own current stream": ("""
+out = {}
+def work():
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        out["x"] = cupy.arange(10.0) * 2
+t = threading.Thread(target=work); t.start(); t.join()
+expect_hazard(lambda: mpi_reads(out["x"]), "MPI send")
+""", """
+out = {}
+def work():
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        out["x"] = cupy.arange(10.0) * 2
+    s.synchronize()
+t = threading.Thread(target=work); t.start(); t.join()
+mpi_reads(out["x"])   # the host thread joined the worker, which waited for its stream
+"""),
+}
+
+
+def run_model(code):
+    env = dict(os.environ, PYTHONPATH=MODEL_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_model_catches_the_missing_edge_and_accepts_cudas(case):
+    missing, ordered = CASES[case]
+    if missing is not None:
+        proc = run_model(missing)
+        assert proc.returncode == 0, proc.stderr
+    proc = run_model(ordered)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_model_values_and_host_syncs():
+    proc = run_model("""
+a = cupy.arange(6.0).reshape(2, 3)
+b = (a * 2).sum(axis=0)
+assert isinstance(b, cupy.ndarray)
+n = len(MODEL.host_syncs)
+assert b.get().tolist() == [6.0, 10.0, 14.0]
+assert len(MODEL.host_syncs) == n + 1, MODEL.host_syncs
+assert float(b[1]) == 10.0
+try:
+    a + np.ones(3)
+except TypeError as exc:
+    assert "numpy.ndarray" in str(exc)
+else:
+    raise AssertionError("a host array mixed with a device array was accepted")
+""")
+    assert proc.returncode == 0, proc.stderr
+
+
+LIBRARY_RUN = """
+import sys
+import numpy as np
+sys.path.insert(0, {model!r})
+import cupy, heat_kernels
+heat_kernels.register()
+from cupy import MODEL
+import gpumpiad as gm
+from gpumpiad import heat
+assert gm.backend_name() == "cupy"
+P = gm.mpi_size()
+grid = heat.Grid((8, 6), dims=(P, 1))
+rng = np.random.default_rng(gm.mpi_rank())
+shape = grid.local_shape
+u0, kappa, f = (cupy.asarray(rng.random(shape) + 0.5) for _ in range(3))
+
+def objective(k, u0, f):
+    u = heat.solve(u0, k, f, dt=1e-3, h=0.1, steps=4, grid=grid)
+    return gm.sum(gm.mpi_sum(gm.sum(u * u)))
+
+value, grads = gm.value_and_grad(objective, argnums=(0, 1, 2))(
+    gm.tensor(kappa), gm.tensor(u0), gm.tensor(f))
+assert all(isinstance(g, cupy.ndarray) for g in grads)
+theta = gm.tensor(cupy.asarray([0.3]))
+v, g = gm.value_and_grad(lambda t: gm.sum(gm.mpi_sum(gm.mpi_bcast(t) * (gm.mpi_rank() + 1))))(theta)
+from mpi4py import MPI
+values = MPI.COMM_WORLD.gather(float(value))
+if MPI.COMM_WORLD.rank == 0:
+    print("ok", len(values), len(set(values)))
+"""
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3])
+def test_device_path_of_solver_and_collectives_has_no_hazard(nprocs):
+    """The heat solver's forward and reverse sweeps, halo exchanges and collectives on the
+    modelled device: no access the stream model finds unordered."""
+    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE="0",
+               GPUMPIAD_STAGE_HOST_ARRAYS="0")
+    proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
+                           LIBRARY_RUN.format(model=MODEL_PATH)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"ok {nprocs} 1" in proc.stdout, proc.stdout  # every rank, one objective
