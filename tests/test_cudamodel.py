@@ -207,11 +207,12 @@ LIBRARY_RUN = """
 import sys
 import numpy as np
 sys.path.insert(0, {model!r})
-import cupy, heat_kernels
+import cupy, heat_kernels, mpi_check
 heat_kernels.register()
 from cupy import MODEL
 import gpumpiad as gm
 from gpumpiad import heat
+mpi_check.install()
 assert gm.backend_name() == "cupy"
 P = gm.mpi_size()
 grid = heat.Grid((8, 6), dims=(P, 1))
@@ -236,13 +237,41 @@ if MPI.COMM_WORLD.rank == 0:
 
 
 @pytest.mark.parametrize("nprocs", [1, 2, 3])
-def test_device_path_of_solver_and_collectives_has_no_hazard(nprocs):
+@pytest.mark.parametrize("cuda_aware", ["0", "1"], ids=["staged", "cuda-aware"])
+def test_device_path_of_solver_and_collectives_has_no_hazard(nprocs, cuda_aware):
     """The heat solver's forward and reverse sweeps, halo exchanges and collectives on the
-    modelled device: no access the stream model finds unordered."""
-    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE="0",
+    modelled device, MPI reading and writing pinned buffers (staged) or device arrays
+    (CUDA-aware): no access the stream model finds unordered."""
+    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE=cuda_aware,
                GPUMPIAD_STAGE_HOST_ARRAYS="0")
     proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
                            LIBRARY_RUN.format(model=MODEL_PATH)],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"ok {nprocs} 1" in proc.stdout, proc.stdout  # every rank, one objective
+
+
+UNWAITED_STAGING = """
+from gpumpiad import backend
+
+def device_to_host_without_wait(array, host):
+    stream = backend.comm_stream()
+    stream.wait_event(cupy.cuda.get_current_stream().record())
+    array.get(stream=stream, out=host, blocking=False)
+    return host
+
+backend.device_to_host = device_to_host_without_wait
+"""
+
+
+def test_model_catches_mpi_reading_a_staging_buffer_before_its_copy():
+    """Remove the one host wait of the staging path (the copy to the pinned buffer MPI sends
+    from): the model names the MPI send and the copy it is not ordered after."""
+    code = LIBRARY_RUN.format(model=MODEL_PATH).replace(
+        "mpi_check.install()", "mpi_check.install()\n" + UNWAITED_STAGING)
+    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE="0",
+               GPUMPIAD_STAGE_HOST_ARRAYS="0")
+    proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c", code], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "Hazard" in proc.stderr and "copy device to host" in proc.stderr, proc.stderr
