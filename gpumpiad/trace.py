@@ -161,7 +161,7 @@ class _Span:
             ident = threading.get_ident()
             mine = [c for c in _collections if c.thread == ident]
             for c in mine:
-                c.enter(self.category, now)
+                c.enter(self.category, self.name, now)
             self.collections = mine
         return None
 
@@ -180,7 +180,8 @@ class Totals(dict):
 
     A ``dict`` from each category in :data:`CATEGORIES` to its exclusive time in seconds, with
     ``wall`` (seconds from the start of the collection to its end, or to now while it runs)
-    and ``other`` (wall time outside every span).
+    and ``other`` (wall time outside every span); ``by_name`` holds the same exclusive
+    seconds per span name.
     """
 
     def __init__(self):
@@ -188,6 +189,7 @@ class Totals(dict):
         self.thread = threading.get_ident()
         self.start = time.perf_counter()
         self.end = None
+        self.by_name = {}
         self._stack = []
         self._since = self.start
 
@@ -199,21 +201,35 @@ class Totals(dict):
     def other(self):
         return max(0.0, self.wall - sum(self[c] for c in CATEGORIES))
 
-    def enter(self, category, now):
+    def snapshot(self):
+        """A plain ``dict`` copy: every category's seconds, ``"wall"``, ``"other"`` and
+        ``"by_name"`` (a copy of :attr:`by_name`)."""
+        out = dict(self)
+        wall = self.wall
+        out["wall"] = wall
+        out["other"] = max(0.0, wall - sum(self[c] for c in CATEGORIES))
+        out["by_name"] = dict(self.by_name)
+        return out
+
+    def _charge(self, category, name, seconds):
+        self[category] += seconds
+        self.by_name[name] = self.by_name.get(name, 0.0) + seconds
+
+    def enter(self, category, name, now):
         if self._stack:
-            self[self._stack[-1]] += now - self._since
-        self._stack.append(category)
+            self._charge(*self._stack[-1], now - self._since)
+        self._stack.append((category, name))
         self._since = now
 
     def leave(self, now):
         if self._stack:
-            self[self._stack.pop()] += now - self._since
+            self._charge(*self._stack.pop(), now - self._since)
         self._since = now
 
     def stop(self, now):
-        # Spans still open when the collection ends are charged up to its end.
+        # Spans still open when the collection ends are charged up to their end.
         if self._stack:
-            self[self._stack[-1]] += now - self._since
+            self._charge(*self._stack[-1], now - self._since)
             self._stack.clear()
         self.end = now
 
@@ -259,24 +275,21 @@ def profile_totals():
     Returns
     -------
     dict
-        A copy, ``{category: seconds}`` plus ``"wall"`` and ``"other"``; all zeros when no
-        profile is being collected on this thread.
+        A copy, ``{category: seconds}`` plus ``"wall"``, ``"other"`` and ``"by_name"``
+        (seconds per span name); all zeros when no profile is being collected on this
+        thread.
 
     Examples
     --------
     >>> from gpumpiad import trace
     >>> with trace.collect():
-    ...     sorted(trace.profile_totals())[:2]
-    ['adjoint', 'communication']
+    ...     sorted(trace.profile_totals())[:3]
+    ['adjoint', 'by_name', 'communication']
     """
     ident = threading.get_ident()
     for totals in reversed(_collections):
         if totals.thread == ident:
-            out = dict(totals)
-            out["wall"] = totals.wall
-            out["other"] = totals.other
-            return out
+            return totals.snapshot()
     out = {c: 0.0 for c in CATEGORIES}
-    out["wall"] = 0.0
-    out["other"] = 0.0
+    out.update(wall=0.0, other=0.0, by_name={})
     return out

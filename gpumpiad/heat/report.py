@@ -1,4 +1,5 @@
-"""Figures and the summary of an inverse run: ``kappa.png``, ``loss.png``, ``summary.json``."""
+"""Figures and the summary of an inverse run: ``kappa.png``, ``loss.png``, ``summary.json``,
+and with ``--profile`` the per-rank phase profile ``profile.json`` and ``profile.png``."""
 from __future__ import annotations
 
 import json
@@ -75,6 +76,69 @@ def loss_figure(path, history, title=None):
     bottom.legend(loc="upper right")
     for ax in (top, bottom):
         ax.grid(True, which="major", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# The profile's phases, in table and bar order, from the trace categories each one sums.
+PHASES = (("compute", ("compute",)), ("adjoint", ("adjoint",)),
+          ("communication", ("communication",)), ("waiting", ("wait",)),
+          ("host staging", ("staging",)), ("other", ("other",)))
+_PHASE_COLORS = ("#2e7d32", "#6a1b9a", "#1565c0", "#c62828", "#ef6c00", "#9e9e9e")
+
+
+def profile_rows(per_rank):
+    """One row per rank, ``{"rank", <phase>..., "wall", "spans"}`` in seconds, from every
+    rank's :func:`gpumpiad.trace.profile_totals` (indexed by rank); ``spans`` holds the
+    seconds per span name, largest first."""
+    rows = []
+    for rank, totals in enumerate(per_rank):
+        row = {"rank": rank}
+        for phase, categories in PHASES:
+            row[phase] = float(sum(totals[c] for c in categories))
+        row["wall"] = float(totals["wall"])
+        row["spans"] = dict(sorted(totals.get("by_name", {}).items(), key=lambda kv: -kv[1]))
+        rows.append(row)
+    return rows
+
+
+def profile_table(rows):
+    """The profile as text: seconds per phase and rank, with each phase's share of the wall
+    time summed over the ranks on the last line."""
+    names = [phase for phase, _ in PHASES]
+    widths = [max(8, len(n)) for n in names]
+    head = "rank  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + "      wall"
+    lines = [head]
+    for row in rows:
+        lines.append(f"{row['rank']:>4}  " + "  ".join(
+            f"{row[n]:>{w}.3f}" for n, w in zip(names, widths)) + f"  {row['wall']:>8.3f}")
+    wall = sum(row["wall"] for row in rows) or 1.0
+    lines.append("   %  " + "  ".join(
+        f"{100 * sum(row[n] for row in rows) / wall:>{w}.1f}" for n, w in zip(names, widths))
+        + f"  {100.0:>8.1f}")
+    return "\n".join(lines)
+
+
+def profile_figure(path, rows, title=None):
+    """A stacked bar per rank: seconds in each phase, adding up to the rank's wall time."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) + 3.0), 4.6),
+                           constrained_layout=True)
+    ranks = [row["rank"] for row in rows]
+    bottom = [0.0] * len(rows)
+    for (phase, _), color in zip(PHASES, _PHASE_COLORS):
+        heights = [row[phase] for row in rows]
+        ax.bar(ranks, heights, bottom=bottom, color=color, label=phase, width=0.6)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(ranks)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("seconds (exclusive time per phase)")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], loc="center left", bbox_to_anchor=(1.0, 0.5),
+              frameon=False)
+    ax.grid(True, axis="y", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100)
