@@ -83,6 +83,7 @@ class Model:
         self.streams = [self.null]
         self.host_syncs = []  # (what, stream name) per host wait on device work
         self.enqueued = []  # (agent name, what) in host enqueue order
+        self.log = []  # both, interleaved: ("sync", what, stream) and ("op", stream, what)
 
     def _new_id(self):
         self._ids += 1
@@ -119,6 +120,7 @@ class Model:
         with self._lock:
             self._join(self.host(), stream.clock)
             self.host_syncs.append((what, stream.name))
+            self.log.append(("sync", what, stream.name))
 
     def record(self, stream):
         """An event recorded on ``stream`` now: a snapshot of its clock."""
@@ -137,6 +139,7 @@ class Model:
         with self._lock:
             self._join(self.host(), snapshot)
             self.host_syncs.append((what, "event"))
+            self.log.append(("sync", what, "event"))
 
     # -- accesses -------------------------------------------------------------------------
     def device_op(self, stream, what, reads=(), writes=()):
@@ -144,6 +147,7 @@ class Model:
         with self._lock:
             self._enqueue_edges(stream)
             self.enqueued.append((stream.name, what))
+            self.log.append(("op", stream.name, what))
             self._access(stream, what, reads, writes)
 
     def host_op(self, what, reads=(), writes=()):
