@@ -50,6 +50,7 @@ if _domain is not None and not hasattr(_domain, "handle"):
 _category_ids = ({c: _domain.get_category_id(c) for c in CATEGORIES}
                  if _domain is not None else {})
 
+_attributes = threading.local()
 _collections = []
 _collections_lock = threading.Lock()
 _on = _domain is not None
@@ -152,8 +153,15 @@ class _Span:
 
     def __enter__(self):
         if _domain is not None:
-            attributes = _domain.get_event_attributes(
-                self.name, _COLORS[self.category], _category_ids[self.category], self.payload)
+            # One attributes object per thread, name and category, its payload set per push:
+            # building one per push costs more than the push.
+            cache = _attributes.__dict__
+            key = (self.name, self.category)
+            attributes = cache.get(key)
+            if attributes is None:
+                attributes = cache[key] = _domain.get_event_attributes(
+                    self.name, _COLORS[self.category], _category_ids[self.category])
+            attributes.payload = self.payload
             _domain.push_range(attributes)
             self.pushed = True
         if _collections:

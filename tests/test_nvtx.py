@@ -114,6 +114,8 @@ static int pop(const Domain *d) {
     return 0;
 }
 
+long long nvtx_record_pushes(void) { return __atomic_load_n(&pushes, __ATOMIC_RELAXED); }
+
 static void finish(void) {
     if (out) {
         fprintf(out, "end\t%lld\t%lld\n", pushes, pops);
@@ -178,6 +180,9 @@ JOB = textwrap.dedent("""
     path = os.path.join(os.environ["NVTX_RECORD_DIR"], "state.ckpt")
     checkpoint.save(path, {"g": gm.backend.to_numpy(grads[1].data)}, comm=comm)
     assert checkpoint.load(path, comm=comm)["g"].shape == (1,)
+    for payload in (7, None, 2.5, np.int32(9)):
+        with trace.span("test.payload", trace.WAIT, payload):
+            pass
     try:
         with trace.span("test.raises", trace.COMPUTE):
             raise RuntimeError("inside a span")
@@ -201,6 +206,7 @@ EXPECTED = {
     "staging.device_to_host": trace.STAGING,
     "staging.host_to_device": trace.STAGING,
     "test.raises": trace.COMPUTE,
+    "test.payload": trace.WAIT,
 }
 # Pushed on the writing rank only.
 EXPECTED_ON_ROOT = {
@@ -219,16 +225,25 @@ SIZED = {"mpi.bcast", "mpi.sum", "mpi.gather", "staging.device_to_host",
          "staging.host_to_device", "checkpoint.write"}
 
 
-@pytest.fixture(scope="module")
-def injection(tmp_path_factory):
+def build_injection(folder):
+    """Build the injection library in ``folder``; its path, or None without a C compiler.
+    (``bench/bench_nvtx.py`` uses it too.)"""
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        pytest.skip("needs a C compiler (gcc) to build the NVTX injection library")
-    folder = tmp_path_factory.mktemp("nvtx")
+        return None
+    folder = Path(folder)
     (folder / "inject.c").write_text(INJECTION_C)
     library = folder / "libinject.so"
     subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(library),
                     str(folder / "inject.c"), "-lpthread"], check=True, timeout=120)
+    return library
+
+
+@pytest.fixture(scope="module")
+def injection(tmp_path_factory):
+    library = build_injection(tmp_path_factory.mktemp("nvtx"))
+    if library is None:
+        pytest.skip("needs a C compiler (gcc) to build the NVTX injection library")
     return library
 
 
@@ -295,6 +310,9 @@ def test_every_phase_pushes_its_range_in_the_gpumpiad_domain(injection, tmp_path
             if name in SIZED:
                 assert kind == "int" and payload >= 0, (name, kind, payload)
                 largest[name] = max(largest.get(name, 0), payload)
+        # A range's payload is its own push's, never an earlier push's of the same name.
+        assert [(p[3], p[4]) for p in ours if p[1] == "test.payload"] == [
+            ("int", 7), ("none", None), ("float", 2.5), ("int", 9)]
         # Every range is closed, an exception inside a span included.
         assert rec["pops"].count("gpumpiad") == len(ours)
         assert rec["end"] is not None and rec["end"][0] == rec["end"][1]
