@@ -43,10 +43,11 @@ class Primitive:
         serial_comm = any_comm = None
         distributed = False
         tape = active_tape()
-        traced = None
-        ntraced = only = 0
+        first = traced = None
+        only = 0
         for k, a in enumerate(args):
-            if type(a) is Tensor:
+            t = type(a)
+            if t is Tensor:
                 raws.append(a.data)
                 if any_comm is None:
                     any_comm = a.comm
@@ -60,19 +61,23 @@ class Primitive:
                         "not supported; bring them to one communicator with mpi_bcast first")
                 if tape is not None:
                     if a._tape is tape:
-                        if traced is None:
-                            traced = [None] * len(args)
-                        traced[k] = a
-                        ntraced += 1
-                        only = k
+                        if first is None:
+                            first, only = a, k
+                        else:
+                            if traced is None:
+                                traced = [None] * len(args)
+                                traced[only] = first
+                            traced[k] = a
                     elif a._tape is not None and traced_outside(a, tape):
                         raise nested_error(f"argument {k} of {self.name}")
+            elif t is float or t is int:
+                raws.append(a)
+            elif t is ndarray:
+                raws.append(operand(a))
             elif isinstance(a, RANK_DEPENDENT):
                 # Array libraries other than NumPy refuse int/float subclasses as scalars.
                 raws.append(int(a) if isinstance(a, int) else float(a))
                 distributed = True
-            elif type(a) is ndarray:
-                raws.append(operand(a))
             else:
                 raws.append(a)
         try:
@@ -83,41 +88,38 @@ class Primitive:
                 raise
             raise named from exc
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
-        if traced is not None:
-            # One traced, differentiable argument (most ops): its vjp returns its cotangent.
-            fn = None
-            if ntraced == 1 and self.vjp_all is None and only < len(self.vjps):
-                fn = self.vjps[only]
-            if fn is None:
-                vjp, only = self._make_vjp(ans, raws, kwargs, traced)
-            elif kwargs:
-                vjp = lambda g: fn(g, ans, *raws, **kwargs)  # noqa: E731
+        if first is not None:
+            vjps = self.vjps or ()
+            if (traced is None and self.vjp_all is None and only < len(vjps)
+                    and vjps[only] is not None):
+                # One traced, differentiable argument (most ops): its vjp alone is recorded.
+                tape.record_one(self.name, vjps[only], ans, raws, kwargs, first, only, out,
+                                distributed)
             else:
-                vjp = lambda g: fn(g, ans, *raws)  # noqa: E731
-            tape.record_local(self.name, vjp, traced, out, distributed, only)
+                if traced is None:
+                    traced = [None] * len(args)
+                    traced[only] = first
+                tape.record_local(self.name, self._make_vjp(ans, raws, kwargs, traced), traced,
+                                  out, distributed)
         return out
 
     def _make_vjp(self, ans, raws, kwargs, traced):
-        """``(vjp, only)``: with one differentiable traced argument, ``vjp(g)`` returns its
-        cotangent alone and ``only`` is its position; otherwise ``vjp(gs)`` returns a list
-        and ``only`` is -1."""
+        """``vjp(gs)``: the list of the cotangents of the ``traced`` arguments (None for the
+        others and for arguments without a VJP)."""
         if self.vjp_all is not None:
-            return (lambda gs: self.vjp_all(gs[0], ans, *raws, **kwargs)), -1
-        vjps = self.vjps
+            return lambda gs: self.vjp_all(gs[0], ans, *raws, **kwargs)
+        vjps = self.vjps or ()
         n = len(raws)
         # Only the arguments that are traced on this tape get a cotangent computed.
         wanted = [i for i in range(min(n, len(vjps)))
                   if traced[i] is not None and vjps[i] is not None]
-        if len(wanted) == 1:
-            fn = vjps[wanted[0]]
-            return (lambda g: fn(g, ans, *raws, **kwargs)), wanted[0]
 
         def vjp(gs):
             out = [None] * n
             for i in wanted:
                 out[i] = vjps[i](gs[0], ans, *raws, **kwargs)
             return out
-        return vjp, -1
+        return vjp
 
 
 def _on_this_rank(exc, name):

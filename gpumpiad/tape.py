@@ -24,6 +24,7 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
+from . import trace
 from .backend import get_array_module
 from .transport import start_allreduce
 
@@ -35,15 +36,12 @@ DISTRIBUTED = "distributed"
 class Node:
     """One recorded operation: ``vjp(output_cotangents) -> input cotangents``."""
 
-    __slots__ = ("name", "vjp", "inputs", "outputs", "local", "communicates", "sink", "only",
+    __slots__ = ("name", "vjp", "inputs", "outputs", "local", "communicates", "sink",
                  "takes_none")
 
-    def __init__(self, name, vjp, inputs, outputs, local, communicates, sink, only=-1,
-                 takes_none=False):
+    def __init__(self, name, vjp, inputs, outputs, local, communicates, sink, takes_none=False):
         # takes_none: the vjp takes None for an output cotangent that is structurally zero.
         self.takes_none = takes_none
-        # only >= 0: a local op whose vjp(g) returns the cotangent of that one input alone.
-        self.only = only
         self.name = name
         self.vjp = vjp
         self.inputs = inputs
@@ -63,7 +61,8 @@ class Tape:
         self.sinks = []
         self.origins = []
         self.marked = set()
-        self.first_use = {}
+        # Outputs of eager nodes (slot -> index of the first node that reads them, or None).
+        self.awaited = {}
         self.eager = []
         # True when backward may run more than once (a vjp's pullback): ops whose reverse rule
         # consumes what the forward kept (the heat solver's states) must keep it then.
@@ -104,10 +103,12 @@ class Tape:
         if local is None:
             local = [False] * len(inputs)
         origins = None
+        awaited = self.awaited
         for t, loc in zip(inputs, local):
             if t is None:
                 continue
-            self.first_use.setdefault(t._slot, len(self.nodes))
+            if awaited and awaited.get(t._slot, 0) is None:
+                awaited[t._slot] = len(self.nodes)
             if t.layout == DISTRIBUTED:
                 continue
             mine = self.origins[t._slot]
@@ -121,7 +122,7 @@ class Tape:
         if collective and any(out.layout != DISTRIBUTED for out in outputs):
             sink = len(self.sinks)
             origins = frozenset((sink,))
-        node = Node(name, vjp, inputs, outputs, local, communicates, sink, -1, takes_none)
+        node = Node(name, vjp, inputs, outputs, local, communicates, sink, takes_none)
         if sink >= 0:
             self.sinks.append(node)
         for out in outputs:
@@ -129,17 +130,19 @@ class Tape:
                        else origins)
         if eager:
             self.eager.append(len(self.nodes))
+            for out in outputs:
+                awaited[out._slot] = None
         self.nodes.append(node)
 
-    def record_local(self, name, vjp, inputs, out, distributed, only=-1):
-        """:meth:`record` for a local op with one output (the hot path of every program)."""
+    def record_local(self, name, vjp, inputs, out, distributed):
+        """:meth:`record` for a local op with one output whose ``vjp(gs)`` returns a list."""
         origins = _NO_ORIGINS
-        first_use = self.first_use
+        awaited = self.awaited
         for t in inputs:
             if t is None:
                 continue
-            if t._slot not in first_use:
-                first_use[t._slot] = len(self.nodes)
+            if awaited and awaited.get(t._slot, 0) is None:
+                awaited[t._slot] = len(self.nodes)
             if t.layout == DISTRIBUTED:
                 continue
             mine = self.origins[t._slot]
@@ -154,7 +157,29 @@ class Tape:
         self.nslots += 1
         self.origins.append(_NO_ORIGINS if distributed else origins)
         self.nodes.append(Node(name, vjp, inputs, (out,), _flags(distributed, len(inputs)),
-                               False, -1, only))
+                               False, -1))
+
+    def record_one(self, name, fn, ans, raws, kwargs, inp, k, out, distributed):
+        """Record a local op with one traced input ``inp`` (argument ``k``) and one output: the
+        hot path of every program. The reverse step calls ``fn(g, ans, *raws, **kwargs)`` for
+        the cotangent of ``inp``; the node is a plain tuple (no closure, no object)."""
+        slot = inp._slot
+        awaited = self.awaited
+        if awaited and awaited.get(slot, 0) is None:
+            awaited[slot] = len(self.nodes)
+        serial = inp.layout != DISTRIBUTED
+        origins = _NO_ORIGINS
+        if serial:
+            origins = self.origins[slot]
+            if distributed and origins:
+                self.marked.update(origins)
+        out._tape = self
+        out._slot = self.nslots
+        self.nslots += 1
+        self.origins.append(_NO_ORIGINS if distributed else origins)
+        # What a total of the output sends goes to the input's shares when the op is per-rank.
+        self.nodes.append((fn, ans, raws, kwargs or None, inp, k, out, serial and distributed,
+                           serial, name))
 
     def backward(self, loss, seed):
         """Return the cotangents of :attr:`leaves` for ``loss`` seeded with ``seed``."""
@@ -176,40 +201,44 @@ class Tape:
         # cotangents are complete, i.e. right after their first consumer is visited, so that
         # a peer waiting for that cotangent never waits on this rank's reverse order.
         triggers = {}
+        n = len(nodes)
         for e in self.eager:
-            ready = min((self.first_use.get(o._slot, len(nodes)) for o in nodes[e].outputs),
-                        default=len(nodes))
+            ready = min((_or(self.awaited.get(o._slot), n) for o in nodes[e].outputs), default=n)
             triggers.setdefault(ready, []).append(e)
-        for e in triggers.pop(len(nodes), ()):
+        for e in triggers.pop(n, ()):
             self._visit(nodes[e], total, share, deferred, agreed)
         done = set(self.eager)
-        for i in range(len(nodes) - 1, -1, -1):
+        for i in range(n - 1, -1, -1):
             node = nodes[i]
-            outs = node.outputs
-            if node.sink < 0 and not node.communicates and len(outs) == 1:
-                # Fast path: a local op (the overwhelming majority of nodes).
-                slot = outs[0]._slot
+            if type(node) is tuple:
+                # A local op with one traced input (the overwhelming majority of nodes).
+                fn, ans, raws, kwargs, inp, k, out, total_to_share, serial, name = node
+                slot = out._slot
                 if deferred and slot in deferred:
-                    _resolve(outs[0], deferred, total, share)
-                only = node.only
-                if only >= 0:
-                    inp = node.inputs[only]
-                    serial = inp.layout != DISTRIBUTED
-                    if total[slot] is not None:
-                        _add(inp, node.vjp(total[slot]),
-                             share if (serial and node.local[only]) else total, node.name)
-                    if share[slot] is not None:
-                        _add(inp, node.vjp(share[slot]), share if serial else total, node.name)
-                else:
-                    if total[slot] is not None:
-                        _accumulate(node, node.vjp((total[slot],)), total, share, False,
-                                    deferred)
-                    if share[slot] is not None:
-                        _accumulate(node, node.vjp((share[slot],)), total, share, True, deferred)
+                    _resolve(out, deferred, total, share)
+                g = total[slot]
+                if g is not None:
+                    g = fn(g, ans, *raws, **kwargs) if kwargs else fn(g, ans, *raws)
+                    _add_raw(inp._slot, raws[k], g, share if total_to_share else total, name)
+                g = share[slot]
+                if g is not None:
+                    g = fn(g, ans, *raws, **kwargs) if kwargs else fn(g, ans, *raws)
+                    _add_raw(inp._slot, raws[k], g, share if serial else total, name)
+            elif node.sink < 0 and not node.communicates and len(node.outputs) == 1:
+                # A local op of several traced inputs: its vjp returns a list.
+                out = node.outputs[0]
+                slot = out._slot
+                if deferred and slot in deferred:
+                    _resolve(out, deferred, total, share)
+                if total[slot] is not None:
+                    _accumulate(node, node.vjp((total[slot],)), total, share, False, deferred)
+                if share[slot] is not None:
+                    _accumulate(node, node.vjp((share[slot],)), total, share, True, deferred)
             elif i not in done:
                 self._visit(node, total, share, deferred, agreed)
-            for e in triggers.get(i, ()):
-                self._visit(nodes[e], total, share, deferred, agreed)
+            if triggers and i in triggers:
+                for e in triggers[i]:
+                    self._visit(nodes[e], total, share, deferred, agreed)
         for leaf in self.leaves:
             if leaf._slot in deferred:
                 _resolve(leaf, deferred, total, share)
@@ -224,12 +253,20 @@ class Tape:
         self.leaves = []
         self.sinks = []
         self.origins = []
-        self.first_use = {}
+        self.awaited = {}
         self.eager = []
         self.released = True
 
     def _visit(self, node, total, share, deferred, agreed):
-        """The general reverse step of one node."""
+        """The general reverse step of one node; a communicating one (a collective, a custom
+        op, point-to-point) is an :data:`~gpumpiad.trace.ADJOINT` span named by its op."""
+        if node.communicates or node.sink >= 0:
+            with trace.span(_adjoint_name(node.name), trace.ADJOINT):
+                self._step(node, total, share, deferred, agreed)
+        else:
+            self._step(node, total, share, deferred, agreed)
+
+    def _step(self, node, total, share, deferred, agreed):
         outs = node.outputs
         if deferred:
             for out in outs:
@@ -276,6 +313,17 @@ class Tape:
         return agreed
 
 
+_ADJOINT_NAMES = {}
+
+
+def _adjoint_name(name):
+    """``adjoint.<op>``: built once per op, so that a span's name is one constant string."""
+    span_name = _ADJOINT_NAMES.get(name)
+    if span_name is None:
+        span_name = _ADJOINT_NAMES[name] = f"adjoint.{name}"
+    return span_name
+
+
 _FLAGS = {}
 
 
@@ -318,7 +366,19 @@ def _resolve(t, deferred, total, share):
 def _add(inp, g, buf, name):
     """Add the cotangent ``g`` that op ``name`` (``None``: a deferred contribution) sends to
     ``inp`` into ``buf``."""
-    data = inp.data
+    _add_raw(inp._slot, inp.data, g, buf, name)
+
+
+def _add_raw(slot, data, g, buf, name):
+    """:func:`_add` for the value in ``slot`` whose array is ``data``."""
+    if g.shape != data.shape or g.dtype != data.dtype:
+        g = _checked(g, data, name)
+    prev = buf[slot]
+    buf[slot] = g if prev is None else prev + g
+
+
+def _checked(g, data, name):
+    """``g`` cast to ``data``'s dtype, once its shape is checked and the cast loses nothing."""
     if g.shape != data.shape:
         raise RuntimeError(f"internal error: {_contribution(name)} has shape {g.shape} for a "
                            f"value of shape {data.shape}")
@@ -330,8 +390,11 @@ def _add(inp, g, buf, name):
                             "real cotangent; differentiating through complex intermediate "
                             "values is not supported")
         g = g.astype(data.dtype)
-    prev = buf[inp._slot]
-    buf[inp._slot] = g if prev is None else prev + g
+    return g
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _contribution(name):

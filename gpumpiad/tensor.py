@@ -104,31 +104,8 @@ class Tensor:
         """A NumPy copy of the data."""
         return self.__array__()
 
-    def _binary(name, reflected=False):
-        cache = []
-
-        def method(self, other):
-            if not cache:
-                from .ops import elementwise
-                cache.append(getattr(elementwise, name))
-            return cache[0](other, self) if reflected else cache[0](self, other)
-        return method
-
-    __add__ = _binary("add")
-    __radd__ = _binary("add", True)
-    __sub__ = _binary("subtract")
-    __rsub__ = _binary("subtract", True)
-    __mul__ = _binary("multiply")
-    __rmul__ = _binary("multiply", True)
-    __truediv__ = _binary("divide")
-    __rtruediv__ = _binary("divide", True)
-    __pow__ = _binary("power")
-    __rpow__ = _binary("power", True)
-    __lt__ = _binary("less")
-    __le__ = _binary("less_equal")
-    __gt__ = _binary("greater")
-    __ge__ = _binary("greater_equal")
-    del _binary
+    # +, -, *, /, ** and the comparisons are the primitives of gpumpiad.ops.elementwise,
+    # which installs them here (called directly: they are every program's hot path).
 
     def __matmul__(self, other):
         from .ops.linalg import matmul

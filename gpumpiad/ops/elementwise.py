@@ -5,6 +5,7 @@ import numpy
 
 from ..backend import get_array_module
 from ..primitive import primitive, shape_of, unbroadcast
+from ..tensor import Tensor
 
 
 def _xp(*args):
@@ -97,3 +98,23 @@ greater = primitive(numpy.greater, name="greater")
 greater_equal = primitive(numpy.greater_equal, name="greater_equal")
 for _cmp in (less, less_equal, greater, greater_equal):
     _cmp.defvjp()
+
+
+def _operator(prim, reflected):
+    call = prim.__call__
+    if reflected:
+        def method(self, other):
+            return call(other, self)
+    else:
+        def method(self, other):
+            return call(self, other)
+    return method
+
+
+for _dunder, _prim in (("add", add), ("sub", subtract), ("mul", multiply),
+                       ("truediv", divide), ("pow", power)):
+    setattr(Tensor, f"__{_dunder}__", _operator(_prim, False))
+    setattr(Tensor, f"__r{_dunder}__", _operator(_prim, True))
+for _dunder, _prim in (("lt", less), ("le", less_equal), ("gt", greater),
+                       ("ge", greater_equal)):
+    setattr(Tensor, f"__{_dunder}__", _operator(_prim, False))
