@@ -39,7 +39,7 @@ import time
 import numpy
 from mpi4py import MPI
 
-from . import backend
+from . import backend, trace
 from .backend import get_array_module, is_device_array
 from .debug import CommunicationMismatch
 from .debug import timeout as watchdog_limit
@@ -212,11 +212,13 @@ class Pending:
     a failed communication raises on every ``wait``.
     """
 
-    __slots__ = ("requests", "finish", "result", "comm", "call", "lock")
+    __slots__ = ("requests", "finish", "statuses", "result", "comm", "call", "lock")
 
     def __init__(self, requests, finish, comm=None, call="communication"):
         self.requests = requests
         self.finish = finish
+        # A receive's finish holds the statuses MPI fills (to check the message's size).
+        self.statuses = getattr(finish, "statuses", None)
         self.result = None
         self.comm = comm
         self.call = call
@@ -237,7 +239,7 @@ class Pending:
                 return True
             # Requests that complete here are freed by MPI: their statuses are kept now, and
             # ``requests`` becomes empty (complete, result not yet delivered).
-            if MPI.Request.Testall(self.requests, getattr(self.finish, "statuses", None)):
+            if MPI.Request.Testall(self.requests, self.statuses):
                 self.requests = []
                 return True
             return False
@@ -247,10 +249,11 @@ class Pending:
     def wait(self):
         with self.lock:
             if self.requests is not None:
-                statuses = getattr(self.finish, "statuses", None)
+                statuses = self.statuses
                 try:
                     if self.requests:
-                        _wait(self.requests, self.comm, self.call, statuses=statuses)
+                        with trace.span("mpi.wait", trace.WAIT):
+                            _wait(self.requests, self.comm, self.call, statuses=statuses)
                 except MPI.Exception as exc:
                     self.result = mpi_error(self.call, exc, statuses)
                 else:
@@ -315,9 +318,11 @@ def _register(pending):
     the oldest entries and drops the complete ones (an unfinished one goes to the back), so a
     send's buffer returns to the pool soon after MPI is done with it, at a constant cost."""
     for _ in range(_TESTED_PER_CALL):
+        if not _unfinished:
+            break
         try:
             key = next(iter(_unfinished))
-        except (StopIteration, RuntimeError):  # empty, or changed by another thread
+        except (StopIteration, RuntimeError):  # emptied, or changed by another thread
             break
         oldest = _unfinished.pop(key, None)
         if oldest is not None and not _finished(oldest):
@@ -401,10 +406,31 @@ atexit.register(_settle_at_exit)
 
 def start_allreduce(mpi_comm, array, op):
     """Post a non-blocking allreduce; return ``(requests, finish)``."""
+    if type(array) is numpy.ndarray and not backend.stage_host_arrays():
+        # The common case, a host array: its copy is the result, reduced in place.
+        if array.nbytes < _POOL_MIN_BYTES:
+            out = array.copy()
+        else:
+            out = host_empty(array.shape, array.dtype)
+            numpy.copyto(out, array)
+        request = mpi_comm.Iallreduce(MPI.IN_PLACE, out, op=op)
+        return [request], _Result(out)
     device = is_device(array)
     out = send_buffer(array, device=device)
     request = mpi_comm.Iallreduce(MPI.IN_PLACE, out, op=op)
     return [request], lambda: deliver(out, device)
+
+
+class _Result:
+    """A host result's ``finish``: the buffer MPI wrote, as it is."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out):
+        self.out = out
+
+    def __call__(self):
+        return self.out
 
 
 def start_bcast(mpi_comm, array, root):

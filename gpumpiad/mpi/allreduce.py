@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from ..tensor import SERIAL
+from ..tensor import DISTRIBUTED, SERIAL
 from ..transport import start_allgatherv, start_allreduce
 from ._record import as_tensor, pending_tensor, record, resolve
 
 SUM, MAX, MIN, PROD = MPI.SUM, MPI.MAX, MPI.MIN, MPI.PROD
 _NAMES = ((SUM, "SUM"), (MAX, "MAX"), (MIN, "MIN"), (PROD, "PROD"))
+_CALLS = {"SUM": "mpi_sum(SUM)", "MAX": "mpi_allreduce(MAX)", "MIN": "mpi_allreduce(MIN)",
+          "PROD": "mpi_allreduce(PROD)"}
 
 
 def mpi_allreduce(x, op=SUM, comm=None):
@@ -39,11 +41,15 @@ def mpi_allreduce(x, op=SUM, comm=None):
     True
     """
     comm = resolve(comm)
-    for known, op_name in _NAMES:
-        if op == known:
-            break
+    if op is SUM:
+        op_name = "SUM"
     else:
-        raise ValueError(f"rank {comm.rank}: op must be gpumpiad.SUM, MAX, MIN or PROD, got {op!r}")
+        for known, op_name in _NAMES:
+            if op == known:
+                break
+        else:
+            raise ValueError(f"rank {comm.rank}: op must be gpumpiad.SUM, MAX, MIN or PROD, "
+                             f"got {op!r}")
     x = as_tensor(x, comm)
     name = "mpi_allreduce" if op != SUM else "mpi_sum"
     data = x.data
@@ -52,8 +58,9 @@ def mpi_allreduce(x, op=SUM, comm=None):
         allowed = "int, float, complex" if op in (SUM, PROD) else "int, float"
         raise TypeError(f"rank {comm.rank}: {name}'s x must have a dtype that {op_name} is "
                         f"defined on ({allowed}), got {data.dtype}")
-    pending = comm.issue(f"{name}({op_name})", lambda: start_allreduce(comm.mpi, data, op),
-                         array=data, layout=x.layout, serial_value=not x.distributed)
+    mpi = comm.mpi
+    pending = comm.issue(_CALLS[op_name], lambda: start_allreduce(mpi, data, op),
+                         array=data, layout=x.layout, serial_value=x.layout != DISTRIBUTED)
     out = pending_tensor(pending, SERIAL, comm)
 
     def vjp(gs):
@@ -64,8 +71,11 @@ def mpi_allreduce(x, op=SUM, comm=None):
             return [g * _exclusive_product(comm, data)]
         return [g * _holds_extremum(comm, data, out.data)]
 
-    record(name, vjp, [x], [out], local=[True], communicates=op != SUM)
+    record(name, vjp, [x], [out], local=_PER_RANK, communicates=op != SUM)
     return out
+
+
+_PER_RANK = (True,)
 
 
 def mpi_sum(x, comm=None):
