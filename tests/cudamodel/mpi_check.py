@@ -38,45 +38,9 @@ class _Checked:
         _writes("Irecv", buf)
         return super().Irecv(buf, source, tag)
 
-    def Iallreduce(self, sendbuf, recvbuf, op=MPI.SUM):
-        if sendbuf is MPI.IN_PLACE:
-            MODEL.host_op("MPI Iallreduce", reads=_arrays(recvbuf), writes=_arrays(recvbuf))
-        else:
-            _reads("Iallreduce", sendbuf)
-            _writes("Iallreduce", recvbuf)
-        return super().Iallreduce(sendbuf, recvbuf, op)
-
     def Ibcast(self, buf, root=0):
         (_reads if self.Get_rank() == root else _writes)("Ibcast", buf)
         return super().Ibcast(buf, root)
-
-    def Ireduce(self, sendbuf, recvbuf, op=MPI.SUM, root=0):
-        if sendbuf is MPI.IN_PLACE:
-            MODEL.host_op("MPI Ireduce", reads=_arrays(recvbuf), writes=_arrays(recvbuf))
-        else:
-            _reads("Ireduce", sendbuf)
-            _writes("Ireduce", recvbuf)
-        return super().Ireduce(sendbuf, recvbuf, op, root)
-
-    def Igatherv(self, sendbuf, recvbuf, root=0):
-        _reads("Igatherv", sendbuf)
-        _writes("Igatherv", recvbuf)
-        return super().Igatherv(sendbuf, recvbuf, root)
-
-    def Iallgatherv(self, sendbuf, recvbuf):
-        _reads("Iallgatherv", sendbuf)
-        _writes("Iallgatherv", recvbuf)
-        return super().Iallgatherv(sendbuf, recvbuf)
-
-    def Iscatterv(self, sendbuf, recvbuf, root=0):
-        _reads("Iscatterv", sendbuf)
-        _writes("Iscatterv", recvbuf)
-        return super().Iscatterv(sendbuf, recvbuf, root)
-
-    def Ialltoallv(self, sendbuf, recvbuf):
-        _reads("Ialltoallv", sendbuf)
-        _writes("Ialltoallv", recvbuf)
-        return super().Ialltoallv(sendbuf, recvbuf)
 
     def Send_init(self, buf, dest, tag=0):
         _reads("Send_init", buf)
@@ -85,6 +49,24 @@ class _Checked:
     def Recv_init(self, buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG):
         _writes("Recv_init", buf)
         return super().Recv_init(buf, source, tag)
+
+
+def _send_and_receive(name):
+    """An override of a call whose first two arguments are what MPI sends and receives into
+    (``IN_PLACE``: the second is both)."""
+    def call(self, sendbuf, recvbuf, *args, **kwargs):
+        if sendbuf is MPI.IN_PLACE:
+            MODEL.host_op(f"MPI {name}", reads=_arrays(recvbuf), writes=_arrays(recvbuf))
+        else:
+            _reads(name, sendbuf)
+            _writes(name, recvbuf)
+        return getattr(super(_Checked, self), name)(sendbuf, recvbuf, *args, **kwargs)
+    call.__name__ = name
+    return call
+
+
+for _name in ("Iallreduce", "Ireduce", "Igatherv", "Iallgatherv", "Iscatterv", "Ialltoallv"):
+    setattr(_Checked, _name, _send_and_receive(_name))
 
 
 class CheckedIntracomm(_Checked, MPI.Intracomm):
