@@ -310,6 +310,86 @@ static void host_heat_adjoint(const T* __restrict__ lam_next, const T* __restric
     }
 }
 
+// Ghosts of a patch that is its own neighbour along a periodic axis (one patch along it):
+// what the halo exchange with itself would write, without MPI.
+template <typename T>
+static void host_wrap(T* __restrict__ u, int nx, int ny, int wrap_i, int wrap_j)
+{
+    const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
+    if (wrap_i)
+        for (int j = 1; j <= ny; ++j) {
+            u[j] = u[(gpumpiad_idx)nx * s + j];
+            u[(gpumpiad_idx)(nx + 1) * s + j] = u[s + j];
+        }
+    if (wrap_j)
+        for (int i = 1; i <= nx; ++i) {
+            const gpumpiad_idx row = (gpumpiad_idx)i * s;
+            u[row] = u[row + ny];
+            u[row + ny + 1] = u[row + 1];
+        }
+}
+
+// `steps` forward steps in one call, state n+1 written to states[n+1] (states[0] holds the
+// first): a patch whose ghosts come from no other rank needs no Python between steps. Each
+// state's wrapped ghosts are filled before it is read, the last one's too, so every state
+// ends as a single step with its exchange would leave it.
+template <typename T>
+static void host_heat_steps(T* const* states, const T* __restrict__ kappa,
+                            const T* __restrict__ f, int nx, int ny, T r, T dt, int steps,
+                            int wrap_i, int wrap_j)
+{
+    for (int n = 0; n < steps; ++n) {
+        host_wrap(states[n], nx, ny, wrap_i, wrap_j);
+        host_heat_step<T>(states[n], kappa, f, states[n + 1], nx, ny, r, dt, 1, nx + 1, 1,
+                          ny + 1);
+    }
+    host_wrap(states[steps], nx, ny, wrap_i, wrap_j);
+}
+
+// Interior of an nx x ny C-contiguous field copied into padded dst; stats = {min, max,
+// non-finite count} of the values (min and max over the finite ones): the solver's argument
+// check and its padded copy in one pass.
+template <typename T>
+static void host_pad(const T* __restrict__ src, T* __restrict__ dst, int nx, int ny,
+                     double* stats)
+{
+    const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
+    T lo = (T)0, hi = (T)0;
+    long long bad = 0;
+    bool any = false;
+    for (int i = 0; i < nx; ++i) {
+        const T* __restrict__ in = src + (gpumpiad_idx)i * ny;
+        T* __restrict__ out = dst + (gpumpiad_idx)(i + 1) * s + 1;
+        T rlo = in[0], rhi = in[0];
+        long long rbad = 0;
+        for (int j = 0; j < ny; ++j) {
+            const T v = in[j];
+            out[j] = v;
+            rlo = v < rlo ? v : rlo;
+            rhi = v > rhi ? v : rhi;
+            rbad += !(v - v == (T)0);
+        }
+        if (rbad) {
+            // min/max over the finite values only; a rare, slower row.
+            for (int j = 0; j < ny; ++j) {
+                const T v = in[j];
+                if (!(v - v == (T)0)) continue;
+                if (!any) { lo = hi = v; any = true; }
+                lo = v < lo ? v : lo;
+                hi = v > hi ? v : hi;
+            }
+            bad += rbad;
+            continue;
+        }
+        if (!any) { lo = rlo; hi = rhi; any = true; }
+        lo = rlo < lo ? rlo : lo;
+        hi = rhi > hi ? rhi : hi;
+    }
+    stats[0] = (double)lo;
+    stats[1] = (double)hi;
+    stats[2] = (double)bad;
+}
+
 template <typename T>
 static void host_halo_pack(const T* __restrict__ u, T* __restrict__ buf, int nx, int ny,
                            int side, int ghost)
@@ -348,6 +428,33 @@ static void host_copy4(const T* __restrict__ a, const T* __restrict__ b, const T
             host_heat_adjoint<T, decltype(kb)::value, decltype(fb)::value>(                     \
                 lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, i0, i1, j0, j1);      \
         });                                                                                     \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT void host_heat_steps_##SUF(                                      \
+        T* const* states, const T* kappa, const T* f, int nx, int ny, T r, T dt, int steps,     \
+        int wrap_i, int wrap_j)                                                                 \
+    {                                                                                           \
+        host_heat_steps<T>(states, kappa, f, nx, ny, r, dt, steps, wrap_i, wrap_j);             \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT void host_heat_adjoint_wrapped_##SUF(                            \
+        T* lam_next, const T* kappa, const T* u, T* lam, T* kappa_bar, T* f_bar, int nx,        \
+        int ny, T r, T dt, int grads, int wrap_i, int wrap_j)                                   \
+    {                                                                                           \
+        host_wrap(lam_next, nx, ny, wrap_i, wrap_j);                                            \
+        heat_with_grads(grads, [&](auto kb, auto fb) {                                          \
+            host_heat_adjoint<T, decltype(kb)::value, decltype(fb)::value>(                     \
+                lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, 1, nx + 1, 1,         \
+                ny + 1);                                                                        \
+        });                                                                                     \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT void host_wrap_##SUF(T* u, int nx, int ny, int wrap_i,           \
+                                                    int wrap_j)                                 \
+    {                                                                                           \
+        host_wrap<T>(u, nx, ny, wrap_i, wrap_j);                                                \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT void host_pad_##SUF(const T* src, T* dst, int nx, int ny,        \
+                                                   double* stats)                               \
+    {                                                                                           \
+        host_pad<T>(src, dst, nx, ny, stats);                                                   \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_halo_pack_##SUF(const T* u, T* buf, int nx, int ny,    \
                                                          int side, int ghost)                   \

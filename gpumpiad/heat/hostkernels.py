@@ -2,13 +2,26 @@
 
 The CUDA source is compiled as C++ with ``-DGPUMPIAD_HOST`` (see
 ``kernels/host_cuda.h``), so the numerics are the per-cell functions of the
-GPU kernels themselves.  The shared library is cached under
-``$XDG_CACHE_HOME/gpumpiad`` (default ``~/.cache/gpumpiad``) keyed by a hash
-of the sources, compiler and flags, and is built atomically so several MPI
-ranks may build it at once.
+GPU kernels themselves. It is built for the machine it runs on
+(``-march=native``) when the compiler accepts that, and portably otherwise;
+floating-point contraction is off in both, so the two give the same bits.
+The shared library is cached under ``$XDG_CACHE_HOME/gpumpiad`` (default
+``~/.cache/gpumpiad``) keyed by a hash of the sources, the compiler's path
+and version, the flags and, for a native build, the CPU (model and feature
+flags): a cache shared between machines never hands one a library built for
+another. It is built atomically so several MPI ranks may build it at once.
 
 The public functions mirror :mod:`gpumpiad.heat.stencil` and accept NumPy
 ``float32``/``float64`` C-contiguous arrays.
+
+Environment
+-----------
+CXX
+    The C++ compiler (default ``g++``).
+GPUMPIAD_HOST_MARCH : ``native`` | ``portable``
+    ``native`` (default): build for this CPU, falling back to the portable build when the
+    compiler refuses ``-march=native``; ``portable``: no ``-march`` (a library that runs on
+    any CPU of the architecture).
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import ctypes
 import hashlib
 import importlib.resources
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -30,22 +44,32 @@ from .stencil import check_rect, grads
 __all__ = [
     "available",
     "library_path",
+    "build_info",
     "step",
     "adjoint",
     "pack",
     "unpack",
     "copy4",
+    "Loop",
+    "pad",
     "CXXFLAGS",
+    "NATIVE_FLAGS",
 ]
 
-#: Flags used for the host build (no -march: the binary may move between hosts).
-CXXFLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-DGPUMPIAD_HOST", "-x", "c++")
+#: Flags of every host build. ``-ffp-contract=off``: no fused multiply-adds, so that a build
+#: for any CPU computes the same bits as the portable one and as the NumPy reference's order.
+CXXFLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-DGPUMPIAD_HOST",
+            "-x", "c++")
+#: Added for a build for the machine it runs on.
+NATIVE_FLAGS = ("-march=native",)
+_MARCH_CHOICES = ("native", "portable")
 _SOURCES = ("heat.cu", "host_cuda.h")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 _lock = threading.Lock()
 _lib = None
 _lib_error: Exception | None = None
+_built = {}
 
 
 def _cache_dir() -> Path:
@@ -57,20 +81,55 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def _march() -> str:
+    choice = os.environ.get("GPUMPIAD_HOST_MARCH", "").strip().lower() or "native"
+    if choice not in _MARCH_CHOICES:
+        raise ValueError(f"GPUMPIAD_HOST_MARCH must be one of {_MARCH_CHOICES}, got {choice!r}")
+    return choice
+
+
 def _read_sources() -> dict[str, str]:
-    root = importlib.resources.files("gpumpiad.kernels")
+    try:
+        root = importlib.resources.files("gpumpiad.kernels")
+    except ModuleNotFoundError:
+        # Run from a source tree whose kernels the install does not map: the tree's own.
+        root = Path(__file__).resolve().parents[2] / "kernels"
     return {name: root.joinpath(name).read_text() for name in _SOURCES}
 
 
-def _build_key(cxx: str, sources: dict[str, str]) -> str:
-    h = hashlib.sha256()
+def _compiler_version(cxx: str) -> str:
     try:
-        version = subprocess.run(
-            [cxx, "--version"], capture_output=True, text=True, check=True, timeout=60
-        ).stdout
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True,
+                              timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
-        version = ""
-    for part in (cxx, version, " ".join(CXXFLAGS)):
+        return ""
+
+
+def _cpu_identity() -> str:
+    """The CPU a native build is for: model name and a hash of its feature flags."""
+    model, features = None, None
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and features is None:
+                    features = " ".join(sorted(value.split()))
+                if model is not None and features is not None:
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or "unknown CPU"
+    features = features or ""
+    digest = hashlib.sha256(features.encode()).hexdigest()[:16]
+    return f"{platform.machine()} {model} flags:{digest}"
+
+
+def _build_key(cxx: str, version: str, flags, cpu: str, sources: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for part in (cxx, version, " ".join(flags), cpu):
         h.update(part.encode())
         h.update(b"\0")
     for name in sorted(sources):
@@ -81,29 +140,79 @@ def _build_key(cxx: str, sources: dict[str, str]) -> str:
     return h.hexdigest()[:24]
 
 
-def _build() -> Path:
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    sources = _read_sources()
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"heat_host-{_build_key(cxx, sources)}.so"
-    if target.exists():
-        return target
+def _compile(cxx, flags, sources, target):
+    """Build ``target`` atomically; the compiler's complaint, or None."""
     # Private build dir + atomic rename: concurrent ranks never see a partial .so.
-    with tempfile.TemporaryDirectory(prefix="build-", dir=cache) as tmp:
+    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
         for name, text in sources.items():
             Path(tmp, name).write_text(text)
         out = Path(tmp, target.name)
-        cmd = [cxx, *CXXFLAGS, "-I", tmp, str(Path(tmp, "heat.cu")), "-o", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"host kernel build failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
-            )
+        cmd = [cxx, *flags, "-I", tmp, str(Path(tmp, "heat.cu")), "-o", str(out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"{' '.join(cmd)}: {exc}"
+        if proc.returncode != 0 or not out.exists():
+            return f"{' '.join(cmd)} (exit code {proc.returncode}):\n{proc.stderr[-4000:]}"
         os.replace(out, target)
-    return target
+    return None
+
+
+def _build() -> Path:
+    """The cached library for this compiler, CPU and ``GPUMPIAD_HOST_MARCH``, built if need
+    be; a native build the compiler refuses is remembered (a ``.refused`` file beside the
+    cache entry) and replaced by the portable one."""
+    march = _march()
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r}; "
+                           "set CXX or install g++)")
+    sources = _read_sources()
+    version = _compiler_version(cxx)
+    cache = _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    choices = [("native", CXXFLAGS + NATIVE_FLAGS, _cpu_identity())] if march == "native" else []
+    choices.append(("portable", CXXFLAGS, ""))
+    failures = []
+    for name, flags, cpu in choices:
+        key = _build_key(cxx, version, flags, cpu, sources)
+        target = cache / f"heat_host-{key}.so"
+        refused = target.with_suffix(".refused")
+        if not target.exists():
+            if name == "native" and refused.exists():
+                failures.append(refused.read_text())
+                continue
+            problem = _compile(cxx, flags, sources, target)
+            if problem is not None:
+                failures.append(problem)
+                if name == "native":
+                    refused.write_text(problem)
+                continue
+        _built.update(path=target, march=name, flags=flags, compiler=cxx,
+                      version=version.splitlines()[0] if version else "", cpu=cpu,
+                      refused=failures[0] if failures else None)
+        return target
+    raise RuntimeError("host kernel build failed: " + "\n".join(failures))
+
+
+def build_info() -> dict:
+    """How the loaded host library was built.
+
+    Returns
+    -------
+    dict
+        ``path``, ``march`` (``"native"`` or ``"portable"``), ``flags``, ``compiler``,
+        ``version`` (the compiler's first line), ``cpu`` (what a native build is keyed by),
+        ``refused`` (the compiler's complaint about a native build it fell back from, or None).
+
+    Examples
+    --------
+    >>> from gpumpiad.heat import hostkernels
+    >>> hostkernels.build_info()["march"] in ("native", "portable")
+    True
+    """
+    _load()
+    return dict(_built)
 
 
 def _declare(lib) -> None:
@@ -113,6 +222,10 @@ def _declare(lib) -> None:
         sigs = {
             "host_heat_step": [p, p, p, p, i, i, real, real, i, i, i, i],
             "host_heat_adjoint": [p, p, p, p, p, p, i, i, real, real, i, i, i, i, i],
+            "host_heat_steps": [p, p, p, i, i, real, real, i, i, i],
+            "host_heat_adjoint_wrapped": [p, p, p, p, p, p, i, i, real, real, i, i, i],
+            "host_wrap": [p, i, i, i, i],
+            "host_pad": [p, p, i, i, p],
             "host_halo_pack": [p, p, i, i, i, i],
             "host_halo_unpack": [p, p, i, i, i, i, i],
             "host_copy4": [p, p, p, p, ctypes.c_longlong],
@@ -364,3 +477,120 @@ def copy4(a, b, c, d):
         if x.size != a.size:
             raise ValueError(f"{name} has {x.size} elements, expected {a.size}")
     _fn("host_copy4", a.dtype)(a.ctypes.data, b.ctypes.data, c.ctypes.data, d.ctypes.data, a.size)
+
+
+class Loop:
+    """The host kernels of one solve's time loops, their arguments checked and converted once.
+
+    ``kappa`` and ``f`` are the solve's padded fields; every state and cotangent buffer the
+    loop is given afterwards must be a C-contiguous array of their shape and dtype that the
+    solver owns (they are not checked again: the checks cost more than a small patch's step).
+    ``wrap``: ``(along i, along j)``, whether the patch is its own neighbour along that axis
+    (one patch along a periodic axis): those ghosts are then filled by the kernels, not MPI.
+
+    Raises
+    ------
+    ValueError
+        On wrong dtype, layout or shape of ``kappa`` or ``f``.
+    """
+
+    __slots__ = ("_step", "_steps", "_adjoint", "_wrap", "_fixed", "_dims", "_scalars",
+                 "_wraps", "_pointers", "_kappa", "_whole")
+
+    def __init__(self, kappa, f, r, dt, wrap=(False, False)):
+        dtype, nx, ny, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [])
+        lib = _load()
+        suffix = _DTYPES[dtype]
+        # Functions without declared argtypes, called with ready ctypes values: no conversion
+        # per call. A fresh handle each (lib[name]), so the declared ones keep their argtypes.
+        self._step = lib[f"host_heat_step_{suffix}"]
+        self._steps = lib[f"host_heat_steps_{suffix}"]
+        self._adjoint = lib[f"host_heat_adjoint_wrapped_{suffix}"]
+        self._wrap = lib[f"host_wrap_{suffix}"]
+        for fn in (self._step, self._steps, self._adjoint, self._wrap):
+            fn.restype = None
+        real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+        n_x, n_y = ctypes.c_int(nx), ctypes.c_int(ny)
+        self._kappa = ctypes.c_void_p(ka)
+        self._fixed = (self._kappa, ctypes.c_void_p(fa))
+        self._dims = (n_x, n_y)
+        self._scalars = (real(r), real(dt))
+        self._wraps = (ctypes.c_int(int(bool(wrap[0]))), ctypes.c_int(int(bool(wrap[1]))))
+        self._whole = (ctypes.c_int(1), ctypes.c_int(nx + 1), ctypes.c_int(1),
+                       ctypes.c_int(ny + 1))
+        self._pointers = {}
+
+    def _pointer(self, a):
+        """``a``'s data address as a ``c_void_p``, made once per buffer (and the buffer kept
+        alive with it, so that the address stays valid)."""
+        entry = self._pointers.get(id(a))
+        if entry is None or entry[0] is not a:
+            if len(self._pointers) >= 16:
+                # Bounded: stored states pass once each; the ping-pong buffers stay.
+                self._pointers.clear()
+            entry = self._pointers[id(a)] = (a, ctypes.c_void_p(_address(a, a.flags.writeable)))
+        return entry[1]
+
+    def step(self, u, u_new):
+        """``u_new = step(u)`` on the whole interior (``u``'s ghosts already filled)."""
+        self._step(self._pointer(u), *self._fixed, self._pointer(u_new), *self._dims,
+                   *self._scalars, *self._whole)
+
+    def steps(self, states):
+        """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
+        of each state filled before it is read (the last one's too). Consecutive states must
+        be distinct buffers."""
+        table = (ctypes.c_void_p * len(states))(*(self._pointer(a) for a in states))
+        self._steps(table, *self._fixed, *self._dims, *self._scalars,
+                    ctypes.c_int(len(states) - 1), *self._wraps)
+
+    def wrap(self, a):
+        """Fill ``a``'s wrapped ghosts (no-op without any)."""
+        self._wrap(self._pointer(a), *self._dims, *self._wraps)
+
+    def adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
+        """The fused adjoint on the whole interior after filling ``lam_next``'s wrapped ghosts
+        (its other ghosts already filled); ``u``, ``kappa_bar``, ``f_bar`` may be None as in
+        :func:`adjoint`."""
+        mask = grads(u, kappa_bar, f_bar)
+        self._adjoint(self._pointer(lam_next), self._kappa,
+                      None if u is None else self._pointer(u), self._pointer(lam),
+                      None if kappa_bar is None else self._pointer(kappa_bar),
+                      None if f_bar is None else self._pointer(f_bar), *self._dims,
+                      *self._scalars, ctypes.c_int(mask), *self._wraps)
+
+    def forget(self, a):
+        """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
+        self._pointers.pop(id(a), None)
+
+
+def pad(src, dst):
+    """Copy ``src`` (``nx x ny``, C-contiguous) into the interior of padded ``dst`` and return
+    ``(min, max, count of NaN and Inf)`` of its values (min and max over the finite ones).
+
+    One pass: the solver's padded copy of an argument and its check together.
+
+    Raises
+    ------
+    ValueError
+        On wrong dtype, layout or shapes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.heat import hostkernels
+    >>> dst = np.zeros((4, 5))
+    >>> hostkernels.pad(np.array([[1.0, np.inf, -2.0], [3.0, 0.5, np.nan]]), dst)
+    (-2.0, 3.0, 2)
+    """
+    _check_array("dst", dst, writable=True)
+    _check_array("src", src, dst.dtype)
+    if dst.ndim != 2 or src.shape != (dst.shape[0] - 2, dst.shape[1] - 2) or src.size == 0:
+        raise ValueError(f"src of shape {src.shape} does not fill the interior of dst of "
+                         f"shape {dst.shape}")
+    if np.may_share_memory(src, dst):
+        raise ValueError("src must not overlap dst")
+    stats = np.empty(3)
+    _fn("host_pad", dst.dtype)(src.ctypes.data, dst.ctypes.data, src.shape[0], src.shape[1],
+                              stats.ctypes.data)
+    return float(stats[0]), float(stats[1]), int(stats[2])

@@ -1,0 +1,264 @@
+"""The host build of kernels/heat.cu: flags for the machine with a portable fallback, the cache
+key, the host loops the solver runs (many steps per call, persistent halo requests)."""
+import ctypes
+import os
+import stat
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import gpumpiad
+from gpumpiad import halo
+from gpumpiad.backend import to_numpy
+from gpumpiad.heat import Grid, hostkernels, solve
+
+needs_host = pytest.mark.skipif(not hostkernels.available(), reason="no C++ compiler")
+
+SOURCES = {"heat.cu": "a", "host_cuda.h": "b"}
+
+
+def test_cache_key_changes_with_compiler_version_flags_cpu_and_sources():
+    base = ("/usr/bin/g++", "g++ 12.2.0", hostkernels.CXXFLAGS, "x86_64 CPU flags:1", SOURCES)
+    key = hostkernels._build_key(*base)
+    assert key == hostkernels._build_key(*base)
+    variants = [
+        ("/usr/bin/clang++",) + base[1:],
+        base[:1] + ("g++ 13.1.0",) + base[2:],
+        base[:2] + (hostkernels.CXXFLAGS + hostkernels.NATIVE_FLAGS,) + base[3:],
+        base[:3] + ("x86_64 CPU flags:2",) + base[4:],
+        base[:4] + ({"heat.cu": "a2", "host_cuda.h": "b"},),
+    ]
+    keys = {hostkernels._build_key(*v) for v in variants}
+    assert key not in keys and len(keys) == len(variants)
+
+
+def test_cpu_identity_names_the_model_and_hashes_the_features():
+    cpu = hostkernels._cpu_identity()
+    assert "flags:" in cpu and cpu == hostkernels._cpu_identity()
+
+
+def fake_compiler(tmp_path, refuse_march):
+    """A compiler wrapper that logs its arguments and, if told to, refuses -march."""
+    real = hostkernels._compiler()
+    log = tmp_path / "calls.log"
+    script = tmp_path / "fake-c++"
+    refuse = ('for a in "$@"; do case "$a" in -march=*) echo "error: unrecognized '
+              'command-line option $a" >&2; exit 1;; esac; done\n') if refuse_march else ""
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n{refuse}exec "{real}" "$@"\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script, log
+
+
+def build_with(monkeypatch, tmp_path, compiler, march=None):
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if march is None:
+        monkeypatch.delenv("GPUMPIAD_HOST_MARCH", raising=False)
+    else:
+        monkeypatch.setenv("GPUMPIAD_HOST_MARCH", march)
+    monkeypatch.setattr(hostkernels, "_built", {})
+    path = hostkernels._build()
+    return path, dict(hostkernels._built)
+
+
+def step_with(path, dtype=np.float64):
+    """One forward step by the library at ``path``."""
+    lib = ctypes.CDLL(str(path))
+    fn = getattr(lib, f"host_heat_step_{np.dtype(dtype).name}")
+    real = ctypes.c_double if dtype == np.float64 else ctypes.c_float
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2 + [real] * 2 + [ctypes.c_int] * 4
+    rng = np.random.default_rng(3)
+    u, kappa, f = (rng.random((35, 21)).astype(dtype) for _ in range(3))
+    out = np.zeros_like(u)
+    fn(u.ctypes.data, kappa.ctypes.data, f.ctypes.data, out.ctypes.data, 33, 19, 0.23, 1e-3,
+       1, 34, 1, 20)
+    return out
+
+
+@needs_host
+def test_portable_fallback_when_the_compiler_refuses_march(monkeypatch, tmp_path):
+    compiler, log = fake_compiler(tmp_path, refuse_march=True)
+    path, info = build_with(monkeypatch, tmp_path, compiler)
+    assert info["march"] == "portable" and "-march=native" not in info["flags"]
+    assert "unrecognized" in info["refused"]
+    assert path.exists() and path.with_name(path.name).parent == tmp_path / "cache" / "gpumpiad"
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3           # --version, the refused native build, the portable one
+    # The refusal is remembered: the next process goes straight to the cached portable build.
+    path_again, _ = build_with(monkeypatch, tmp_path, compiler)
+    assert path_again == path and log.read_text().splitlines()[3:] == ["--version"]
+
+
+@needs_host
+def test_native_build_by_default_and_portable_when_forced(monkeypatch, tmp_path):
+    compiler, log = fake_compiler(tmp_path, refuse_march=False)
+    native, info = build_with(monkeypatch, tmp_path, compiler)
+    assert info["march"] == "native" and "-march=native" in info["flags"]
+    assert info["refused"] is None and info["cpu"]
+    portable, info = build_with(monkeypatch, tmp_path, compiler, march="portable")
+    assert info["march"] == "portable" and portable != native
+    assert not any("-march" in line for line in log.read_text().splitlines()[-1:])
+    # No contraction into fused multiply-adds: the two builds compute the same bits.
+    for dtype in (np.float32, np.float64):
+        assert np.array_equal(step_with(native, dtype), step_with(portable, dtype))
+    with pytest.raises(ValueError, match="GPUMPIAD_HOST_MARCH must be one of"):
+        build_with(monkeypatch, tmp_path, compiler, march="fastest")
+
+
+@needs_host
+def test_pad_copies_and_reports_min_max_and_nonfinite():
+    for dtype in (np.float32, np.float64):
+        src = np.arange(12, dtype=dtype).reshape(3, 4) - 5
+        dst = np.full((5, 6), 7, dtype)
+        assert hostkernels.pad(src, dst) == (-5.0, 6.0, 0)
+        assert np.array_equal(dst[1:-1, 1:-1], src) and (dst[0] == 7).all()
+        src[1, 2], src[2, 0] = np.nan, -np.inf
+        assert hostkernels.pad(src, dst) == (-5.0, 6.0, 2)
+        src[0, 0] = np.nan
+        assert hostkernels.pad(src, dst)[2] == 3
+    with pytest.raises(ValueError, match="does not fill the interior"):
+        hostkernels.pad(np.zeros((3, 3)), np.zeros((5, 6)))
+
+
+def wrapped(a, wrap):
+    """``a``'s ghosts along the wrapped axes filled as a self-exchange would."""
+    if wrap[0]:
+        a[0, 1:-1], a[-1, 1:-1] = a[-2, 1:-1], a[1, 1:-1]
+    if wrap[1]:
+        a[1:-1, 0], a[1:-1, -1] = a[1:-1, -2], a[1:-1, 1]
+    return a
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wrap", [(False, False), (True, False), (False, True), (True, True)])
+def test_many_steps_per_call_give_the_bits_of_single_steps(dtype, wrap):
+    rng = np.random.default_rng(5)
+    shape = (13, 9)
+    kappa, f = (rng.random(shape).astype(dtype) for _ in range(2))
+    # Kept states in their own buffers, the others in two buffers in turn.
+    first = rng.random(shape).astype(dtype)
+    a, b, kept = np.zeros_like(first), np.zeros_like(first), np.zeros_like(first)
+    states = [first, a, b, kept, a, b, a]
+    loop = hostkernels.Loop(kappa, f, 0.21, 0.003, wrap)
+    loop.steps(states)
+    u = first.copy()
+    history = []
+    for _ in range(6):
+        nxt = np.zeros_like(u)
+        hostkernels.step(wrapped(u, wrap), kappa, f, nxt, 0.21, 0.003, 1, 12, 1, 8)
+        history.append(u)
+        u = nxt
+    wrapped(u, wrap)
+    assert np.array_equal(kept, history[3]) and np.array_equal(states[-1], u)
+    one = np.zeros_like(first)
+    loop.step(history[2], one)
+    assert np.array_equal(one[1:-1, 1:-1], history[3][1:-1, 1:-1])
+    # The adjoint with wrapped ghosts equals wrapping, then the plain adjoint.
+    lam_next, lam, kb, fb = (rng.random(shape).astype(dtype) for _ in range(4))
+    want = [lam.copy(), kb.copy(), fb.copy()]
+    hostkernels.adjoint(wrapped(lam_next.copy(), wrap), kappa, u, *want, 0.21, 0.003, 1, 12,
+                        1, 8)
+    loop.adjoint(lam_next, u, lam, kb, fb)
+    assert all(np.array_equal(g, w) for g, w in zip((lam, kb, fb), want))
+
+
+def splits(size):
+    return [(size, 1), (1, size)] if size > 1 else [(1, 1)]
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_persistent_exchange_fills_the_ghosts_as_the_exchange_does():
+    comm = MPI.COMM_WORLD
+    failures = []
+    for periodic in ((False, False), (True, False), (False, True), (True, True)):
+        for dims in splits(comm.size):
+            with Grid((9, 7), dims=dims, periodic=periodic) as grid:
+                rng = np.random.default_rng(comm.rank)
+                with halo.Persistent(grid, np.float64) as persistent:
+                    for _ in range(3):
+                        a = rng.random(grid.padded_shape)
+                        b = a.copy()
+                        persistent.exchange(a)
+                        halo.exchange(b, grid)
+                        if not np.array_equal(a, b):
+                            failures.append(f"periodic {periodic}, dims {dims}")
+    parallel_assert(not failures, f"persistent exchange differs: {failures}")
+
+
+@needs_host
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_host_loops_match_the_reference_kernels_values_and_gradients():
+    """The solver's host loops (one call for many steps on one rank, persistent requests
+    across ranks) against the NumPy reference kernels' time loop, with stored states and
+    with checkpoints, physical and periodic sides, and a trajectory."""
+    comm = MPI.COMM_WORLD
+    failures = []
+    for periodic in ((False, False), (True, False), (True, True)):
+        for dims in splits(comm.size):
+            with Grid((10, 8), dims=dims, periodic=periodic) as grid:
+                rng = np.random.default_rng(7 + comm.rank)
+                u0, f = rng.random(grid.local_shape), rng.random(grid.local_shape)
+                kappa = 0.5 + rng.random(grid.local_shape)
+                w = rng.standard_normal(grid.local_shape)
+                h = min(grid.h)
+                dt = 0.1 * h * h
+                for checkpoints in (None, 3):
+                    results = {}
+                    for backend in ("host", "numpy"):
+                        def objective(*a):
+                            out, traj = solve(*a, dt, h, 7, grid=grid, boundary=0.5,
+                                              checkpoints=checkpoints, trajectory=True,
+                                              backend=backend)
+                            return gpumpiad.mpi_sum((out * out * w).sum() + traj.sum())
+
+                        args = [gpumpiad.tensor(a, distributed=True) for a in (u0, kappa, f)]
+                        value, grads = gpumpiad.value_and_grad(objective, argnums=(0, 1, 2))(
+                            *args)
+                        results[backend] = [to_numpy(value)] + [to_numpy(g) for g in grads]
+                    for got, want in zip(results["host"], results["numpy"]):
+                        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
+                        if not err <= 1e-13:
+                            failures.append(f"periodic {periodic}, dims {dims}, checkpoints "
+                                            f"{checkpoints}: relative difference {err:.2e}")
+    parallel_assert(not failures, "\n".join(failures))
+
+
+@needs_host
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_host_loop_gradients_pass_check_grad():
+    comm = MPI.COMM_WORLD
+    for periodic in ((False, False), (True, True)):
+        with Grid((7, 6), dims=(comm.size, 1), periodic=periodic) as grid:
+            rng = np.random.default_rng(11 + comm.rank)
+            u0, f = rng.random(grid.local_shape), rng.random(grid.local_shape)
+            kappa = 0.5 + rng.random(grid.local_shape)
+            h = min(grid.h)
+
+            def objective(u_, k_, s_):
+                out = solve(u_, k_, s_, 0.1 * h * h, h, 5, grid=grid, checkpoints=2,
+                            backend="host")
+                return gpumpiad.mpi_sum((out * out).sum())
+
+            gpumpiad.check_grad(objective, *(gpumpiad.tensor(a, distributed=True)
+                                              for a in (u0, kappa, f)), max_elements=4)
+
+
+@needs_host
+def test_solver_runs_one_call_for_many_steps_on_one_rank(monkeypatch):
+    """On a patch no other rank borders, a forward solve is one kernel call, whatever the
+    number of steps."""
+    calls = []
+    steps = hostkernels.Loop.steps
+    single = hostkernels.Loop.step
+    monkeypatch.setattr(hostkernels.Loop, "steps",
+                        lambda self, states: calls.append(len(states)) or steps(self, states))
+    monkeypatch.setattr(hostkernels.Loop, "step",
+                        lambda self, u, v: calls.append("step") or single(self, u, v))
+    rng = np.random.default_rng(1)
+    u0, kappa, f = rng.random((6, 5)), 0.5 + rng.random((6, 5)), rng.random((6, 5))
+    with Grid((6, 5), comm=gpumpiad.Comm(MPI.COMM_SELF), periodic=True) as grid:
+        solve(u0, kappa, f, 1e-3, 0.1, 40, grid=grid, backend="host")
+    assert calls == [41]
