@@ -221,16 +221,23 @@ class Comm(FreedOnExit):
         The call runs in a :data:`~gpumpiad.trace.COMMUNICATION` span named by its primitive
         (``mpi.bcast``, ``mpi.reduce.reverse``, ...), with ``array``'s size in bytes as payload.
         """
-        with trace.span(_span_name(call), trace.COMMUNICATION,
-                        None if array is None else int(array.nbytes)):
-            with self.lock:
-                self.sequence += 1
-                if collective:
-                    self.collectives += 1
-                if collective and debug_enabled():
-                    check_signature(self, call, root=root, array=array, layout=layout,
-                                    same_shape=same_shape, serial_value=serial_value)
-                requests, finish = start()
+        if trace.active():
+            with trace.span(_span_name(call), trace.COMMUNICATION,
+                            None if array is None else int(array.nbytes)):
+                return self._issue(call, start, collective, root, array, layout, same_shape,
+                                   serial_value)
+        return self._issue(call, start, collective, root, array, layout, same_shape,
+                           serial_value)
+
+    def _issue(self, call, start, collective, root, array, layout, same_shape, serial_value):
+        with self.lock:
+            self.sequence += 1
+            if collective:
+                self.collectives += 1
+            if collective and debug_enabled():
+                check_signature(self, call, root=root, array=array, layout=layout,
+                                same_shape=same_shape, serial_value=serial_value)
+            requests, finish = start()
         return transport.Pending(requests, finish, self, call)
 
     @contextlib.contextmanager

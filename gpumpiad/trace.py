@@ -56,6 +56,20 @@ _collections_lock = threading.Lock()
 _on = _domain is not None
 
 
+def active():
+    """Whether spans do anything now: an NVTX tool is attached or a profile is collecting.
+    Callers that build a span's name or payload at some cost check this first.
+
+    Examples
+    --------
+    >>> from gpumpiad import trace
+    >>> with trace.collect():
+    ...     trace.active()
+    True
+    """
+    return _on
+
+
 def nvtx_attached():
     """Whether an NVTX tool is attached to this process (spans then push NVTX ranges).
 
