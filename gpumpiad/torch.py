@@ -384,7 +384,7 @@ class Replicated:
         self._shares = [None] * len(named)
         self._previous = [None] * len(named)
         self._accumulated = [False] * len(named)
-        self._queued = False
+        self._task = None
         self._handles = []
         for k, p in enumerate(self.parameters):
             self._handles.append(p.register_hook(functools.partial(self._arrived, k)))
@@ -404,13 +404,23 @@ class Replicated:
                 del _replicated[id(p)]
 
     def _arrived(self, k, g):
-        if not self._queued:
-            self._queued = True
+        # Once per backward pass; a pass that failed before its end never ran the callback,
+        # so the next one is told apart by its graph task.
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            if self._task is not None:
+                self._clear()
+            self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
         p = self.parameters[k]
         self._shares[k] = g
         self._previous[k] = None if p.grad is None else p.grad.detach().clone()
         return None
+
+    def _clear(self):
+        n = len(self.parameters)
+        self._shares, self._previous, self._accumulated = [None] * n, [None] * n, [False] * n
+        self._task = None
 
     def _accumulated_into(self, k, p):
         self._accumulated[k] = True
@@ -421,8 +431,7 @@ class Replicated:
         rank sets ``.grad`` = previous ``.grad`` + total, so the copies stay alike."""
         shares, previous, accumulated = self._shares, self._previous, self._accumulated
         n = len(self.parameters)
-        self._shares, self._previous, self._accumulated = [None] * n, [None] * n, [False] * n
-        self._queued = False
+        self._clear()
         first = self.parameters[0]
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.parameters])
         pieces = [(s.detach() if s is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
@@ -439,8 +448,10 @@ class Replicated:
             part = total[offset:offset + p.numel()].view(p.shape).to(p.dtype)
             offset += p.numel()
             if flags[k] > 0:
+                # A parameter this rank's pass did not reach still holds its previous .grad.
+                base = previous[k] if shares[k] is not None else p.grad
                 with torch.no_grad():
-                    p.grad = part if previous[k] is None else previous[k] + part
+                    p.grad = part if base is None else base + part
         if debug_enabled():
             self.check_identical("gpumpiad.torch.replicate after backward")
 
