@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -148,6 +149,7 @@ def _heat_inverse(args):
     import numpy as np
 
     import gpumpiad as gm
+    from gpumpiad import trace
     from gpumpiad.checkpoint import CheckpointError
     from gpumpiad.comm import world
     from gpumpiad.heat import inverse, report
@@ -195,12 +197,15 @@ def _heat_inverse(args):
             if resuming else f"restart file {restart}, written every iteration", flush=True)
     started = time.perf_counter()
     try:
-        result, history = inverse.recover(problem, progress=lambda line: say(line, flush=True),
-                                          checkpoint=restart)
+        with trace.collect() if args.profile else contextlib.nullcontext() as totals:
+            result, history = inverse.recover(
+                problem, progress=lambda line: say(line, flush=True), checkpoint=restart)
     except CheckpointError as exc:  # raised alike on every rank
         _failures(comm, f"{exc}; delete {restart} to start afresh")
         return 1
     seconds = time.perf_counter() - started
+    # Straight through mpi4py: the profile must not add spans of its own.
+    profiles = comm.mpi.gather(totals.snapshot(), root=0) if args.profile else None
     recovered = problem.assemble(result.x) if rank == 0 else None
     true = grid.gather(problem.kappa_true)
     if rank == 0:
@@ -226,9 +231,19 @@ def _heat_inverse(args):
         report.kappa_figure(os.path.join(args.out, "kappa.png"), true, recovered, title)
         report.loss_figure(os.path.join(args.out, "loss.png"), history, title)
         report.write_summary(os.path.join(args.out, "summary.json"), summary)
+        written = "kappa.png, loss.png, summary.json"
+        if profiles is not None:
+            rows = report.profile_rows(profiles)
+            print("profile, seconds per rank (each span's own time, nested spans excluded; "
+                  "other: outside every span):\n" + report.profile_table(rows), flush=True)
+            report.write_summary(os.path.join(args.out, "profile.json"), {
+                "phases": [phase for phase, _ in report.PHASES],
+                "categories": dict(report.PHASES), "ranks": rows,
+                "attribution": "exclusive: the innermost open span owns the clock"})
+            report.profile_figure(os.path.join(args.out, "profile.png"), rows, title)
+            written += ", profile.json, profile.png"
         print(f"done in {seconds:.1f} s, {outcome}; relative κ error {100 * initial:.1f}% -> "
-              f"{100 * error:.2f}%; wrote kappa.png, loss.png, summary.json to {args.out}",
-              flush=True)
+              f"{100 * error:.2f}%; wrote {written} to {args.out}", flush=True)
     return 0
 
 
@@ -356,11 +371,18 @@ def _parser():
                           f"interruption, rerun the same command (or with a larger --maxiter "
                           f"to continue); the result is that of an uninterrupted run. Needs "
                           f"the same settings and number of ranks (default: off)")
+    inv.add_argument("--profile", action="store_true",
+                     help="time the optimisation per rank and phase (compute, adjoint, "
+                          "communication, waiting, host staging, other) from the library's "
+                          "trace spans; rank 0 prints the table and writes profile.json and "
+                          "the stacked bars profile.png (default: off)")
     inv.add_argument("--seed", type=int, default=0,
                      help="random seed of the noise (default: %(default)s)")
     inv.add_argument("--out", default="heat-inverse-out",
                      help="output folder, created if missing (default: %(default)s)")
     inv.set_defaults(run=_heat_inverse)
+    from gpumpiad.heat import learn
+    learn.add_job(jobs)
     return parser
 
 

@@ -228,3 +228,40 @@ def test_theta_rank_example():
     proc = run(4, "theta-rank")
     assert proc.returncode == 0, proc.stderr
     assert "ranks 4: L = 15, dL/dθ = 17" in proc.stdout
+
+
+def test_profile_writes_a_consistent_table_json_and_bars(tmp_path):
+    proc = run_job(2, "--profile", "--n", "16", "--maxiter", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    assert "profile.json, profile.png" in proc.stdout.splitlines()[-1]
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    phases = profile["phases"]
+    assert phases == ["compute", "adjoint", "communication", "waiting", "host staging", "other"]
+    rows = profile["ranks"]
+    assert [row["rank"] for row in rows] == [0, 1]
+    for row in rows:
+        assert all(row[p] >= 0 for p in phases), row
+        assert row["wall"] > 0
+        assert sum(row[p] for p in phases) == pytest.approx(row["wall"], rel=1e-9, abs=1e-9)
+        # The library's spans ran: the solver's and the halo exchange's MPI calls.
+        assert row["communication"] > 0 and row["compute"] + row["adjoint"] > 0, row
+        assert sum(row["spans"].values()) <= row["wall"] - row["other"] + 1e-9
+    # Rank 0's own clock: the profile covers the optimisation the job timed.
+    assert rows[0]["wall"] <= summary_of(tmp_path)["seconds_total"]
+    # The table, printed once by rank 0, holds the same numbers.
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("profile, seconds per rank") for line in lines) == 1
+    head = lines.index(next(line for line in lines if line.startswith("rank ")))
+    for row, line in zip(rows, lines[head + 1:head + 3]):
+        numbers = [float(v) for v in line.split()]
+        assert numbers[0] == row["rank"]
+        assert numbers[1:] == pytest.approx([row[p] for p in phases] + [row["wall"]],
+                                            abs=6e-4)
+    assert lines[head + 3].split()[0] == "%"
+
+
+def test_without_profile_no_profile_is_written(runs):
+    folder, proc = runs[2]
+    assert not (folder / "profile.json").exists() and not (folder / "profile.png").exists()
+    assert "profile" not in proc.stdout
