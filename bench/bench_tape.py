@@ -2,7 +2,8 @@
 
 A chain of ``N`` ops (alternating ``x * 1.0001``, ``x + 0.1``, ``sin(x)``) on a 1-element
 float64 array, differentiated once, timed for gpumpiad and for PyTorch autograd in the same run.
-Reports microseconds per op (forward recording + backward) and gpumpiad / PyTorch.
+Reports microseconds per op (forward recording + backward) and gpumpiad / PyTorch (target
+<= 0.8).
 
     python bench/bench_tape.py [--ops 1000] [--repeats 20] [--profile]
 """

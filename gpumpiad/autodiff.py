@@ -8,10 +8,12 @@ import zlib
 import numpy as np
 
 from . import control
-from .backend import all_finite, asarray, get_array_module, is_device_array, to_numpy
+from .backend import (all_finite, array_module, asarray, get_array_module, is_device_array,
+                      to_numpy)
+from .comm import resolve
 from .debug import CommunicationMismatch, debug_enabled
 from .tape import Tape, nested_error, recording, traced_outside
-from .tensor import Tensor, tensor
+from .tensor import SERIAL, Tensor, tensor
 
 
 class LossError(ValueError):
@@ -21,6 +23,9 @@ class LossError(ValueError):
 def _leaf(x):
     if isinstance(x, Tensor):
         return Tensor(x.data, x.layout, x.comm)
+    if type(x) is np.ndarray and array_module() is np:
+        # What tensor(x) makes of a NumPy array on the NumPy backend (its dtype was checked).
+        return Tensor(x, SERIAL, resolve(None))
     return tensor(x)
 
 

@@ -24,6 +24,8 @@ import zlib
 import numpy as np
 from mpi4py import MPI
 
+from . import trace
+
 _UNREAD = object()
 _settings = {"debug": None, "timeout": _UNREAD, "timeout from": "GPUMPIAD_TIMEOUT"}
 
@@ -159,12 +161,22 @@ def wait(requests, comm=None, call="communication", idle=False, statuses=None):
     ``idle``: the wait may be long and nothing else runs meanwhile (a worker waiting for its
     next instruction): poll with short sleeps instead of MPI's busy wait, leaving the core to
     other ranks. ``statuses``: a list of ``MPI.Status``, one per request, to fill.
+
+    The wait is an ``mpi.wait`` :data:`~gpumpiad.trace.WAIT` span: time this rank spends
+    waiting for others, not moving data.
     """
     requests = requests if isinstance(requests, list) else [requests]
     limit = timeout()
-    if limit is None and not idle:
-        MPI.Request.Waitall(requests, statuses)
-        return
+    with trace.span("mpi.wait", trace.WAIT):
+        if limit is None and not idle:
+            MPI.Request.Waitall(requests, statuses)
+            return
+        _poll(requests, comm, call, idle, statuses, limit)
+
+
+def _poll(requests, comm, call, idle, statuses, limit):
+    """Test ``requests`` until they complete, with growing sleeps, until the watchdog's
+    ``limit`` (seconds, or None)."""
     deadline = time.monotonic() + limit if limit is not None else math.inf
     pause = 2e-4 if idle else 1e-5
     while not MPI.Request.Testall(requests, statuses):

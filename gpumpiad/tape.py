@@ -300,16 +300,18 @@ class Tape:
                 by_comm.setdefault(id(leaf.comm), (leaf.comm, []))[1].append(-1 - k)
         agreed = set()
         pending = []
+        marked = self.marked
         for comm, origins in by_comm.values():
-            bits = np.array([k in self.marked for k in origins], dtype=np.uint8)
             if comm.size == 1:
-                agreed.update(k for k, b in zip(origins, bits) if b)
+                agreed.update(k for k in origins if k in marked)
                 continue
+            bits = np.array([k in marked for k in origins], dtype=np.uint8)
             pending.append((origins, comm.issue(
                 "agreement on reverse-mode allreduces",
                 lambda c=comm, b=bits: start_allreduce(c.mpi, b, MPI.MAX), array=bits)))
         for origins, p in pending:
-            agreed.update(k for k, b in zip(origins, p.wait()) if b)
+            bits = p.wait().tolist()
+            agreed.update(k for k, b in zip(origins, bits) if b)
         return agreed
 
 

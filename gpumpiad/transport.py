@@ -39,7 +39,7 @@ import time
 import numpy
 from mpi4py import MPI
 
-from . import backend, trace
+from . import backend
 from .backend import get_array_module, is_device_array
 from .debug import CommunicationMismatch
 from .debug import timeout as watchdog_limit
@@ -134,9 +134,12 @@ def send_buffer(array, device=None, private=False):
     and nothing writes it before the send completes, so a contiguous one is sent as it is.
     """
     if not (is_device(array) if device is None else device):
-        array = numpy.asarray(array)
+        if type(array) is not numpy.ndarray:
+            array = numpy.asarray(array)
         if private and array.flags.c_contiguous:
             return array
+        if array.nbytes < _POOL_MIN_BYTES:
+            return array.copy()
         copy = host_empty(array.shape, array.dtype)
         numpy.copyto(copy, array)
         return copy
@@ -252,8 +255,7 @@ class Pending:
                 statuses = self.statuses
                 try:
                     if self.requests:
-                        with trace.span("mpi.wait", trace.WAIT):
-                            _wait(self.requests, self.comm, self.call, statuses=statuses)
+                        _wait(self.requests, self.comm, self.call, statuses=statuses)
                 except MPI.Exception as exc:
                     self.result = mpi_error(self.call, exc, statuses)
                 else:
