@@ -207,6 +207,13 @@ EXPECTED = {
     "staging.host_to_device": trace.STAGING,
     "test.raises": trace.COMPUTE,
     "test.payload": trace.WAIT,
+    # Waits for results (transport) and reverse-mode steps (tape).
+    "mpi.wait": trace.WAIT,
+    "adjoint.heat.solve": trace.ADJOINT,
+    "adjoint.mpi_bcast": trace.ADJOINT,
+    "adjoint.mpi_sum": trace.ADJOINT,
+    "adjoint.mpi_gather": trace.ADJOINT,
+    "adjoint.mpi_exchange": trace.ADJOINT,
 }
 # Pushed on the writing rank only.
 EXPECTED_ON_ROOT = {
