@@ -124,7 +124,7 @@ def profile_table(rows):
 def profile_figure(path, rows, title=None):
     """A stacked bar per rank: seconds in each phase, adding up to the rank's wall time."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) + 3.0), 4.6),
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.2 * len(rows) + 3.0), 4.6),
                            constrained_layout=True)
     ranks = [row["rank"] for row in rows]
     bottom = [0.0] * len(rows)
