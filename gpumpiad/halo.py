@@ -20,7 +20,7 @@ import os
 
 from mpi4py import MPI
 
-from . import transport
+from . import trace, transport
 from .backend import get_array_module, is_device_array
 from .custom import custom_op
 from .debug import CommunicationMismatch, wait
@@ -28,7 +28,8 @@ from .heat import stencil
 from .heat.grid import check_grid
 from .tensor import DISTRIBUTED, Tensor
 
-__all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "kernels_for", "Exchange"]
+__all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "kernels_for", "Exchange",
+           "Persistent"]
 
 NORTH, SOUTH, WEST, EAST = 0, 1, 2, 3
 _OPPOSITE = (SOUTH, NORTH, EAST, WEST)
@@ -170,9 +171,11 @@ class Exchange:
     """An exchange in flight: :meth:`wait` completes it and writes the received data."""
 
     __slots__ = ("_array", "_requests", "_received", "_adjoint", "_edges", "_device", "_keep",
-                 "_verify", "_error")
+                 "_verify", "_error", "_nbytes")
 
-    def __init__(self, array, requests, received, adjoint, edges, device, keep, verify):
+    def __init__(self, array, requests, received, adjoint, edges, device, keep, verify,
+                 nbytes=0):
+        self._nbytes = nbytes
         self._array = array
         self._requests = requests
         self._received = received
@@ -193,6 +196,10 @@ class Exchange:
             raise self._error
         if self._requests is None:
             return self._array
+        with trace.span("halo_exchange.wait", trace.COMMUNICATION, payload=self._nbytes):
+            return self._finish()
+
+    def _finish(self):
         call = "adjoint halo exchange" if self._adjoint else "halo exchange"
         statuses = [MPI.Status() for _ in self._requests] if self._verify else None
         try:
@@ -256,29 +263,31 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
         check_grid(grid, "halo exchange")
     tag0 = _ADJOINT_TAG if adjoint else 0
     requests, received, keep = [], [], []
-    try:
-        for side, peer in links:
-            buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, device)
-            # Messages travel as bytes (both ends): a message of another dtype is then a size
-            # that the receive can report, not a type MPI may fail an assertion on.
-            requests.append(mpi.Irecv([buf, MPI.BYTE], source=peer,
-                                      tag=tag0 + _OPPOSITE[side]))
-            received.append((side, buf, peer, tag0 + _OPPOSITE[side]))
-        for side, peer in links:
-            packed = xp.empty((ny if side < 2 else nx,), a.dtype)
-            edges.pack(a, packed, side, 1 if adjoint else 0)
-            send = transport.send_buffer(packed, private=True)
-            keep.append(send)
-            requests.append(mpi.Isend([send, MPI.BYTE], dest=peer, tag=tag0 + side))
-    except MPI.Exception:
-        # A freed grid's communicator fails the first call: say so, not MPI's words.
-        check_grid(grid, "halo exchange")
-        raise
-    if adjoint:
-        # Ghost copies were just sent to their owners: their cotangent now lives there.
-        for side, _ in links:
-            _ghost(a, side)[...] = 0
-    return Exchange(a, requests, received, adjoint, edges, device, keep, verify)
+    nbytes = sum(ny if side < 2 else nx for side, _ in links) * a.dtype.itemsize
+    with trace.span("halo_exchange", trace.COMMUNICATION, payload=nbytes):
+        try:
+            for side, peer in links:
+                buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, device)
+                # Messages travel as bytes (both ends): a message of another dtype is then a
+                # size that the receive can report, not a type MPI may fail an assertion on.
+                requests.append(mpi.Irecv([buf, MPI.BYTE], source=peer,
+                                          tag=tag0 + _OPPOSITE[side]))
+                received.append((side, buf, peer, tag0 + _OPPOSITE[side]))
+            for side, peer in links:
+                packed = xp.empty((ny if side < 2 else nx,), a.dtype)
+                edges.pack(a, packed, side, 1 if adjoint else 0)
+                send = transport.send_buffer(packed, private=True)
+                keep.append(send)
+                requests.append(mpi.Isend([send, MPI.BYTE], dest=peer, tag=tag0 + side))
+        except MPI.Exception:
+            # A freed grid's communicator fails the first call: say so, not MPI's words.
+            check_grid(grid, "halo exchange")
+            raise
+        if adjoint:
+            # Ghost copies were just sent to their owners: their cotangent now lives there.
+            for side, _ in links:
+                _ghost(a, side)[...] = 0
+    return Exchange(a, requests, received, adjoint, edges, device, keep, verify, nbytes)
 
 
 def exchange(a, grid, kernels=None, verify=True):
@@ -291,6 +300,125 @@ def exchange_adjoint(a, grid, kernels=None, verify=True):
     """Adjoint of :func:`exchange`, in place: ghosts facing a neighbour are sent to their owner,
     zeroed here, and the ghosts received are added into ``a``'s boundary cells; returns ``a``."""
     return start(a, grid, True, kernels, verify).wait()
+
+
+class Persistent:
+    """Preposted halo exchanges of host (NumPy) arrays of one padded shape and dtype over
+    ``grid``: persistent MPI requests made once (``Send_init``/``Recv_init``) and restarted by
+    each :meth:`exchange`, for a time loop that exchanges every step.
+
+    Each exchange copies the boundary rows/columns of the array it is given into the
+    requests' send buffers, starts every request, waits (bounded by the watchdog, as every
+    wait is) and copies the received rows/columns into the ghosts, as :func:`exchange` does
+    (unverified: the caller has agreed dtypes and shapes across ranks). Every rank of
+    ``grid`` must make one and exchange in step with it. :meth:`free` releases the requests.
+
+    Parameters
+    ----------
+    grid : gpumpiad.heat.Grid
+    dtype : numpy dtype
+        The arrays' dtype; their shape is ``grid.padded_shape``.
+
+    Raises
+    ------
+    ValueError
+        When ``grid`` was freed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.halo import Persistent
+    >>> from gpumpiad.heat import Grid
+    >>> grid = Grid((4, 3), periodic=True)
+    >>> u = np.arange(30.0).reshape(grid.padded_shape)
+    >>> with Persistent(grid, u.dtype) as halo:
+    ...     _ = halo.exchange(u)
+    >>> bool((u[0, 1:-1] == u[-2, 1:-1]).all())
+    True
+    """
+
+    __slots__ = ("_requests", "_send", "_recv", "_active", "nbytes")
+
+    def __init__(self, grid, dtype):
+        check_grid(grid, "halo exchange")
+        import numpy as np
+        nx, ny = grid.local_shape
+        links = [(side, peer) for side, peer in enumerate(grid.neighbours)
+                 if peer != MPI.PROC_NULL]
+        mpi = grid.cart.mpi
+        self._send, self._recv, self._requests = [], [], []
+        self._active = False
+        try:
+            for side, peer in links:
+                buf = np.empty(ny if side < 2 else nx, dtype)
+                self._recv.append((_ghost_index(side), buf))
+                self._requests.append(mpi.Recv_init([buf, MPI.BYTE], source=peer,
+                                                    tag=_OPPOSITE[side]))
+            for side, peer in links:
+                buf = np.empty(ny if side < 2 else nx, dtype)
+                self._send.append((_edge_index(side), buf))
+                self._requests.append(mpi.Send_init([buf, MPI.BYTE], dest=peer, tag=side))
+        except MPI.Exception:
+            check_grid(grid, "halo exchange")
+            raise
+        #: Bytes one exchange sends from this rank.
+        self.nbytes = sum(buf.nbytes for _, buf in self._send)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
+    def __del__(self):
+        self.free()
+
+    def exchange(self, a):
+        """Fill the ghosts of ``a`` (``grid.padded_shape``, this exchange's dtype) facing a
+        neighbour from that neighbour, in place; returns ``a``."""
+        requests = self._requests
+        if not requests:
+            return a
+        with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
+            for index, buf in self._send:
+                buf[...] = a[index]
+            try:
+                MPI.Prequest.Startall(requests)
+                self._active = True
+                wait(requests, call="halo exchange")
+            except MPI.Exception as exc:
+                raise transport.mpi_error("halo exchange", exc) from None
+            self._active = False
+            for index, buf in self._recv:
+                a[index] = buf
+        return a
+
+    def free(self):
+        """Release the requests (those still in flight after a failed wait once complete)."""
+        requests, self._requests = getattr(self, "_requests", None), []
+        if not requests or MPI.Is_finalized():
+            return
+        if self._active and _abandoned is not None:
+            # Interrupted (the watchdog): MPI may still use the buffers; keep them.
+            _abandoned.append((requests, self._recv, self._send))
+            return
+        for request in requests:
+            try:
+                request.Free()
+            except MPI.Exception:
+                pass
+
+
+def _edge_index(side):
+    """Index of the boundary row/column (interior extent) a side sends."""
+    return ((1, slice(1, -1)), (-2, slice(1, -1)), (slice(1, -1), 1),
+            (slice(1, -1), -2))[side]
+
+
+def _ghost_index(side):
+    """Index of a side's ghost row/column (interior extent)."""
+    return ((0, slice(1, -1)), (-1, slice(1, -1)), (slice(1, -1), 0),
+            (slice(1, -1), -1))[side]
 
 
 def _ghost(a, side):

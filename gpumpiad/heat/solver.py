@@ -13,10 +13,9 @@ from functools import lru_cache
 from numbers import Real
 
 import numpy as np
-import nvtx
 from mpi4py import MPI
 
-from .. import control, halo
+from .. import control, halo, trace
 from ..arguments import is_int
 from ..backend import (after_stream, all_finite, asarray, get_array_module, is_device_array,
                        stream_of)
@@ -24,12 +23,11 @@ from ..comm import Comm, world
 from ..custom import CustomOp
 from ..tape import active_tape
 from ..tensor import DISTRIBUTED, Tensor
+from . import hostkernels
 from .grid import Grid, check_grid
 
 __all__ = ["solve", "recompute_steps"]
 
-_STEP = nvtx.annotate("heat.step", domain="gpumpiad")
-_ADJOINT = nvtx.annotate("heat.adjoint", domain="gpumpiad")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _ARGUMENTS = ("u0", "kappa", "f")
 _SIDES = ("north", "south", "west", "east")
@@ -141,14 +139,11 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     problem = _check_scalars(dt, h, steps, checkpoints, rank)
     if problem is None:
         problem = _check_arrays(grid, raws)
-    kmin = kmax = settings = None
+    kmin = kmax = settings = pads = None
     nonfinite = ()
     if problem is None:
         dt, h, steps = float(dt), float(h), int(steps)
         checkpoints = None if checkpoints is None else int(checkpoints)
-        xp = get_array_module(raws[1])
-        kmin, kmax = float(xp.min(raws[1])), float(xp.max(raws[1]))
-        nonfinite = tuple(name for name, a in zip(_ARGUMENTS, raws) if not all_finite(a))
         # The halos of patches of different dtypes would not fill each other's buffers.
         settings = (dt, h, steps, checkpoints, bool(trajectory), np.dtype(raws[0].dtype).name)
         try:
@@ -156,6 +151,17 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
             frame, ghosts = _frame(grid, boundary, raws[0])
         except (ValueError, TypeError) as exc:
             problem = f"rank {rank}: {exc}"
+        if problem is None and kernels is hostkernels and \
+                all(a.flags.c_contiguous for a in raws):
+            # The padded copies the time loop needs, and the check's statistics, in one pass.
+            pads = (_state_buffer(frame, ghosts), _pad_buffer(frame), _pad_buffer(frame))
+            stats = [hostkernels.pad(a, p) for a, p in zip(raws, pads)]
+            kmin, kmax = stats[1][:2]
+            nonfinite = tuple(name for name, st in zip(_ARGUMENTS, stats) if st[2])
+        else:
+            xp = get_array_module(raws[1])
+            kmin, kmax = float(xp.min(raws[1])), float(xp.max(raws[1]))
+            nonfinite = tuple(name for name, a in zip(_ARGUMENTS, raws) if not all_finite(a))
     tape = active_tape()
     # Which arguments the reverse pass differentiates on this rank: only kappa's cotangent needs
     # the states u^n, only f's and kappa's are accumulated over the steps.
@@ -197,7 +203,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # every rank keeps (and recomputes) its states, so that they all exchange in step.
     keep_states = any(r["kappa"] for r in reports)
     run = _Heat(grid, kernels, frame, ghosts, dt, h, steps, checkpoints, trajectory, wants,
-                keep_states, retain=getattr(tape, "retain", False))
+                keep_states, retain=getattr(tape, "retain", False), recorded=tape is not None,
+                pads=pads)
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
     return CustomOp(run.forward, run.vjp, name="heat.solve", layout=layout)(*args)
 
@@ -223,7 +230,7 @@ class _Heat:
     """One solve: the forward time loop, the states it keeps and the adjoint time loop."""
 
     def __init__(self, grid, kernels, frame, ghosts, dt, h, steps, checkpoints, trajectory,
-                 wants, keep_states, retain=False):
+                 wants, keep_states, retain=False, recorded=True, pads=None):
         # ghosts: what the frame's ghost ring holds, comparable between solves (None: unknown).
         self.grid, self.kernels, self.frame, self.ghosts = grid, kernels, frame, ghosts
         self.dt, self.r, self.steps = dt, dt / (h * h), steps
@@ -242,8 +249,25 @@ class _Heat:
                                                          for n in grid.neighbours])
         self.states = {}
         self.spare = None
+        self.cells = nx * ny
+        # The host kernels' loops: arguments checked and converted once per solve, exchanges
+        # through preposted persistent requests, and on a patch no other rank borders the
+        # whole time loop in one call. recorded: a reverse pass may follow.
+        self.host = kernels is hostkernels and not self.overlap
+        self.recorded, self.pads = recorded, pads
+        self.loop = self.halo = None
+        rank = grid.cart.rank
+        self.local = all(n in (MPI.PROC_NULL, rank) for n in grid.neighbours)
+        self.wrap = ((grid.neighbours[0] == rank, grid.neighbours[2] == rank) if self.local
+                     else (False, False))
 
     def forward(self, u0, kappa, f):
+        with trace.span("heat.forward", trace.COMPUTE, payload=self.cells):
+            if self.host:
+                return self._forward_host(u0, kappa, f)
+            return self._forward(u0, kappa, f)
+
+    def _forward(self, u0, kappa, f):
         xp = get_array_module(u0)
         self.kappa = self._padded(kappa, xp.zeros(self.frame.shape, self.frame.dtype))
         self._exchange(self.kappa).wait()
@@ -275,6 +299,12 @@ class _Heat:
         return out, traj
 
     def vjp(self, g, ans, u0, kappa, f):
+        with trace.span("heat.adjoint", trace.ADJOINT, payload=self.cells):
+            if self.host:
+                return self._vjp_host(g, u0, kappa, f)
+            return self._vjp(g, u0, kappa, f)
+
+    def _vjp(self, g, u0, kappa, f):
         g_out, g_traj = g if self.trajectory else (g, None)
         xp = get_array_module(g_out)
         zeros = xp.zeros_like(self.frame)
@@ -307,20 +337,155 @@ class _Heat:
 
     def _buffer(self):
         buf, self.spare = self.spare, None
-        if buf is None:
-            buf = _reuse(self.frame, self.ghosts)
+        if buf is not None:
+            return buf
+        if self.host:
+            return _state_buffer(self.frame, self.ghosts)
+        buf = _reuse(self.frame, self.ghosts)
         return self.frame.copy() if buf is None else buf
 
     def _step(self, u, u_new, exchange=True):
         """``u_new = step(u)`` on the interior; fills ``u``'s ghosts first unless told not to."""
-        with _STEP:
+        with trace.span("heat.step", trace.COMPUTE, payload=self.cells):
             self._sweep(self.kernels.step, u, (self.kappa, self.f, u_new, self.r, self.dt),
                         exchange)
 
     def _adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
-        with _ADJOINT:
+        with trace.span("heat.adjoint_step", trace.ADJOINT, payload=self.cells):
             self._sweep(self.kernels.adjoint, lam_next,
                         (self.kappa, u, lam, kappa_bar, f_bar, self.r, self.dt))
+
+    # -- the host kernels' loops ----------------------------------------------------------
+
+    def _forward_host(self, u0, kappa, f):
+        if self.pads is not None:
+            u, self.kappa, self.f = self.pads
+            self.pads = None
+        else:
+            u = self._padded(u0, _state_buffer(self.frame, self.ghosts))
+            self.kappa = self._padded(kappa, _pad_buffer(self.frame))
+            self.f = self._padded(f, _pad_buffer(self.frame))
+        self.loop = hostkernels.Loop(self.kappa, self.f, self.r, self.dt, self.wrap)
+        if not self.local:
+            self.halo = halo.Persistent(self.grid, self.frame.dtype)
+        self._fill(self.kappa)
+        keep = set()
+        if self.keep_states:
+            keep = (set(range(self.steps)) if self.checkpoints is None
+                    else set(_spine(self.steps, self.checkpoints)))
+        # The states in order: each kept one in its own buffer, written by the step before
+        # it (no copy), the others in two buffers in turn.
+        states, free = [u], []
+        for n in range(self.steps):
+            nxt = free.pop() if free and n + 1 not in keep else self._buffer()
+            states.append(nxt)
+            if n in keep:
+                self.states[n] = states[n]
+            else:
+                free.append(states[n])
+        traj = None
+        if self.trajectory:
+            traj = np.empty((self.steps + 1,) + u0.shape, u0.dtype)
+        self._run(states, 0, traj)
+        out = _interior(states[-1])
+        _recycle(states[-1], self.ghosts)
+        if self.keep_states and free:
+            self.spare = free.pop()
+        for buf in free:
+            _recycle(buf, self.ghosts)
+        if not self.recorded:
+            self._release()
+        if traj is None:
+            return out
+        traj[self.steps] = out
+        return out, traj
+
+    def _run(self, states, first, traj=None):
+        """``states[k + 1] = step(states[k])`` for every ``k``, each state's ghosts filled
+        before it is read (those of ``states[0]`` from ``first`` on: 0 fills them, 1 takes
+        them as filled); the last state's ghosts are filled too, unless ``traj`` (every
+        state's interior, written on the way) is given."""
+        loop, steps = self.loop, len(states) - 1
+        with trace.span("heat.steps", trace.COMPUTE, payload=self.cells * steps):
+            if self.local and traj is None:
+                loop.steps(states)
+                return
+            exchange = self.halo.exchange if self.halo is not None else loop.wrap
+            for k in range(steps):
+                if k >= first:
+                    exchange(states[k])
+                if traj is not None:
+                    traj[k] = states[k][1:-1, 1:-1]
+                loop.step(states[k], states[k + 1])
+            if traj is None:
+                exchange(states[-1])
+
+    def _fill(self, a):
+        """Fill ``a``'s ghosts from the neighbours (host loops)."""
+        if self.halo is not None:
+            self.halo.exchange(a)
+        else:
+            self.loop.wrap(a)
+
+    def _advance_host(self, u, a, b):
+        """:meth:`_advance` by the host loops."""
+        states = [u]
+        for n in range(a, b):
+            states.append(self._buffer() if n < a + 2 else states[-2])
+        with trace.span("heat.recompute", trace.COMPUTE, payload=self.cells * (b - a)):
+            self._run(states, 1)
+        if b - a >= 2:
+            if self.spare is not None:
+                _recycle(self.spare, self.ghosts)
+            self.spare = states[-2]
+        return states[-1]
+
+    def _vjp_host(self, g, u0, kappa, f):
+        g_out, g_traj = g if self.trajectory else (g, None)
+        lam = _pad_buffer(self.frame)
+        lam[1:-1, 1:-1] = g_out
+        if g_traj is not None:
+            lam[1:-1, 1:-1] += g_traj[self.steps]
+        _, want_kappa, want_f = self.wants
+        kappa_bar = _zeroed(self.frame) if want_kappa else None
+        f_bar = _zeroed(self.frame) if want_f else None
+        kept = {id(u) for u in self.states.values()} if self.retain else ()
+        spare = _pad_buffer(self.frame)
+        loop, exchange = self.loop, self.halo.exchange if self.halo is not None else None
+        for n, u in self._reversed_states():
+            lam_prev, spare = spare, None
+            if exchange is not None:
+                exchange(lam)
+            loop.adjoint(lam, u, lam_prev, kappa_bar, f_bar)
+            if u is not None and id(u) not in kept:
+                _recycle(u, self.ghosts)
+            if g_traj is not None:
+                lam_prev[1:-1, 1:-1] += g_traj[n]
+            spare, lam = lam, lam_prev
+        if not self.retain:
+            self.states.clear()
+        if self.spare is not None:
+            _recycle(self.spare, self.ghosts)
+            self.spare = None
+        grads = tuple(_interior(a).astype(x.dtype, copy=False) if want else None
+                      for a, x, want in zip((lam, kappa_bar, f_bar), (u0, kappa, f),
+                                            self.wants))
+        for buf in (lam, spare, kappa_bar, f_bar):
+            if buf is not None:
+                _recycle(buf, None)
+        if not self.retain:
+            self._release()
+        return grads
+
+    def _release(self):
+        """Return the padded kappa and f to the kept buffers and free the persistent
+        requests: no pass of this solve reads them again."""
+        for buf in (self.kappa, self.f):
+            _recycle(buf, None)
+        self.kappa = self.f = self.loop = None
+        if self.halo is not None:
+            self.halo.free()
+            self.halo = None
 
     def _sweep(self, kernel, a, args, exchange=True):
         """``kernel(a, *args, *rect)`` over the interior once ``a``'s ghosts are filled (unless
@@ -345,6 +510,8 @@ class _Heat:
 
     def _advance(self, u, a, b):
         """``u^b`` from ``u^a`` (ghosts filled), in a new buffer with its ghosts filled."""
+        if self.host:
+            return self._advance_host(u, a, b)
         cur = u
         for n in range(a, b):
             nxt = self._buffer()
@@ -526,6 +693,36 @@ def _recycle(u, ghosts):
             _free_bytes["n"] += u.nbytes
 
 
+def _state_buffer(frame, ghosts):
+    """A host state buffer with ``frame``'s ghost ring: a kept one, or a new one whose
+    interior the caller writes (no copy of ``frame``'s)."""
+    buf = _reuse(frame, ghosts)
+    if buf is None:
+        buf = np.empty_like(frame)
+        buf[0], buf[-1], buf[:, 0], buf[:, -1] = frame[0], frame[-1], frame[:, 0], frame[:, -1]
+    return buf
+
+
+def _pad_buffer(frame):
+    """A host buffer shaped like ``frame`` with a zero ghost ring, interior unset."""
+    with _free_lock:
+        bucket = _free.get(_kind(frame))
+        buf = bucket.pop()[0] if bucket else None
+        if buf is not None:
+            _free_bytes["n"] -= buf.nbytes
+    if buf is None:
+        buf = np.empty_like(frame)
+    buf[0], buf[-1], buf[:, 0], buf[:, -1] = 0, 0, 0, 0
+    return buf
+
+
+def _zeroed(frame):
+    """A host buffer shaped like ``frame``, all zeros."""
+    buf = _pad_buffer(frame)
+    buf[1:-1, 1:-1] = 0
+    return buf
+
+
 def _reuse(frame, ghosts):
     """A cached buffer shaped like ``frame`` with ``frame``'s ghost ring, or ``None``. The ring
     is rewritten unless the buffer's came from a frame with the same ``ghosts`` (not None):
@@ -543,11 +740,32 @@ def _reuse(frame, ghosts):
     return buf
 
 
+# Frames of constant boundaries on the host, which solves only read: a solve of a large patch
+# would otherwise spend a pass over a new array on its frame.
+_frames = {}
+
+
 def _frame(grid, boundary, like):
     """A padded array with the Dirichlet values in the physical-boundary ghosts and zeros
     elsewhere, and a hashable description of those ghosts for a constant ``boundary`` (None
     otherwise). Exchanged ghosts are always overwritten before they are read; corners are
     never read."""
+    if isinstance(boundary, Real) and not isinstance(boundary, (bool, np.bool_)) and \
+            not is_device_array(like):
+        key = (grid.padded_shape, tuple(grid.physical), float(boundary),
+               np.dtype(like.dtype))
+        found = _frames.get(key)
+        if found is None:
+            found = _make_frame(grid, boundary, like)
+            found[0].flags.writeable = False
+            if len(_frames) >= 16:
+                _frames.clear()
+            _frames[key] = found
+        return found
+    return _make_frame(grid, boundary, like)
+
+
+def _make_frame(grid, boundary, like):
     nx, ny = grid.local_shape
     frame = np.zeros(grid.padded_shape, np.dtype(like.dtype))
     if isinstance(boundary, Real) and not isinstance(boundary, (bool, np.bool_)):
