@@ -167,7 +167,7 @@ JOB = textwrap.dedent("""
         f = grid.local(np.zeros((n, n)))
 
         def objective(k, theta):
-            u = solve(u0, k, f, 1e-4, 1.0 / n, 5, grid=grid)
+            u = solve(u0, k, f, 1e-4, 1.0 / n, 5, grid=grid, checkpoints=2)
             local = (u * u).sum().reshape(1) * gm.mpi_bcast(theta)
             shifted = gm.mpi_exchange(local, dest=(rank + 1) % size,
                                       source=(rank - 1) % size)
@@ -193,8 +193,8 @@ JOB = textwrap.dedent("""
 """)
 
 # Ranges the library pushes in this job at every number of ranks, with their categories.
-# (Collective reductions of one rank's cotangents skip MPI at one rank, so those are checked
-# at two.)
+# (Reductions of the ranks' cotangents and halo exchanges, which one rank does without, are
+# checked at two.)
 EXPECTED = {
     "mpi.bcast": trace.COMMUNICATION,
     "mpi.sum": trace.COMMUNICATION,
@@ -214,6 +214,11 @@ EXPECTED = {
     "adjoint.mpi_sum": trace.ADJOINT,
     "adjoint.mpi_gather": trace.ADJOINT,
     "adjoint.mpi_exchange": trace.ADJOINT,
+    # The solver's phases (two checkpoints for five steps: the reverse pass recomputes).
+    "heat.forward": trace.COMPUTE,
+    "heat.steps": trace.COMPUTE,
+    "heat.recompute": trace.COMPUTE,
+    "heat.adjoint": trace.ADJOINT,
 }
 # Pushed on the writing rank only.
 EXPECTED_ON_ROOT = {
@@ -223,13 +228,13 @@ EXPECTED_ON_ROOT = {
 EXPECTED_AT_TWO = {
     "mpi.allreduce.cotangents": trace.COMMUNICATION,
     "mpi.allreduce.agreement": trace.COMMUNICATION,
+    "halo_exchange": trace.COMMUNICATION,
 }
-# The library's ranges outside gpumpiad/trace.py's instrumented modules: pushed in domain
-# gpumpiad, checked by name.
-EXPECTED_ELSEWHERE = {"heat.adjoint"}
 # Ranges whose payload is a byte count (some pieces are empty, but not all).
 SIZED = {"mpi.bcast", "mpi.sum", "mpi.gather", "staging.device_to_host",
-         "staging.host_to_device", "checkpoint.write"}
+         "staging.host_to_device", "checkpoint.write", "halo_exchange"}
+# Ranges whose payload is a number of cells.
+CELLS = {"heat.forward", "heat.steps", "heat.recompute", "heat.adjoint"}
 
 
 def build_injection(folder):
@@ -308,13 +313,13 @@ def test_every_phase_pushes_its_range_in_the_gpumpiad_domain(injection, tmp_path
         ours = [p for p in rec["pushes"] if p[0] == "gpumpiad"]
         names = {p[1] for p in ours}
         everywhere |= names
-        missing = (set(expected) | EXPECTED_ELSEWHERE) - names
+        missing = set(expected) - names
         assert not missing, f"ranges never pushed: {sorted(missing)}; pushed: {sorted(names)}"
         for _, name, cid, kind, payload in ours:
             category = {**expected, **EXPECTED_ON_ROOT}.get(name)
             if category is not None:
                 assert cid == categories[category], (name, cid, categories)
-            if name in SIZED:
+            if name in SIZED or name in CELLS:
                 assert kind == "int" and payload >= 0, (name, kind, payload)
                 largest[name] = max(largest.get(name, 0), payload)
         # A range's payload is its own push's, never an earlier push's of the same name.
@@ -324,7 +329,8 @@ def test_every_phase_pushes_its_range_in_the_gpumpiad_domain(injection, tmp_path
         assert rec["pops"].count("gpumpiad") == len(ours)
         assert rec["end"] is not None and rec["end"][0] == rec["end"][1]
     assert set(EXPECTED_ON_ROOT) <= everywhere
-    assert all(largest[name] > 0 for name in SIZED), largest
+    assert all(largest[name] > 0 for name in (SIZED | CELLS) & everywhere), largest
+    assert (SIZED | CELLS) - {"halo_exchange"} <= everywhere
 
 
 def test_no_tool_and_no_profile_is_one_shared_no_op():
