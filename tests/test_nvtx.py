@@ -231,7 +231,7 @@ EXPECTED_AT_TWO = {
     "halo_exchange": trace.COMMUNICATION,
 }
 # Ranges whose payload is a byte count (some pieces are empty, but not all).
-SIZED = {"mpi.bcast", "mpi.sum", "mpi.gather", "staging.device_to_host",
+SIZED = {"mpi.bcast", "mpi.sum", "mpi.gather", "mpi.exchange", "staging.device_to_host",
          "staging.host_to_device", "checkpoint.write", "halo_exchange"}
 # Ranges whose payload is a number of cells.
 CELLS = {"heat.forward", "heat.steps", "heat.recompute", "heat.adjoint"}

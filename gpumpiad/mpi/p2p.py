@@ -48,14 +48,14 @@ def _reverse_tag(comm, kind, peer, tag):
 def _post_send(comm, array, dest, tag, call):
     comm.issue(f"{call} to rank {dest} (tag {tag})",
                lambda: start_send(comm.mpi, array, dest, tag, signed=debug_enabled()),
-               collective=False)
+               collective=False, array=array)
 
 
 def _recv_now(comm, like, source, tag, call):
     return comm.issue(f"{call} from rank {source} (tag {tag})",
                       lambda: start_recv(comm.mpi, like.shape, like.dtype, is_device(like.data),
                                          source, tag, call, signed=debug_enabled()),
-                      collective=False)
+                      collective=False, array=like.data)
 
 
 def mpi_send(x, dest, tag=0, comm=None):
