@@ -28,6 +28,22 @@ Measured, float64, times are the maximum over ranks of the best of ``--repeats``
   respect to (u0, kappa, f) together storing all states.
 
 Results go to ``--out`` (Markdown) on rank 0.
+
+``--overhead`` measures instead, for each of ``--sizes`` (float64, one patch per rank), what a
+solver step costs beyond its bare kernel and what a solve costs whatever its steps:
+
+* bare kernel: one call of the host step kernel over the whole patch less one over an empty
+  rectangle (the call itself), through the loaded library;
+* solver step: ``(t(N steps) - t(0 steps)) / N`` of ``solve`` (halo exchange included);
+* per-step overhead: solver step less bare kernel; fixed cost: ``t(0 steps)``;
+* gradient / forward: ``value_and_grad`` with respect to kappa, all states stored, over the
+  forward solve of the same steps.
+
+Each figure is the minimum over ``--repeats`` runs (maximum over ranks), with the median
+beside it; it prints one table, which ``--out`` also receives::
+
+    mpiexec -n 1 python bench/bench_heat.py --overhead --sizes 64 128 256 512 1024
+    mpiexec -n 2 python bench/bench_heat.py --overhead --sizes 64 128 256 512 1024
 """
 from __future__ import annotations
 
@@ -48,17 +64,122 @@ from gpumpiad.backend import array_module, synchronize
 from gpumpiad.heat import Grid, recompute_steps, solve
 
 
-def timed(fn, xp, repeats):
-    """Best wall time of ``fn()`` over ``repeats`` runs, maximum over ranks."""
+def timed(fn, xp, repeats, median=False):
+    """Best wall time of ``fn()`` over ``repeats`` runs, maximum over ranks (and the median's,
+    with ``median``)."""
     comm = MPI.COMM_WORLD
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         comm.Barrier()
         t0 = time.perf_counter()
         out = fn()
         synchronize(out if out is not None else xp.zeros(1))
-        best = min(best, time.perf_counter() - t0)
-    return comm.allreduce(best, op=MPI.MAX)
+        times.append(time.perf_counter() - t0)
+    best = comm.allreduce(min(times), op=MPI.MAX)
+    if median:
+        return best, comm.allreduce(float(np.median(times)), op=MPI.MAX)
+    return best
+
+
+def bare_step(n, repeats):
+    """Seconds of the host step kernel over an ``n x n`` patch, without the call's own cost:
+    a call over the patch less a call over an empty rectangle (min and median over batches)."""
+    from gpumpiad.heat import hostkernels
+    fn = hostkernels._fn("host_heat_step", np.dtype(np.float64))
+    rng = np.random.default_rng(0)
+    u, kappa, f, out = (rng.random((n + 2, n + 2)) for _ in range(4))
+    addresses = [a.ctypes.data for a in (u, kappa, f, out)]
+    count = max(10, min(20000, int(2e7 / (n * n))))
+
+    def batch(i1):
+        t0 = time.perf_counter()
+        for _ in range(count):
+            fn(*addresses, n, n, 0.2, 1e-3, 1, i1, 1, n + 1)
+        return (time.perf_counter() - t0) / count
+
+    full, empty = [], []
+    batch(n + 1)
+    for _ in range(repeats):
+        full.append(batch(n + 1))
+        empty.append(batch(1))
+    comm = MPI.COMM_WORLD
+    best = min(full) - min(empty)
+    mid = float(np.median(full)) - float(np.median(empty))
+    return comm.allreduce(best, op=MPI.MAX), comm.allreduce(mid, op=MPI.MAX)
+
+
+def overhead(opts):
+    """The ``--overhead`` table: per-step overhead, fixed cost and gradient / forward."""
+    comm = MPI.COMM_WORLD
+    xp = array_module()
+    dims = MPI.Compute_dims(comm.size, [0, 0])
+    rows = []
+    for n in opts.sizes:
+        steps = max(20, min(1000, int(2e7 / (n * n))))
+        grid = Grid((dims[0] * n, dims[1] * n), dims=dims)
+        h = grid.h[0]
+        rng = np.random.default_rng(comm.rank)
+        u0 = rng.random(grid.local_shape)
+        kappa = 0.5 + 0.5 * rng.random(grid.local_shape)
+        f = rng.random(grid.local_shape)
+        dt = 0.2 * h * h
+        kernel, kernel_med = bare_step(n, opts.repeats)
+
+        def forward(count):
+            return timed(lambda: solve(u0, kappa, f, dt, h, count, grid=grid).data, xp,
+                         opts.repeats, median=True)
+
+        def objective(k):
+            u = solve(u0, k, f, dt, h, steps, grid=grid)
+            return gpumpiad.mpi_sum((u * u).sum())
+
+        vg = gpumpiad.value_and_grad(objective)
+        karg = gpumpiad.tensor(kappa, distributed=True)
+        # Alternating forward and gradient batches: load on a shared machine hits both alike.
+        fwd, zero, grad = [], [], []
+        for _ in range(2):
+            fwd.append(forward(steps))
+            zero.append(forward(0))
+            grad.append(timed(lambda: vg(karg)[1], xp, opts.repeats, median=True))
+        t_fwd = min(t[0] for t in fwd), float(np.median([t[1] for t in fwd]))
+        t_zero = min(t[0] for t in zero), float(np.median([t[1] for t in zero]))
+        t_grad = min(t[0] for t in grad), float(np.median([t[1] for t in grad]))
+        step = (t_fwd[0] - t_zero[0]) / steps, (t_fwd[1] - t_zero[1]) / steps
+        rows.append(dict(n=n, steps=steps, kernel=(kernel, kernel_med), step=step,
+                         over=(step[0] - kernel, step[1] - kernel_med), fixed=t_zero,
+                         ratio=(t_grad[0] / t_fwd[0], t_grad[1] / t_fwd[1])))
+        grid.free()
+    if comm.rank != 0:
+        return
+    from gpumpiad.heat import hostkernels
+    info = getattr(hostkernels, "build_info", lambda: {"flags": hostkernels.CXXFLAGS})()
+    cpu, _ = machine()
+    us = 1e6
+    lines = [
+        f"## Per-step overhead, {comm.size} rank(s) ({dims[0]}x{dims[1]}), float64",
+        "",
+        f"- Machine: {cpu}; load average (1 min) at the end: {os.getloadavg()[0]:.1f}",
+        f"- Host build: `{' '.join(info['flags'])}`; gpumpiad from "
+        f"`{Path(gpumpiad.__file__).parent}`",
+        f"- min (median) of {opts.repeats} runs x 2 alternating batches, maximum over ranks",
+        "",
+        "| n | steps | bare kernel [µs] | solver step [µs] | overhead/step [µs] | "
+        "fixed cost/solve [ms] | gradient / forward |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['n']} | {r['steps']} | {r['kernel'][0] * us:.1f} ({r['kernel'][1] * us:.1f})"
+            f" | {r['step'][0] * us:.1f} ({r['step'][1] * us:.1f}) | "
+            f"{r['over'][0] * us:.1f} ({r['over'][1] * us:.1f}) | "
+            f"{r['fixed'][0] * 1e3:.3f} ({r['fixed'][1] * 1e3:.3f}) | "
+            f"{r['ratio'][0]:.2f} ({r['ratio'][1]:.2f}) |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if opts.out_given:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(opts.out, "a") as out:
+            out.write(text + "\n")
 
 
 def loop(fn, count):
@@ -96,8 +217,20 @@ def main(argv=None):
     parser.add_argument("--periodic", action="store_true",
                         help="periodic grid: every side exchanges halos, also on one rank "
                              "(with itself, through MPI) -- the halo cost on a single GPU")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "heat_cpu.md"))
+    parser.add_argument("--out", default=None,
+                        help="Markdown file (default bench/results/heat_cpu.md; --overhead "
+                             "appends to it only when given)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="per-step overhead, fixed cost per solve and gradient / forward "
+                             "at --sizes (host kernels)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     opts = parser.parse_args(argv)
+    opts.out_given = opts.out is not None
+    if opts.out is None:
+        opts.out = str(Path(__file__).parent / "results" / "heat_cpu.md")
+    if opts.overhead:
+        overhead(opts)
+        return
 
     comm = MPI.COMM_WORLD
     xp = array_module()

@@ -8,6 +8,10 @@ float64.  Each T_eff is reported as a ratio to the bandwidth of a
 same number of cells, same run).  Single-threaded, like the kernels.
 
 Usage: python bench/bench_heat_kernels.py [--sizes 512 1024 2048] [--out PATH]
+
+``--compare-builds`` times the step and adjoint kernels of the portable build and of the build
+for this machine (``GPUMPIAD_HOST_MARCH``) in the same run, alternating, at ``--sizes``, and
+prints (and writes to ``--out``) the min and median of each and their ratio.
 """
 
 from __future__ import annotations
@@ -93,13 +97,83 @@ def bench(n, dtype=np.float64):
     return rows, bw_copy4 / 1e9, 4 * itemsize * cells / t_copy4_np / 1e9
 
 
+def _library(march):
+    """The host library built with ``GPUMPIAD_HOST_MARCH=march``, loaded apart."""
+    import ctypes
+    previous = os.environ.get("GPUMPIAD_HOST_MARCH")
+    os.environ["GPUMPIAD_HOST_MARCH"] = march
+    try:
+        path = hostkernels._build()
+    finally:
+        if previous is None:
+            del os.environ["GPUMPIAD_HOST_MARCH"]
+        else:
+            os.environ["GPUMPIAD_HOST_MARCH"] = previous
+    lib = ctypes.CDLL(str(path))
+    hostkernels._declare(lib)
+    return lib, dict(hostkernels._built)
+
+
+def compare_builds(sizes, repeats=7):
+    """Rows of (n, op, portable (min, median) s, native (min, median) s)."""
+    libs = {march: _library(march) for march in ("portable", "native")}
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        shape = (n + 2, n + 2)
+        u, kappa, f, lam_next = (rng.random(shape) for _ in range(4))
+        u_new, lam, kb = (np.zeros(shape) for _ in range(3))
+        p = [a.ctypes.data for a in (u, kappa, f, u_new, lam_next, lam, kb)]
+        calls = {
+            "step": lambda lib: lib.host_heat_step_float64(p[0], p[1], p[2], p[3], n, n, 0.2,
+                                                           1e-3, 1, n + 1, 1, n + 1),
+            "adjoint (kappa_bar)": lambda lib: lib.host_heat_adjoint_float64(
+                p[4], p[1], p[0], p[5], p[6], None, n, n, 0.2, 1e-3, 1, n + 1, 1, n + 1, 1),
+        }
+        for op, call in calls.items():
+            times = {march: [] for march in libs}
+            for _ in range(repeats):
+                for march, (lib, _) in libs.items():
+                    times[march].append(_time(lambda: call(lib), min_time=0.05, repeats=2))
+            rows.append((n, op) + tuple((min(times[m]), float(np.median(times[m])))
+                                        for m in ("portable", "native")))
+    return rows, {m: info for m, (_, info) in libs.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "heat_kernels_cpu.md"))
+    ap.add_argument("--compare-builds", action="store_true",
+                    help="portable build against the build for this machine, same run")
     args = ap.parse_args()
     if not hostkernels.available():
         raise SystemExit("host kernels unavailable (no C++ compiler?)")
+    if args.compare_builds:
+        rows, infos = compare_builds(args.sizes)
+        model, cores, _ = _machine()
+        lines = [
+            "## Host build for this machine against the portable build (float64, one thread)",
+            "",
+            f"- CPU: {model} ({cores}); load average (1 min) at the end: "
+            f"{os.getloadavg()[0]:.1f}",
+            f"- portable: `{' '.join(infos['portable']['flags'])}`",
+            f"- native: `{' '.join(infos['native']['flags'])}`"
+            + (" (refused, portable used)" if infos["native"]["march"] != "native" else ""),
+            "- min (median) of 7 alternating batches, each the best of 2 timings",
+            "",
+            "| n | kernel | portable [ms] | native [ms] | portable / native |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        for n, op, (pmin, pmed), (nmin, nmed) in rows:
+            lines.append(f"| {n} | {op} | {pmin * 1e3:.3f} ({pmed * 1e3:.3f}) | "
+                         f"{nmin * 1e3:.3f} ({nmed * 1e3:.3f}) | {pmin / nmin:.2f} "
+                         f"({pmed / nmed:.2f}) |")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        with open(args.out, "a") as out:
+            out.write("\n" + text)
+        return
 
     model, cores, caches = _machine()
     lines = [
@@ -107,7 +181,7 @@ def main():
         "",
         f"- CPU: {model} ({cores}){'; ' + caches if caches else ''}",
         f"- NumPy {np.__version__}, Python {platform.python_version()}, "
-        f"host build flags: `{' '.join(hostkernels.CXXFLAGS)}`",
+        f"host build flags: `{' '.join(hostkernels.build_info()['flags'])}`",
         "- T_eff = (32 B/cell step, 64 B/cell adjoint) x n^2 / time; ratio = T_eff / BW(copy4),",
         "  copy4 = host-compiled `d = a + b + c` over n^2 float64 (3 reads + 1 write), same run.",
         "",

@@ -492,6 +492,17 @@ class Loop:
     ------
     ValueError
         On wrong dtype, layout or shape of ``kappa`` or ``f``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.heat import hostkernels
+    >>> kappa, f = np.ones((6, 5)), np.zeros((6, 5))
+    >>> states = [np.random.default_rng(0).random((6, 5))] + [np.zeros((6, 5)) for _ in range(2)]
+    >>> loop = hostkernels.Loop(kappa, f, r=0.2, dt=1e-3, wrap=(True, True))
+    >>> loop.steps(states + [states[1]])        # three steps, two buffers in turn
+    >>> bool((states[1][0, 1:-1] == states[1][-2, 1:-1]).all())   # wrapped ghosts filled
+    True
     """
 
     __slots__ = ("_step", "_steps", "_adjoint", "_wrap", "_fixed", "_dims", "_scalars",
