@@ -215,7 +215,8 @@ def run(args):
                  f"2-{args.hidden}-{args.hidden}-1, Adam {args.steps} steps; relative κ error "
                  f"{100 * history['kappa_error'][0]:.1f}% → "
                  f"{100 * history['kappa_error'][-1]:.2f}%")
-        report.kappa_figure(os.path.join(args.out, "kappa.png"), true, learned, title)
+        report.kappa_figure(os.path.join(args.out, "kappa.png"), true, learned, title,
+                            recovered_name="learned")
         loss_figure(os.path.join(args.out, "loss.png"), history, title)
         torch.save({"state_dict": net.state_dict(), "hidden": args.hidden,
                     "kappa_bounds": settings.kappa_bounds},

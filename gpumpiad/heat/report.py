@@ -29,17 +29,18 @@ def title(summary):
     return f"{first}\n{second}"
 
 
-def kappa_figure(path, true, recovered, title=None):
-    """True and recovered κ on one colour scale, and the error in percent of the true κ."""
+def kappa_figure(path, true, recovered, title=None, recovered_name="recovered"):
+    """True and recovered κ on one colour scale, and the error in percent of the true κ;
+    ``recovered_name`` names the second field in the panels ("learned" for a network's κ)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.6), constrained_layout=True)
     low, high = min(true.min(), recovered.min()), max(true.max(), recovered.max())
     error = 100 * (recovered - true) / true
     bound = float(abs(error).max()) or 1.0
     panels = (("true κ", true, "viridis", (low, high), "κ"),
-              ("recovered κ", recovered, "viridis", (low, high), "κ"),
-              ("error of the recovered κ", error, "RdBu_r", (-bound, bound),
-               "(recovered − true) / true  [%]"))
+              (f"{recovered_name} κ", recovered, "viridis", (low, high), "κ"),
+              (f"error of the {recovered_name} κ", error, "RdBu_r", (-bound, bound),
+               f"({recovered_name} − true) / true  [%]"))
     for ax, (name, field, cmap, limits, label) in zip(axes, panels):
         image = ax.imshow(field.T, origin="lower", extent=(0, 1, 0, 1), cmap=cmap,
                           vmin=limits[0], vmax=limits[1])
