@@ -740,9 +740,11 @@ def _reuse(frame, ghosts):
     return buf
 
 
-# Frames of constant boundaries on the host, which solves only read: a solve of a large patch
-# would otherwise spend a pass over a new array on its frame.
+# Frames of constant boundaries on the host, which solves only read: a solve would otherwise
+# spend a pass over a new array on its frame. Only frames up to _FRAME_CACHE_BYTES are kept,
+# so that a large patch's frame does not outlive its solve.
 _frames = {}
+_FRAME_CACHE_BYTES = 64 << 20
 
 
 def _frame(grid, boundary, like):
@@ -750,8 +752,9 @@ def _frame(grid, boundary, like):
     elsewhere, and a hashable description of those ghosts for a constant ``boundary`` (None
     otherwise). Exchanged ghosts are always overwritten before they are read; corners are
     never read."""
+    nbytes = int(np.prod(grid.padded_shape)) * np.dtype(like.dtype).itemsize
     if isinstance(boundary, Real) and not isinstance(boundary, (bool, np.bool_)) and \
-            not is_device_array(like):
+            not is_device_array(like) and nbytes <= _FRAME_CACHE_BYTES:
         key = (grid.padded_shape, tuple(grid.physical), float(boundary),
                np.dtype(like.dtype))
         found = _frames.get(key)
