@@ -281,13 +281,23 @@ def worker_one_core(args):
     gm_fwd, gm_grad, _ = gpumpiad_contender(n, steps)
     ref = tuple(gm_grad())
     np.savez(args.ref_out, *ref)
-    contenders, checks, skipped = {"gpumpiad": (gm_fwd, gm_grad)}, {}, {}
-    for name, module, make in (("jax", "jax", jax_contender),
-                               ("torch", "torch", torch_contender)):
-        if not _installed(module):
-            skipped[name] = f"{module} is not installed"
-            continue
-        fwd, grad = make(n, steps)
+    makers, skipped = {}, {}
+    for name, make in (("jax", jax_contender), ("torch", torch_contender)):
+        if _installed(name):
+            makers[name] = lambda make=make: make(n, steps)
+        else:
+            skipped[name] = f"{name} is not installed"
+    return _checked_and_timed(makers, ref, args.repeats, {"gpumpiad": (gm_fwd, gm_grad)},
+                              skipped)
+
+
+def _checked_and_timed(makers, ref, repeats, contenders, skipped):
+    """Make each contender (``name -> make() -> (forward, gradient)``), keep those whose
+    gradient and forward agree with ``ref`` (the others go to ``skipped`` with the reason) and
+    time them all, alternating."""
+    checks = {}
+    for name, make in makers.items():
+        fwd, grad = make()
         try:
             checks[name] = max(compare(name, grad(), ref),
                                compare(name + " forward", (fwd(),) + ref[1:], ref))
@@ -295,7 +305,7 @@ def worker_one_core(args):
             skipped[name] = str(exc)
             continue
         contenders[name] = (fwd, grad)
-    times = time_alternating(contenders, args.repeats)
+    times = time_alternating(contenders, repeats)
     return {"times": {f"{a}|{b}": t for (a, b), t in times.items()}, "checks": checks,
             "skipped": skipped}
 
@@ -326,20 +336,9 @@ def worker_gpumpiad_ranks(args):
 def worker_jax_two(args):
     """JAX shard_map over two host devices and JAX jit on one device with XLA's threads."""
     ref = tuple(np.load(args.ref)[f"arr_{i}"] for i in range(4))
-    contenders, checks, skipped = {}, {}, {}
-    for name, make in (("jax shard_map", lambda: jax_sharded_contender(args.n, args.steps)),
-                       ("jax threads", lambda: jax_contender(args.n, args.steps))):
-        fwd, grad = make()
-        try:
-            checks[name] = max(compare(name, grad(), ref),
-                               compare(name + " forward", (fwd(),) + ref[1:], ref))
-        except AssertionError as exc:
-            skipped[name] = str(exc)
-            continue
-        contenders[name] = (fwd, grad)
-    times = time_alternating(contenders, args.repeats)
-    return {"times": {f"{a}|{b}": t for (a, b), t in times.items()}, "checks": checks,
-            "skipped": skipped}
+    makers = {"jax shard_map": lambda: jax_sharded_contender(args.n, args.steps),
+              "jax threads": lambda: jax_contender(args.n, args.steps)}
+    return _checked_and_timed(makers, ref, args.repeats, {}, {})
 
 
 def run_worker(args):
