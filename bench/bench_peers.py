@@ -153,13 +153,9 @@ def _jax():
     return jax
 
 
-def jax_contender(n, steps):
-    jax = _jax()
-    import jax.numpy as jnp
-
-    u0, kappa, f, dt, h = problem(n)
-    objective = jax_objective(jax, jnp, n, steps, dt, h)
-    args = [jax.device_put(a) for a in (u0, kappa, f)]
+def _jax_contender_of(jax, objective, args):
+    """``(forward, gradient)`` of a JAX objective of ``args``: ``jit`` and
+    ``jit(value_and_grad)`` with respect to (u0, kappa, f), waited for."""
     fwd = jax.jit(objective)
     vg = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))
 
@@ -171,6 +167,16 @@ def jax_contender(n, steps):
         return (float(value), *(np.asarray(g) for g in grads))
 
     return forward, gradient
+
+
+def jax_contender(n, steps):
+    jax = _jax()
+    import jax.numpy as jnp
+
+    u0, kappa, f, dt, h = problem(n)
+    objective = jax_objective(jax, jnp, n, steps, dt, h)
+    args = [jax.device_put(a) for a in (u0, kappa, f)]
+    return _jax_contender_of(jax, objective, args)
 
 
 def jax_sharded_contender(n, steps, devices=2):
@@ -201,17 +207,7 @@ def jax_sharded_contender(n, steps, devices=2):
                               out_specs=PartitionSpec())
     sharding = NamedSharding(mesh, spec)
     args = [jax.device_put(a, sharding) for a in (u0, kappa, f)]
-    fwd = jax.jit(objective)
-    vg = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))
-
-    def forward():
-        return float(fwd(*args).block_until_ready())
-
-    def gradient():
-        value, grads = jax.block_until_ready(vg(*args))
-        return (float(value), *(np.asarray(g) for g in grads))
-
-    return forward, gradient
+    return _jax_contender_of(jax, objective, args)
 
 
 def torch_contender(n, steps):
