@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# GPU check on one CUDA machine: the test suite on the CuPy backend, the kernels' checks and the
-# GPU benchmarks. Run from the repository root:
+# GPU check on one CUDA machine, within 8 minutes: bench/gpu_validate.py's stages (probe,
+# kernels against the NumPy reference, kernel bandwidth, halo-exchange cost at 1 and 2 ranks,
+# the test suite on the CuPy backend at 1 and 2 ranks), each with its log under $OUT, a summary
+# table at the end, results in bench/results/gpu-validate-<gpu>-<date>.{md,json}. Run from the
+# repository root:
 #
-#   ci/gpu-check.sh [probe] [tests] [main] [bench] [collectives]     (default: all five)
+#   ci/gpu-check.sh [probe] [kernels] [bandwidth] [halo] [tests]    (default: these five)
+#   ci/gpu-check.sh main | bench | collectives                      (longer jobs, on their own)
 #
-# Expects CuPy, NumPy, SciPy, pytest and pytest-xdist installed; installs gpumpiad itself (editable,
-# without its dependencies) and, first, any wheels in .whl/ (an MPI runtime such as the mpich
-# wheel, mpi4py, nvtx, mpi-pytest) for machines that cannot reach a package index. Logs and result
-# tables go to $OUT (default ./gpu-out).
+# Exits non-zero when any stage failed. Expects CuPy, NumPy, SciPy and pytest installed
+# (pytest-xdist used when present); installs gpumpiad itself (editable, without its
+# dependencies) and, first, any wheels in .whl/ (an MPI runtime such as the mpich wheel, mpi4py,
+# nvtx, mpi-pytest) for machines that cannot reach a package index. Logs and result tables go to
+# $OUT (default ./gpu-out); BUDGET (seconds, default 480) bounds the validation stages.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export OUT PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-stages=${*:-probe tests main bench collectives}
+BUDGET=${BUDGET:-480}
 
 if [ -d .whl ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
@@ -22,53 +27,56 @@ $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 PATH="$($PY -c 'import sys; print(sys.prefix)')/bin:$PATH"
 export PATH
 
-for stage in $stages; do
+validate=()
+extra=()
+for stage in "$@"; do
     case $stage in
-    probe)
-        {
-            nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
-                --format=csv
-            nproc
-            $PY - <<'EOF'
-import cupy, mpi4py, numpy
-from mpi4py import MPI
-import gpumpiad
-from gpumpiad import transport
-print("cupy", cupy.__version__, "CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(),
-      "mpi4py", mpi4py.__version__, "numpy", numpy.__version__)
-print(MPI.Get_library_version().splitlines()[0])
-print("backend", gpumpiad.backend_name(), "path", transport.path_description(),
-      "MPIX_Query_cuda_support", transport._probe_cuda_support())
-EOF
-        } 2>&1 | tee "$OUT/probe.txt"
-        ;;
-    tests)
-        # Forking mode of mpi-pytest: every parallel test is its own mpiexec; xdist spreads them.
-        # SIGINT at the time limit still prints pytest's summary of what ran.
-        GPUMPIAD_TEST_BACKEND=cupy MPIEXEC_TIMEOUT=${MPIEXEC_TIMEOUT:-60} \
-            timeout -s INT -k 20 "${TEST_TIMEOUT:-420}" $PY -m pytest -p no:cacheprovider -q \
-            -n "${XDIST:-8}" --tb=short -rfE ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-cupy.log" \
-            | grep -E "^(FAILED|ERROR)|passed|failed" | tail -n 80
-        ;;
-    main)
-        GPUMPIAD_BACKEND=cupy timeout 200 mpiexec -n 4 gpumpiad heat-inverse --out /tmp/main-job \
-            2>&1 | tee "$OUT/main-job.log" | tail -n 12
-        ;;
-    bench)
-        GPUMPIAD_BACKEND=cupy timeout 240 mpiexec -n 2 $PY bench/bench_heat.py --n 4096 \
-            --steps 100 --out "$OUT/heat_gpu.md" 2>&1 | tail -n 40
-        # One rank exchanging with itself: the halo's cost without two ranks sharing the GPU.
-        GPUMPIAD_BACKEND=cupy timeout 200 mpiexec -n 1 $PY bench/bench_heat.py --n 4096 \
-            --steps 100 --periodic --out "$OUT/heat_gpu_periodic.md" 2>&1 | tail -n 16
-        ;;
-    collectives)
-        # The data path is what the MPI library supports (probe), as users get it.
-        GPUMPIAD_BACKEND=cupy timeout 200 mpiexec -n 2 $PY bench/bench_collectives.py \
-            --out "$OUT/collectives_gpu.md" 2>&1 | tail -n 16
-        GPUMPIAD_BACKEND=cupy MPIR_CVAR_ASYNC_PROGRESS=1 timeout 100 mpiexec -n 2 \
-            $PY bench/bench_collectives.py --overlap-only --out "$OUT/collectives_gpu.md" 2>&1 \
-            | tail -n 3
-        ;;
+    probe | kernels | bandwidth | halo | tests) validate+=("$stage") ;;
+    main | bench | collectives) extra+=("$stage") ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
+
+rc=0
+if [ $# -eq 0 ] || [ ${#validate[@]} -gt 0 ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+        --format=csv >"$OUT/nvidia-smi.txt" 2>&1
+    GPUMPIAD_BACKEND=cupy $PY bench/gpu_validate.py --out "$OUT" \
+        --budget $((BUDGET - SECONDS)) ${validate[@]+"${validate[@]}"} || rc=1
+fi
+
+# Each longer job: its log under $OUT, its exit status in the last line.
+run() {
+    local name=$1
+    shift
+    "$@" >"$OUT/$name.log" 2>&1
+    local status=$?
+    tail -n 16 "$OUT/$name.log"
+    echo "$name: exit $status"
+    [ $status -eq 0 ] || rc=1
+}
+for stage in ${extra[@]+"${extra[@]}"}; do
+    case $stage in
+    main)
+        run main-job env GPUMPIAD_BACKEND=cupy timeout 200 mpiexec -n 4 gpumpiad heat-inverse \
+            --out "$OUT/main-job"
+        ;;
+    bench)
+        run bench-heat env GPUMPIAD_BACKEND=cupy timeout 240 mpiexec -n 2 $PY bench/bench_heat.py \
+            --n 4096 --steps 100 --out "$OUT/heat_gpu.md"
+        # One rank exchanging with itself: the halo's cost without two ranks sharing the GPU.
+        run bench-heat-periodic env GPUMPIAD_BACKEND=cupy timeout 200 mpiexec -n 1 \
+            $PY bench/bench_heat.py --n 4096 --steps 100 --periodic \
+            --out "$OUT/heat_gpu_periodic.md"
+        ;;
+    collectives)
+        # The data path is what the MPI library supports (probe), as users get it.
+        run collectives env GPUMPIAD_BACKEND=cupy timeout 200 mpiexec -n 2 \
+            $PY bench/bench_collectives.py --out "$OUT/collectives_gpu.md"
+        run collectives-overlap env GPUMPIAD_BACKEND=cupy MPIR_CVAR_ASYNC_PROGRESS=1 timeout 100 \
+            mpiexec -n 2 $PY bench/bench_collectives.py --overlap-only \
+            --out "$OUT/collectives_gpu.md"
+        ;;
+    esac
+done
+exit $rc

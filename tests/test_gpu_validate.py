@@ -1,0 +1,107 @@
+"""bench/gpu_validate.py at tiny sizes on the CPU model of CuPy (tests/cudamodel): every stage
+but the test suite runs, reports success and writes its table; a failing stage fails the run.
+Each run is a subprocess under a hard timeout, so that the model's ``cupy`` never meets this
+process and a hang fails the test."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "gpu_validate.py"
+MODEL_PATH = ROOT / "tests" / "cudamodel"
+STAGES = ["probe", "kernels", "bandwidth", "halo"]
+
+
+def run_script(tmp_path, *args, **env):
+    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE="0",
+               PYTHONPATH=os.pathsep.join(p for p in (str(MODEL_PATH),
+                                                      os.environ.get("PYTHONPATH", "")) if p),
+               **env)
+    env.pop("OUT", None)
+    out, results = tmp_path / "out", tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "small", "--out", str(out),
+                           "--results", str(results), *args],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    return proc, out, results
+
+
+def summary_rows(out):
+    rows = {}
+    for line in (out / "summary.md").read_text().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_every_stage_runs_on_the_model_and_writes_its_table(tmp_path):
+    proc, out, results = run_script(tmp_path, *STAGES)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary_rows(out) == {**{s: "ok" for s in STAGES}, "results": "ok"}, proc.stdout
+    for stage in STAGES:
+        assert (out / f"{stage}.log").exists()
+        result = json.loads((out / f"{stage}.json").read_text())
+        assert result["ok"] and result["lines"][-1].startswith("|"), (stage, result)
+
+    probe = json.loads((out / "probe.json").read_text())["data"]
+    assert probe["info"]["backend"] == "cupy" and probe["info"]["data path"] == "staged"
+    assert len(probe["registers"]) == 10
+    kernels = json.loads((out / "kernels.json").read_text())["data"]
+    assert {(k["kernel"].split(" ")[0], k["dtype"]) for k in kernels} == {
+        (op, d) for op in ("heat_step", "heat_adjoint", "halo_pack", "halo_unpack", "copy4")
+        for d in ("float32", "float64")}
+    assert sum(k["kernel"].startswith("heat_adjoint") for k in kernels) == 8  # 4 grads masks
+    bandwidth = json.loads((out / "bandwidth.json").read_text())["data"]
+    assert all(row["t_eff_over_copy"] is None for row in bandwidth)  # the model has no timings
+    assert "n/a" in (out / "bandwidth.json").read_text()
+    halo = json.loads((out / "halo.json").read_text())["data"]
+    assert [(c["ranks"], c["periodic"]) for c in halo] == [(1, False), (1, True), (2, False)]
+    assert all(c["solver_over_kernel"] is not None for c in halo)
+
+    written = sorted(p.name for p in results.iterdir())
+    assert len(written) == 2 and written[0].startswith("gpu-validate-cpu-model"), written
+    text = (results / written[1]).read_text()
+    for stage in STAGES:
+        assert f"## {stage}" in text
+    assert "| halo | ok |" in text
+
+
+def test_a_failing_stage_fails_the_run(tmp_path):
+    proc, out, _ = run_script(tmp_path, "kernels", GPUMPIAD_VALIDATE_SELFTEST="wrong-reference")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert summary_rows(out)["kernels"] == "FAILED", proc.stdout
+    result = json.loads((out / "kernels.json").read_text())
+    failed = {(k["kernel"], k["dtype"]) for k in result["data"] if k["result"] != "ok"}
+    assert failed == {("heat_step", "float32"), ("heat_step", "float64")}
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    proc, _, _ = run_script(tmp_path, "kernel")
+    assert proc.returncode == 2
+    assert "unknown stage(s) kernel" in proc.stderr
+
+
+def test_tests_stage_deselects_parallel_tests_of_more_than_two_ranks(monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_validate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Item:
+        def __init__(self, name):
+            self.name = name
+
+    class Hook:
+        def pytest_deselected(self, items):
+            self.deselected = [i.name for i in items]
+
+    class Config:
+        hook = Hook()
+
+    items = [Item(n) for n in ("test_a", "test_b[nprocs=1]", "test_b[nprocs=2]",
+                               "test_b[nprocs=3]", "test_c[float32-nprocs=4]")]
+    monkeypatch.setenv(module.MAX_RANKS_ENV, "2")
+    module.pytest_collection_modifyitems(Config, items)
+    assert [i.name for i in items] == ["test_a", "test_b[nprocs=1]", "test_b[nprocs=2]"]
+    assert Config.hook.deselected == ["test_b[nprocs=3]", "test_c[float32-nprocs=4]"]
