@@ -13,6 +13,7 @@ from .comm import Comm, RankInt, mpi_finalize, mpi_init, mpi_rank, mpi_size
 from .custom import custom_op
 from .debug import CommunicationMismatch, CommunicationTimeout, set_debug, set_timeout
 from .gradcheck import GradientCheckError, check_grad
+from .grid import Grid
 from .halo import halo_exchange
 from .mpi.allgather import mpi_allgather
 from .mpi.allreduce import MAX, MIN, PROD, SUM, mpi_allreduce, mpi_sum
@@ -43,7 +44,7 @@ if _MPI.COMM_WORLD.Get_size() > 1:
 
 __all__ = [
     "MAX", "MIN", "PROD", "SUM", "Comm", "CommunicationMismatch", "CommunicationTimeout",
-    "GradientCheckError", "LossError", "RankInt", "Tensor", "abs", "add", "array_module",
+    "GradientCheckError", "Grid", "LossError", "RankInt", "Tensor", "abs", "add", "array_module",
     "backend", "backend_name", "check_grad", "checkpoint", "concatenate", "cos", "cuda_aware",
     "custom_op", "divide", "dot", "exp", "getitem", "grad", "halo_exchange", "heat", "log",
     "matmul", "maximum", "mean", "minimum", "mpi_allgather", "mpi_allreduce", "mpi_alltoall",
