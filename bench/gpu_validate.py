@@ -481,7 +481,7 @@ def tests(opts):
     rc = run_limited(cmd, log, limit, env=env, cwd=ROOT, interrupt=True)
     text = log.read_text(errors="replace")
     summary = [line.strip("= ") for line in text.splitlines()
-               if re.search(r"\d+ (passed|failed|error)", line) and " in " in line]
+               if re.search(r"(passed|failed|errors?|skipped|no tests ran)\b.* in [\d.]+s", line)]
     line = summary[-1] if summary else "no summary line (see pytest-cupy.log)"
     capped = rc == 124
     failures = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]

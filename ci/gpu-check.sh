@@ -12,20 +12,15 @@
 # (pytest-xdist used when present); installs gpumpiad itself (editable, without its
 # dependencies) and, first, any wheels in .whl/ (an MPI runtime such as the mpich wheel, mpi4py,
 # nvtx, mpi-pytest) for machines that cannot reach a package index. Logs and result tables go to
-# $OUT (default ./gpu-out); BUDGET (seconds, default 480) bounds the validation stages.
+# $OUT (default ./gpu-out), the results also to $RESULTS (default bench/results); BUDGET
+# (seconds, default 480) bounds the validation stages.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-480}
-
-if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
-fi
-$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-PATH="$($PY -c 'import sys; print(sys.prefix)')/bin:$PATH"
-export PATH
+RESULTS=${RESULTS:-bench/results}
 
 validate=()
 extra=()
@@ -37,11 +32,18 @@ for stage in "$@"; do
     esac
 done
 
+if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
+fi
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+PATH="$($PY -c 'import sys; print(sys.prefix)')/bin:$PATH"
+export PATH
+
 rc=0
 if [ $# -eq 0 ] || [ ${#validate[@]} -gt 0 ]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
         --format=csv >"$OUT/nvidia-smi.txt" 2>&1
-    GPUMPIAD_BACKEND=cupy $PY bench/gpu_validate.py --out "$OUT" \
+    GPUMPIAD_BACKEND=cupy $PY bench/gpu_validate.py --out "$OUT" --results "$RESULTS" \
         --budget $((BUDGET - SECONDS)) ${validate[@]+"${validate[@]}"} || rc=1
 fi
 
