@@ -28,6 +28,16 @@
 #ifndef HALO_BLOCK
 #define HALO_BLOCK 256
 #endif
+// Threads per SM the adjoint kernels must fit: __launch_bounds__ turns them into a cap of
+// 65536 / threads registers, 32 at 2048, which they meet without spills
+// (bench/results/kernel_resources.md).
+#ifndef HEAT_ADJOINT_THREADS
+#define HEAT_ADJOINT_THREADS 2048
+#endif
+#define HEAT_ADJOINT_MIN_BLOCKS                                                                 \
+    (HEAT_ADJOINT_THREADS > HEAT_BLOCK_X * HEAT_BLOCK_Y                                         \
+         ? HEAT_ADJOINT_THREADS / (HEAT_BLOCK_X * HEAT_BLOCK_Y)                                 \
+         : 1)
 
 typedef long long gpumpiad_idx;
 
@@ -152,27 +162,49 @@ __device__ __forceinline__ void heat_adjoint_body(
 {
     (void)nx;
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
-    for (int i = i0 + (int)(blockIdx.y * blockDim.y + threadIdx.y); i < i1;
-         i += (int)(blockDim.y * gridDim.y))
-        for (int j = j0 + (int)(blockIdx.x * blockDim.x + threadIdx.x); j < j1;
-             j += (int)(blockDim.x * gridDim.x))
-            heat_adjoint_cell<T, KB, FB>(lam_next, kappa, u, lam, kappa_bar, f_bar,
-                                         (gpumpiad_idx)i * s + j, s, r, dt);
+    // One loop, its (i, j) stepped by hand: under nested loops the compiler hoisted a pointer
+    // per array and row out of the inner one (54-64 registers in float64, half occupancy), for
+    // nothing, since the launch grid covers the rectangle and a thread rarely loops at all.
+    const int j_first = j0 + (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (j_first >= j1) return;
+    const int di = (int)(blockDim.y * gridDim.y), dj = (int)(blockDim.x * gridDim.x);
+    int i = i0 + (int)(blockIdx.y * blockDim.y + threadIdx.y), j = j_first;
+#pragma unroll 1
+    while (i < i1) {
+        heat_adjoint_cell<T, KB, FB>(lam_next, kappa, u, lam, kappa_bar, f_bar,
+                                     (gpumpiad_idx)i * s + j, s, r, dt);
+        j += dj;
+        if (j >= j1) {
+            j = j_first;
+            i += di;
+        }
+    }
 }
 
-// A compile-time flag for the adjoint's variants (NVRTC builds see no <type_traits>).
-template <bool B> struct heat_flag { static constexpr bool value = B; };
-
-// body(heat_flag<KB>(), heat_flag<FB>()) for the variant `grads` selects: one branch per
-// launch, outside the loops, so that each variant runs its own specialised loop.
-template <typename Body>
-__device__ __forceinline__ void heat_with_grads(int grads, Body body)
+// The adjoint variant `grads` selects: one branch per launch, outside the loops, so that each
+// variant runs its own specialised loop.
+template <typename T>
+__device__ __forceinline__ void heat_adjoint_grads(
+    const T* __restrict__ lam_next, const T* __restrict__ kappa, const T* __restrict__ u,
+    T* __restrict__ lam, T* __restrict__ kappa_bar, T* __restrict__ f_bar,
+    int nx, int ny, T r, T dt, int i0, int i1, int j0, int j1, int grads)
 {
     switch (grads & (HEAT_KAPPA_BAR | HEAT_F_BAR)) {
-    case HEAT_KAPPA_BAR | HEAT_F_BAR: body(heat_flag<true>(), heat_flag<true>()); break;
-    case HEAT_KAPPA_BAR: body(heat_flag<true>(), heat_flag<false>()); break;
-    case HEAT_F_BAR: body(heat_flag<false>(), heat_flag<true>()); break;
-    default: body(heat_flag<false>(), heat_flag<false>());
+    case HEAT_KAPPA_BAR | HEAT_F_BAR:
+        heat_adjoint_body<T, true, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
+                                         dt, i0, i1, j0, j1);
+        break;
+    case HEAT_KAPPA_BAR:
+        heat_adjoint_body<T, true, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
+                                          dt, i0, i1, j0, j1);
+        break;
+    case HEAT_F_BAR:
+        heat_adjoint_body<T, false, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
+                                          dt, i0, i1, j0, j1);
+        break;
+    default:
+        heat_adjoint_body<T, false, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
+                                           dt, i0, i1, j0, j1);
     }
 }
 
@@ -217,16 +249,15 @@ __device__ __forceinline__ void copy4_body(const T* __restrict__ a, const T* __r
     {                                                                                          \
         heat_step_body<T>(u, kappa, f, u_new, nx, ny, r, dt, i0, i1, j0, j1);                  \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(HEAT_BLOCK_X * HEAT_BLOCK_Y)                  \
+    extern "C" __global__ void __launch_bounds__(HEAT_BLOCK_X * HEAT_BLOCK_Y,                  \
+                                                 HEAT_ADJOINT_MIN_BLOCKS)                      \
         heat_adjoint_##SUF(const T* __restrict__ lam_next, const T* __restrict__ kappa,        \
                            const T* __restrict__ u, T* __restrict__ lam,                       \
                            T* __restrict__ kappa_bar, T* __restrict__ f_bar, int nx, int ny,   \
                            T r, T dt, int i0, int i1, int j0, int j1, int grads)               \
     {                                                                                          \
-        heat_with_grads(grads, [&](auto kb, auto fb) {                                         \
-            heat_adjoint_body<T, decltype(kb)::value, decltype(fb)::value>(                    \
-                lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, i0, i1, j0, j1);     \
-        });                                                                                    \
+        heat_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, i0, i1, \
+                              j0, j1, grads);                                                  \
     }                                                                                          \
     extern "C" __global__ void halo_pack_##SUF(const T* __restrict__ u, T* __restrict__ buf,   \
                                                int nx, int ny, int side, int ghost)            \
@@ -307,6 +338,30 @@ static void host_heat_adjoint(const T* __restrict__ lam_next, const T* __restric
             if (FB) f_bar[c] += dt * ln;
         }
         T* t = up; up = mid; mid = down; down = t;
+    }
+}
+
+template <typename T>
+static void host_heat_adjoint_grads(const T* lam_next, const T* kappa, const T* u, T* lam,
+                                    T* kappa_bar, T* f_bar, int nx, int ny, T r, T dt, int i0,
+                                    int i1, int j0, int j1, int grads)
+{
+    switch (grads & (HEAT_KAPPA_BAR | HEAT_F_BAR)) {
+    case HEAT_KAPPA_BAR | HEAT_F_BAR:
+        host_heat_adjoint<T, true, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
+                                         dt, i0, i1, j0, j1);
+        break;
+    case HEAT_KAPPA_BAR:
+        host_heat_adjoint<T, true, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
+                                          dt, i0, i1, j0, j1);
+        break;
+    case HEAT_F_BAR:
+        host_heat_adjoint<T, false, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
+                                          dt, i0, i1, j0, j1);
+        break;
+    default:
+        host_heat_adjoint<T, false, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r,
+                                           dt, i0, i1, j0, j1);
     }
 }
 
@@ -424,10 +479,8 @@ static void host_copy4(const T* __restrict__ a, const T* __restrict__ b, const T
         const T* lam_next, const T* kappa, const T* u, T* lam, T* kappa_bar, T* f_bar, int nx,  \
         int ny, T r, T dt, int i0, int i1, int j0, int j1, int grads)                           \
     {                                                                                           \
-        heat_with_grads(grads, [&](auto kb, auto fb) {                                          \
-            host_heat_adjoint<T, decltype(kb)::value, decltype(fb)::value>(                     \
-                lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, i0, i1, j0, j1);      \
-        });                                                                                     \
+        host_heat_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, i0, \
+                                   i1, j0, j1, grads);                                          \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_heat_steps_##SUF(                                      \
         T* const* states, const T* kappa, const T* f, int nx, int ny, T r, T dt, int steps,     \
@@ -440,11 +493,8 @@ static void host_copy4(const T* __restrict__ a, const T* __restrict__ b, const T
         int ny, T r, T dt, int grads, int wrap_i, int wrap_j)                                   \
     {                                                                                           \
         host_wrap(lam_next, nx, ny, wrap_i, wrap_j);                                            \
-        heat_with_grads(grads, [&](auto kb, auto fb) {                                          \
-            host_heat_adjoint<T, decltype(kb)::value, decltype(fb)::value>(                     \
-                lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, 1, nx + 1, 1,         \
-                ny + 1);                                                                        \
-        });                                                                                     \
+        host_heat_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, 1,  \
+                                   nx + 1, 1, ny + 1, grads);                                   \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_wrap_##SUF(T* u, int nx, int ny, int wrap_i,           \
                                                     int wrap_j)                                 \
