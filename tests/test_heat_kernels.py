@@ -397,6 +397,61 @@ def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
 
 
 @needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_kernels_grid_stride_loops_cover_each_cell_once(monkeypatch, dtype):
+    """A launch of 2x2 blocks of 3x2 threads, run thread by thread on the host build.
+
+    The rectangle is narrower than the launch along j (threads with no column) and taller
+    along i (threads that loop), so a cell that the loops skipped or visited twice shows in
+    ``lam`` or in the accumulated ``kappa_bar`` and ``f_bar``.
+    """
+    lib = ctypes.CDLL(str(hostkernels.library_path()))
+    scalars = {np.int32: ctypes.c_int, np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+    block, grid = (3, 2), (2, 2)
+
+    def host_kernel(name):
+        fn = lib[name]
+
+        def launch(_grid, _block, args):
+            fn.argtypes = [ctypes.c_void_p if isinstance(a, np.ndarray) else scalars[type(a)]
+                           for a in args]
+            values = [a.ctypes.data if isinstance(a, np.ndarray) else a for a in args]
+            for by in range(grid[1]):
+                for bx in range(grid[0]):
+                    for ty in range(block[1]):
+                        for tx in range(block[0]):
+                            lib.gpumpiad_host_thread(tx, ty, bx, by, *block, *grid)
+                            fn(*values)
+        return launch
+
+    monkeypatch.setattr(cuda_kernels, "get_kernel", host_kernel)
+    rng = np.random.default_rng(5)
+    nx, ny = 9, 6
+    r, dt = 0.2, 0.01
+    rect = (2, 9, 1, 6)
+    u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
+    try:
+        got, want = np.zeros_like(u), np.zeros_like(u)
+        cuda_kernels.launch_step(u, kappa, f, got, r, dt, *rect)
+        stencil.step(u, kappa, f, want, r, dt, *rect)
+        _assert_close(got, want, dtype)
+        for kb_on in (True, False):
+            for fb_on in (True, False):
+                g = [np.zeros_like(u), kb0.copy() if kb_on else None,
+                     fb0.copy() if fb_on else None]
+                w = [np.zeros_like(u), kb0.copy() if kb_on else None,
+                     fb0.copy() if fb_on else None]
+                state = u if kb_on else None
+                cuda_kernels.launch_adjoint(lam_next, kappa, state, *g, r, dt, *rect)
+                stencil.adjoint(lam_next, kappa, state, *w, r, dt, *rect)
+                for a, b in zip(g, w):
+                    if b is not None:
+                        _assert_close(a, b, dtype)
+    finally:
+        lib.gpumpiad_host_thread(0, 0, 0, 0, 1, 1, 1, 1)
+
+
+@needs_host
 def test_host_rejects_bad_arguments():
     u = np.zeros((5, 6))
     ok = [np.zeros_like(u) for _ in range(3)]
