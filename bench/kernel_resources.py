@@ -79,7 +79,7 @@ def table(source, arch):
         regs, st, ld = res[name]
         threads = block_threads(name)
         rows.append(f"| {name} | {threads} | {regs} | {st} / {ld} | "
-                    f"{occupancy(regs, threads):.0%} |")
+                    f"{occupancy(regs, threads) * 100:g} % |")
     return "\n".join(rows)
 
 
