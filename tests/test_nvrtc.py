@@ -81,7 +81,11 @@ def nvrtc_compile(major, source, options):
     """Compile ``source`` with NVRTC ``major``; return (ok, log, cubin, ptx)."""
     lib = _load(major)
     prog = ctypes.c_void_p()
-    check = lambda rc: rc == 0 or pytest.fail(lib.nvrtcGetErrorString(rc).decode())  # noqa: E731
+
+    def check(rc):
+        if rc != 0:
+            pytest.fail(f"NVRTC {major}: {lib.nvrtcGetErrorString(rc).decode()}")
+
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), source, b"heat.cu", 0, None, None))
     try:
         opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
