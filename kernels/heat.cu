@@ -163,7 +163,7 @@ __device__ __forceinline__ void heat_adjoint_body(
     (void)nx;
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
     // One loop, its (i, j) stepped by hand: under nested loops the compiler hoisted a pointer
-    // per array and row out of the inner one (54-64 registers in float64, half occupancy), for
+    // per array and row out of the inner one (54-59 registers in float64, half occupancy), for
     // nothing, since the launch grid covers the rectangle and a thread rarely loops at all.
     const int j_first = j0 + (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (j_first >= j1) return;
