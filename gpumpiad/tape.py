@@ -12,10 +12,20 @@ leaves are summed in one fused allreduce at the end of the pass.
 Whether a sink or a leaf receives shares can depend on rank-dependent control flow, so the
 ranks agree on it first: one small allreduce (MAX) of a bitmap over each communicator's sinks
 and serial leaves at the start of the pass (once per recorded program: a vjp's repeated
-pullbacks reuse it). A serial leaf that receives no share on any rank (a purely local function
-of it) needs no allreduce at all. Every rank then visits the nodes in the exact reverse of their
-recording order and runs every communicating node even when its cotangent is structurally zero,
-so all ranks issue the same reverse communications in the same order.
+pullbacks reuse it). Two cases need no bit, so that a program such as ``mpi_sum`` of a serial
+argument makes no agreement round trip at all:
+
+- the last recorded sink, when the pass starts from a serial value: a share is what a per-rank
+  op sends to a serial input, and a per-rank op's distributed output reaches a serial value
+  only through a later sink;
+- the serial leaves of a communicator whose leaves hold at most ``FUSED_LEAF_BYTES`` together:
+  their fused allreduce is issued on every pass, on every rank, with zeros for the leaves
+  without shares, which costs less than a round trip to agree on it.
+
+A larger serial leaf that receives no share on any rank (a purely local function of it) needs
+no allreduce at all. Every rank then visits the nodes in the exact reverse of their recording
+order and runs every communicating node even when its cotangent is structurally zero, so all
+ranks issue the same reverse communications in the same order.
 """
 from __future__ import annotations
 
@@ -31,6 +41,9 @@ from .transport import start_allreduce
 _active = threading.local()
 _NO_ORIGINS = frozenset()
 DISTRIBUTED = "distributed"
+# Up to this many bytes of a communicator's serial leaves, their shares are allreduced on every
+# pass instead of agreeing first whether any rank has some.
+FUSED_LEAF_BYTES = 1 << 20
 
 
 class Node:
@@ -193,7 +206,7 @@ class Tape:
         # The agreement depends only on what was recorded: a repeated pass reuses it.
         agreed = self.agreed
         if agreed is None:
-            agreed = self._agree_on_shares()
+            agreed = self._agree_on_shares(loss.layout != DISTRIBUTED)
             if self.retain:
                 self.agreed = agreed
         nodes = self.nodes
@@ -276,6 +289,9 @@ class Tape:
             for out in outs:
                 if out.layout != DISTRIBUTED:
                     _finalize(out, total, share)
+        elif node.sink >= 0 and any(share[o._slot] is not None for o in outs):
+            raise RuntimeError(f"internal error: {node.name} received a share that no rank "
+                               "announced; its cotangent would be incomplete")
         gt = [total[o._slot] for o in outs]
         if node.communicates or any(g is not None for g in gt):
             if not node.takes_none:
@@ -288,17 +304,27 @@ class Tape:
             gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gs, outs)])
             _accumulate(node, gins, total, share, True, deferred)
 
-    def _agree_on_shares(self):
+    def _agree_on_shares(self, serial_seed):
         """Which sinks (index k) and serial leaves (origin -1 - k) receive shares on some rank:
-        one small allreduce (MAX) of a bitmap per communicator, issued by every rank."""
+        one small allreduce (MAX) of a bitmap per communicator, issued by every rank, for those
+        the module's docstring does not exempt (``serial_seed``: the pass starts from a serial
+        value). An exempt leaf counts as agreed: its fused allreduce happens on every rank."""
         by_comm = {}
-        for k, node in enumerate(self.sinks):
+        last = len(self.sinks) - 1 if serial_seed else len(self.sinks)
+        for k, node in enumerate(self.sinks[:last]):
             comm = node.outputs[0].comm
             by_comm.setdefault(id(comm), (comm, []))[1].append(k)
+        agreed = set()
+        leaves = {}
         for k, leaf in enumerate(self.leaves):
             if _shared_by_ranks(leaf):
-                by_comm.setdefault(id(leaf.comm), (leaf.comm, []))[1].append(-1 - k)
-        agreed = set()
+                leaves.setdefault(id(leaf.comm), (leaf.comm, []))[1].append(k)
+        for comm, ks in leaves.values():
+            nbytes = sum(self.leaves[k].size * self.leaves[k].dtype.itemsize for k in ks)
+            if nbytes <= FUSED_LEAF_BYTES:
+                agreed.update(-1 - k for k in ks)
+            else:
+                by_comm.setdefault(id(comm), (comm, []))[1].extend(-1 - k for k in ks)
         pending = []
         marked = self.marked
         for comm, origins in by_comm.values():
