@@ -163,9 +163,9 @@ def main():
             "Rank 0's `debug.wait` for an 8 B message rank 1 sends a delay after a barrier, "
             "watchdog off (`Waitall`) vs on (`set_timeout(60)`), alternating; µs.",
             "",
-            "| message arrives after | off min | off median | on min | on median |",
+            "| case | watchdog off min µs | off median µs | watchdog on min µs | on median µs |",
             "|---|---|---|---|---|",
-        ] + [f"| {d} µs | {a:.1f} | {b:.1f} | {c:.1f} | {e:.1f} |"
+        ] + [f"| wait, message after {d} µs | {a:.1f} | {b:.1f} | {c:.1f} | {e:.1f} |"
              for d, a, b, c, e in watchdog]
     text = "\n".join(lines) + "\n"
     print(text)
