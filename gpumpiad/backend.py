@@ -1,8 +1,12 @@
 """Array backend: NumPy on the CPU, CuPy on a CUDA device.
 
-This module and :mod:`gpumpiad.cuda_kernels` are the only places that import CuPy; all other code
-works on whichever array module :func:`array_module` (or :func:`get_array_module` of an array)
-returns.
+This module, :mod:`gpumpiad.streams` (streams, events, staging) and the CUDA kernels' loader
+are the only places that import CuPy; all other code works on whichever array module
+:func:`array_module` (or :func:`get_array_module` of an array) returns.
+
+A CuPy that is installed but fails to import, or a CUDA runtime that fails for a reason other
+than having no device or driver, is reported (a warning, and an error when
+``GPUMPIAD_BACKEND=cupy``), never silently replaced by NumPy.
 
 Environment
 -----------
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy
 
@@ -27,20 +32,39 @@ from . import trace
 
 _state = {"xp": None, "device": None}
 _choice_lock = threading.Lock()
+_thread = threading.local()  # .bound: this thread's current device is the rank's
 
 
 class BackendError(RuntimeError):
     """The requested array backend cannot be used."""
 
 
-def _cupy_or_none():
+def _cupy_or_why():
+    """``(cupy, None)`` when a CUDA device is usable, else ``(None, why)``: ``why`` is None when
+    CuPy is not installed or the machine has no device or driver, and the failure's text when
+    CuPy is installed but broken."""
     try:
         import cupy
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-    except Exception:  # ImportError, CUDA driver or runtime missing
-        return None
-    return None
+    except ModuleNotFoundError as exc:
+        if exc.name == "cupy":
+            return None, None
+        return None, f"CuPy is installed but does not import: {exc!r}"
+    except Exception as exc:  # a broken installation: missing libraries, ABI mismatch
+        return None, f"CuPy is installed but does not import: {exc!r}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        text = str(exc)
+        if any(word in text for word in _NO_DEVICE):
+            return None, None
+        return None, f"the CUDA runtime failed: {text}"
+    except Exception as exc:
+        return None, f"the CUDA runtime failed: {exc!r}"
+    return (cupy, None) if count > 0 else (None, None)
+
+
+# The CUDA runtime's words for a machine without a GPU or driver: NumPy is the right choice.
+_NO_DEVICE = ("cudaErrorNoDevice", "cudaErrorInsufficientDriver", "no CUDA-capable device")
 
 
 def array_module():
@@ -52,11 +76,15 @@ def array_module():
     >>> gpumpiad.backend.array_module().__name__ in ("numpy", "cupy")
     True
     """
-    if _state["xp"] is None:
+    xp = _state["xp"]
+    if xp is None:
         with _choice_lock:
             if _state["xp"] is None:
                 _state["xp"] = _choose()
-    return _state["xp"]
+        xp = _state["xp"]
+    if xp is not numpy and not getattr(_thread, "bound", False):
+        _bind_thread()
+    return xp
 
 
 def _choose():
@@ -65,12 +93,16 @@ def _choose():
         raise BackendError(f"GPUMPIAD_BACKEND must be 'numpy' or 'cupy', got {choice!r}")
     if choice == "numpy":
         return numpy
-    cupy = _cupy_or_none()
+    cupy, why = _cupy_or_why()
     if cupy is None and choice == "cupy":
         raise BackendError(
-            "GPUMPIAD_BACKEND=cupy but no usable CUDA device was found "
-            "(is cupy installed, e.g. pip install 'gpumpiad[cuda]', and a GPU visible?)")
+            "GPUMPIAD_BACKEND=cupy but no usable CUDA device was found"
+            + (f": {why}" if why else " (is cupy installed, e.g. pip install "
+               "'gpumpiad[cuda]', and a GPU visible?)"))
     if cupy is None:
+        if why is not None:
+            warnings.warn(f"gpumpiad: computing with NumPy on the CPU because {why}",
+                          RuntimeWarning, stacklevel=3)
         return numpy
     bind_device()
     return cupy
@@ -189,7 +221,16 @@ def bind_device(comm=None) -> int:
                            "device(s) are visible")
     cupy.cuda.Device(device).use()
     _state["device"] = device
+    _thread.bound = True
     return device
+
+
+def _bind_thread():
+    """Make the rank's device current on this thread too: CUDA's current device is per
+    thread, and a thread that never chose one computes on device 0."""
+    import cupy
+    cupy.cuda.Device(_state["device"]).use()
+    _thread.bound = True
 
 
 def _rank():
@@ -205,43 +246,10 @@ def device_of(x) -> str:
 
 
 def synchronize(x):
-    """Wait for the current CUDA stream when ``x`` is a device array (MPI is not stream-aware)."""
+    """Wait on the host for the current CUDA stream when ``x`` is a device array."""
     if is_device_array(x):
         import cupy
         cupy.cuda.get_current_stream().synchronize()
-
-
-def stream_of(x):
-    """The CUDA stream that work on device array ``x`` is queued on now (the current one), or
-    None for a host array: kept with memory set aside for reuse, for :func:`after_stream`."""
-    if not is_device_array(x):
-        return None
-    import cupy
-    return cupy.cuda.get_current_stream()
-
-
-def after_stream(stream):
-    """Before the current stream reuses memory last used on ``stream`` (from
-    :func:`stream_of`): wait for ``stream`` when it is another one, whose queued work may still
-    read or write that memory. Nothing for None."""
-    if stream is None:
-        return
-    import cupy
-    if stream.ptr != cupy.cuda.get_current_stream().ptr:
-        stream.synchronize()
-
-
-_comm_streams = {}
-
-
-def comm_stream():
-    """The CUDA stream that staging copies run on (one per device, created on first use)."""
-    import cupy
-    device = cupy.cuda.Device().id
-    stream = _comm_streams.get(device)
-    if stream is None:
-        stream = _comm_streams[device] = cupy.cuda.Stream(non_blocking=True)
-    return stream
 
 
 _stage = {}
@@ -259,62 +267,3 @@ def stage_host_arrays() -> bool:
 
 class StagingBuffer(numpy.ndarray):
     """A host staging buffer standing in for pinned memory under GPUMPIAD_STAGE_HOST_ARRAYS."""
-
-
-def pinned_empty(shape, dtype):
-    """A NumPy array in page-locked host memory from CuPy's pinned pool (reused across calls)."""
-    if stage_host_arrays():
-        return numpy.empty(shape, dtype).view(StagingBuffer)
-    import cupyx
-    return cupyx.empty_pinned(shape, dtype=dtype)
-
-
-def device_to_host(array, host):
-    """Copy device ``array`` into host ``host`` on the comm stream, after the producing stream.
-
-    Returns when the copy is complete (MPI reads ``host`` next); the copy, waited for, is a
-    ``staging.device_to_host`` :data:`~gpumpiad.trace.STAGING` span of its size in bytes.
-    """
-    with trace.span("staging.device_to_host", trace.STAGING, int(host.nbytes)):
-        if not is_device_array(array):  # GPUMPIAD_STAGE_HOST_ARRAYS: a NumPy "device" array
-            host[...] = array
-            return host
-        import cupy
-        stream = comm_stream()
-        stream.wait_event(cupy.cuda.get_current_stream().record())
-        array.get(stream=stream, out=host)
-        stream.synchronize()
-    return host
-
-
-def host_to_device(host, keepalive=None):
-    """Copy ``host`` to a new device array on the comm stream; the current stream waits for it.
-
-    The copy is asynchronous for the host; ``keepalive`` objects live until it completes. Its
-    queuing is a ``staging.host_to_device`` :data:`~gpumpiad.trace.STAGING` span of its size
-    in bytes.
-    """
-    with trace.span("staging.host_to_device", trace.STAGING, int(host.nbytes)):
-        return _host_to_device(host, keepalive)
-
-
-def _host_to_device(host, keepalive):
-    if isinstance(host, StagingBuffer):  # GPUMPIAD_STAGE_HOST_ARRAYS: the "device" copy
-        return numpy.array(host, subok=False)
-    import cupy
-    current = cupy.cuda.get_current_stream()
-    # Allocated on the consuming stream, whose pool may hand back memory that work queued on
-    # it still reads: the copy starts after that work.
-    out = cupy.empty(host.shape, dtype=host.dtype)
-    stream = comm_stream()
-    stream.wait_event(current.record())
-    out.set(host, stream=stream)
-    done = stream.record()
-    current.wait_event(done)
-    _in_flight.append((done, host, keepalive))
-    while _in_flight and _in_flight[0][0].done:
-        _in_flight.pop(0)
-    return out
-
-
-_in_flight = []

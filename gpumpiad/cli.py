@@ -153,7 +153,7 @@ def _heat_inverse(args):
     from gpumpiad.checkpoint import CheckpointError
     from gpumpiad.comm import world
     from gpumpiad.heat import inverse, report
-    from gpumpiad.halo import kernels_for
+    from gpumpiad.heat.kernels import kernels_for
 
     comm = world()
     rank, size = comm.rank, comm.size

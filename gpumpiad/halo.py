@@ -5,38 +5,33 @@ The public function works on Tensors and is differentiable; :func:`start`, :func
 use. Each exchange packs the four boundary rows/columns into contiguous buffers (the heat
 kernels' ``pack`` on a device, NumPy slicing on the host), posts every non-blocking receive,
 then every send, and finishes with one ``Waitall`` and ``unpack``. Corners are not exchanged
-(a 5-point stencil does not read them). Device buffers go to CUDA-aware MPI directly or
-through pinned host staging (:mod:`gpumpiad.transport`).
+(a 5-point stencil does not read them).
 
-Environment
------------
-GPUMPIAD_HEAT_KERNELS : ``numpy`` | ``host``
-    Kernels for NumPy arrays: the array-slicing reference (``numpy``) or the host build of
-    ``kernels/heat.cu`` (``host``, the default when a C++ compiler is available).
+Device arrays take :class:`DeviceExchange`: packing, staging copies and unpacking run on the
+library's communication stream, ordered by events after the work that wrote the cells and
+before the work that reads the ghosts; the host waits only for the packed cells, which MPI
+reads (straight from device memory when MPI is CUDA-aware, from pinned host buffers
+otherwise), never for the compute stream.
 """
 from __future__ import annotations
 
-import os
-
 from mpi4py import MPI
 
-from . import trace, transport
+from . import streams, trace, transport
 from .backend import get_array_module, is_device_array
 from .custom import custom_op
 from .debug import CommunicationMismatch, wait
-from .heat import stencil
-from .heat.grid import check_grid
+from .grid import check_grid
 from .tensor import DISTRIBUTED, Tensor
 
-__all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "kernels_for", "Exchange",
-           "Persistent"]
+__all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "Exchange",
+           "DeviceExchange", "Posted", "Persistent"]
 
 NORTH, SOUTH, WEST, EAST = 0, 1, 2, 3
 _OPPOSITE = (SOUTH, NORTH, EAST, WEST)
 # A message's tag is the side it leaves from; the adjoint's messages travel the other way and
 # get their own tags, so an exchange and its adjoint can never match each other's messages.
 _ADJOINT_TAG = 4
-_KERNELS = ("numpy", "host", "cuda")
 
 
 def halo_exchange(u, grid):
@@ -83,7 +78,7 @@ def halo_exchange(u, grid):
     >>> halo_exchange(u, grid).shape == grid.padded_shape
     True
     """
-    check_grid(grid, "halo_exchange")
+    check_grid(grid, "halo_exchange", ndim=2)
     data = u.data if isinstance(u, Tensor) else u
     shape = tuple(getattr(data, "shape", ()))
     kind = getattr(getattr(data, "dtype", None), "kind", None)
@@ -110,44 +105,6 @@ def _halo_vjp(g, ans, u, grid):
     return g
 
 
-def kernels_for(array, backend=None):
-    """The heat-kernel module (``step``, ``adjoint``, ``pack``, ``unpack``) for ``array``.
-
-    Parameters
-    ----------
-    array : numpy.ndarray or cupy.ndarray
-    backend : {"numpy", "host", "cuda"}, optional
-        ``numpy``: :mod:`gpumpiad.heat.stencil` (NumPy or CuPy slicing); ``host``: the host build
-        :mod:`gpumpiad.heat.hostkernels` (NumPy arrays); ``cuda``: :mod:`gpumpiad.cuda_kernels`
-        (CuPy arrays). Default: ``cuda`` for CuPy arrays; for NumPy arrays
-        ``GPUMPIAD_HEAT_KERNELS`` if set, else ``host`` when it builds here, else ``numpy``.
-    """
-    device = is_device_array(array)
-    choice = backend
-    if choice is None and not device:
-        choice = os.environ.get("GPUMPIAD_HEAT_KERNELS", "").strip().lower() or None
-    if choice is not None and choice not in _KERNELS:
-        source = "backend" if backend is not None else "GPUMPIAD_HEAT_KERNELS"
-        raise ValueError(f"{source}: heat kernels must be one of {_KERNELS}, got {choice!r}")
-    if choice is None:
-        choice = "cuda" if device else "host"
-        if choice == "host":
-            from .heat import hostkernels
-            if not hostkernels.available():
-                choice = "numpy"
-    if choice == "numpy":
-        from .heat import stencil
-        return stencil
-    if (choice == "cuda") != device:
-        raise ValueError(f"heat kernels {choice!r} cannot run on a "
-                         f"{'CuPy' if device else 'NumPy'} array")
-    if choice == "cuda":
-        from . import cuda_kernels
-        return cuda_kernels
-    from .heat import hostkernels
-    return hostkernels
-
-
 # Exchanges dropped before their wait (an error between start and wait): MPI may still write
 # their receive buffers and read their send buffers, which therefore stay here, never freed
 # for reuse, until their requests complete.
@@ -170,18 +127,15 @@ def _release_finished():
 class Exchange:
     """An exchange in flight: :meth:`wait` completes it and writes the received data."""
 
-    __slots__ = ("_array", "_requests", "_received", "_adjoint", "_edges", "_device", "_keep",
-                 "_verify", "_error", "_nbytes")
+    __slots__ = ("_array", "_requests", "_received", "_adjoint", "_keep", "_verify", "_error",
+                 "_nbytes")
 
-    def __init__(self, array, requests, received, adjoint, edges, device, keep, verify,
-                 nbytes=0):
+    def __init__(self, array, requests, received, adjoint, keep, verify, nbytes=0):
         self._nbytes = nbytes
         self._array = array
         self._requests = requests
         self._received = received
         self._adjoint = adjoint
-        self._edges = edges
-        self._device = device
         self._keep = keep
         self._verify = verify
         self._error = None
@@ -216,8 +170,11 @@ class Exchange:
             raise self._error
         ghost, add = (0, 1) if self._adjoint else (1, 0)
         for side, buf, _, _ in self._received:
-            self._edges.unpack(self._array, transport.deliver(buf, self._device), side,
-                               ghost, add)
+            edge = _edge(self._array, side, ghost)
+            if add:
+                edge += buf
+            else:
+                edge[...] = buf
         self._received = self._keep = None
         return self._array
 
@@ -237,7 +194,7 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
         the ghosts to their owners, zero them, and add what arrives into the boundary cells.
     kernels : module, optional
         Heat-kernel module whose ``pack``/``unpack`` move a device array's rows and columns
-        (default :func:`kernels_for` ``(a)``); a host array's move through NumPy slicing.
+        (default :mod:`gpumpiad.cuda_kernels`); a host array's move through NumPy slicing.
     verify : bool
         Check that every message filled its buffer, as it does unless a neighbour's array has
         another dtype (a half-filled buffer would be unpacked). The heat solver, which checks
@@ -248,35 +205,36 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
     ValueError
         When ``grid`` was freed.
     """
-    kernels = kernels_for(a) if kernels is None else kernels
+    if len(grid.neighbours) != 4:
+        check_grid(grid, "halo exchange", ndim=2)
     if _abandoned:
         _release_finished()
-    device = is_device_array(a)
-    # A row or column moves through NumPy slicing on the host: cheaper than a kernel call.
-    edges = kernels if device else stencil
+    if is_device_array(a):
+        exchange = DeviceExchange(grid, a.shape, a.dtype, kernels)
+        exchange.post(a, adjoint)
+        return Posted(exchange, a, adjoint, verify)
     xp = get_array_module(a)
     mpi = grid.cart.mpi
     nx, ny = a.shape[0] - 2, a.shape[1] - 2
-    links = [(side, peer) for side, peer in enumerate(grid.neighbours) if peer != MPI.PROC_NULL]
-    if not links:
-        # No message to fail on a freed grid's communicator: ask.
-        check_grid(grid, "halo exchange")
+    links = _links(grid)
     tag0 = _ADJOINT_TAG if adjoint else 0
     requests, received, keep = [], [], []
     nbytes = sum(ny if side < 2 else nx for side, _ in links) * a.dtype.itemsize
+    ghost = 1 if adjoint else 0
     with trace.span("halo_exchange", trace.COMMUNICATION, payload=nbytes):
         try:
             for side, peer in links:
-                buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, device)
+                buf = transport.recv_buffer((ny if side < 2 else nx,), a.dtype, False)
                 # Messages travel as bytes (both ends): a message of another dtype is then a
                 # size that the receive can report, not a type MPI may fail an assertion on.
                 requests.append(mpi.Irecv([buf, MPI.BYTE], source=peer,
                                           tag=tag0 + _OPPOSITE[side]))
                 received.append((side, buf, peer, tag0 + _OPPOSITE[side]))
             for side, peer in links:
-                packed = xp.empty((ny if side < 2 else nx,), a.dtype)
-                edges.pack(a, packed, side, 1 if adjoint else 0)
-                send = transport.send_buffer(packed, private=True)
+                # A row or column moves through slicing on the host: cheaper than a kernel call.
+                send = xp.ascontiguousarray(_edge(a, side, ghost))
+                if send.base is not None:
+                    send = send.copy()  # MPI reads it until the send completes: the library's
                 keep.append(send)
                 requests.append(mpi.Isend([send, MPI.BYTE], dest=peer, tag=tag0 + side))
         except MPI.Exception:
@@ -287,7 +245,149 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
             # Ghost copies were just sent to their owners: their cotangent now lives there.
             for side, _ in links:
                 _ghost(a, side)[...] = 0
-    return Exchange(a, requests, received, adjoint, edges, device, keep, verify, nbytes)
+    return Exchange(a, requests, received, adjoint, keep, verify, nbytes)
+
+
+def _links(grid):
+    """``(side, peer)`` of the sides facing a neighbour; asks whether ``grid`` was freed when
+    there are none (no message would fail on a freed grid's communicator)."""
+    links = [(side, peer) for side, peer in enumerate(grid.neighbours) if peer != MPI.PROC_NULL]
+    if not links:
+        check_grid(grid, "halo exchange")
+    return links
+
+
+class Posted:
+    """A :class:`DeviceExchange` posted for ``array``: :meth:`wait` finishes it (once)."""
+
+    __slots__ = ("_exchange", "_array", "_adjoint", "_verify", "_done")
+
+    def __init__(self, exchange, array, adjoint=False, verify=False):
+        self._exchange, self._array = exchange, array
+        self._adjoint, self._verify, self._done = adjoint, verify, False
+
+    def wait(self):
+        if not self._done:
+            self._done = True
+            self._exchange.finish(self._array, self._adjoint, self._verify)
+        return self._array
+
+
+class DeviceExchange:
+    """Stream-ordered halo exchanges of device arrays of one padded shape and dtype over
+    ``grid``, with buffers made once and reused by every exchange.
+
+    :meth:`post` queues the packing of the cells to send on the communication stream, after the
+    work queued on the current stream so far (which wrote them); :meth:`finish` waits on the
+    host for the packing alone, exchanges the cells through MPI, queues the unpacking on the
+    communication stream and orders the current stream after it. Kernels queued between the two
+    calls that read no exchanged ghost run while the halos travel; nothing waits on the host
+    for them. Staged (MPI not CUDA-aware), the packed cells are copied to pinned host buffers
+    and the received ones back, on the communication stream too.
+
+    Every rank of ``grid`` posts and finishes in step. Unverified by default: the caller has
+    agreed dtypes and shapes across ranks (``finish(..., verify=True)`` checks each message's
+    size).
+
+    Parameters
+    ----------
+    grid : gpumpiad.heat.Grid
+    shape : tuple of int
+        ``grid.padded_shape``.
+    dtype : numpy dtype
+    kernels : module, optional
+        Device kernels with ``pack`` and ``unpack`` (default :mod:`gpumpiad.cuda_kernels`).
+    """
+
+    __slots__ = ("_grid", "_links", "_kernels", "_send", "_recv", "_staged_send",
+                 "_staged_recv", "_packed", "_filled", "_keep", "nbytes")
+
+    def __init__(self, grid, shape, dtype, kernels=None):
+        if kernels is None:
+            from . import cuda_kernels as kernels
+        import cupy
+        self._grid, self._kernels = grid, kernels
+        self._links = _links(grid)
+        nx, ny = shape[0] - 2, shape[1] - 2
+        sizes = [ny if side < 2 else nx for side, _ in self._links]
+        # Made on the communication stream, the only one that touches them.
+        with streams.comm_stream():
+            self._send = [cupy.empty(n, dtype) for n in sizes]
+            self._recv = [cupy.empty(n, dtype) for n in sizes]
+        staged = not transport.cuda_aware()
+        self._staged_send = [streams.pinned_empty(n, dtype) for n in sizes] if staged else None
+        self._staged_recv = [streams.pinned_empty(n, dtype) for n in sizes] if staged else None
+        self._packed, self._filled = streams.new_event(), streams.new_event()
+        self._keep = None
+        #: Bytes one exchange sends from this rank.
+        self.nbytes = sum(sizes) * cupy.dtype(dtype).itemsize
+
+    def post(self, a, adjoint=False):
+        """Queue the packing of ``a``'s boundary cells (``adjoint``: its ghosts facing a
+        neighbour, then zero them) after the current stream's work so far."""
+        if not self._links:
+            return
+        stream = streams.comm_stream()
+        streams.order(stream, streams.current_stream())
+        ghost = 1 if adjoint else 0
+        with trace.span("halo_exchange.pack", trace.COMMUNICATION, payload=self.nbytes), stream:
+            for k, (side, _) in enumerate(self._links):
+                self._kernels.pack(a, self._send[k], side, ghost)
+                if self._staged_send is not None:
+                    self._send[k].get(stream=stream, out=self._staged_send[k], blocking=False)
+            if adjoint:
+                # Ghost copies go to their owners: their cotangent lives there from now on.
+                for side, _ in self._links:
+                    _ghost(a, side).fill(0)
+        self._packed.record(stream)
+
+    def finish(self, a, adjoint=False, verify=False):
+        """Exchange the posted cells and write what arrives into ``a`` (ghosts; ``adjoint``:
+        added into the boundary cells); the current stream is ordered after the writes."""
+        if not self._links:
+            return a
+        sent = self._staged_send if self._staged_send is not None else self._send
+        into = self._staged_recv if self._staged_recv is not None else self._recv
+        tag0 = _ADJOINT_TAG if adjoint else 0
+        mpi = self._grid.cart.mpi
+        call = "adjoint halo exchange" if adjoint else "halo exchange"
+        requests, received = [], []
+        with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
+            # MPI reads the packed cells and writes buffers the last unpack read: both are
+            # queued before the packing's event.
+            self._packed.synchronize()
+            try:
+                for (side, peer), buf in zip(self._links, into):
+                    tag = tag0 + _OPPOSITE[side]
+                    requests.append(mpi.Irecv([buf, MPI.BYTE], source=peer, tag=tag))
+                    received.append((buf, peer, tag))
+                for (side, peer), buf in zip(self._links, sent):
+                    requests.append(mpi.Isend([buf, MPI.BYTE], dest=peer, tag=tag0 + side))
+            except MPI.Exception:
+                check_grid(self._grid, "halo exchange")
+                raise
+            statuses = [MPI.Status() for _ in requests] if verify else None
+            try:
+                wait(requests, call=call, statuses=statuses)
+            except MPI.Exception as exc:
+                raise transport.mpi_error(call, exc, statuses) from None
+            except BaseException:
+                # The watchdog: MPI may still use the buffers; keep them.
+                _abandoned.append((requests, self, None))
+                raise
+            for (buf, peer, tag), status in zip(received, statuses or ()):
+                transport.check_filled(status, buf, call, peer, tag)
+        stream = streams.comm_stream()
+        ghost, add = (0, 1) if adjoint else (1, 0)
+        with trace.span("halo_exchange.unpack", trace.COMMUNICATION, payload=self.nbytes), \
+                stream:
+            for k, (side, _) in enumerate(self._links):
+                if self._staged_recv is not None:
+                    self._recv[k].set(self._staged_recv[k], stream=stream)
+                self._kernels.unpack(a, self._recv[k], side, ghost, add)
+        self._filled.record(stream)
+        streams.current_stream().wait_event(self._filled)
+        return a
 
 
 def exchange(a, grid, kernels=None, verify=True):
@@ -419,6 +519,12 @@ def _ghost_index(side):
     """Index of a side's ghost row/column (interior extent)."""
     return ((0, slice(1, -1)), (-1, slice(1, -1)), (slice(1, -1), 0),
             (slice(1, -1), -1))[side]
+
+
+def _edge(a, side, ghost):
+    """View of the boundary (``ghost=0``) or ghost (``ghost=1``) row/column of padded ``a``,
+    interior extent."""
+    return a[(_ghost_index if ghost else _edge_index)(side)]
 
 
 def _ghost(a, side):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as _np
 
-from .backend import asarray, device_of
+from .backend import asarray, device_of, is_device_array
 
 SERIAL = "serial"
 DISTRIBUTED = "distributed"
@@ -25,7 +25,7 @@ class Tensor:
     (True, (), 6.0)
     """
 
-    __slots__ = ("_data", "_pending", "layout", "comm", "_tape", "_slot")
+    __slots__ = ("_data", "_pending", "layout", "comm", "_tape", "_slot", "_stream")
     __array_ufunc__ = None  # NumPy defers to Tensor's reflected operators
 
     def __init__(self, data, layout=SERIAL, comm=None, pending=None):
@@ -38,13 +38,20 @@ class Tensor:
         self.comm = comm
         self._tape = None
         self._slot = -1
+        # A device array's producing stream: the current one where it was made.
+        self._stream = (None if data is None or type(data) is _np.ndarray
+                        or not is_device_array(data) else _current_stream())
 
     @property
     def data(self):
-        """The underlying NumPy or CuPy array (waits for a pending communication)."""
+        """The underlying NumPy or CuPy array (waits for a pending communication). A device
+        array made on another stream than the current one is ordered before the current
+        stream first (on the GPU), so whatever reads it next reads finished values."""
         if self._pending is not None:
             self._data = self._pending.wait()
             self._pending = None
+        if self._stream is not None:
+            _order_after(self._stream)
         return self._data
 
     @property
@@ -143,7 +150,17 @@ class Tensor:
         return transpose(self, axes or None)
 
 
-def tensor(data, distributed=False, dtype=None, comm=None):
+def _current_stream():
+    from .streams import current_stream
+    return current_stream()
+
+
+def _order_after(stream):
+    from .streams import current_stream, order
+    order(current_stream(), stream)
+
+
+def tensor(data, distributed=False, dtype=None, comm=None, stream=None):
     """Make a Tensor on the process's backend.
 
     Parameters
@@ -156,6 +173,11 @@ def tensor(data, distributed=False, dtype=None, comm=None):
     dtype : dtype, optional
     comm : gpumpiad.Comm, optional
         The communicator the layout refers to (default: the world).
+    stream : cupy.cuda.Stream, optional
+        The CUDA stream that produces ``data`` (a CuPy array): whatever reads the Tensor is
+        ordered after that stream's work queued so far. Default: the stream current here, as
+        for any array passed to the library. A value computed under ``with stream:`` and used
+        after the block needs it (or the library's call made inside the block).
 
     Examples
     --------
@@ -183,7 +205,13 @@ def tensor(data, distributed=False, dtype=None, comm=None):
         raise TypeError(f"rank {comm.rank}: tensor's data must have a numeric dtype (bool, int, "
                         f"float or complex), got dtype {array.dtype} from "
                         f"{type(data).__name__}{hint}")
-    return Tensor(array, DISTRIBUTED if distributed else SERIAL, comm)
+    out = Tensor(array, DISTRIBUTED if distributed else SERIAL, comm)
+    if stream is not None:
+        if out._stream is None:
+            raise TypeError(f"rank {comm.rank}: tensor's stream orders a CuPy array, but data "
+                            f"is a {type(array).__module__.split('.')[0]} array")
+        out._stream = stream
+    return out
 
 
 def raw(x):

@@ -1,8 +1,9 @@
 """Moving array data through MPI.
 
 NumPy buffers go to MPI directly. CuPy buffers go directly too when the MPI library is
-CUDA-aware (after synchronising the producing stream: MPI is not stream-aware); otherwise they
-are staged through pinned host buffers with asynchronous copies on the comm stream.
+CUDA-aware (once an event on the current stream, which produced them, has completed: MPI is not
+stream-aware); otherwise they are staged through pinned host buffers with copies on the
+communication stream (:mod:`gpumpiad.streams`).
 Non-contiguous data is packed into a contiguous buffer first, never described to MPI with
 derived datatypes.
 
@@ -39,7 +40,7 @@ import time
 import numpy
 from mpi4py import MPI
 
-from . import backend
+from . import backend, streams
 from .backend import get_array_module, is_device_array
 from .debug import CommunicationMismatch
 from .debug import timeout as watchdog_limit
@@ -144,13 +145,13 @@ def send_buffer(array, device=None, private=False):
         numpy.copyto(copy, array)
         return copy
     if not cuda_aware():
-        return backend.device_to_host(array, backend.pinned_empty(array.shape, array.dtype))
+        return streams.device_to_host(array, streams.pinned_empty(array.shape, array.dtype))
     xp = get_array_module(array)
     if private:
         array = xp.ascontiguousarray(array).reshape(array.shape)
     else:
         array = xp.array(array, order="C", copy=True)
-    backend.synchronize(array)
+    streams.ready_for_mpi(array)
     return array
 
 
@@ -194,17 +195,17 @@ def recv_buffer(shape, dtype, device):
     if not device:
         return host_empty(shape, dtype)
     if not cuda_aware():
-        return backend.pinned_empty(shape, dtype)
+        return streams.pinned_empty(shape, dtype)
     out = backend.array_module().empty(shape, dtype)
     # The pool may return memory that work queued on the stream still reads; MPI writes at once.
-    backend.synchronize(out)
+    streams.ready_for_mpi(out)
     return out
 
 
 def deliver(buffer, device):
     """The received ``buffer`` as an array of the wanted kind (device copy when staged)."""
     if device and not is_device(buffer):
-        return backend.host_to_device(buffer)
+        return streams.host_to_device(buffer)
     return buffer
 
 
@@ -535,7 +536,7 @@ def start_send(mpi_comm, array, dest, tag, signed=False):
         xp = get_array_module(send)
         send = xp.concatenate([send.reshape(-1).view(xp.uint8),
                                xp.asarray(_signature(array.shape, array.dtype))])
-        backend.synchronize(send)
+        streams.ready_for_mpi(send)
     request = mpi_comm.Isend([send, MPI.BYTE], dest=dest, tag=tag)
     return [request], lambda keep=send: None
 

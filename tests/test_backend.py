@@ -120,31 +120,6 @@ def test_operands_reach_forwards_as_plain_numbers_and_backend_arrays():
     assert np.array_equal(out.numpy(), np.array([1.0, 2.0]) * (gp.mpi_rank() + 1) + 1.0)
 
 
-def test_buffers_kept_for_reuse_wait_for_the_stream_that_used_them():
-    """Host arrays have no stream; a device buffer kept on one stream and reused on another
-    waits for the first stream's work (the heat solver's kept state buffers)."""
-    assert backend.stream_of(np.zeros(3)) is None
-    backend.after_stream(None)
-    if not HAS_GPU:
-        return
-    import cupy
-    with cupy.cuda.Device(0):
-        a = cupy.zeros(1 << 22)
-        first = cupy.cuda.Stream(non_blocking=True)
-        with first:
-            for _ in range(50):
-                a += 1
-            kept = backend.stream_of(a)
-        assert kept.ptr == first.ptr
-        second = cupy.cuda.Stream(non_blocking=True)
-        with second:
-            backend.after_stream(kept)
-            assert first.done
-            a *= 2
-        second.synchronize()
-        assert float(a[0]) == 100.0
-
-
 def test_a_device_number_that_is_not_an_int_is_named():
     code = ("import os, gpumpiad.backend as b; os.environ['GPUMPIAD_DEVICE'] = '1.5'; "
             "b.bind_device()")
@@ -155,3 +130,40 @@ def test_a_device_number_that_is_not_an_int_is_named():
             in res.stderr, res.stderr
     else:
         assert res.returncode != 0    # no CuPy to bind a device with
+
+
+def test_a_broken_cupy_installation_is_reported_not_silently_replaced(tmp_path):
+    """A CuPy that is installed but fails to import: a warning naming the failure when the
+    backend is chosen automatically (NumPy is used), an error naming it when CuPy is asked
+    for; no CuPy at all chooses NumPy without a word."""
+    broken = tmp_path / "broken" / "cupy"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        "raise ImportError('libcudart.so.12: cannot open shared object file')\n")
+    code = ("import warnings, gpumpiad.backend as b\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print(b.array_module().__name__)\n"
+            "print('|'.join(str(w.message) for w in seen))\n")
+
+    def run(backend_value, path):
+        env = dict(os.environ, GPUMPIAD_BACKEND=backend_value,
+                   PYTHONPATH=os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")]))
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    auto = run("", tmp_path / "broken")
+    assert auto.returncode == 0, auto.stderr
+    chosen, warned = auto.stdout.splitlines()[:2]
+    assert chosen == "numpy"
+    assert "computing with NumPy on the CPU because CuPy is installed but does not import" \
+        in warned and "libcudart.so.12" in warned, auto.stdout
+    forced = run("cupy", tmp_path / "broken")
+    assert forced.returncode != 0
+    assert "GPUMPIAD_BACKEND=cupy but no usable CUDA device was found: CuPy is installed but " \
+        "does not import" in forced.stderr and "libcudart.so.12" in forced.stderr, forced.stderr
+    if not HAS_GPU:
+        (tmp_path / "empty").mkdir()
+        absent = run("", tmp_path / "empty")
+        assert absent.returncode == 0 and absent.stdout.splitlines() == ["numpy", ""] or \
+            absent.stdout.strip() == "numpy", absent.stdout + absent.stderr

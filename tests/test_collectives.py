@@ -700,15 +700,15 @@ def test_watchdog_names_the_stuck_receive(monkeypatch):
 def test_host_staging_and_direct_paths_agree_bit_for_bit(monkeypatch):
     """GPUMPIAD_STAGE_HOST_ARRAYS=1 sends NumPy arrays down the device paths: staged through
     separate host buffers (GPUMPIAD_CUDA_AWARE=0) or handed to MPI directly (=1)."""
-    from gpumpiad import backend, transport
+    from gpumpiad import streams, transport
     staged_calls = []
-    real = backend.device_to_host
+    real = streams.device_to_host
 
     def counting(array, host):
         staged_calls.append(array.shape)
         return real(array, host)
 
-    monkeypatch.setattr(backend, "device_to_host", counting)
+    monkeypatch.setattr(streams, "device_to_host", counting)
 
     def run_all():
         results = {}

@@ -11,6 +11,7 @@ from gpumpiad.backend import to_numpy
 from gpumpiad import halo
 from gpumpiad.halo import halo_exchange
 from gpumpiad.heat import Grid, hostkernels, stencil
+from gpumpiad.heat.kernels import kernels_for
 
 NX, NY = 13, 11
 PERIODIC = ((False, False), (True, True), (False, True))
@@ -53,19 +54,19 @@ def no_corners(a):
 
 def test_kernels_for_dispatch(monkeypatch):
     a = np.zeros((4, 4))
-    assert halo.kernels_for(a, "numpy") is stencil
+    assert kernels_for(a, "numpy") is stencil
     monkeypatch.setenv("GPUMPIAD_HEAT_KERNELS", "numpy")
-    assert halo.kernels_for(a) is stencil
+    assert kernels_for(a) is stencil
     if hostkernels.available():
         monkeypatch.setenv("GPUMPIAD_HEAT_KERNELS", "host")
-        assert halo.kernels_for(a) is hostkernels
+        assert kernels_for(a) is hostkernels
     with pytest.raises(ValueError, match="backend: heat kernels must be one of"):
-        halo.kernels_for(a, "fortran")
+        kernels_for(a, "fortran")
     monkeypatch.setenv("GPUMPIAD_HEAT_KERNELS", "fortran")
     with pytest.raises(ValueError, match="GPUMPIAD_HEAT_KERNELS: heat kernels must be one of"):
-        halo.kernels_for(a)
+        kernels_for(a)
     with pytest.raises(ValueError, match="cannot run on a NumPy array"):
-        halo.kernels_for(a, "cuda")
+        kernels_for(a, "cuda")
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
@@ -80,7 +81,7 @@ def test_exchange_fills_ghosts_from_neighbours():
             for side, ghost in enumerate(ghost_views(a)):
                 if not grid.physical[side]:
                     ghost[...] = np.nan
-            pending = halo.start(a, grid, kernels=halo.kernels_for(a, kernels))
+            pending = halo.start(a, grid, kernels=kernels_for(a, kernels))
             interior_before = a[1:-1, 1:-1].copy()
             pending.wait()
             parallel_assert(np.array_equal(no_corners(a), no_corners(expected)),
@@ -101,7 +102,7 @@ def test_exchange_dot_product_and_tape_adjoint():
         x = rng.standard_normal(grid.padded_shape)
         y = rng.standard_normal(grid.padded_shape)
         for kernels in kernel_choices():
-            k = halo.kernels_for(x, kernels)
+            k = kernels_for(x, kernels)
             ex = halo.exchange(x.copy(), grid, k)
             ety = halo.exchange_adjoint(y.copy(), grid, k)
             lhs = comm.allreduce(float(np.vdot(ex, y)))

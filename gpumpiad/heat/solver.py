@@ -15,16 +15,16 @@ from numbers import Real
 import numpy as np
 from mpi4py import MPI
 
-from .. import control, halo, trace
+from .. import control, halo, streams, trace
 from ..arguments import is_int
-from ..backend import (after_stream, all_finite, asarray, get_array_module, is_device_array,
-                       stream_of)
+from ..backend import all_finite, asarray, get_array_module, is_device_array
 from ..comm import Comm, world
 from ..custom import CustomOp
 from ..tape import active_tape
 from ..tensor import DISTRIBUTED, Tensor
 from . import hostkernels
 from .grid import Grid, check_grid
+from .kernels import kernels_for
 
 __all__ = ["solve", "recompute_steps"]
 
@@ -72,7 +72,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     trajectory : bool
         Also return every state, shape ``(steps + 1, nx, ny)``.
     backend : {"numpy", "host", "cuda"}, optional
-        Heat kernels; see :func:`gpumpiad.halo.kernels_for` (``GPUMPIAD_HEAT_KERNELS`` for NumPy
+        Heat kernels; see :func:`gpumpiad.heat.kernels.kernels_for` (``GPUMPIAD_HEAT_KERNELS`` for NumPy
         arrays).
 
     Returns
@@ -132,7 +132,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     """
     if grid is None:
         grid = _own_grid(np.shape(u0.data if isinstance(u0, Tensor) else u0))
-    check_grid(grid, "solve")
+    check_grid(grid, "solve", ndim=2)
     rank = world().rank
     args = [a if isinstance(a, Tensor) else asarray(a) for a in (u0, kappa, f)]
     raws = [a.data if isinstance(a, Tensor) else a for a in args]
@@ -147,7 +147,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         # The halos of patches of different dtypes would not fill each other's buffers.
         settings = (dt, h, steps, checkpoints, bool(trajectory), np.dtype(raws[0].dtype).name)
         try:
-            kernels = halo.kernels_for(raws[0], backend)
+            kernels = kernels_for(raws[0], backend)
             frame, ghosts = _frame(grid, boundary, raws[0])
         except (ValueError, TypeError) as exc:
             problem = f"rank {rank}: {exc}"
@@ -260,14 +260,46 @@ class _Heat:
         self.local = all(n in (MPI.PROC_NULL, rank) for n in grid.neighbours)
         self.wrap = ((grid.neighbours[0] == rank, grid.neighbours[2] == rank) if self.local
                      else (False, False))
+        # A device solve runs on the library's compute stream; its halos move on the
+        # communication stream through buffers made once per solve.
+        self.exchange = (halo.DeviceExchange(grid, frame.shape, frame.dtype, kernels)
+                         if is_device_array(frame) else None)
 
     def forward(self, u0, kappa, f):
         with trace.span("heat.forward", trace.COMPUTE, payload=self.cells):
             if self.host:
                 return self._forward_host(u0, kappa, f)
-            return self._forward(u0, kappa, f)
+            xp = get_array_module(u0)
+            traj = xp.empty((self.steps + 1,) + u0.shape, u0.dtype) if self.trajectory else None
+            if self.exchange is None:
+                u = self._forward(u0, kappa, f, traj)
+                out = self._outputs(u, traj)
+            else:
+                with streams.on_compute() as compute:
+                    u = self._forward(u0, kappa, f, traj)
+                out = self._outputs(u, traj)
+                self._handed_out(compute)
+            _recycle(u, self.ghosts)
+            return out
 
-    def _forward(self, u0, kappa, f):
+    @staticmethod
+    def _handed_out(compute):
+        """After the caller's stream copied what the compute stream made into the caller's
+        memory: the compute stream's later work, whose pool gets the buffers back, is ordered
+        after the copies."""
+        streams.order(compute, streams.current_stream())
+
+    def _outputs(self, u, traj):
+        """The forward's outputs from the last padded state ``u``."""
+        out = _interior(u)
+        if traj is None:
+            return out
+        traj[self.steps] = out
+        return out, traj
+
+    def _forward(self, u0, kappa, f, traj):
+        """The forward time loop; returns the last padded state (``traj``: every state's
+        interior but the last's, written on the way)."""
         xp = get_array_module(u0)
         self.kappa = self._padded(kappa, xp.zeros(self.frame.shape, self.frame.dtype))
         self._exchange(self.kappa).wait()
@@ -277,7 +309,6 @@ class _Heat:
             keep = (set(range(self.steps)) if self.checkpoints is None
                     else set(_spine(self.steps, self.checkpoints)))
         u = self._padded(u0, self._buffer())
-        traj = xp.empty((self.steps + 1,) + u0.shape, u0.dtype) if self.trajectory else None
         for n in range(self.steps):
             if traj is not None:
                 traj[n] = u[1:-1, 1:-1]
@@ -288,23 +319,30 @@ class _Heat:
             else:
                 self.spare = u
             u = nxt
-        out = _interior(u)
-        _recycle(u, self.ghosts)
         if not self.keep_states and self.spare is not None:
             _recycle(self.spare, self.ghosts)
             self.spare = None
-        if traj is None:
-            return out
-        traj[self.steps] = out
-        return out, traj
+        return u
 
     def vjp(self, g, ans, u0, kappa, f):
         with trace.span("heat.adjoint", trace.ADJOINT, payload=self.cells):
             if self.host:
                 return self._vjp_host(g, u0, kappa, f)
-            return self._vjp(g, u0, kappa, f)
+            if self.exchange is None:
+                return self._cotangents(self._vjp(g), u0, kappa, f)
+            with streams.on_compute() as compute:
+                bars = self._vjp(g)
+            out = self._cotangents(bars, u0, kappa, f)
+            self._handed_out(compute)
+            return out
 
-    def _vjp(self, g, u0, kappa, f):
+    def _cotangents(self, bars, u0, kappa, f):
+        """The cotangents of (u0, kappa, f) from the padded ``bars`` of the reverse loop."""
+        return tuple(_interior(a).astype(x.dtype, copy=False) if want else None
+                     for a, x, want in zip(bars, (u0, kappa, f), self.wants))
+
+    def _vjp(self, g):
+        """The reverse time loop; returns the padded cotangents (lambda^0, kappa_bar, f_bar)."""
         g_out, g_traj = g if self.trajectory else (g, None)
         xp = get_array_module(g_out)
         zeros = xp.zeros_like(self.frame)
@@ -328,8 +366,7 @@ class _Heat:
         if not self.retain:
             self.states.clear()
         self.spare = None
-        return tuple(_interior(a).astype(x.dtype, copy=False) if want else None
-                     for a, x, want in zip((lam, kappa_bar, f_bar), (u0, kappa, f), self.wants))
+        return lam, kappa_bar, f_bar
 
     def _padded(self, interior, out):
         out[1:-1, 1:-1] = interior
@@ -491,14 +528,22 @@ class _Heat:
         """``kernel(a, *args, *rect)`` over the interior once ``a``'s ghosts are filled (unless
         ``exchange`` is False): exchange, then one sweep; or, overlapped, the cells that read
         no exchanged ghost while the halos travel, then the rest."""
-        if not self.overlap:
-            if exchange:
-                self._exchange(a).wait()
+        if not exchange:
             kernel(a, *args, *self.whole)
             return
-        pending = self._exchange(a) if exchange else None
-        kernel(a, *args, *self.inner)
-        if pending is not None:
+        if not self.overlap:
+            self._exchange(a).wait()
+            kernel(a, *args, *self.whole)
+            return
+        if self.exchange is not None:
+            # The interior is queued before the host waits for anything (the packing of a's
+            # boundary cells, which the previous step wrote last).
+            self.exchange.post(a)
+            kernel(a, *args, *self.inner)
+            self.exchange.finish(a)
+        else:
+            pending = self._exchange(a)
+            kernel(a, *args, *self.inner)
             pending.wait()
         for rect in self.ring:
             kernel(a, *args, *rect)
@@ -506,6 +551,9 @@ class _Heat:
     def _exchange(self, a):
         """Start filling ``a``'s ghosts. Unverified: solve compared the dtypes across ranks, and
         the grid fixes every message's size."""
+        if self.exchange is not None:
+            self.exchange.post(a)
+            return halo.Posted(self.exchange, a)
         return halo.start(a, self.grid, kernels=self.kernels, verify=False)
 
     def _advance(self, u, a, b):
@@ -648,9 +696,10 @@ def _check_arrays(grid, raws):
 
 # State buffers freed by a reverse pass, kept for the next solve of the same shape: a fresh
 # buffer per stored step costs its page faults, which cost more than the step itself. Each is
-# kept with the description of its ghost ring's values (see _frame) and, on a device, the
-# stream whose work last used it. No array a solve hands out is one of them (_interior).
-_free = {}                 # (shape, dtype, array type) -> [(buffer, ghosts, stream)]
+# kept with the description of its ghost ring's values (see _frame). A device buffer is kept
+# only once the compute stream, the only one that reuses it, is ordered after its last use. No
+# array a solve hands out is one of them (_interior).
+_free = {}                 # (shape, dtype, array type) -> [(buffer, ghosts)]
 _free_bytes = {"n": 0, "limit": 1 << 30}
 _free_lock = threading.Lock()
 
@@ -689,7 +738,7 @@ def _kind(a):
 def _recycle(u, ghosts):
     with _free_lock:
         if _free_bytes["n"] + u.nbytes <= _free_bytes["limit"]:
-            _free.setdefault(_kind(u), []).append((u, ghosts, stream_of(u)))
+            _free.setdefault(_kind(u), []).append((u, ghosts))
             _free_bytes["n"] += u.nbytes
 
 
@@ -731,10 +780,8 @@ def _reuse(frame, ghosts):
         bucket = _free.get(_kind(frame))
         if not bucket:
             return None
-        buf, written, stream = bucket.pop()
+        buf, written = bucket.pop()
         _free_bytes["n"] -= buf.nbytes
-    # A solve on another stream (another thread's) may still be using the buffer.
-    after_stream(stream)
     if ghosts is None or written != ghosts:
         buf[0], buf[-1], buf[:, 0], buf[:, -1] = frame[0], frame[-1], frame[:, 0], frame[:, -1]
     return buf
@@ -769,24 +816,36 @@ def _frame(grid, boundary, like):
 
 
 def _make_frame(grid, boundary, like):
+    """:func:`_frame`'s padded array, built where ``like`` lives (no host copy of a device
+    frame): only the physical sides' ghost values are computed on the host."""
     nx, ny = grid.local_shape
-    frame = np.zeros(grid.padded_shape, np.dtype(like.dtype))
+    dtype = np.dtype(like.dtype)
+    sides = ((0, slice(1, ny + 1)), (nx + 1, slice(1, ny + 1)), (slice(1, nx + 1), 0),
+             (slice(1, nx + 1), ny + 1))
     if isinstance(boundary, Real) and not isinstance(boundary, (bool, np.bool_)):
         if not math.isfinite(boundary):
             raise ValueError(f"boundary must be a finite number, got {boundary!r}")
-        values = np.broadcast_to(np.float64(boundary), grid.padded_shape)
+        constant = np.float64(boundary)
+
+        def side(index):
+            return constant
         what = f"boundary {boundary!r} gives"
     elif callable(boundary):
         x, y = grid.coordinates(ghosts=True)
-        got = np.asarray(boundary(x[:, None], y[None, :]))
-        try:
-            values = np.broadcast_to(got.astype(float), grid.padded_shape)
-        except (TypeError, ValueError):
-            values = None
-        if values is None or got.dtype.kind not in "biuf":
-            raise ValueError(f"boundary function g(x, y) must return real numbers broadcastable "
-                             f"to this rank's padded shape {grid.padded_shape}, got "
-                             f"{got.dtype} of shape {got.shape}")
+
+        def side(index):
+            xs, ys = np.atleast_1d(x[index[0]]), np.atleast_1d(y[index[1]])
+            got = np.asarray(boundary(xs[:, None], ys[None, :]))
+            try:
+                values = np.broadcast_to(got.astype(float), (xs.size, ys.size))
+            except (TypeError, ValueError):
+                values = None
+            if values is None or got.dtype.kind not in "biuf":
+                raise ValueError(f"boundary function g(x, y) must return real numbers "
+                                 f"broadcastable to the shape of x * y (it is called on each "
+                                 f"physical side's ghost cells, here {xs.size}x{ys.size}), got "
+                                 f"{got.dtype} of shape {got.shape}")
+            return values.reshape(-1)
         what = "boundary function g(x, y) returned"
     else:
         values = np.asarray(boundary.get() if is_device_array(boundary) else boundary)
@@ -795,16 +854,20 @@ def _make_frame(grid, boundary, like):
                              f"this rank's padded shape {grid.padded_shape}, got "
                              f"{type(boundary).__name__} of shape {values.shape} and dtype "
                              f"{values.dtype}")
+
+        def side(index):
+            return values[index]
         what = "boundary array holds"
-    sides = ((0, slice(1, ny + 1)), (nx + 1, slice(1, ny + 1)), (slice(1, nx + 1), 0),
-             (slice(1, nx + 1), ny + 1))
+    xp = get_array_module(like)
+    frame = xp.zeros(grid.padded_shape, dtype)
     bad = []
     for name, index, physical in zip(_SIDES, sides, grid.physical):
         if physical:
             with np.errstate(over="ignore", invalid="ignore"):
-                frame[index] = values[index]
-            if not np.isfinite(frame[index]).all():
+                ring = np.array(side(index), dtype=dtype)
+            if not np.isfinite(ring).all():
                 bad.append(name)
+            frame[index] = ring if xp is np else xp.asarray(ring)
     if bad:
         x, y = grid.coordinates(ghosts=True)
         raise ValueError(f"{what} NaN or Inf in the ghost cells of this rank's physical "
@@ -812,4 +875,4 @@ def _make_frame(grid, boundary, like):
                          f"{x[-1]:.6g}], y in [{y[0]:.6g}, {y[-1]:.6g}]; as {frame.dtype}): "
                          "expected finite Dirichlet values")
     ghosts = (float(boundary), tuple(grid.physical)) if isinstance(boundary, Real) else None
-    return get_array_module(like).asarray(frame), ghosts
+    return frame, ghosts

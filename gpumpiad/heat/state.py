@@ -41,7 +41,7 @@ def save_state(path, u, grid, step=0, metadata=None):
     >>> step, u.shape == grid.local_shape
     (7, True)
     """
-    check_grid(grid, "save_state")
+    check_grid(grid, "save_state", ndim=2)
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
         raise ValueError(f"rank {_rank()}: save_state's step must be an int, got {step!r} "
                          f"({type(step).__name__})")
@@ -72,7 +72,7 @@ def load_state(path, grid):
     >>> step, bool((grid.gather(u, root=None) == field).all())
     (3, True)
     """
-    check_grid(grid, "load_state")
+    check_grid(grid, "load_state", ndim=2)
     payload = checkpoint.load(path, comm=grid.cart, root=0)
     if payload.get("kind") != KIND:
         raise checkpoint.CheckpointError(

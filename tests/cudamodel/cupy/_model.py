@@ -134,12 +134,17 @@ class Model:
             self._enqueue_edges(stream)
             self._join(stream, snapshot)
 
-    def host_wait(self, snapshot, what):
-        """The host waits for a recorded event."""
+    def host_after(self, snapshot):
+        """Whether the host is ordered after the work a snapshot of clocks describes."""
+        with self._lock:
+            return bool((self.host().clock >= snapshot).all())
+
+    def host_wait(self, snapshot, what, stream="event"):
+        """The host waits for an event recorded on ``stream`` (its name)."""
         with self._lock:
             self._join(self.host(), snapshot)
-            self.host_syncs.append((what, "event"))
-            self.log.append(("sync", what, "event"))
+            self.host_syncs.append((what, stream))
+            self.log.append(("sync", what, stream))
 
     # -- accesses -------------------------------------------------------------------------
     def device_op(self, stream, what, reads=(), writes=()):

@@ -55,9 +55,8 @@ class Stream:
 
     @property
     def done(self):
-        # Work is computed at once: a query finds it complete, which orders the host after it.
-        MODEL.synchronize(self._agent, "Stream.done")
-        return True
+        # As Event.done: True only for work the host is already ordered after.
+        return MODEL.host_after(self._agent.clock)
 
     def __eq__(self, other):
         return isinstance(other, Stream) and other._agent is self._agent
@@ -88,21 +87,23 @@ class Event:
 
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self._snapshot = None
+        self._stream = None
         self.disable_timing = disable_timing
 
     def record(self, stream=None):
         stream = get_current_stream() if stream is None else stream
         self._snapshot = MODEL.record(stream._agent)
+        self._stream = stream._agent.name
 
     def synchronize(self):
         if self._snapshot is not None:
-            MODEL.host_wait(self._snapshot, "Event.synchronize")
+            MODEL.host_wait(self._snapshot, "Event.synchronize", self._stream)
 
     @property
     def done(self):
-        if self._snapshot is not None:
-            MODEL.host_wait(self._snapshot, "Event.done")
-        return True
+        # A query answers True only for work the host is already ordered after: the model
+        # cannot know when a GPU would have finished, so a query never orders anything.
+        return self._snapshot is None or MODEL.host_after(self._snapshot)
 
 
 def get_elapsed_time(start_event, end_event):
@@ -140,6 +141,9 @@ def _current_device():
 class runtime:
     """The few runtime calls gpumpiad makes."""
 
+    class CUDARuntimeError(RuntimeError):
+        pass
+
     @staticmethod
     def getDeviceCount():
         return int(os.environ.get("CUPY_MODEL_DEVICES", "1"))
@@ -147,6 +151,10 @@ class runtime:
     @staticmethod
     def getDevice():
         return _current_device()
+
+    @staticmethod
+    def deviceGetStreamPriorityRange():
+        return 0, -5
 
     @staticmethod
     def runtimeGetVersion():
