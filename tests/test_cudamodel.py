@@ -236,7 +236,7 @@ if MPI.COMM_WORLD.rank == 0:
 """
 
 
-@pytest.mark.parametrize("nprocs", [1, 2, 3])
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
 @pytest.mark.parametrize("cuda_aware", ["0", "1"], ids=["staged", "cuda-aware"])
 def test_device_path_of_solver_and_collectives_has_no_hazard(nprocs, cuda_aware):
     """The heat solver's forward and reverse sweeps, halo exchanges and collectives on the
