@@ -308,6 +308,14 @@ for stream in (cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blockin
     with stream:    # gradients copied out on one stream, the compute stream's memory reused next
         gm.value_and_grad(objective, argnums=(0, 1, 2))(
             *(gm.tensor(a, distributed=True) for a in (kappa, u0, f)))
+
+def local_objective(k):
+    u = heat.solve(u0, k, f, dt=1e-3, h=0.1, steps=3, grid=grid)
+    return gm.mpi_sum(gm.sum(gm.exp(u) * u))
+
+with s:                           # recorded under one stream, pulled back under another
+    out, pull = gm.vjp(local_objective, gm.tensor(kappa, distributed=True))
+pulled = pull(cupy.asarray(1.0))
 if MPI.COMM_WORLD.rank == 0:
     print("streams ok")
 """
