@@ -9,11 +9,9 @@ run on CuPy's current device and current stream.
 
 from __future__ import annotations
 
-import importlib.resources
-import threading
-
 import numpy as np
 
+from . import kernelbuild
 from .heat.stencil import check_rect, grads
 
 # Launches return at once: the solver overlaps halo exchanges with interior kernels.
@@ -60,10 +58,7 @@ _OPTIONS = (
     f"-DHALO_BLOCK={HALO_BLOCK}",
 )
 
-_lock = threading.Lock()
-_modules: dict[int, object] = {}
 _kernels: dict[tuple[int, str], object] = {}
-_source: str | None = None
 
 
 def source() -> str:
@@ -72,12 +67,10 @@ def source() -> str:
     Returns
     -------
     str
-        The CUDA source, as shipped in package ``gpumpiad.kernels``.
+        The CUDA source, as shipped in package ``gpumpiad.kernels``
+        (:func:`gpumpiad.kernelbuild.source`).
     """
-    global _source
-    if _source is None:
-        _source = importlib.resources.files("gpumpiad.kernels").joinpath("heat.cu").read_text()
-    return _source
+    return kernelbuild.source("heat.cu")
 
 
 def get_module(device_id: int | None = None):
@@ -92,20 +85,7 @@ def get_module(device_id: int | None = None):
     -------
     cupy.RawModule
     """
-    import cupy
-
-    if device_id is None:
-        device_id = cupy.cuda.runtime.getDevice()
-    mod = _modules.get(device_id)
-    if mod is None:
-        with _lock:
-            mod = _modules.get(device_id)
-            if mod is None:
-                with cupy.cuda.Device(device_id):
-                    mod = cupy.RawModule(code=source(), options=_OPTIONS)
-                    mod.compile()
-                _modules[device_id] = mod
-    return mod
+    return kernelbuild.cuda_module("heat.cu", _OPTIONS, device_id)
 
 
 def get_kernel(name: str, device_id: int | None = None):

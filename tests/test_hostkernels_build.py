@@ -1,5 +1,5 @@
-"""The host build of kernels/heat.cu: flags for the machine with a portable fallback, the cache
-key, the host loops the solver runs (many steps per call, persistent halo requests)."""
+"""The host build of kernels/heat.cu: flags for the machine with a portable fallback, the host
+loops the solver runs (many steps per call, persistent halo requests)."""
 import ctypes
 import os
 import stat
@@ -10,38 +10,16 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import gpumpiad
-from gpumpiad import halo
+from gpumpiad import halo, kernelbuild
 from gpumpiad.backend import to_numpy
 from gpumpiad.heat import Grid, hostkernels, solve
 
 needs_host = pytest.mark.skipif(not hostkernels.available(), reason="no C++ compiler")
 
-SOURCES = {"heat.cu": "a", "host_cuda.h": "b"}
-
-
-def test_cache_key_changes_with_compiler_version_flags_cpu_and_sources():
-    base = ("/usr/bin/g++", "g++ 12.2.0", hostkernels.CXXFLAGS, "x86_64 CPU flags:1", SOURCES)
-    key = hostkernels._build_key(*base)
-    assert key == hostkernels._build_key(*base)
-    variants = [
-        ("/usr/bin/clang++",) + base[1:],
-        base[:1] + ("g++ 13.1.0",) + base[2:],
-        base[:2] + (hostkernels.CXXFLAGS + hostkernels.NATIVE_FLAGS,) + base[3:],
-        base[:3] + ("x86_64 CPU flags:2",) + base[4:],
-        base[:4] + ({"heat.cu": "a2", "host_cuda.h": "b"},),
-    ]
-    keys = {hostkernels._build_key(*v) for v in variants}
-    assert key not in keys and len(keys) == len(variants)
-
-
-def test_cpu_identity_names_the_model_and_hashes_the_features():
-    cpu = hostkernels._cpu_identity()
-    assert "flags:" in cpu and cpu == hostkernels._cpu_identity()
-
 
 def fake_compiler(tmp_path, refuse_march):
     """A compiler wrapper that logs its arguments and, if told to, refuses -march."""
-    real = hostkernels._compiler()
+    real = kernelbuild._compiler()
     log = tmp_path / "calls.log"
     script = tmp_path / "fake-c++"
     refuse = ('for a in "$@"; do case "$a" in -march=*) echo "error: unrecognized '

@@ -2,43 +2,25 @@
 
 The CUDA source is compiled as C++ with ``-DGPUMPIAD_HOST`` (see
 ``kernels/host_cuda.h``), so the numerics are the per-cell functions of the
-GPU kernels themselves. It is built for the machine it runs on
-(``-march=native``) when the compiler accepts that, and portably otherwise;
-floating-point contraction is off in both, so the two give the same bits.
-The shared library is cached under ``$XDG_CACHE_HOME/gpumpiad`` (default
-``~/.cache/gpumpiad``) keyed by a hash of the sources, the compiler's path
-and version, the flags and, for a native build, the CPU (model and feature
-flags): a cache shared between machines never hands one a library built for
-another. It is built atomically so several MPI ranks may build it at once.
+GPU kernels themselves. :func:`gpumpiad.kernelbuild.host_library` builds and
+caches it (for this CPU when the compiler accepts ``-march=native``, portably
+otherwise, with the same bits; ``CXX`` and ``GPUMPIAD_HOST_MARCH`` choose the
+compiler and the build).
 
 The public functions mirror :mod:`gpumpiad.heat.stencil` and accept NumPy
 ``float32``/``float64`` C-contiguous arrays.
-
-Environment
------------
-CXX
-    The C++ compiler (default ``g++``).
-GPUMPIAD_HOST_MARCH : ``native`` | ``portable``
-    ``native`` (default): build for this CPU, falling back to the portable build when the
-    compiler refuses ``-march=native``; ``portable``: no ``-march`` (a library that runs on
-    any CPU of the architecture).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.resources
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from .. import kernelbuild
+from ..kernelbuild import CXXFLAGS, NATIVE_FLAGS
 from .stencil import check_rect, grads
 
 __all__ = [
@@ -56,14 +38,6 @@ __all__ = [
     "NATIVE_FLAGS",
 ]
 
-#: Flags of every host build. ``-ffp-contract=off``: no fused multiply-adds, so that a build
-#: for any CPU computes the same bits as the portable one and as the NumPy reference's order.
-CXXFLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-DGPUMPIAD_HOST",
-            "-x", "c++")
-#: Added for a build for the machine it runs on.
-NATIVE_FLAGS = ("-march=native",)
-_MARCH_CHOICES = ("native", "portable")
-_SOURCES = ("heat.cu", "host_cuda.h")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 _lock = threading.Lock()
@@ -72,127 +46,12 @@ _lib_error: Exception | None = None
 _built = {}
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpumpiad"
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++"))
-
-
-def _march() -> str:
-    choice = os.environ.get("GPUMPIAD_HOST_MARCH", "").strip().lower() or "native"
-    if choice not in _MARCH_CHOICES:
-        raise ValueError(f"GPUMPIAD_HOST_MARCH must be one of {_MARCH_CHOICES}, got {choice!r}")
-    return choice
-
-
-def _read_sources() -> dict[str, str]:
-    try:
-        root = importlib.resources.files("gpumpiad.kernels")
-    except ModuleNotFoundError:
-        # Run from a source tree whose kernels the install does not map: the tree's own.
-        root = Path(__file__).resolve().parents[2] / "kernels"
-    return {name: root.joinpath(name).read_text() for name in _SOURCES}
-
-
-def _compiler_version(cxx: str) -> str:
-    try:
-        return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True,
-                              timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _cpu_identity() -> str:
-    """The CPU a native build is for: model name and a hash of its feature flags."""
-    model, features = None, None
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key in ("flags", "Features") and features is None:
-                    features = " ".join(sorted(value.split()))
-                if model is not None and features is not None:
-                    break
-    except OSError:
-        pass
-    model = model or platform.processor() or "unknown CPU"
-    features = features or ""
-    digest = hashlib.sha256(features.encode()).hexdigest()[:16]
-    return f"{platform.machine()} {model} flags:{digest}"
-
-
-def _build_key(cxx: str, version: str, flags, cpu: str, sources: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for part in (cxx, version, " ".join(flags), cpu):
-        h.update(part.encode())
-        h.update(b"\0")
-    for name in sorted(sources):
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(sources[name].encode())
-        h.update(b"\0")
-    return h.hexdigest()[:24]
-
-
-def _compile(cxx, flags, sources, target):
-    """Build ``target`` atomically; the compiler's complaint, or None."""
-    # Private build dir + atomic rename: concurrent ranks never see a partial .so.
-    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
-        for name, text in sources.items():
-            Path(tmp, name).write_text(text)
-        out = Path(tmp, target.name)
-        cmd = [cxx, *flags, "-I", tmp, str(Path(tmp, "heat.cu")), "-o", str(out)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return f"{' '.join(cmd)}: {exc}"
-        if proc.returncode != 0 or not out.exists():
-            return f"{' '.join(cmd)} (exit code {proc.returncode}):\n{proc.stderr[-4000:]}"
-        os.replace(out, target)
-    return None
-
-
 def _build() -> Path:
     """The cached library for this compiler, CPU and ``GPUMPIAD_HOST_MARCH``, built if need
-    be; a native build the compiler refuses is remembered (a ``.refused`` file beside the
-    cache entry) and replaced by the portable one."""
-    march = _march()
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError(f"no C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r}; "
-                           "set CXX or install g++)")
-    sources = _read_sources()
-    version = _compiler_version(cxx)
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    choices = [("native", CXXFLAGS + NATIVE_FLAGS, _cpu_identity())] if march == "native" else []
-    choices.append(("portable", CXXFLAGS, ""))
-    failures = []
-    for name, flags, cpu in choices:
-        key = _build_key(cxx, version, flags, cpu, sources)
-        target = cache / f"heat_host-{key}.so"
-        refused = target.with_suffix(".refused")
-        if not target.exists():
-            if name == "native" and refused.exists():
-                failures.append(refused.read_text())
-                continue
-            problem = _compile(cxx, flags, sources, target)
-            if problem is not None:
-                failures.append(problem)
-                if name == "native":
-                    refused.write_text(problem)
-                continue
-        _built.update(path=target, march=name, flags=flags, compiler=cxx,
-                      version=version.splitlines()[0] if version else "", cpu=cpu,
-                      refused=failures[0] if failures else None)
-        return target
-    raise RuntimeError("host kernel build failed: " + "\n".join(failures))
+    be; what it is, in ``_built``."""
+    info = kernelbuild.host_library("heat.cu", includes=("host_cuda.h",))
+    _built.update(info)
+    return info["path"]
 
 
 def build_info() -> dict:
