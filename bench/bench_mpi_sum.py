@@ -17,22 +17,26 @@ The raw floor is the communication raw mpi4py needs for the same value and gradi
 more: blocking ``Allreduce`` calls on preallocated buffers that the loop reuses (cache-hot, no
 copy of its own). gpumpiad's figure also holds what the library guarantees and raw code does
 not: the copy that gives value semantics (the reduction copies into its result and reduces in
-place), and the one-byte agreement allreduce of a reverse pass on more than one rank (which
-serial values receive per-rank shares, decided by every rank together).
+place). The reverse pass makes the same round trips as raw code: the ranks' agreement on which
+serial values receive per-rank shares needs no message for these programs (the sum is the last
+collective and the argument is small, see ``gpumpiad/tape.py``).
 
-Each repeat starts after a barrier; the median over repeats of the slowest rank's time is
-reported, with the ratio. Targets for ``vjp serial`` (``value_and_grad`` of ``mpi_sum``) at
+Each repeat times the raw program and then gpumpiad's, alternating, each after a barrier, so
+that both see the same load; the median over repeats of the slowest rank's time is reported,
+with the ratio, then the minimum, and the load average before and after. Targets for ``vjp serial`` (``value_and_grad`` of ``mpi_sum``) at
 2 ranks: <= 1.2 at 1 MB, <= 5 at 8 B.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import time
 
 import numpy as np
 from mpi4py import MPI
 
 import gpumpiad as gp
-from _timing import median_time
 
 SIZES = {"8 B": 8, "1 MB": 1 << 20, "64 MB": 64 << 20}
 PROGRAMS = ("vjp serial", "vjp distributed", "grad of sum")
@@ -63,25 +67,47 @@ def programs(comm, n):
                                (lambda: grad(x), raw_twice))))
 
 
+def alternating(ours, raw, repeats, comm):
+    """Per-repeat times of ``raw()`` and ``ours()``, alternating (one warm-up run each): the
+    slowest rank's time of each, every run after a barrier."""
+    ours()
+    raw()
+    times = {"ours": [], "raw": []}
+    for _ in range(repeats):
+        for key, fn in (("raw", raw), ("ours", ours)):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return times["ours"], times["raw"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rows = []
+    load_before = os.getloadavg()[0]
     for label, nbytes in SIZES.items():
         repeats = args.repeats if nbytes < (16 << 20) else max(5, args.repeats // 3)
         for name, (ours, raw) in programs(comm, nbytes // 8).items():
-            t_raw = median_time(raw, repeats, comm)
-            t_gp = median_time(ours, repeats, comm)
+            t_gp, t_raw = alternating(ours, raw, repeats, comm)
             rows.append((name, label, t_gp, t_raw))
     if comm.rank == 0:
         print(f"mpi_sum forward+backward vs raw Allreduce, {comm.size} ranks, "
               f"{MPI.Get_library_version().splitlines()[0].strip()}")
         print(f"{'program':>16} {'size':>6} {'gpumpiad':>12} {'raw mpi4py':>12} {'ratio':>7}")
-        for name, label, t_gp, t_raw in sorted(rows, key=lambda r: PROGRAMS.index(r[0])):
-            print(f"{name:>16} {label:>6} {1e6 * t_gp:10.1f}us {1e6 * t_raw:10.1f}us "
-                  f"{t_gp / t_raw:7.2f}")
+        rows.sort(key=lambda r: PROGRAMS.index(r[0]))
+        for name, label, t_gp, t_raw in rows:
+            gp_med, raw_med = statistics.median(t_gp), statistics.median(t_raw)
+            print(f"{name:>16} {label:>6} {1e6 * gp_med:10.1f}us {1e6 * raw_med:10.1f}us "
+                  f"{gp_med / raw_med:7.2f}")
+        print("minimum over repeats:")
+        for name, label, t_gp, t_raw in rows:
+            print(f"  min {name:>16} {label:>6} {1e6 * min(t_gp):10.1f}us "
+                  f"{1e6 * min(t_raw):10.1f}us {min(t_gp) / min(t_raw):7.2f}")
+        print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
 
 
 if __name__ == "__main__":
