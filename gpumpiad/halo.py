@@ -1,11 +1,15 @@
-"""``halo_exchange``: fill a patch's ghost ring from its neighbours.
+"""``halo_exchange``: fill a patch's ghost layers from its neighbours.
 
-The public function works on Tensors and is differentiable; :func:`start`, :func:`exchange` and
-:func:`exchange_adjoint` are the raw, in-place forms on arrays that the heat solver's time loops
-use. Each exchange packs the four boundary rows/columns into contiguous buffers (the heat
-kernels' ``pack`` on a device, NumPy slicing on the host), posts every non-blocking receive,
-then every send, and finishes with one ``Waitall`` and ``unpack``. Corners are not exchanged
-(a 5-point stencil does not read them).
+The public function works on Tensors and is differentiable, on 1-, 2- and 3-D grids, with any
+ghost width, optionally edge and corner ghosts (the axes exchanged in turn, each face spanning
+the ghost layers of the axes before it), and several fields in one message per neighbour. It
+packs with array slicing, on the library's communication stream for device arrays.
+
+The raw, in-place 2-D forms :func:`start`, :func:`exchange` and :func:`exchange_adjoint` (width
+1, no corners) serve the heat solver's time loops. Each packs the four boundary rows/columns
+into contiguous buffers (the heat kernels' ``pack`` on a device, NumPy slicing on the host),
+posts every non-blocking receive, then every send, and finishes with one ``Waitall`` and
+``unpack``. Corners are not exchanged (a 5-point stencil does not read them).
 
 Device arrays take :class:`DeviceExchange`: packing, staging copies and unpacking run on the
 library's communication stream, ordered by events after the work that wrote the cells and
@@ -15,9 +19,13 @@ otherwise), never for the compute stream.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from mpi4py import MPI
 
 from . import streams, trace, transport
+from .arguments import is_int
 from .backend import get_array_module, is_device_array
 from .custom import custom_op
 from .debug import CommunicationMismatch, wait
@@ -34,75 +42,167 @@ _OPPOSITE = (SOUTH, NORTH, EAST, WEST)
 _ADJOINT_TAG = 4
 
 
-def halo_exchange(u, grid):
-    """Fill the ghost ring of each rank's padded patch with its neighbours' boundary cells.
+def halo_exchange(u, grid, width=1, corners=False):
+    """Fill the ghost layers of each rank's padded patch with its neighbours' boundary cells.
 
     Parameters
     ----------
-    u : Tensor or array, shape (nx + 2, ny + 2)
-        This rank's patch with its ghost ring (distributed).
-    grid : gpumpiad.heat.Grid
-        The decomposition ``u`` belongs to.
+    u : Tensor or array, or a tuple or list of them
+        This rank's patch with ``width`` ghost layers on every side along every axis,
+        ``local_shape[a] + 2 * width[a]`` cells along axis ``a`` (distributed). Several fields
+        travel together: one message per neighbour carries all of them.
+    grid : gpumpiad.Grid
+        The 1-, 2- or 3-D decomposition ``u`` belongs to.
+    width : int or tuple of int, optional
+        Ghost layers per side, for every axis or one per axis (``>= 0``; an axis of width 0
+        exchanges nothing). At most the cells of every patch along an axis that has neighbours.
+    corners : bool, optional
+        Also fill the edge and corner ghosts (cells in the ghost layers of two or three axes),
+        as a stencil that reads diagonal neighbours needs; by default only the face ghosts
+        (interior extent along the other axes) are filled and the others keep ``u``'s values.
 
     Returns
     -------
-    Tensor
-        A distributed copy of ``u`` whose ghosts facing a neighbour hold that neighbour's
-        boundary row/column; ghosts on the physical boundary (Dirichlet values) and corners are
-        ``u``'s own.
+    Tensor, or tuple of Tensor
+        A distributed copy of ``u`` (a tuple for a tuple or list) whose ghosts facing a
+        neighbour hold that neighbour's cells; ghosts on the physical boundary keep ``u``'s
+        values (Dirichlet data). Along a periodic axis the patches on its two edges are
+        neighbours (one patch along the axis is its own).
 
     Raises
     ------
     TypeError
-        When ``grid`` is not a Grid or ``u`` not of a floating dtype.
+        When ``grid`` is not a Grid, a field is not of a floating dtype, or ``width`` or
+        ``corners`` is not of its type.
     ValueError
-        When ``u`` is not of the padded shape, or ``grid`` was freed.
+        When a field has another number of axes than ``grid`` or not the padded shape,
+        ``width`` is negative, has the wrong number of entries or exceeds the cells of a
+        patch along an axis with neighbours, or ``grid`` was freed.
 
     Notes
     -----
-    The exchange is linear, ``v = E u``. Its adjoint sends the cotangent of every received
-    ghost back to the rank that owns the cell and adds it there:
+    The axes are exchanged one after another. With ``corners``, the faces of axis ``a`` span
+    the ghost layers of the axes before it, so edge and corner ghosts arrive in two or three
+    hops and no diagonal message is needed; without, all axes go in one round.
+
+    The exchange is linear, ``v = E u``. Its adjoint sends the cotangent of every ghost filled
+    from a neighbour back to the rank that owns the cell and adds it there (axes in reverse
+    order with ``corners``):
 
     .. math:: \\bar u_c = \\bar v_c + \\sum_{g \\,\\text{ghost copy of}\\, c} \\bar v_g ,
-              \\qquad \\bar u_g = 0 \\ \\text{for ghosts facing a neighbour},
+              \\qquad \\bar u_g = 0 \\ \\text{for ghosts filled from a neighbour},
 
     while physical-boundary ghosts pass their cotangent through unchanged.
+
+    Device (CuPy) fields are packed and unpacked on the library's communication stream,
+    after the work queued on the current stream; the host waits only for the packed cells,
+    and the current stream is ordered after the unpacking.
 
     Examples
     --------
     >>> import numpy as np, gpumpiad
-    >>> from gpumpiad.halo import halo_exchange
-    >>> from gpumpiad.heat import Grid
-    >>> grid = Grid((8, 6))
-    >>> u = gpumpiad.tensor(np.ones(grid.padded_shape), distributed=True)
-    >>> halo_exchange(u, grid).shape == grid.padded_shape
+    >>> grid = gpumpiad.Grid((8, 6, 4), periodic=True)
+    >>> u = gpumpiad.tensor(np.ones(tuple(n + 4 for n in grid.local_shape)), distributed=True)
+    >>> v = gpumpiad.halo_exchange(u, grid, width=2, corners=True)
+    >>> v.shape == u.shape
     True
+    >>> a, b = gpumpiad.halo_exchange((u, 2 * u), grid, width=2)
     """
-    check_grid(grid, "halo_exchange", ndim=2)
-    data = u.data if isinstance(u, Tensor) else u
+    check_grid(grid, "halo_exchange")
+    rank = MPI.COMM_WORLD.Get_rank()
+    several = isinstance(u, (tuple, list))
+    fields = tuple(u) if several else (u,)
+    if not fields:
+        raise ValueError(f"rank {rank}: halo_exchange expects u to be a field or a non-empty "
+                         f"tuple or list of fields, got an empty {type(u).__name__}")
+    if not isinstance(corners, (bool, np.bool_)):
+        raise TypeError(f"rank {rank}: halo_exchange's corners must be a bool, got "
+                        f"{type(corners).__name__} {corners!r}")
+    widths = _check_width(width, grid)
+    padded = tuple(n + 2 * w for n, w in zip(grid.local_shape, widths))
+    for k, field in enumerate(fields):
+        _check_field(field, k if several else None, grid, widths, padded)
+    return _halo_nd(*fields, grid=grid, widths=widths, corners=bool(corners), several=several)
+
+
+def _check_width(width, grid):
+    """``width`` as one int per axis of ``grid``, each no larger than any patch along an axis
+    that exchanges (checked alike on every rank: every rank knows every patch's size)."""
+    rank, d = MPI.COMM_WORLD.Get_rank(), grid.ndim
+    if is_int(width):
+        widths = (int(width),) * d
+    else:
+        try:
+            widths = tuple(width)
+        except TypeError:
+            widths = None
+        if widths is None or not all(is_int(w) for w in widths):
+            raise TypeError(f"rank {rank}: halo_exchange's width must be an int or {d} ints "
+                            f"(one per axis of the {d}-D grid), got {width!r}")
+        if len(widths) != d:
+            raise ValueError(f"rank {rank}: halo_exchange's width must be an int or {d} ints "
+                             f"(one per axis of the {d}-D grid), got {len(widths)}: {width!r}")
+        widths = tuple(int(w) for w in widths)
+    if min(widths) < 0:
+        raise ValueError(f"rank {rank}: halo_exchange's width must be >= 0 along every axis, "
+                         f"got {width!r}")
+    for axis, w in enumerate(widths):
+        if w == 0 or (grid.dims[axis] == 1 and not grid.periodic[axis]):
+            continue
+        smallest = min(grid.sizes[axis])
+        if w <= smallest:
+            continue
+        n, who = smallest, (f"the patch at position {grid.sizes[axis].index(smallest)} of "
+                            f"{grid.dims[axis]} along axis {axis},")
+        if grid.local_shape[axis] < w:
+            n, who = grid.local_shape[axis], "this rank's patch,"
+        for side in (2 * axis + 1, 2 * axis):
+            peer = grid.neighbours[side]
+            if peer != MPI.PROC_NULL:
+                size = grid.sizes[axis][grid.cart.mpi.Get_coords(peer)[axis]]
+                if size < w:
+                    whose = "this rank's own patch" if peer == grid.rank else \
+                        f"the patch of grid rank {peer}"
+                    n, who = size, f"{whose}, its neighbour on side {side},"
+        raise ValueError(f"rank {rank}: halo_exchange's width along axis {axis} is {w}, larger "
+                         f"than {who} which has {n} cell(s) along axis {axis}: expected a width "
+                         f"of at most {smallest} there (the smallest patch along axis {axis} of "
+                         f"grid {grid.shape} split {grid.dims})")
+    return widths
+
+
+def _check_field(field, k, grid, widths, padded):
+    rank = MPI.COMM_WORLD.Get_rank()
+    name = "u" if k is None else f"u[{k}]"
+    data = field.data if isinstance(field, Tensor) else field
     shape = tuple(getattr(data, "shape", ()))
     kind = getattr(getattr(data, "dtype", None), "kind", None)
     if kind != "f":
-        raise TypeError(f"rank {grid.rank}: halo_exchange expects u of a floating dtype "
+        raise TypeError(f"rank {rank}: halo_exchange expects {name} of a floating dtype "
                         f"(float32 or float64), got {getattr(data, 'dtype', type(data).__name__)}")
-    if shape != grid.padded_shape:
-        raise ValueError(f"rank {grid.rank}: halo_exchange expects u of padded shape "
-                         f"{grid.padded_shape} (nx+2, ny+2), got {shape}")
-    return _halo(u, grid=grid)
+    if len(shape) != grid.ndim:
+        raise ValueError(f"rank {rank}: halo_exchange expects {name} with {grid.ndim} axes, "
+                         f"one per axis of the {grid.ndim}-D grid {grid.shape}, got shape "
+                         f"{shape} ({len(shape)} axes)")
+    if shape != padded:
+        raise ValueError(f"rank {rank}: halo_exchange expects {name} of padded shape {padded} "
+                         f"(local shape {grid.local_shape} + 2 * width {widths}), got {shape}")
 
 
 @custom_op(name="halo_exchange", layout=DISTRIBUTED)
-def _halo(u, grid):
-    v = u.copy()
-    exchange(v, grid)
-    return v
+def _halo_nd(*fields, grid, widths, corners, several):
+    out = tuple(f.copy() for f in fields)
+    _exchange_nd(out, grid, widths, corners, adjoint=False)
+    return out if several else out[0]
 
 
-@_halo.defvjp
-def _halo_vjp(g, ans, u, grid):
-    g = g.copy()
-    exchange_adjoint(g, grid)
-    return g
+@_halo_nd.defvjp
+def _halo_nd_vjp(g, ans, *fields, grid, widths, corners, several):
+    gs = g if several else (g,)
+    xp = get_array_module(fields[0])
+    out = tuple(xp.zeros_like(f) if c is None else c.copy() for c, f in zip(gs, fields))
+    _exchange_nd(out, grid, widths, corners, adjoint=True)
+    return out
 
 
 # Exchanges dropped before their wait (an error between start and wait): MPI may still write
@@ -536,3 +636,180 @@ def _ghost(a, side):
         return a[1:-1, 0]
     return a[1:-1, -1]
 
+
+# The N-D exchange's messages: tag = the side a message leaves from (0 to 5), its adjoint's
+# tags follow, so that an exchange and its adjoint never match each other's messages.
+_ND_ADJOINT_TAG = 6
+# Fields of several dtypes share one message; each field's cells start at a multiple of this.
+_ALIGN = 16
+
+
+def _exchange_nd(fields, grid, widths, corners, adjoint):
+    """Fill (``adjoint``: send back and add) the ghosts of padded ``fields`` in place, axis by
+    axis with ``corners`` (reverse order for the adjoint), all axes in one round without."""
+    if _abandoned:
+        _release_finished()
+    shape = tuple(fields[0].shape)
+    axes = [a for a, w in enumerate(widths)
+            if w and (grid.neighbours[2 * a] != MPI.PROC_NULL
+                      or grid.neighbours[2 * a + 1] != MPI.PROC_NULL)]
+    if not axes:
+        check_grid(grid, "halo exchange")
+        return fields
+    rounds = [[a] for a in axes] if corners else [axes]
+    if adjoint:
+        rounds.reverse()
+    device = is_device_array(fields[0])
+    for round_axes in rounds:
+        plans = [_Plan(fields, shape, widths, side, grid.neighbours[side], corners)
+                 for a in round_axes for side in (2 * a, 2 * a + 1)
+                 if grid.neighbours[side] != MPI.PROC_NULL]
+        (_device_round if device else _host_round)(fields, grid, plans, adjoint)
+    return fields
+
+
+class _Plan:
+    """One side of one round: the peer, the boundary slab sent (``edge``) and the ghost slab
+    filled (``ghost``), and where each field's cells lie in the message (bytes)."""
+
+    __slots__ = ("side", "peer", "edge", "ghost", "slab", "offsets", "nbytes")
+
+    def __init__(self, fields, shape, widths, side, peer, corners):
+        axis = side // 2
+        # With corners, axis a's faces span the ghost layers of the axes exchanged before it.
+        extent = [slice(None) if corners and b < axis else slice(w, n - w)
+                  for b, (n, w) in enumerate(zip(shape, widths))]
+        n, w = shape[axis], widths[axis]
+        edge, ghost = list(extent), list(extent)
+        if side % 2 == 0:
+            edge[axis], ghost[axis] = slice(w, 2 * w), slice(0, w)
+        else:
+            edge[axis], ghost[axis] = slice(n - 2 * w, n - w), slice(n - w, n)
+        self.side, self.peer = side, peer
+        self.edge, self.ghost = tuple(edge), tuple(ghost)
+        self.slab = tuple(len(range(*s.indices(m))) for s, m in zip(self.edge, shape))
+        count = math.prod(self.slab)
+        self.offsets, offset = [], 0
+        for field in fields:
+            offset = -(-offset // _ALIGN) * _ALIGN
+            self.offsets.append(offset)
+            offset += count * field.dtype.itemsize
+        self.nbytes = offset
+
+    def views(self, buf, fields):
+        """Each field's cells in message buffer ``buf`` (bytes), shaped as the slab."""
+        count = math.prod(self.slab)
+        return [buf[o:o + count * f.dtype.itemsize].view(f.dtype).reshape(self.slab)
+                for f, o in zip(fields, self.offsets)]
+
+    def pack(self, buf, fields, adjoint):
+        source = self.ghost if adjoint else self.edge
+        for view, field in zip(self.views(buf, fields), fields):
+            view[...] = field[source]
+
+    def unpack(self, buf, fields, adjoint):
+        for view, field in zip(self.views(buf, fields), fields):
+            if adjoint:
+                target = field[self.edge]
+                target += view
+            else:
+                field[self.ghost] = view
+
+
+def _post(grid, plans, recvs, sends, adjoint):
+    """Post every receive, then every send, of one round; returns the requests and the
+    ``(buffer, peer, tag)`` of each receive."""
+    mpi = grid.cart.mpi
+    tag0 = _ND_ADJOINT_TAG if adjoint else 0
+    requests, received = [], []
+    try:
+        for plan, buf in zip(plans, recvs):
+            tag = tag0 + (plan.side ^ 1)
+            requests.append(mpi.Irecv([buf, MPI.BYTE], source=plan.peer, tag=tag))
+            received.append((buf, plan.peer, tag))
+        for plan, buf in zip(plans, sends):
+            requests.append(mpi.Isend([buf, MPI.BYTE], dest=plan.peer, tag=tag0 + plan.side))
+    except MPI.Exception:
+        # A freed grid's communicator fails the first call: say so, not MPI's words.
+        check_grid(grid, "halo exchange")
+        raise
+    return requests, received
+
+
+def _complete(requests, received, keep, adjoint):
+    """Wait for one round's messages and check that each filled its buffer."""
+    call = "adjoint halo exchange" if adjoint else "halo exchange"
+    statuses = [MPI.Status() for _ in requests]
+    try:
+        wait(requests, call=call, statuses=statuses)
+    except MPI.Exception as exc:
+        raise transport.mpi_error(call, exc, statuses) from None
+    except BaseException:
+        # The watchdog: MPI may still use the buffers; keep them.
+        _abandoned.append((requests, received, keep))
+        raise
+    for (buf, peer, tag), status in zip(received, statuses):
+        transport.check_filled(status, buf, call, peer, tag)
+
+
+def _host_round(fields, grid, plans, adjoint):
+    nbytes = sum(plan.nbytes for plan in plans)
+    with trace.span("halo_exchange", trace.COMMUNICATION, payload=nbytes):
+        recvs = [np.empty(plan.nbytes, np.uint8) for plan in plans]
+        sends = [np.empty(plan.nbytes, np.uint8) for plan in plans]
+        for plan, buf in zip(plans, sends):
+            plan.pack(buf, fields, adjoint)
+        requests, received = _post(grid, plans, recvs, sends, adjoint)
+        if adjoint:
+            # Ghost copies were just sent to their owners: their cotangent now lives there.
+            for plan in plans:
+                for field in fields:
+                    field[plan.ghost] = 0
+        _complete(requests, received, (recvs, sends), adjoint)
+        for plan, buf in zip(plans, recvs):
+            plan.unpack(buf, fields, adjoint)
+
+
+def _device_round(fields, grid, plans, adjoint):
+    """One round on a device, ordered as :class:`DeviceExchange` orders its work: packing on
+    the communication stream after the current stream's work so far, the host waiting only
+    for the packing, the unpacking on the communication stream and the current stream after
+    it."""
+    import cupy
+    nbytes = sum(plan.nbytes for plan in plans)
+    stream = streams.comm_stream()
+    streams.order(stream, streams.current_stream())
+    staged = not transport.cuda_aware()
+    with trace.span("halo_exchange.pack", trace.COMMUNICATION, payload=nbytes), stream:
+        # Made on the communication stream, the only one that touches them.
+        recvs = [cupy.empty(plan.nbytes, np.uint8) for plan in plans]
+        sends = [cupy.empty(plan.nbytes, np.uint8) for plan in plans]
+        staged_recvs = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans] if staged \
+            else None
+        staged_sends = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans] if staged \
+            else None
+        for k, plan in enumerate(plans):
+            plan.pack(sends[k], fields, adjoint)
+            if staged:
+                sends[k].get(stream=stream, out=staged_sends[k], blocking=False)
+        if adjoint:
+            for plan in plans:
+                for field in fields:
+                    field[plan.ghost].fill(0)
+    packed = streams.record(stream)
+    with trace.span("halo_exchange", trace.COMMUNICATION, payload=nbytes):
+        # MPI reads the packed cells and writes buffers whose memory earlier work on the
+        # communication stream may have used: both are queued before the packing's event.
+        packed.synchronize()
+        requests, received = _post(grid, plans, staged_recvs if staged else recvs,
+                                   staged_sends if staged else sends, adjoint)
+        _complete(requests, received, (recvs, sends, staged_recvs, staged_sends), adjoint)
+    with trace.span("halo_exchange.unpack", trace.COMMUNICATION, payload=nbytes), stream:
+        for k, plan in enumerate(plans):
+            if staged:
+                recvs[k].set(staged_recvs[k], stream=stream)
+            plan.unpack(recvs[k], fields, adjoint)
+    filled = streams.record(stream)
+    streams.current_stream().wait_event(filled)
+    # The pinned pool hands a freed block out again at once: keep them until the copies ran.
+    streams._keep_until_done(filled, (recvs, staged_recvs))
