@@ -401,6 +401,36 @@ static void host_heat_steps(T* const* states, const T* __restrict__ kappa,
     host_wrap(states[steps], nx, ny, wrap_i, wrap_j);
 }
 
+// `steps` adjoint steps in one call, n = steps-1 ... 0: lam^n from lam^(n+1) (its wrapped ghosts
+// filled first), the two buffers lam and spare in turn, starting from lam. states[n] is u^n
+// (states NULL: no kappa_bar); traj, when not NULL, holds steps+1 unpadded nx x ny cotangents of
+// the states, and traj[n] is added to lam^n's interior after its step. Returns the buffer that
+// holds lam^0. The same operations in the same order as one host_heat_adjoint_wrapped call per
+// step: the same bits.
+template <typename T>
+static T* host_heat_adjoints(T* lam, T* spare, const T* __restrict__ kappa,
+                             const T* const* states, T* kappa_bar, T* f_bar,
+                             const T* __restrict__ traj, int nx, int ny, T r, T dt, int steps,
+                             int grads, int wrap_i, int wrap_j)
+{
+    const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
+    for (int n = steps - 1; n >= 0; --n) {
+        host_wrap(lam, nx, ny, wrap_i, wrap_j);
+        host_heat_adjoint_grads<T>(lam, kappa, states ? states[n] : nullptr, spare, kappa_bar,
+                                   f_bar, nx, ny, r, dt, 1, nx + 1, 1, ny + 1, grads);
+        if (traj) {
+            const T* __restrict__ add = traj + (gpumpiad_idx)n * nx * ny;
+            for (int i = 0; i < nx; ++i) {
+                T* __restrict__ row = spare + (gpumpiad_idx)(i + 1) * s + 1;
+                const T* __restrict__ g = add + (gpumpiad_idx)i * ny;
+                for (int j = 0; j < ny; ++j) row[j] += g[j];
+            }
+        }
+        T* t = lam; lam = spare; spare = t;
+    }
+    return lam;
+}
+
 // Interior of an nx x ny C-contiguous field copied into padded dst; stats = {min, max,
 // non-finite count} of the values (min and max over the finite ones): the solver's argument
 // check and its padded copy in one pass.
@@ -495,6 +525,13 @@ static void host_copy4(const T* __restrict__ a, const T* __restrict__ b, const T
         host_wrap(lam_next, nx, ny, wrap_i, wrap_j);                                            \
         host_heat_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, nx, ny, r, dt, 1,  \
                                    nx + 1, 1, ny + 1, grads);                                   \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT T* host_heat_adjoints_##SUF(                                     \
+        T* lam, T* spare, const T* kappa, const T* const* states, T* kappa_bar, T* f_bar,       \
+        const T* traj, int nx, int ny, T r, T dt, int steps, int grads, int wrap_i, int wrap_j) \
+    {                                                                                           \
+        return host_heat_adjoints<T>(lam, spare, kappa, states, kappa_bar, f_bar, traj, nx, ny, \
+                                     r, dt, steps, grads, wrap_i, wrap_j);                      \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_wrap_##SUF(T* u, int nx, int ny, int wrap_i,           \
                                                     int wrap_j)                                 \

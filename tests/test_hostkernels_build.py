@@ -240,3 +240,106 @@ def test_solver_runs_one_call_for_many_steps_on_one_rank(monkeypatch):
     with Grid((6, 5), comm=gpumpiad.Comm(MPI.COMM_SELF), periodic=True) as grid:
         solve(u0, kappa, f, 1e-3, 0.1, 40, grid=grid, backend="host")
     assert calls == [41]
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wrap", [(False, False), (True, True)])
+def test_many_adjoint_steps_per_call_give_the_bits_of_single_steps(dtype, wrap):
+    rng = np.random.default_rng(9)
+    shape, steps = (11, 8), 5
+    kappa = (0.5 + rng.random(shape)).astype(dtype)
+    f = rng.random(shape).astype(dtype)
+    loop = hostkernels.Loop(kappa, f, 0.2, 0.003, wrap)
+    states = [rng.random(shape).astype(dtype) for _ in range(steps)]
+    traj = rng.standard_normal((steps + 1, shape[0] - 2, shape[1] - 2)).astype(dtype)
+    for with_traj in (False, True):
+        for grads_wanted in ((True, True), (True, False), (False, True), (False, False)):
+            start = np.zeros(shape, dtype)
+            start[1:-1, 1:-1] = rng.standard_normal((shape[0] - 2, shape[1] - 2))
+            bars = [np.zeros(shape, dtype) if w else None for w in grads_wanted]
+            want = [None if b is None else b.copy() for b in bars]
+            lam, spare = start.copy(), np.zeros(shape, dtype)
+            for n in range(steps - 1, -1, -1):
+                loop.adjoint(lam, states[n], spare, *want)
+                if with_traj:
+                    spare[1:-1, 1:-1] += traj[n]
+                lam, spare = spare, lam
+            a, b = start.copy(), np.zeros(shape, dtype)
+            read = states if grads_wanted[0] else steps
+            got = loop.adjoints(a, b, read, *bars, traj if with_traj else None)
+            assert got is (a if steps % 2 == 0 else b)
+            assert np.array_equal(got[1:-1, 1:-1], lam[1:-1, 1:-1])
+            for g, w in zip(bars, want):
+                assert (g is None) == (w is None) and (g is None or np.array_equal(g, w))
+    with pytest.raises(ValueError, match="traj must be a C-contiguous"):
+        loop.adjoints(np.zeros(shape, dtype), np.zeros(shape, dtype), steps, None, None,
+                      traj[:, ::2])
+    with pytest.raises(ValueError, match="needed to accumulate kappa_bar"):
+        loop.adjoints(np.zeros(shape, dtype), np.zeros(shape, dtype), steps,
+                      np.zeros(shape, dtype), None)
+
+
+def one_rank_gradients(shape, dtype, periodic, checkpoints, trajectory, argnums):
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    u0 = rng.random(shape).astype(dtype)
+    kappa = (0.5 + rng.random(shape)).astype(dtype)
+    f = rng.random(shape).astype(dtype)
+    w = rng.standard_normal(shape).astype(dtype)
+    h = 1.0 / max(shape)
+    with Grid(shape, comm=gpumpiad.Comm(MPI.COMM_SELF), periodic=periodic) as grid:
+        def objective(*a):
+            out = solve(*a, 0.1 * h * h, h, 9, grid=grid, boundary=0.25,
+                        checkpoints=checkpoints, trajectory=trajectory, backend="host")
+            if trajectory:
+                out, traj = out
+                return gpumpiad.mpi_sum((out * w).sum() + (traj * traj).sum())
+            return gpumpiad.mpi_sum((out * out * w).sum())
+
+        value, grads = gpumpiad.value_and_grad(objective, argnums=argnums)(u0, kappa, f)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    return [to_numpy(value)] + [to_numpy(g) for g in grads]
+
+
+@needs_host
+def test_one_call_reverse_pass_gives_the_bits_of_the_per_step_loop(monkeypatch):
+    """The one-rank reverse pass in one call against the per-step loop it replaces: the same
+    bits at several sizes, periodic or not, with and without a trajectory and checkpoints,
+    whatever cotangents are wanted; and the one call is made (O(1) Python calls)."""
+    from gpumpiad.heat import solver
+
+    cases = [(shape, dtype, periodic, checkpoints, trajectory, argnums)
+             for shape in ((5, 4), (16, 12), (33, 40))
+             for dtype in (np.float64, np.float32)
+             for periodic in (False, True)
+             for checkpoints in (None, 3)
+             for trajectory in (False, True)
+             for argnums in ((0, 1, 2), (0,), (1,), (0, 2))
+             if dtype == np.float64 or shape == (16, 12)]
+    calls = []
+    batch = hostkernels.Loop.adjoints
+    monkeypatch.setattr(hostkernels.Loop, "adjoints",
+                        lambda self, *a: calls.append(1) or batch(self, *a))
+    new = [one_rank_gradients(*case) for case in cases]
+    batched = len(calls)
+    assert batched == sum(1 for c in cases if c[3] is None or 1 not in c[5])
+    monkeypatch.setattr(solver._Heat, "_adjoints_host", lambda self, *a: None)
+    old = [one_rank_gradients(*case) for case in cases]
+    assert len(calls) == batched
+    for case, got, want in zip(cases, new, old):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and np.array_equal(g, w), case
+
+
+@needs_host
+def test_one_rank_reverse_pass_without_checkpoints_is_one_kernel_call(monkeypatch):
+    calls = []
+    single = hostkernels.Loop.adjoint
+    monkeypatch.setattr(hostkernels.Loop, "adjoint",
+                        lambda self, *a: calls.append("adjoint") or single(self, *a))
+    batch = hostkernels.Loop.adjoints
+    monkeypatch.setattr(hostkernels.Loop, "adjoints",
+                        lambda self, *a: calls.append("adjoints") or batch(self, *a))
+    one_rank_gradients((6, 5), np.float64, True, None, True, (0, 1, 2))
+    assert calls == ["adjoints"]

@@ -93,6 +93,9 @@ def _declare(lib) -> None:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = argtypes
             fn.restype = None
+        fn = getattr(lib, f"host_heat_adjoints_{suffix}")
+        fn.argtypes = [p, p, p, p, p, p, p, i, i, real, real, i, i, i, i]
+        fn.restype = p
 
 
 def _load():
@@ -364,8 +367,8 @@ class Loop:
     True
     """
 
-    __slots__ = ("_step", "_steps", "_adjoint", "_wrap", "_fixed", "_dims", "_scalars",
-                 "_wraps", "_pointers", "_kappa", "_whole")
+    __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fixed", "_dims",
+                 "_scalars", "_wraps", "_pointers", "_kappa", "_whole", "_dtype", "_interior")
 
     def __init__(self, kappa, f, r, dt, wrap=(False, False)):
         dtype, nx, ny, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [])
@@ -379,6 +382,9 @@ class Loop:
         self._wrap = lib[f"host_wrap_{suffix}"]
         for fn in (self._step, self._steps, self._adjoint, self._wrap):
             fn.restype = None
+        self._adjoints = lib[f"host_heat_adjoints_{suffix}"]
+        self._adjoints.restype = ctypes.c_void_p
+        self._dtype, self._interior = dtype, (nx, ny)
         real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
         n_x, n_y = ctypes.c_int(nx), ctypes.c_int(ny)
         self._kappa = ctypes.c_void_p(ka)
@@ -428,6 +434,49 @@ class Loop:
                       None if kappa_bar is None else self._pointer(kappa_bar),
                       None if f_bar is None else self._pointer(f_bar), *self._dims,
                       *self._scalars, ctypes.c_int(mask), *self._wraps)
+
+    def adjoints(self, lam, spare, states, kappa_bar, f_bar, traj=None):
+        """``len(states)`` adjoint steps in one call, as :meth:`adjoint` once per step from the
+        last state to the first with ``lam`` and ``spare`` in turn (``lam`` holds the first
+        ``lam_next``); returns the one of the two that holds the last ``lam``.
+
+        ``states``: ``u^0 ... u^(n-1)`` (C-contiguous buffers of the loop's shape and dtype),
+        or ``n``, the number of steps, when no state is read (no ``kappa_bar``). ``traj``:
+        ``None`` or a C-contiguous array of the loop's dtype and shape ``(n + 1, nx, ny)``
+        whose ``traj[k]`` is added to the interior of ``lam^k`` after its step (k < n). No
+        halo exchange: for a patch no other rank borders.
+
+        Raises
+        ------
+        ValueError
+            On a ``traj`` of another dtype, shape or layout.
+        """
+        if isinstance(states, int):
+            steps, table = states, None
+        else:
+            steps = len(states)
+            table = (ctypes.c_void_p * steps)(*(_address(a, a.flags.writeable)
+                                                 for a in states))
+        mask = grads(None if table is None else lam, kappa_bar, f_bar)
+        address = None
+        if traj is not None:
+            shape = (steps + 1,) + self._interior
+            if (type(traj) is not np.ndarray or traj.dtype != self._dtype or
+                    traj.shape != shape or not traj.flags.c_contiguous):
+                raise ValueError(f"traj must be a C-contiguous {self._dtype} numpy.ndarray of "
+                                 f"shape {shape}, got {type(traj).__name__} "
+                                 f"{getattr(traj, 'dtype', None)} {getattr(traj, 'shape', None)}")
+            address = traj.ctypes.data
+        if steps <= 0:
+            return lam
+        first = self._pointer(lam)
+        last = self._adjoints(first, self._pointer(spare), self._kappa, table,
+                              None if kappa_bar is None else self._pointer(kappa_bar),
+                              None if f_bar is None else self._pointer(f_bar),
+                              None if address is None else ctypes.c_void_p(address),
+                              *self._dims, *self._scalars, ctypes.c_int(steps),
+                              ctypes.c_int(mask), *self._wraps)
+        return lam if last == first.value else spare
 
     def forget(self, a):
         """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""

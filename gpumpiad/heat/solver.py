@@ -489,7 +489,10 @@ class _Heat:
         kept = {id(u) for u in self.states.values()} if self.retain else ()
         spare = _pad_buffer(self.frame)
         loop, exchange = self.loop, self.halo.exchange if self.halo is not None else None
-        for n, u in self._reversed_states():
+        batch = self._adjoints_host(lam, spare, kappa_bar, f_bar, g_traj, kept)
+        if batch is not None:
+            lam, spare = batch
+        for n, u in (() if batch is not None else self._reversed_states()):
             lam_prev, spare = spare, None
             if exchange is not None:
                 exchange(lam)
@@ -513,6 +516,28 @@ class _Heat:
         if not self.retain:
             self._release()
         return grads
+
+    def _adjoints_host(self, lam, spare, kappa_bar, f_bar, g_traj, kept):
+        """The whole reverse loop in one host call where no halo is exchanged and no state is
+        recomputed; ``(lam^0's buffer, the other)``, or None where the loop runs step by
+        step."""
+        if not self.local or (self.keep_states and self.checkpoints is not None):
+            return None
+        traj = None
+        if g_traj is not None:
+            if type(g_traj) is not np.ndarray or g_traj.dtype != self.frame.dtype:
+                return None
+            traj = np.ascontiguousarray(g_traj)
+        states = self.steps
+        if self.keep_states:
+            states = [self.states[n] for n in range(self.steps)]
+        with trace.span("heat.adjoint_steps", trace.ADJOINT, payload=self.cells * self.steps):
+            last = self.loop.adjoints(lam, spare, states, kappa_bar, f_bar, traj)
+        if self.keep_states:
+            for u in states:
+                if id(u) not in kept:
+                    _recycle(u, self.ghosts)
+        return last, (spare if last is lam else lam)
 
     def _release(self):
         """Return the padded kappa and f to the kept buffers and free the persistent
