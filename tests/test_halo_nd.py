@@ -139,6 +139,27 @@ def test_dot_product_with_the_tapes_adjoint():
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_gradient_of_a_global_objective_against_finite_differences():
+    """Two fields, corners, a nonlinear objective of the exchanged fields: the tape's gradient
+    against central differences of the global objective, one element on one rank at a time."""
+    size = MPI.COMM_WORLD.size
+    for d, periodic, widths in ((1, (True,), (2,)), (2, (False, True), (2, 1)),
+                                (3, (True, False, True), (1, 1, 1))):
+        with gm.Grid(SHAPES[d], dims=(size,) + (1,) * (d - 1), periodic=periodic) as grid:
+            shape = tuple(n + 2 * w for n, w in zip(grid.local_shape, widths))
+            rng = np.random.default_rng(MPI.COMM_WORLD.rank)
+            a, b, wa, wb = (rng.standard_normal(shape) for _ in range(4))
+
+            def objective(fa, fb):
+                va, vb = gm.halo_exchange((fa, fb), grid, width=widths, corners=True)
+                return gm.mpi_sum((gm.sin(va) * wa).sum() + (vb * vb * wb).sum())
+
+            report = gm.check_grad(objective, gm.tensor(a, distributed=True),
+                                   gm.tensor(b, distributed=True), max_elements=24)
+            parallel_assert(report["checked"] > 0, f"{d}-D: nothing checked")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_two_d_width_one_is_the_raw_exchange():
     """The 2-D, width 1, no-corner exchange gives the raw exchange's values and adjoint bit
     for bit."""
