@@ -1,8 +1,9 @@
 """Array backend: NumPy on the CPU, CuPy on a CUDA device.
 
-This module, :mod:`gpumpiad.streams` (streams, events, staging) and the CUDA kernels' loader
-are the only places that import CuPy; all other code works on whichever array module
-:func:`array_module` (or :func:`get_array_module` of an array) returns.
+CuPy is imported only here, in :mod:`gpumpiad.streams` (streams, events, device and pinned
+buffers), by the CUDA kernels' loader and launchers and by the PyTorch bridge; all other code
+works on whichever array module :func:`array_module` (or :func:`get_array_module` of an array)
+returns.
 
 A CuPy that is installed but fails to import, or a CUDA runtime that fails for a reason other
 than having no device or driver, is reported (a warning, and an error when

@@ -415,22 +415,21 @@ class DeviceExchange:
     def __init__(self, grid, shape, dtype, kernels=None):
         if kernels is None:
             from . import cuda_kernels as kernels
-        import cupy
         self._grid, self._kernels = grid, kernels
         self._links = _links(grid)
         nx, ny = shape[0] - 2, shape[1] - 2
         sizes = [ny if side < 2 else nx for side, _ in self._links]
         # Made on the communication stream, the only one that touches them.
         with streams.comm_stream():
-            self._send = [cupy.empty(n, dtype) for n in sizes]
-            self._recv = [cupy.empty(n, dtype) for n in sizes]
+            self._send = [streams.device_empty(n, dtype) for n in sizes]
+            self._recv = [streams.device_empty(n, dtype) for n in sizes]
         staged = not transport.cuda_aware()
         self._staged_send = [streams.pinned_empty(n, dtype) for n in sizes] if staged else None
         self._staged_recv = [streams.pinned_empty(n, dtype) for n in sizes] if staged else None
         self._packed, self._filled = streams.new_event(), streams.new_event()
         self._keep = None
         #: Bytes one exchange sends from this rank.
-        self.nbytes = sum(sizes) * cupy.dtype(dtype).itemsize
+        self.nbytes = sum(sizes) * np.dtype(dtype).itemsize
 
     def post(self, a, adjoint=False):
         """Queue the packing of ``a``'s boundary cells (``adjoint``: its ghosts facing a
@@ -785,15 +784,14 @@ def _device_round(fields, grid, plans, adjoint):
     the communication stream after the current stream's work so far, the host waiting only
     for the packing, the unpacking on the communication stream and the current stream after
     it."""
-    import cupy
     nbytes = sum(plan.nbytes for plan in plans)
     stream = streams.comm_stream()
     streams.order(stream, streams.current_stream())
     staged = not transport.cuda_aware()
     with trace.span("halo_exchange.pack", trace.COMMUNICATION, payload=nbytes), stream:
         # Made on the communication stream, the only one that touches them.
-        recvs = [cupy.empty(plan.nbytes, np.uint8) for plan in plans]
-        sends = [cupy.empty(plan.nbytes, np.uint8) for plan in plans]
+        recvs = [streams.device_empty(plan.nbytes, np.uint8) for plan in plans]
+        sends = [streams.device_empty(plan.nbytes, np.uint8) for plan in plans]
         staged_recvs = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans] if staged \
             else None
         staged_sends = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans] if staged \

@@ -105,6 +105,13 @@ class on_compute:
         order(self.caller, self.stream)
 
 
+def device_empty(shape, dtype):
+    """An uninitialised device array from the current stream's pool (memory that only work
+    queued on that stream may still use)."""
+    import cupy
+    return cupy.empty(shape, dtype)
+
+
 def pinned_empty(shape, dtype):
     """A NumPy array in page-locked host memory from CuPy's pinned pool."""
     if backend.stage_host_arrays():

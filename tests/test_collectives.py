@@ -700,7 +700,7 @@ def test_watchdog_names_the_stuck_receive(monkeypatch):
 def test_host_staging_and_direct_paths_agree_bit_for_bit(monkeypatch):
     """GPUMPIAD_STAGE_HOST_ARRAYS=1 sends NumPy arrays down the device paths: staged through
     separate host buffers (GPUMPIAD_CUDA_AWARE=0) or handed to MPI directly (=1)."""
-    from gpumpiad import streams, transport
+    from gpumpiad import backend, streams, transport
     staged_calls = []
     real = streams.device_to_host
 
