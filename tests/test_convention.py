@@ -310,8 +310,10 @@ def test_fused_leaf_allreduce_with_rank_dependent_control_flow():
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_leaf_allreduce_only_where_some_rank_has_shares(monkeypatch):
-    """A serial leaf used only in serial ops gets its total locally: the reverse pass issues the
-    one-bitmap agreement and no allreduce of the leaf's shares; one used per rank gets both."""
+    """A small serial leaf's shares are allreduced on every pass, without an agreement on
+    whether any rank has some: used only in serial ops its (zero) shares cost that one
+    allreduce, used per rank it gets the forward sum and that allreduce; no agreement
+    collective either way (a large leaf's agreement: tests/test_mpi_sum_trips.py)."""
     from gpumpiad.comm import Comm
     size = mpi_size()
     x = np.linspace(-1.0, 1.0, 5)
@@ -329,5 +331,5 @@ def test_leaf_allreduce_only_where_some_rank_has_shares(monkeypatch):
         calls.append(list(issued))
         parallel_assert(_same(g, expected), f"{g} != {expected}")
     wanted = ([[], ["mpi_sum(SUM)"]] if size == 1 else
-              [[agree], ["mpi_sum(SUM)", agree, leaf]])
+              [[leaf], ["mpi_sum(SUM)", leaf]])
     parallel_assert(calls == wanted, f"communications issued: {calls}, expected {wanted}")
