@@ -44,6 +44,14 @@ beside it; it prints one table, which ``--out`` also receives::
 
     mpiexec -n 1 python bench/bench_heat.py --overhead --sizes 64 128 256 512 1024
     mpiexec -n 2 python bench/bench_heat.py --overhead --sizes 64 128 256 512 1024
+
+``--adjoint-loop`` compares, for each of ``--sizes`` on one patch per rank, the gradient /
+forward ratio (with respect to kappa, all states stored, ``max(20, min(1000, 2e7 / n^2))``
+steps) of the host reverse pass in one kernel call (a patch no other rank borders) against the
+same reverse pass one kernel call per step, in ``2 * --repeats`` alternating batches of
+``--repeats`` runs each; it prints min and median of each and the load average, and ``--out`` receives the table when given::
+
+    mpiexec -n 1 python bench/bench_heat.py --adjoint-loop --sizes 64 256 1024
 """
 from __future__ import annotations
 
@@ -183,6 +191,83 @@ def overhead(opts):
             out.write(text + "\n")
 
 
+def adjoint_loop(opts):
+    """The ``--adjoint-loop`` table: gradient / forward, reverse pass in one call or per step."""
+    from gpumpiad.heat import hostkernels, solver
+
+    comm = MPI.COMM_WORLD
+    dims = MPI.Compute_dims(comm.size, [0, 0])
+    one_call = solver._Heat._adjoints_host
+    rows = []
+    for n in opts.sizes:
+        steps = max(20, min(1000, int(2e7 / (n * n))))
+        grid = Grid((dims[0] * n, dims[1] * n), dims=dims)
+        h = grid.h[0]
+        rng = np.random.default_rng(comm.rank)
+        u0 = rng.random(grid.local_shape)
+        kappa = 0.5 + 0.5 * rng.random(grid.local_shape)
+        f = rng.random(grid.local_shape)
+        dt = 0.2 * h * h
+
+        def objective(k):
+            u = solve(u0, k, f, dt, h, steps, grid=grid)
+            return gpumpiad.mpi_sum((u * u).sum())
+
+        vg = gpumpiad.value_and_grad(objective)
+        karg = gpumpiad.tensor(kappa, distributed=True)
+        times = {"forward": [], "one call": [], "per step": []}
+        for k in range(2 * opts.repeats):
+            times["forward"].append(timed(lambda: solve(u0, kappa, f, dt, h, steps,
+                                                         grid=grid).data, np, opts.repeats))
+            order = ("one call", "per step") if k % 2 == 0 else ("per step", "one call")
+            for name in order:
+                solver._Heat._adjoints_host = (one_call if name == "one call"
+                                               else lambda self, *a: None)
+                try:
+                    times[name].append(timed(lambda: vg(karg)[1], np, opts.repeats))
+                finally:
+                    solver._Heat._adjoints_host = one_call
+        stats = {name: (min(t), float(np.median(t))) for name, t in times.items()}
+        fwd = stats["forward"]
+        rows.append(dict(n=n, steps=steps, fwd=fwd,
+                         **{name: (*stats[name], stats[name][0] / fwd[0],
+                                   stats[name][1] / fwd[1])
+                            for name in ("one call", "per step")}))
+        grid.free()
+    load = os.getloadavg()
+    if comm.rank != 0:
+        return
+    info = hostkernels.build_info()
+    cpu, _ = machine()
+    lines = [
+        f"## Reverse pass in one host call against one call per step, {comm.size} rank(s) "
+        f"({dims[0]}x{dims[1]}), float64, d/d kappa, all states stored",
+        "",
+        f"- Machine: {cpu}; load average (1, 5 min) at the end: {load[0]:.1f}, {load[1]:.1f}",
+        f"- Host build: `{' '.join(info['flags'])}`; gpumpiad from "
+        f"`{Path(gpumpiad.__file__).parent}`",
+        f"- {2 * opts.repeats} alternating batches (forward, then the two gradients in "
+        f"alternating order), each the best of {opts.repeats} runs; min (median) over the "
+        "batches; ratios: min over min (median over median)",
+        "",
+        "| n | steps | forward [ms] | gradient, one call [ms] | gradient, per step [ms] | "
+        "gradient / forward, one call | gradient / forward, per step |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        new, old = r["one call"], r["per step"]
+        lines.append(
+            f"| {r['n']} | {r['steps']} | {r['fwd'][0] * 1e3:.1f} ({r['fwd'][1] * 1e3:.1f}) | "
+            f"{new[0] * 1e3:.1f} ({new[1] * 1e3:.1f}) | {old[0] * 1e3:.1f} ({old[1] * 1e3:.1f})"
+            f" | {new[2]:.2f} ({new[3]:.2f}) | {old[2]:.2f} ({old[3]:.2f}) |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if opts.out_given:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(opts.out, "a") as out:
+            out.write(text + "\n")
+
+
 def loop(fn, count):
     def run():
         out = None
@@ -224,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--overhead", action="store_true",
                         help="per-step overhead, fixed cost per solve and gradient / forward "
                              "at --sizes (host kernels)")
+    parser.add_argument("--adjoint-loop", action="store_true",
+                        help="gradient / forward with the host reverse pass in one call "
+                             "against one call per step, at --sizes")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     opts = parser.parse_args(argv)
     opts.out_given = opts.out is not None
@@ -231,6 +319,9 @@ def main(argv=None):
         opts.out = str(Path(__file__).parent / "results" / "heat_cpu.md")
     if opts.overhead:
         overhead(opts)
+        return
+    if opts.adjoint_loop:
+        adjoint_loop(opts)
         return
 
     comm = MPI.COMM_WORLD
