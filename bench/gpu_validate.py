@@ -8,7 +8,7 @@ process under a time limit, with its log ``STAGE.log`` and its result ``STAGE.js
 
 * ``probe``: versions (CuPy, CUDA runtime and driver, NumPy, mpi4py, the MPI library), the GPU,
   the data path device buffers take, and the registers each kernel of ``kernels/heat.cu`` uses;
-* ``kernels``: every CUDA kernel, through the ``gpumpiad.cuda_kernels`` launchers, against the
+* ``kernels``: every CUDA kernel, through the ``gpumpiad.heat.cudakernels`` launchers, against the
   NumPy reference ``gpumpiad.heat.stencil`` in float32 and float64 (every cotangent choice of
   the adjoint, one-cell-thick and empty rectangles), relative error at most 1e-5 and 1e-12;
 * ``bandwidth``: effective bandwidth (bytes the kernel must move / time, CUDA events) of the
@@ -155,7 +155,8 @@ def probe(opts):
     from mpi4py import MPI
 
     import gpumpiad
-    from gpumpiad import cuda_kernels, transport
+    from gpumpiad import transport
+    from gpumpiad.heat import cudakernels
 
     cp = device()
     runtime = cp.cuda.runtime
@@ -172,8 +173,8 @@ def probe(opts):
         "data path": transport.path_description(),
         "python": sys.version.split()[0],
     }
-    registers = {name: register_count(cuda_kernels.get_kernel(name))
-                 for name in cuda_kernels.KERNEL_NAMES}
+    registers = {name: register_count(cudakernels.get_kernel(name))
+                 for name in cudakernels.KERNEL_NAMES}
     lines = table(["what", "value"], list(info.items())) + [""]
     lines += table(["kernel", "registers per thread"], list(registers.items()))
     print("\n".join(lines))
@@ -213,7 +214,7 @@ def _error(got, want):
 def kernels(opts):
     import numpy as np
 
-    from gpumpiad import cuda_kernels
+    from gpumpiad.heat import cudakernels
     from gpumpiad.heat import stencil
 
     cp = device()
@@ -238,7 +239,7 @@ def kernels(opts):
             for rect in _rects(rng, nx, ny):
                 u, kappa, f, out0 = fields(4)
                 got = cp.asarray(out0)
-                cuda_kernels.launch_step(cp.asarray(u), cp.asarray(kappa), cp.asarray(f), got,
+                cudakernels.launch_step(cp.asarray(u), cp.asarray(kappa), cp.asarray(f), got,
                                          r, dt, *rect)
                 want = out0.copy()
                 stencil.step(u, kappa, f, want, r * (1 + skew), dt, *rect)
@@ -253,7 +254,7 @@ def kernels(opts):
                         lam = cp.asarray(lam0)
                         kb = cp.asarray(kb0) if kb_on else None
                         fb = cp.asarray(fb0) if fb_on else None
-                        cuda_kernels.launch_adjoint(d_lam_next, cp.asarray(kappa),
+                        cudakernels.launch_adjoint(d_lam_next, cp.asarray(kappa),
                                                     cp.asarray(u) if kb_on else None,
                                                     lam, kb, fb, r, dt, *rect)
                         tag = f"heat_adjoint (kappa_bar {'on' if kb_on else 'None'}, " \
@@ -271,14 +272,14 @@ def kernels(opts):
                 n = ny if side < 2 else nx
                 for ghost in (0, 1):
                     buf = cp.full(n + 3, -1, dtype)
-                    cuda_kernels.launch_pack(cp.asarray(u), buf, side, ghost)
+                    cudakernels.launch_pack(cp.asarray(u), buf, side, ghost)
                     want = np.full(n + 3, -1, dtype)
                     stencil.pack(u, want, side, ghost)
                     record("halo_pack", name, _error(buf.get(), want))
                     src = rng.standard_normal(n).astype(dtype)
                     for add in (0, 1):
                         got = cp.asarray(u)
-                        cuda_kernels.launch_unpack(got, cp.asarray(src), side, ghost, add)
+                        cudakernels.launch_unpack(got, cp.asarray(src), side, ghost, add)
                         want = u.copy()
                         stencil.unpack(want, src, side, ghost, add)
                         record("halo_unpack", name, _error(got.get(), want))
@@ -286,7 +287,7 @@ def kernels(opts):
         for size in (1, 257, 5000):
             a, b, c, d = (rng.standard_normal(size).astype(dtype) for _ in range(4))
             got = cp.asarray(d)
-            cuda_kernels.launch_copy4(cp.asarray(a), cp.asarray(b), cp.asarray(c), got)
+            cudakernels.launch_copy4(cp.asarray(a), cp.asarray(b), cp.asarray(c), got)
             record("copy4", name, _error(got.get(), a + b + c))
 
     rows, ok = [], True
@@ -298,7 +299,7 @@ def kernels(opts):
     # A kernel added to heat.cu without a check here is listed, not passed over in silence.
     checked = {f"{kernel.split(' ')[0]}_{dtype}" for kernel, dtype in worst}
     rows += [(name, "", 0, "n/a", "", "not checked")
-             for name in cuda_kernels.KERNEL_NAMES if name not in checked]
+             for name in cudakernels.KERNEL_NAMES if name not in checked]
     lines = table(["kernel", "dtype", "cases", "max relative error", "tolerance", "result"], rows)
     if wrong:
         lines.append("")
@@ -312,7 +313,7 @@ def kernels(opts):
 def bandwidth(opts):
     import numpy as np
 
-    from gpumpiad import cuda_kernels
+    from gpumpiad.heat import cudakernels
 
     cp = device()
     n, cells = opts.n, opts.n * opts.n
@@ -340,13 +341,13 @@ def bandwidth(opts):
         a, b, c, d = (cp.asarray(rng.random(cells).astype(dtype)) for _ in range(4))
         cases = [
             ("copy4 (3 reads + 1 write)", 4 * item * cells, None,
-             lambda: cuda_kernels.launch_copy4(a, b, c, d)),
+             lambda: cudakernels.launch_copy4(a, b, c, d)),
             ("step kernel", 4 * item * cells, copy_of(4 * item * cells),
-             lambda: cuda_kernels.launch_step(u, kappa, f, out, r, dt, *full)),
+             lambda: cudakernels.launch_step(u, kappa, f, out, r, dt, *full)),
             ("adjoint kernel, all cotangents", 8 * item * cells, copy_of(8 * item * cells),
-             lambda: cuda_kernels.launch_adjoint(u, kappa, f, out, kb, fb, r, dt, *full)),
+             lambda: cudakernels.launch_adjoint(u, kappa, f, out, kb, fb, r, dt, *full)),
             ("adjoint kernel, kappa_bar only", 6 * item * cells, copy_of(6 * item * cells),
-             lambda: cuda_kernels.launch_adjoint(u, kappa, f, out, kb, None, r, dt, *full)),
+             lambda: cudakernels.launch_adjoint(u, kappa, f, out, kb, None, r, dt, *full)),
         ]
         t_copy4 = None
         for what, nbytes, copy, fn in cases:
@@ -416,7 +417,8 @@ def halo_case(opts, path):
     import numpy as np
     from mpi4py import MPI
 
-    from gpumpiad import cuda_kernels, halo as halo_mod
+    from gpumpiad import halo as halo_mod
+    from gpumpiad.heat import cudakernels
     from gpumpiad.heat import Grid, solve
 
     cp = device()
@@ -434,14 +436,14 @@ def halo_case(opts, path):
     def kernel_steps():
         a, b = pu, pout
         for _ in range(steps):
-            cuda_kernels.launch_step(a, pk, pf, b, r, dt, *full)
+            cudakernels.launch_step(a, pk, pf, b, r, dt, *full)
             a, b = b, a
 
     def exchange_steps():
         a, b = pu, pout
         for _ in range(steps):
             halo_mod.exchange(a, grid)
-            cuda_kernels.launch_step(a, pk, pf, b, r, dt, *full)
+            cudakernels.launch_step(a, pk, pf, b, r, dt, *full)
             a, b = b, a
 
     def solver(count):

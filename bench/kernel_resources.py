@@ -3,7 +3,7 @@
     python bench/kernel_resources.py [--source FILE] [--arch sm_80 sm_90]
 
 compiles the source as a .cu file with ``nvcc -cubin -arch=<arch> --resource-usage`` and the
-``-D`` defines of ``gpumpiad.cuda_kernels._OPTIONS``, and prints one Markdown table per
+``-D`` defines of ``gpumpiad.heat.cudakernels._OPTIONS``, and prints one Markdown table per
 architecture. Occupancy is the theoretical one of a block of the size the launchers use,
 limited by registers alone (the kernels use no shared memory): registers are allocated per warp
 in units of 256, from 64 Ki per SM, with at most 64 resident warps and 32 blocks per SM on both
@@ -20,18 +20,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gpumpiad import cuda_kernels
+from gpumpiad.heat import cudakernels
 
 REGS_PER_SM = 65536
 REG_UNIT = 256  # registers, allocated per warp
 MAX_WARPS = 64
 MAX_BLOCKS = 32
-BLOCK_2D = cuda_kernels.BLOCK_X * cuda_kernels.BLOCK_Y
+BLOCK_2D = cudakernels.BLOCK_X * cudakernels.BLOCK_Y
 
 
 def block_threads(name):
     """Threads per block the launcher of kernel ``name`` uses."""
-    return BLOCK_2D if name.startswith("heat_") else cuda_kernels.HALO_BLOCK
+    return BLOCK_2D if name.startswith("heat_") else cudakernels.HALO_BLOCK
 
 
 def occupancy(regs, threads):
@@ -44,7 +44,7 @@ def occupancy(regs, threads):
 
 def resources(source, arch):
     """{kernel: (registers, spill store bytes, spill load bytes)} from ptxas at ``arch``."""
-    defines = [o for o in cuda_kernels._OPTIONS if o.startswith(("-D", "-std"))]
+    defines = [o for o in cudakernels._OPTIONS if o.startswith(("-D", "-std"))]
     with tempfile.TemporaryDirectory() as tmp:
         cu = Path(tmp) / "heat.cu"
         cu.write_text(source)
@@ -75,7 +75,7 @@ def table(source, arch):
     res = resources(source, arch)
     rows = [f"| kernel ({arch}) | block | registers | spill stores / loads (bytes) | occupancy |",
             "|---|---:|---:|---:|---:|"]
-    for name in cuda_kernels.KERNEL_NAMES:
+    for name in cudakernels.KERNEL_NAMES:
         regs, st, ld = res[name]
         threads = block_threads(name)
         rows.append(f"| {name} | {threads} | {regs} | {st} / {ld} | "
@@ -90,7 +90,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if shutil.which("nvcc") is None:
         sys.exit("nvcc is not on PATH")
-    source = args.source.read_text() if args.source else cuda_kernels.source()
+    source = args.source.read_text() if args.source else cudakernels.source()
     for arch in args.arch:
         print(table(source, arch), end="\n\n")
 

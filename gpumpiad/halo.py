@@ -280,11 +280,7 @@ class Exchange:
             raise self._error
         ghost, add = (0, 1) if self._adjoint else (1, 0)
         for side, buf, _, _ in self._received:
-            edge = _edge(self._array, side, ghost)
-            if add:
-                edge += buf
-            else:
-                edge[...] = buf
+            _Sliced.unpack(self._array, buf, side, ghost, add)
         self._received = self._keep = None
         return self._array
 
@@ -304,7 +300,7 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
         the ghosts to their owners, zero them, and add what arrives into the boundary cells.
     kernels : module, optional
         Heat-kernel module whose ``pack``/``unpack`` move a device array's rows and columns
-        (default :mod:`gpumpiad.cuda_kernels`); a host array's move through NumPy slicing.
+        (default: array slicing, as a host array's always do).
     verify : bool
         Check that every message filled its buffer, as it does unless a neighbour's array has
         another dtype (a half-filled buffer would be unpacked). The heat solver, which checks
@@ -406,7 +402,8 @@ class DeviceExchange:
         ``grid.padded_shape``.
     dtype : numpy dtype
     kernels : module, optional
-        Device kernels with ``pack`` and ``unpack`` (default :mod:`gpumpiad.cuda_kernels`).
+        Device kernels with ``pack`` and ``unpack`` (``gpumpiad.heat.cudakernels``; default:
+        array slicing).
     """
 
     __slots__ = ("_grid", "_links", "_kernels", "_send", "_recv", "_staged_send",
@@ -414,7 +411,7 @@ class DeviceExchange:
 
     def __init__(self, grid, shape, dtype, kernels=None):
         if kernels is None:
-            from . import cuda_kernels as kernels
+            kernels = _Sliced
         self._grid, self._kernels = grid, kernels
         self._links = _links(grid)
         nx, ny = shape[0] - 2, shape[1] - 2
@@ -628,6 +625,23 @@ def _ghost_index(side):
     """Index of a side's ghost row/column (interior extent)."""
     return ((0, slice(1, -1)), (-1, slice(1, -1)), (slice(1, -1), 0),
             (slice(1, -1), -1))[side]
+
+
+class _Sliced:
+    """``pack`` and ``unpack`` of a row or column by array slicing (on the current stream for
+    a device array)."""
+
+    @staticmethod
+    def pack(a, buf, side, ghost):
+        buf[...] = _edge(a, side, ghost)
+
+    @staticmethod
+    def unpack(a, buf, side, ghost, add):
+        edge = _edge(a, side, ghost)
+        if add:
+            edge += buf
+        else:
+            edge[...] = buf
 
 
 def _edge(a, side, ghost):

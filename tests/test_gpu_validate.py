@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpumpiad import cuda_kernels
+from gpumpiad.heat import cudakernels
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_validate.py"
@@ -48,10 +48,10 @@ def test_every_stage_runs_on_the_model_and_writes_its_table(tmp_path):
 
     probe = json.loads((out / "probe.json").read_text())["data"]
     assert probe["info"]["backend"] == "cupy" and probe["info"]["data path"] == "staged"
-    assert sorted(probe["registers"]) == sorted(cuda_kernels.KERNEL_NAMES)
+    assert sorted(probe["registers"]) == sorted(cudakernels.KERNEL_NAMES)
     kernels = json.loads((out / "kernels.json").read_text())["data"]
     assert {f"{k['kernel'].split(' ')[0]}_{k['dtype']}" for k in kernels} == set(
-        cuda_kernels.KERNEL_NAMES)
+        cudakernels.KERNEL_NAMES)
     assert all(k["result"] == "ok" for k in kernels)
     assert sum(k["kernel"].startswith("heat_adjoint") for k in kernels) == 8  # 4 grads masks
     bandwidth = json.loads((out / "bandwidth.json").read_text())["data"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpumpiad import cuda_kernels
+from gpumpiad.heat import cudakernels
 from gpumpiad.heat import hostkernels, stencil
 
 DTYPES = ("float32", "float64")
@@ -86,18 +86,18 @@ def test_nvcc_adjoint_fits_32_registers_without_spills(arch):
     kernel_resources = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = kernel_resources
     spec.loader.exec_module(kernel_resources)
-    used = kernel_resources.resources(cuda_kernels.source(), arch)
+    used = kernel_resources.resources(cudakernels.source(), arch)
     for name in ("heat_adjoint_float32", "heat_adjoint_float64"):
         regs, stores, loads = used[name]
         assert regs <= 32 and (stores, loads) == (0, 0), (name, arch, used[name])
 
 
-def test_cuda_kernels_module_imports_without_cupy():
+def test_cudakernels_module_imports_without_cupy():
     # Only names, grid maths and source loading: no CuPy needed.
-    assert "heat_adjoint_float64" in cuda_kernels.KERNEL_NAMES
-    assert "extern \"C\" __global__" in cuda_kernels.source()
-    grid, block = cuda_kernels._grid2d(1, 101, 1, 65)
-    assert block == (cuda_kernels.BLOCK_X, cuda_kernels.BLOCK_Y, 1)
+    assert "heat_adjoint_float64" in cudakernels.KERNEL_NAMES
+    assert "extern \"C\" __global__" in cudakernels.source()
+    grid, block = cudakernels._grid2d(1, 101, 1, 65)
+    assert block == (cudakernels.BLOCK_X, cudakernels.BLOCK_Y, 1)
     assert grid[0] * block[0] >= 64 and grid[1] * block[1] >= 100
 
 
@@ -356,14 +356,14 @@ def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
             fn(*(a.ctypes.data if isinstance(a, np.ndarray) else a for a in args))
         return launch
 
-    monkeypatch.setattr(cuda_kernels, "get_kernel", host_kernel)
+    monkeypatch.setattr(cudakernels, "get_kernel", host_kernel)
     rng = np.random.default_rng(12)
     nx, ny = 9, 6
     r, dt = 0.2, 0.01
     rect = (2, 9, 1, 6)
     u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
     got, want = np.zeros_like(u), np.zeros_like(u)
-    cuda_kernels.launch_step(u, kappa, f, got, r, dt, *rect)
+    cudakernels.launch_step(u, kappa, f, got, r, dt, *rect)
     stencil.step(u, kappa, f, want, r, dt, *rect)
     _assert_close(got, want, dtype)
     for kb_on in (True, False):
@@ -371,7 +371,7 @@ def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
             g = [np.zeros_like(u), kb0.copy() if kb_on else None, fb0.copy() if fb_on else None]
             w = [np.zeros_like(u), kb0.copy() if kb_on else None, fb0.copy() if fb_on else None]
             state = u if kb_on else None
-            cuda_kernels.launch_adjoint(lam_next, kappa, state, *g, r, dt, *rect)
+            cudakernels.launch_adjoint(lam_next, kappa, state, *g, r, dt, *rect)
             stencil.adjoint(lam_next, kappa, state, *w, r, dt, *rect)
             for a, b in zip(g, w):
                 if b is not None:
@@ -383,22 +383,22 @@ def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
         n = ny if side < 2 else nx
         for ghost in (0, 1):
             buf_g, buf_w = np.zeros(n, dtype), np.zeros(n, dtype)
-            cuda_kernels.launch_pack(u, buf_g, side, ghost)
+            cudakernels.launch_pack(u, buf_g, side, ghost)
             stencil.pack(u, buf_w, side, ghost)
             np.testing.assert_array_equal(buf_g, buf_w)
             for add in (0, 1):
                 v_g, v_w = u.copy(), u.copy()
-                cuda_kernels.launch_unpack(v_g, buf_g, side, ghost, add)
+                cudakernels.launch_unpack(v_g, buf_g, side, ghost, add)
                 stencil.unpack(v_w, buf_w, side, ghost, add)
                 np.testing.assert_array_equal(v_g, v_w)
     a, b, c, d = (x.ravel() for x in _rand_fields(rng, nx, ny, dtype, 4))
-    cuda_kernels.launch_copy4(a, b, c, d)
+    cudakernels.launch_copy4(a, b, c, d)
     np.testing.assert_array_equal(d, a + b + c)
 
 
 @needs_host
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cuda_kernels_grid_stride_loops_cover_each_cell_once(monkeypatch, dtype):
+def test_cudakernels_grid_stride_loops_cover_each_cell_once(monkeypatch, dtype):
     """A launch of 2x2 blocks of 3x2 threads, run thread by thread on the host build.
 
     The rectangle is narrower than the launch along j (threads with no column) and taller
@@ -424,7 +424,7 @@ def test_cuda_kernels_grid_stride_loops_cover_each_cell_once(monkeypatch, dtype)
                             fn(*values)
         return launch
 
-    monkeypatch.setattr(cuda_kernels, "get_kernel", host_kernel)
+    monkeypatch.setattr(cudakernels, "get_kernel", host_kernel)
     rng = np.random.default_rng(5)
     nx, ny = 9, 6
     r, dt = 0.2, 0.01
@@ -432,7 +432,7 @@ def test_cuda_kernels_grid_stride_loops_cover_each_cell_once(monkeypatch, dtype)
     u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
     try:
         got, want = np.zeros_like(u), np.zeros_like(u)
-        cuda_kernels.launch_step(u, kappa, f, got, r, dt, *rect)
+        cudakernels.launch_step(u, kappa, f, got, r, dt, *rect)
         stencil.step(u, kappa, f, want, r, dt, *rect)
         _assert_close(got, want, dtype)
         for kb_on in (True, False):
@@ -442,7 +442,7 @@ def test_cuda_kernels_grid_stride_loops_cover_each_cell_once(monkeypatch, dtype)
                 w = [np.zeros_like(u), kb0.copy() if kb_on else None,
                      fb0.copy() if fb_on else None]
                 state = u if kb_on else None
-                cuda_kernels.launch_adjoint(lam_next, kappa, state, *g, r, dt, *rect)
+                cudakernels.launch_adjoint(lam_next, kappa, state, *g, r, dt, *rect)
                 stencil.adjoint(lam_next, kappa, state, *w, r, dt, *rect)
                 for a, b in zip(g, w):
                     if b is not None:

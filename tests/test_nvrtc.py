@@ -3,8 +3,8 @@
 Each NVRTC is loaded with ctypes from its PyPI wheel (``nvidia-cuda-nvrtc-cu12`` ships
 ``libnvrtc.so.12``, ``nvidia-cuda-nvrtc`` ``libnvrtc.so.13``), so one environment tests both.
 The source is compiled with the options a ``cupy.RawModule`` hands NVRTC around
-``cuda_kernels._OPTIONS`` and also with ``_OPTIONS`` alone, and every kernel of
-``cuda_kernels.KERNEL_NAMES`` must be in the CUBIN and the PTX. ptxas's report on CuPy's build
+``cudakernels._OPTIONS`` and also with ``_OPTIONS`` alone, and every kernel of
+``cudakernels.KERNEL_NAMES`` must be in the CUBIN and the PTX. ptxas's report on CuPy's build
 holds every kernel to its register budget, without spills.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gpumpiad import cuda_kernels
+from gpumpiad.heat import cudakernels
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
 _spec = importlib.util.spec_from_file_location("bench_kernel_resources", _PATH)
@@ -68,13 +68,13 @@ def cupy_options(arch):
     ``--device-as-default-execution-space``. heat.cu includes nothing, so the include
     directories are left out; their absence is all that differs.
     """
-    return (*cuda_kernels._OPTIONS, "-ftz=true", f"-arch={arch}",
+    return (*cudakernels._OPTIONS, "-ftz=true", f"-arch={arch}",
             "--device-as-default-execution-space")
 
 
 def bare_options(arch):
     """``_OPTIONS`` and the architecture only: what any other NVRTC user would pass."""
-    return (*cuda_kernels._OPTIONS, f"--gpu-architecture={arch}")
+    return (*cudakernels._OPTIONS, f"--gpu-architecture={arch}")
 
 
 def nvrtc_compile(major, source, options):
@@ -120,7 +120,7 @@ def test_heat_cu_compiles_with_every_kernel(major, arch, options):
     ok, log, cubin, ptx = nvrtc_compile(major, _source(), opts)
     assert ok, f"NVRTC {major} {' '.join(opts)}:\n{log}"
     assert len(cubin) > 0 and len(ptx) > 0
-    for name in cuda_kernels.KERNEL_NAMES:
+    for name in cudakernels.KERNEL_NAMES:
         assert f".entry {name}(".encode() in ptx, f"{name} missing from the PTX"
         assert name.encode() + b"\0" in cubin, f"{name} missing from the CUBIN"
 
@@ -136,7 +136,7 @@ def test_compile_errors_are_reported(major):
 # Registers each kernel may use: 32 is full occupancy with 256-thread blocks, 40 three quarters.
 # The adjoint, the heaviest kernel, used 54-59 in float64 (half occupancy) before its loop
 # was rewritten; the forward step uses 40 at sm_80.
-REGISTER_BUDGET = {name: 40 for name in cuda_kernels.KERNEL_NAMES}
+REGISTER_BUDGET = {name: 40 for name in cudakernels.KERNEL_NAMES}
 REGISTER_BUDGET.update(heat_adjoint_float32=32, heat_adjoint_float64=32)
 
 
@@ -146,7 +146,7 @@ def test_kernels_fit_their_register_budget_without_spills(major, arch):
     ok, log, _, _ = nvrtc_compile(major, _source(), (*cupy_options(arch), "--ptxas-options=-v"))
     assert ok, log
     used = kernel_resources.parse_ptxas(log)
-    assert set(used) == set(cuda_kernels.KERNEL_NAMES), log
+    assert set(used) == set(cudakernels.KERNEL_NAMES), log
     for name, (regs, stores, loads) in used.items():
         assert (stores, loads) == (0, 0), f"{name} spills {stores} / {loads} bytes at {arch}"
         assert regs <= REGISTER_BUDGET[name], (

@@ -1,6 +1,6 @@
 """The 2-D heat equation on a patch decomposition: :class:`Grid` and the differentiable
 :func:`solve`; the kernels live in :mod:`~gpumpiad.heat.stencil`, :mod:`~gpumpiad.heat.hostkernels`
-and :mod:`gpumpiad.cuda_kernels`."""
+and :mod:`gpumpiad.heat.cudakernels`."""
 from .grid import Grid
 from .solver import recompute_steps, set_buffer_cache, solve
 from .state import load_state, save_state

@@ -25,7 +25,7 @@ def kernels_for(array, backend=None):
     array : numpy.ndarray or cupy.ndarray
     backend : {"numpy", "host", "cuda"}, optional
         ``numpy``: :mod:`gpumpiad.heat.stencil` (NumPy or CuPy slicing); ``host``: the host build
-        :mod:`gpumpiad.heat.hostkernels` (NumPy arrays); ``cuda``: :mod:`gpumpiad.cuda_kernels`
+        :mod:`gpumpiad.heat.hostkernels` (NumPy arrays); ``cuda``: :mod:`gpumpiad.heat.cudakernels`
         (CuPy arrays). Default: ``cuda`` for CuPy arrays; for NumPy arrays
         ``GPUMPIAD_HEAT_KERNELS`` if set, else ``host`` when it builds here, else ``numpy``.
     """
@@ -49,7 +49,7 @@ def kernels_for(array, backend=None):
         raise ValueError(f"heat kernels {choice!r} cannot run on a "
                          f"{'CuPy' if device else 'NumPy'} array")
     if choice == "cuda":
-        from .. import cuda_kernels
-        return cuda_kernels
+        from . import cudakernels
+        return cudakernels
     from . import hostkernels
     return hostkernels
