@@ -5,14 +5,19 @@ import time
 from mpi4py import MPI
 
 
-def median_time(fn, repeats, comm=MPI.COMM_WORLD):
-    """Median over ``repeats`` barrier-synchronised runs of the slowest rank's time of ``fn()``
+def times(fn, repeats, comm=MPI.COMM_WORLD):
+    """The slowest rank's time of ``fn()`` in each of ``repeats`` barrier-synchronised runs
     (after one warm-up run)."""
     fn()
-    times = []
+    out = []
     for _ in range(repeats):
         comm.Barrier()
         t0 = time.perf_counter()
         fn()
-        times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return statistics.median(times)
+        out.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return out
+
+
+def median_time(fn, repeats, comm=MPI.COMM_WORLD):
+    """Median of :func:`times`."""
+    return statistics.median(times(fn, repeats, comm))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 from mpi4py import MPI
@@ -29,18 +28,13 @@ from mpi4py import MPI
 import gpumpiad as gm
 from gpumpiad import halo
 
+import _timing
+
 
 def timed(fn, repeats, comm=MPI.COMM_WORLD):
-    """``(min, median)`` over ``repeats`` barrier-synchronised runs of the slowest rank's time
-    of ``fn()`` (after one warm-up run)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return min(times), statistics.median(times)
+    """``(min, median)`` of :func:`_timing.times`."""
+    runs = _timing.times(fn, repeats, comm)
+    return min(runs), statistics.median(runs)
 
 
 def cell(t):

@@ -456,7 +456,6 @@ class DeviceExchange:
         into = self._staged_recv if self._staged_recv is not None else self._recv
         tag0 = _ADJOINT_TAG if adjoint else 0
         mpi = self._grid.cart.mpi
-        call = "adjoint halo exchange" if adjoint else "halo exchange"
         requests, received = [], []
         with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
             # MPI reads the packed cells and writes buffers the last unpack read: both are
@@ -472,17 +471,7 @@ class DeviceExchange:
             except MPI.Exception:
                 check_grid(self._grid, "halo exchange")
                 raise
-            statuses = [MPI.Status() for _ in requests] if verify else None
-            try:
-                wait(requests, call=call, statuses=statuses)
-            except MPI.Exception as exc:
-                raise transport.mpi_error(call, exc, statuses) from None
-            except BaseException:
-                # The watchdog: MPI may still use the buffers; keep them.
-                _abandoned.append((requests, self, None))
-                raise
-            for (buf, peer, tag), status in zip(received, statuses or ()):
-                transport.check_filled(status, buf, call, peer, tag)
+            _complete(requests, received, self, adjoint, verify)
         stream = streams.comm_stream()
         ghost, add = (0, 1) if adjoint else (1, 0)
         with trace.span("halo_exchange.unpack", trace.COMMUNICATION, payload=self.nbytes), \
@@ -759,10 +748,11 @@ def _post(grid, plans, recvs, sends, adjoint):
     return requests, received
 
 
-def _complete(requests, received, keep, adjoint):
-    """Wait for one round's messages and check that each filled its buffer."""
+def _complete(requests, received, keep, adjoint, verify=True):
+    """Wait for one round's messages and (``verify``) check that each filled its buffer;
+    ``keep`` holds the buffers until MPI is done with them, should the wait fail."""
     call = "adjoint halo exchange" if adjoint else "halo exchange"
-    statuses = [MPI.Status() for _ in requests]
+    statuses = [MPI.Status() for _ in requests] if verify else None
     try:
         wait(requests, call=call, statuses=statuses)
     except MPI.Exception as exc:
@@ -771,7 +761,7 @@ def _complete(requests, received, keep, adjoint):
         # The watchdog: MPI may still use the buffers; keep them.
         _abandoned.append((requests, received, keep))
         raise
-    for (buf, peer, tag), status in zip(received, statuses):
+    for (buf, peer, tag), status in zip(received, statuses or ()):
         transport.check_filled(status, buf, call, peer, tag)
 
 
