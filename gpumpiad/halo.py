@@ -7,9 +7,9 @@ packs with array slicing, on the library's communication stream for device array
 
 The raw, in-place 2-D forms :func:`start`, :func:`exchange` and :func:`exchange_adjoint` (width
 1, no corners) serve the heat solver's time loops. Each packs the four boundary rows/columns
-into contiguous buffers (the heat kernels' ``pack`` on a device, NumPy slicing on the host),
-posts every non-blocking receive, then every send, and finishes with one ``Waitall`` and
-``unpack``. Corners are not exchanged (a 5-point stencil does not read them).
+into contiguous buffers (array slicing, or on a device the pack kernels the caller passes),
+posts every non-blocking receive, then every send, and finishes with one ``Waitall`` and the
+unpacking. Corners are not exchanged (a 5-point stencil does not read them).
 
 Device arrays take :class:`DeviceExchange`: packing, staging copies and unpacking run on the
 library's communication stream, ordered by events after the work that wrote the cells and
