@@ -56,10 +56,11 @@ def test_a_prompt_wait_makes_no_sleep(monkeypatch):
 def test_a_stuck_wait_still_times_out_and_sleeps_after_the_spin(monkeypatch):
     """A receive no rank sends: CommunicationTimeout with the watchdog's message after about
     the bound, having slept (not spun) for most of it; an idle wait too."""
+    # Made before the short bound: the ranks may reach this collective far apart in time.
+    comm = gp.Comm().dup()  # the cancelled receive stays off the world communicator
     monkeypatch.setitem(debug._settings, "timeout", 0.3)
     monkeypatch.setitem(debug._settings, "timeout from", "GPUMPIAD_TIMEOUT")
     sleeps = _counting_time(monkeypatch)
-    comm = gp.Comm().dup()  # the cancelled receive stays off the world communicator
     results = []
     for idle in (False, True):
         sleeps.clear()
