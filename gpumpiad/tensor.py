@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as _np
 
+from . import streams
 from .backend import asarray, device_of, is_device_array
 
 SERIAL = "serial"
@@ -40,7 +41,7 @@ class Tensor:
         self._slot = -1
         # A device array's producing stream: the current one where it was made.
         self._stream = (None if data is None or type(data) is _np.ndarray
-                        or not is_device_array(data) else _current_stream())
+                        or not is_device_array(data) else streams.current_stream())
 
     @property
     def data(self):
@@ -51,7 +52,7 @@ class Tensor:
             self._data = self._pending.wait()
             self._pending = None
         if self._stream is not None:
-            _order_after(self._stream)
+            streams.order(streams.current_stream(), self._stream)
         return self._data
 
     @property
@@ -148,16 +149,6 @@ class Tensor:
     def transpose(self, *axes):
         from .ops.shape import transpose
         return transpose(self, axes or None)
-
-
-def _current_stream():
-    from .streams import current_stream
-    return current_stream()
-
-
-def _order_after(stream):
-    from .streams import current_stream, order
-    order(current_stream(), stream)
 
 
 def tensor(data, distributed=False, dtype=None, comm=None, stream=None):

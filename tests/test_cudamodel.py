@@ -381,7 +381,7 @@ EDGES = {
                                                       "0"),
     "host waits for a device array before MPI reads it": ("Event.synchronize",
                                                           "ready_for_mpi", "1"),
-    "a Tensor's reader after the stream that produced it": ("order", "_order_after", "0"),
+    "a Tensor's reader after the stream that produced it": ("order", "data", "0"),
     "compute stream's later work after the copies out of its memory": ("order",
                                                                        "_handed_out", "0"),
 }
