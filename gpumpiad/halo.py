@@ -33,7 +33,7 @@ from .grid import check_grid
 from .tensor import DISTRIBUTED, Tensor
 
 __all__ = ["halo_exchange", "start", "exchange", "exchange_adjoint", "Exchange",
-           "DeviceExchange", "Posted", "Persistent"]
+           "DeviceExchange", "PaddedExchange", "Posted", "Persistent"]
 
 NORTH, SOUTH, WEST, EAST = 0, 1, 2, 3
 _OPPOSITE = (SOUTH, NORTH, EAST, WEST)
@@ -483,6 +483,27 @@ class DeviceExchange:
         self._filled.record(stream)
         streams.current_stream().wait_event(self._filled)
         return a
+
+
+class PaddedExchange:
+    """Width-1 exchanges (no corners) of padded arrays of one shape and dtype over a grid of any
+    dimension, for time loops: :meth:`post` starts one, :meth:`finish` completes it (the ghosts
+    facing a neighbour filled; ``adjoint``: sent back and added into the boundary cells)."""
+
+    __slots__ = ("_grid", "_widths")
+
+    def __init__(self, grid, shape, dtype, device=False):
+        self._grid, self._widths = grid, (1,) * grid.ndim
+
+    def post(self, a, adjoint=False):
+        pass
+
+    def finish(self, a, adjoint=False, verify=False):
+        _exchange_nd([a], self._grid, self._widths, False, adjoint)
+        return a
+
+    def free(self):
+        pass
 
 
 def exchange(a, grid, kernels=None, verify=True):
