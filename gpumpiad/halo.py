@@ -486,24 +486,164 @@ class DeviceExchange:
 
 
 class PaddedExchange:
-    """Width-1 exchanges (no corners) of padded arrays of one shape and dtype over a grid of any
-    dimension, for time loops: :meth:`post` starts one, :meth:`finish` completes it (the ghosts
-    facing a neighbour filled; ``adjoint``: sent back and added into the boundary cells)."""
+    """Width-1 halo exchanges (no corners) of padded arrays of one shape and dtype over a grid
+    of any dimension, in place, with the messages' buffers made once, for time loops.
 
-    __slots__ = ("_grid", "_widths")
+    :meth:`post` starts filling the ghosts facing a neighbour (``adjoint``: sending them back);
+    :meth:`finish` completes it. Host arrays: ``post`` packs the boundary cells and starts
+    persistent MPI requests made once, ``finish`` waits for them (bounded by the watchdog) and
+    writes what arrived. Device arrays: ``post`` queues the packing on the communication
+    stream after the work queued on the current stream so far; ``finish`` waits on the host
+    for the packing alone, exchanges the cells through MPI (staged through pinned host buffers
+    unless MPI is CUDA-aware), queues the unpacking on the communication stream and orders
+    the current stream after it. Work queued between the two calls that reads no ghost runs
+    while the halos travel.
+
+    Every rank of ``grid`` makes one and posts and finishes in step. What travels is what the
+    array holds at :meth:`post`; the buffers are the exchange's own, never shared with an
+    array.
+
+    Parameters
+    ----------
+    grid : gpumpiad.Grid
+        The 1-, 2- or 3-D decomposition.
+    shape : tuple of int
+        ``grid.padded_shape``: one ghost layer on every side.
+    dtype : numpy dtype
+        The arrays' dtype.
+    device : bool, optional
+        Whether the arrays are device (CuPy) arrays.
+
+    Raises
+    ------
+    TypeError
+        When ``grid`` is not a Grid or ``device`` not a bool.
+    ValueError
+        When ``grid`` was freed or ``shape`` is not ``grid.padded_shape``.
+
+    Notes
+    -----
+    The exchange is linear, ``v = E u``; ``adjoint=True`` applies ``E^T``: ghosts facing a
+    neighbour are sent to their owner and zeroed, and what arrives is added into the boundary
+    cells, as :func:`halo_exchange`'s reverse pass does.
+
+    Examples
+    --------
+    >>> import numpy as np, gpumpiad
+    >>> from gpumpiad.halo import PaddedExchange
+    >>> grid = gpumpiad.Grid((4, 3, 2), periodic=True)
+    >>> u = np.arange(float(np.prod(grid.padded_shape))).reshape(grid.padded_shape)
+    >>> halo = PaddedExchange(grid, u.shape, u.dtype)
+    >>> halo.post(u)
+    >>> _ = halo.finish(u)
+    >>> halo.free()
+    >>> bool((u[0, 1:-1, 1:-1] == u[-2, 1:-1, 1:-1]).all()) if grid.dims[0] == 1 else True
+    True
+    """
+
+    __slots__ = ("_grid", "_shape", "_dtype", "_device", "_plans", "_round", "_posted",
+                 "nbytes")
 
     def __init__(self, grid, shape, dtype, device=False):
-        self._grid, self._widths = grid, (1,) * grid.ndim
+        check_grid(grid, "PaddedExchange")
+        rank = MPI.COMM_WORLD.Get_rank()
+        if not isinstance(device, (bool, np.bool_)):
+            raise TypeError(f"rank {rank}: PaddedExchange's device must be a bool, got "
+                            f"{type(device).__name__} {device!r}")
+        try:
+            shape = tuple(int(n) for n in shape)
+        except (TypeError, ValueError):
+            shape = None
+        if shape != grid.padded_shape:
+            raise ValueError(f"rank {rank}: PaddedExchange's shape must be the grid's padded "
+                             f"shape {grid.padded_shape} (local shape {grid.local_shape} + 2), "
+                             f"got {shape}")
+        self._grid, self._shape, self._dtype = grid, shape, np.dtype(dtype)
+        self._device = bool(device)
+        self._plans = [_Plan((self._dtype,), shape, (1,) * grid.ndim, side, peer, False)
+                       for side, peer in enumerate(grid.neighbours) if peer != MPI.PROC_NULL]
+        self._round = None
+        self._posted = None
+        #: Bytes one exchange sends from this rank.
+        self.nbytes = sum(plan.nbytes for plan in self._plans)
+
+    def _check(self, a, call):
+        if a.shape != self._shape or a.dtype != self._dtype or \
+                is_device_array(a) != self._device:
+            where = "device" if self._device else "host"
+            got = "device" if is_device_array(a) else "host"
+            raise ValueError(f"rank {MPI.COMM_WORLD.Get_rank()}: PaddedExchange.{call} expects "
+                             f"a {where} array of shape {self._shape} and dtype {self._dtype} "
+                             f"(the exchange's), got a {got} array of shape {tuple(a.shape)} "
+                             f"and dtype {a.dtype}")
 
     def post(self, a, adjoint=False):
-        pass
+        """Start the exchange of padded ``a``: its boundary cells (``adjoint``: its ghosts
+        facing a neighbour, which are then zeroed) as they are now."""
+        check_grid(self._grid, "PaddedExchange.post", argument=None)
+        self._check(a, "post")
+        if self._posted is not None:
+            raise RuntimeError(f"rank {MPI.COMM_WORLD.Get_rank()}: PaddedExchange.post called "
+                               "while an exchange is posted: expected finish() first")
+        adjoint = bool(adjoint)
+        if self._plans:
+            if self._round is None:
+                self._round = _Round(self._grid, self._plans, self._device, _PADDED_TAG,
+                                     persistent=not self._device)
+            if self._device:
+                self._round.post_device((a,), adjoint)
+            else:
+                with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
+                    self._round.post_host((a,), adjoint)
+        self._posted = adjoint
 
     def finish(self, a, adjoint=False, verify=False):
-        _exchange_nd([a], self._grid, self._widths, False, adjoint)
+        """Complete the posted exchange of ``a``: the ghosts facing a neighbour hold its
+        boundary cells (``adjoint``: what the neighbours sent back is added into ``a``'s
+        boundary cells); on a device, the current stream is ordered after these writes.
+        ``verify``: check that every message filled its buffer (unverified by default: the
+        caller has agreed dtypes across ranks). Returns ``a``."""
+        self._check(a, "finish")
+        rank = MPI.COMM_WORLD.Get_rank()
+        if self._posted is None:
+            raise RuntimeError(f"rank {rank}: PaddedExchange.finish called with no exchange "
+                               "posted: expected post() first")
+        if bool(adjoint) != self._posted:
+            raise ValueError(f"rank {rank}: PaddedExchange.finish's adjoint is {bool(adjoint)}, "
+                             f"but the exchange was posted with adjoint={self._posted}")
+        self._posted = None
+        if not self._plans:
+            return a
+        try:
+            if self._device:
+                self._round.finish_device((a,), bool(adjoint), verify)
+            else:
+                with trace.span("halo_exchange.wait", trace.COMMUNICATION,
+                                payload=self.nbytes):
+                    self._round.finish_host((a,), bool(adjoint), verify)
+        except BaseException:
+            # The buffers may still be in MPI's hands: the next post makes new ones.
+            messages, self._round = self._round, None
+            messages.free()
+            raise
         return a
 
     def free(self):
-        pass
+        """Release the MPI requests (those of an exchange still in flight once it completes).
+        Idempotent; the next :meth:`post` makes new ones."""
+        messages, self._round = getattr(self, "_round", None), None
+        self._posted = None
+        if messages is not None:
+            messages.free()
+
+    def __del__(self):
+        self.free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
 
 
 def exchange(a, grid, kernels=None, verify=True):
@@ -673,6 +813,9 @@ def _ghost(a, side):
 # The N-D exchange's messages: tag = the side a message leaves from (0 to 5), its adjoint's
 # tags follow, so that an exchange and its adjoint never match each other's messages.
 _ND_ADJOINT_TAG = 6
+# PaddedExchange's messages: the same scheme from 12 on (12-17, adjoint 18-23), so that they
+# never match those of the other exchanges, which an overlapping caller may have in flight.
+_PADDED_TAG = 12
 # Fields of several dtypes share one message; each field's cells start at a multiple of this.
 _ALIGN = 16
 
@@ -693,11 +836,22 @@ def _exchange_nd(fields, grid, widths, corners, adjoint):
     if adjoint:
         rounds.reverse()
     device = is_device_array(fields[0])
+    dtypes = [field.dtype for field in fields]
     for round_axes in rounds:
-        plans = [_Plan(fields, shape, widths, side, grid.neighbours[side], corners)
+        plans = [_Plan(dtypes, shape, widths, side, grid.neighbours[side], corners)
                  for a in round_axes for side in (2 * a, 2 * a + 1)
                  if grid.neighbours[side] != MPI.PROC_NULL]
-        (_device_round if device else _host_round)(fields, grid, plans, adjoint)
+        messages = _Round(grid, plans, device, 0)
+        if device:
+            messages.post_device(fields, adjoint)
+            messages.finish_device(fields, adjoint, verify=True)
+            # The pinned pool hands a freed block out again at once: keep them until the
+            # copies ran.
+            streams._keep_until_done(messages.filled, (messages.recvs, messages.staged_recvs))
+        else:
+            with trace.span("halo_exchange", trace.COMMUNICATION, payload=messages.nbytes):
+                messages.post_host(fields, adjoint)
+                messages.finish_host(fields, adjoint, verify=True)
     return fields
 
 
@@ -705,9 +859,9 @@ class _Plan:
     """One side of one round: the peer, the boundary slab sent (``edge``) and the ghost slab
     filled (``ghost``), and where each field's cells lie in the message (bytes)."""
 
-    __slots__ = ("side", "peer", "edge", "ghost", "slab", "offsets", "nbytes")
+    __slots__ = ("side", "peer", "edge", "ghost", "slab", "offsets", "nbytes", "dtypes")
 
-    def __init__(self, fields, shape, widths, side, peer, corners):
+    def __init__(self, dtypes, shape, widths, side, peer, corners):
         axis = side // 2
         # With corners, axis a's faces span the ghost layers of the axes exchanged before it.
         extent = [slice(None) if corners and b < axis else slice(w, n - w)
@@ -723,25 +877,26 @@ class _Plan:
         self.slab = tuple(len(range(*s.indices(m))) for s, m in zip(self.edge, shape))
         count = math.prod(self.slab)
         self.offsets, offset = [], 0
-        for field in fields:
+        self.dtypes = tuple(np.dtype(d) for d in dtypes)
+        for dtype in self.dtypes:
             offset = -(-offset // _ALIGN) * _ALIGN
             self.offsets.append(offset)
-            offset += count * field.dtype.itemsize
+            offset += count * dtype.itemsize
         self.nbytes = offset
 
-    def views(self, buf, fields):
+    def views(self, buf):
         """Each field's cells in message buffer ``buf`` (bytes), shaped as the slab."""
         count = math.prod(self.slab)
-        return [buf[o:o + count * f.dtype.itemsize].view(f.dtype).reshape(self.slab)
-                for f, o in zip(fields, self.offsets)]
+        return [buf[o:o + count * d.itemsize].view(d).reshape(self.slab)
+                for d, o in zip(self.dtypes, self.offsets)]
 
-    def pack(self, buf, fields, adjoint):
+    def pack(self, views, fields, adjoint):
         source = self.ghost if adjoint else self.edge
-        for view, field in zip(self.views(buf, fields), fields):
+        for view, field in zip(views, fields):
             view[...] = field[source]
 
-    def unpack(self, buf, fields, adjoint):
-        for view, field in zip(self.views(buf, fields), fields):
+    def unpack(self, views, fields, adjoint):
+        for view, field in zip(views, fields):
             if adjoint:
                 target = field[self.edge]
                 target += view
@@ -749,19 +904,20 @@ class _Plan:
                 field[self.ghost] = view
 
 
-def _post(grid, plans, recvs, sends, adjoint):
-    """Post every receive, then every send, of one round; returns the requests and the
-    ``(buffer, peer, tag)`` of each receive."""
+def _post(grid, plans, recvs, sends, tag0, persistent=False):
+    """Post every receive, then every send, of one round (``persistent``: make the requests,
+    not started); returns the requests and the ``(buffer, peer, tag)`` of each receive. A
+    message's tag is ``tag0`` plus the side it leaves from."""
     mpi = grid.cart.mpi
-    tag0 = _ND_ADJOINT_TAG if adjoint else 0
+    recv, send = (mpi.Recv_init, mpi.Send_init) if persistent else (mpi.Irecv, mpi.Isend)
     requests, received = [], []
     try:
         for plan, buf in zip(plans, recvs):
             tag = tag0 + (plan.side ^ 1)
-            requests.append(mpi.Irecv([buf, MPI.BYTE], source=plan.peer, tag=tag))
+            requests.append(recv([buf, MPI.BYTE], source=plan.peer, tag=tag))
             received.append((buf, plan.peer, tag))
         for plan, buf in zip(plans, sends):
-            requests.append(mpi.Isend([buf, MPI.BYTE], dest=plan.peer, tag=tag0 + plan.side))
+            requests.append(send([buf, MPI.BYTE], dest=plan.peer, tag=tag0 + plan.side))
     except MPI.Exception:
         # A freed grid's communicator fails the first call: say so, not MPI's words.
         check_grid(grid, "halo exchange")
@@ -786,63 +942,125 @@ def _complete(requests, received, keep, adjoint, verify=True):
         transport.check_filled(status, buf, call, peer, tag)
 
 
-def _host_round(fields, grid, plans, adjoint):
-    nbytes = sum(plan.nbytes for plan in plans)
-    with trace.span("halo_exchange", trace.COMMUNICATION, payload=nbytes):
-        recvs = [np.empty(plan.nbytes, np.uint8) for plan in plans]
-        sends = [np.empty(plan.nbytes, np.uint8) for plan in plans]
-        for plan, buf in zip(plans, sends):
-            plan.pack(buf, fields, adjoint)
-        requests, received = _post(grid, plans, recvs, sends, adjoint)
-        if adjoint:
-            # Ghost copies were just sent to their owners: their cotangent now lives there.
-            for plan in plans:
-                for field in fields:
-                    field[plan.ghost] = 0
-        _complete(requests, received, (recvs, sends), adjoint)
-        for plan, buf in zip(plans, recvs):
-            plan.unpack(buf, fields, adjoint)
+class _Round:
+    """The messages of one round over ``grid``: a send and a receive buffer per plan, made
+    once, holding each plan's cells as bytes (host memory; on a device, memory of the
+    communication stream, plus pinned host buffers MPI reads and writes unless it is
+    CUDA-aware). ``post_*`` packs and starts the messages, ``finish_*`` completes them and
+    unpacks, in either direction; ``tag0`` is the first forward tag, the adjoint's follow
+    ``_ND_ADJOINT_TAG`` later. ``persistent`` (host): MPI requests made on first use in each
+    direction and restarted by every post."""
 
+    __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "sends", "recvs",
+                 "staged_sends", "staged_recvs", "send_views", "recv_views", "packed",
+                 "filled", "persistent", "requests", "received")
 
-def _device_round(fields, grid, plans, adjoint):
-    """One round on a device, ordered as :class:`DeviceExchange` orders its work: packing on
-    the communication stream after the current stream's work so far, the host waiting only
-    for the packing, the unpacking on the communication stream and the current stream after
-    it."""
-    nbytes = sum(plan.nbytes for plan in plans)
-    stream = streams.comm_stream()
-    streams.order(stream, streams.current_stream())
-    staged = not transport.cuda_aware()
-    with trace.span("halo_exchange.pack", trace.COMMUNICATION, payload=nbytes), stream:
-        # Made on the communication stream, the only one that touches them.
-        recvs = [streams.device_empty(plan.nbytes, np.uint8) for plan in plans]
-        sends = [streams.device_empty(plan.nbytes, np.uint8) for plan in plans]
-        staged_recvs = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans] if staged \
-            else None
-        staged_sends = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans] if staged \
-            else None
-        for k, plan in enumerate(plans):
-            plan.pack(sends[k], fields, adjoint)
-            if staged:
-                sends[k].get(stream=stream, out=staged_sends[k], blocking=False)
+    def __init__(self, grid, plans, device, tag0, persistent=False):
+        self.grid, self.plans, self.device, self.tag0 = grid, plans, device, tag0
+        self.nbytes = sum(plan.nbytes for plan in plans)
+        self.staged_sends = self.staged_recvs = self.packed = self.filled = None
+        if device:
+            # Made on the communication stream, the only one that touches them.
+            with streams.comm_stream():
+                self.sends = [streams.device_empty(p.nbytes, np.uint8) for p in plans]
+                self.recvs = [streams.device_empty(p.nbytes, np.uint8) for p in plans]
+            if not transport.cuda_aware():
+                self.staged_sends = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans]
+                self.staged_recvs = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans]
+            self.packed, self.filled = streams.new_event(), streams.new_event()
+        else:
+            self.sends = [np.empty(p.nbytes, np.uint8) for p in plans]
+            self.recvs = [np.empty(p.nbytes, np.uint8) for p in plans]
+        self.send_views = [p.views(buf) for p, buf in zip(plans, self.sends)]
+        self.recv_views = [p.views(buf) for p, buf in zip(plans, self.recvs)]
+        self.persistent = {} if persistent else None
+        self.requests = self.received = None
+
+    def _tag0(self, adjoint):
+        return self.tag0 + (_ND_ADJOINT_TAG if adjoint else 0)
+
+    def _zero_ghosts(self, fields):
+        # Ghost copies were just sent to their owners: their cotangent now lives there.
+        for plan in self.plans:
+            for field in fields:
+                field[plan.ghost].fill(0)
+
+    def post_host(self, fields, adjoint):
+        for plan, views in zip(self.plans, self.send_views):
+            plan.pack(views, fields, adjoint)
+        if self.persistent is None:
+            self.requests, self.received = _post(self.grid, self.plans, self.recvs,
+                                                 self.sends, self._tag0(adjoint))
+        else:
+            made = self.persistent.get(adjoint)
+            if made is None:
+                made = self.persistent[adjoint] = _post(
+                    self.grid, self.plans, self.recvs, self.sends, self._tag0(adjoint), True)
+            self.requests, self.received = made
+            MPI.Prequest.Startall(self.requests)
         if adjoint:
-            for plan in plans:
-                for field in fields:
-                    field[plan.ghost].fill(0)
-    packed = streams.record(stream)
-    with trace.span("halo_exchange", trace.COMMUNICATION, payload=nbytes):
-        # MPI reads the packed cells and writes buffers whose memory earlier work on the
-        # communication stream may have used: both are queued before the packing's event.
-        packed.synchronize()
-        requests, received = _post(grid, plans, staged_recvs if staged else recvs,
-                                   staged_sends if staged else sends, adjoint)
-        _complete(requests, received, (recvs, sends, staged_recvs, staged_sends), adjoint)
-    with trace.span("halo_exchange.unpack", trace.COMMUNICATION, payload=nbytes), stream:
-        for k, plan in enumerate(plans):
-            if staged:
-                recvs[k].set(staged_recvs[k], stream=stream)
-            plan.unpack(recvs[k], fields, adjoint)
-    filled = streams.record(stream)
-    streams.current_stream().wait_event(filled)
-    # The pinned pool hands a freed block out again at once: keep them until the copies ran.
-    streams._keep_until_done(filled, (recvs, staged_recvs))
+            self._zero_ghosts(fields)
+
+    def finish_host(self, fields, adjoint, verify):
+        requests, received, self.requests = self.requests, self.received, None
+        _complete(requests, received, self, adjoint, verify)
+        for plan, views in zip(self.plans, self.recv_views):
+            plan.unpack(views, fields, adjoint)
+
+    def post_device(self, fields, adjoint):
+        """Queue the packing on the communication stream after the current stream's work."""
+        stream = streams.comm_stream()
+        streams.order(stream, streams.current_stream())
+        with trace.span("halo_exchange.pack", trace.COMMUNICATION, payload=self.nbytes), \
+                stream:
+            for k, plan in enumerate(self.plans):
+                plan.pack(self.send_views[k], fields, adjoint)
+                if self.staged_sends is not None:
+                    self.sends[k].get(stream=stream, out=self.staged_sends[k], blocking=False)
+            if adjoint:
+                self._zero_ghosts(fields)
+        self.packed.record(stream)
+
+    def finish_device(self, fields, adjoint, verify):
+        """Wait on the host for the packing, exchange, queue the unpacking on the
+        communication stream and order the current stream after it."""
+        staged = self.staged_sends is not None
+        with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
+            # MPI reads the packed cells and writes buffers the last unpacking read: both are
+            # queued before the packing's event.
+            self.packed.synchronize()
+            requests, received = _post(self.grid, self.plans,
+                                       self.staged_recvs if staged else self.recvs,
+                                       self.staged_sends if staged else self.sends,
+                                       self._tag0(adjoint))
+            _complete(requests, received, self, adjoint, verify)
+        stream = streams.comm_stream()
+        with trace.span("halo_exchange.unpack", trace.COMMUNICATION, payload=self.nbytes), \
+                stream:
+            for k, plan in enumerate(self.plans):
+                if staged:
+                    self.recvs[k].set(self.staged_recvs[k], stream=stream)
+                plan.unpack(self.recv_views[k], fields, adjoint)
+        self.filled.record(stream)
+        streams.current_stream().wait_event(self.filled)
+
+    def free(self):
+        """Release the persistent requests; those still in flight (a wait the watchdog
+        interrupted) stay, with the buffers, until they complete."""
+        made, self.persistent = self.persistent, None
+        if not made or MPI.Is_finalized():
+            return
+        for requests, _ in made.values():
+            try:
+                done = MPI.Request.Testall(requests)
+            except MPI.Exception:
+                done = True
+            if not done:
+                if _abandoned is not None:
+                    _abandoned.append((requests, self, None))
+                continue
+            for request in requests:
+                try:
+                    request.Free()
+                except MPI.Exception:
+                    pass
