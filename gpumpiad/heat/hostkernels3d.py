@@ -1,0 +1,246 @@
+"""Host (CPU) build of ``kernels/heat3d.cu``, loaded through :mod:`ctypes`.
+
+The 3-D counterpart of :mod:`gpumpiad.heat.hostkernels`: the CUDA source compiled as C++ with
+``-DGPUMPIAD_HOST`` by :func:`gpumpiad.kernelbuild.host_library` (for this CPU when the
+compiler accepts ``-march=native``, portably otherwise; no fused multiply-adds in either), so
+the numerics are the per-cell functions of the GPU kernels themselves. :func:`step` and
+:func:`adjoint` take the arguments of :mod:`gpumpiad.heat.stencil3d`'s and give the same bits:
+the same operations in the same order.
+
+Examples
+--------
+>>> import numpy as np
+>>> from gpumpiad.heat import hostkernels3d, stencil3d
+>>> rng = np.random.default_rng(0)
+>>> u, kappa, f = (rng.random((6, 5, 7)) for _ in range(3))
+>>> got, want = np.zeros_like(u), np.zeros_like(u)
+>>> hostkernels3d.step(u, kappa, f, got, 0.1, 1e-3)
+>>> stencil3d.step(u, kappa, f, want, 0.1, 1e-3)
+>>> bool((got == want).all())
+True
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .. import kernelbuild
+from .hostkernels import _DTYPES, _address, _check_array
+from .stencil import grads
+from .stencil3d import check_box
+
+__all__ = ["available", "build_info", "step", "adjoint"]
+
+_lock = threading.Lock()
+_lib = None
+_lib_error: Exception | None = None
+_built: dict = {}
+_functions: dict = {}
+
+
+def _load():
+    global _lib, _lib_error
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is None:
+            if _lib_error is not None:
+                raise RuntimeError(f"3-D host kernels unavailable: {_lib_error}") from _lib_error
+            import ctypes
+            try:
+                info = kernelbuild.host_library("heat3d.cu", includes=("host_cuda.h",))
+                lib = ctypes.CDLL(str(info["path"]))
+                _declare(lib)
+            except Exception as exc:  # remembered so that available() stays cheap
+                _lib_error = exc
+                raise
+            _built.update(info)
+            _lib = lib
+    return _lib
+
+
+def _declare(lib) -> None:
+    import ctypes
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for suffix, real in (("float32", ctypes.c_float), ("float64", ctypes.c_double)):
+        sigs = {
+            "host_heat3d_step": [p, p, p, p, i, i, i, real, real, i, i, i, i, i, i],
+            "host_heat3d_adjoint": [p, p, p, p, p, p, i, i, i, real, real, i, i, i, i, i, i, i],
+        }
+        for name, argtypes in sigs.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = argtypes
+            fn.restype = None
+
+
+def available() -> bool:
+    """Whether the 3-D host kernels can be built and loaded here; never raises.
+
+    Returns
+    -------
+    bool
+        ``True`` once the shared library is loaded.
+
+    Examples
+    --------
+    >>> from gpumpiad.heat import hostkernels3d
+    >>> hostkernels3d.available() in (True, False)
+    True
+    """
+    try:
+        _load()
+        return True
+    except Exception:
+        return False
+
+
+def build_info() -> dict:
+    """How the loaded library was built: what :func:`gpumpiad.kernelbuild.host_library`
+    returns (``path``, ``march``, ``flags``, ``compiler``, ``version``, ``cpu``, ``refused``).
+
+    Examples
+    --------
+    >>> from gpumpiad.heat import hostkernels3d
+    >>> hostkernels3d.build_info()["march"] in ("native", "portable")
+    True
+    """
+    _load()
+    return dict(_built)
+
+
+def _fn(name, dtype):
+    fn = _functions.get((name, dtype))
+    if fn is None:
+        fn = _functions[name, dtype] = getattr(_load(), f"{name}_{_DTYPES[dtype]}")
+    return fn
+
+
+def _rank():
+    try:
+        from ..comm import world
+        return world().rank
+    except Exception:  # no MPI here: the message is this process's own
+        return 0
+
+
+def _fields(inputs, outputs, box):
+    """Check padded 3-D fields ((name, array) pairs) and the sub-box; return
+    ``(dtype, (nx, ny, nz), box, addresses)``. Raises ``ValueError`` prefixed with the rank."""
+    try:
+        first_name, first = inputs[0]
+        _check_array(first_name, first)
+        if first.ndim != 3 or min(first.shape) < 3:
+            raise ValueError(f"{first_name} must be 3-D of shape (nx+2, ny+2, nz+2) with "
+                             f"nx, ny, nz >= 1, got shape {first.shape}")
+        fields = inputs + outputs
+        for k, (name, a) in enumerate(fields):
+            _check_array(name, a, first.dtype, writable=k >= len(inputs))
+            if a.shape != first.shape:
+                raise ValueError(f"{name} has shape {a.shape}, expected {first.shape}")
+        for k in range(len(inputs), len(fields)):
+            oname, o = fields[k]
+            for m, (name, a) in enumerate(fields):
+                if m != k and np.may_share_memory(a, o):
+                    raise ValueError(f"{oname} must not overlap {name}")
+        box = check_box(first.shape, *box)
+    except ValueError as exc:
+        raise ValueError(f"rank {_rank()}: {exc}") from None
+    nx, ny, nz = (n - 2 for n in first.shape)
+    return first.dtype, (nx, ny, nz), box, [_address(a, a.flags.writeable) for _, a in fields]
+
+
+def step(u, kappa, f, u_new, r, dt, i0=1, i1=None, j0=1, j1=None, k0=1, k1=None):
+    """Forward step ``u_new = u + r*kappa*lap(u) + dt*f`` on ``[i0, i1) x [j0, j1) x [k0, k1)``.
+
+    The host build of :func:`gpumpiad.heat.stencil3d.step`, with its arguments and its bits.
+
+    Parameters
+    ----------
+    u, kappa, f : numpy.ndarray, shape (nx+2, ny+2, nz+2)
+        State (ghosts filled), diffusivity, source: C-contiguous, float32 or float64, one dtype.
+    u_new : numpy.ndarray, shape (nx+2, ny+2, nz+2)
+        Output, writable, overlapping no input; only the sub-box is written.
+    r, dt : float
+        ``dt / h**2`` and the time step.
+    i0, i1, j0, j1, k0, k1 : int, optional
+        Half-open interior sub-box in padded indices; by default the whole interior.
+
+    Raises
+    ------
+    ValueError
+        On a wrong type, dtype, layout, shape, overlap or sub-box (the message names the rank,
+        the argument, what was expected and what was given).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.heat import hostkernels3d
+    >>> u = np.ones((3, 3, 3)); out = np.zeros_like(u)
+    >>> hostkernels3d.step(u, np.ones_like(u), np.ones_like(u), out, 0.1, 0.5)
+    >>> float(out[1, 1, 1])
+    1.5
+    """
+    dtype, (nx, ny, nz), box, addresses = _fields(
+        [("u", u), ("kappa", kappa), ("f", f)], [("u_new", u_new)], (i0, i1, j0, j1, k0, k1))
+    _fn("host_heat3d_step", dtype)(*addresses, nx, ny, nz, float(r), float(dt), *box)
+
+
+def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt,
+            i0=1, i1=None, j0=1, j1=None, k0=1, k1=None):
+    """Fused adjoint of :func:`step` on a sub-box: ``lam = lam_next + r*lap(kappa*lam_next)``,
+    ``kappa_bar += r*lam_next*lap(u)``, ``f_bar += dt*lam_next``.
+
+    The host build of :func:`gpumpiad.heat.stencil3d.adjoint`, with its arguments and its bits.
+
+    Parameters
+    ----------
+    lam_next, kappa : numpy.ndarray, shape (nx+2, ny+2, nz+2)
+        Cotangent of ``u^{n+1}`` and diffusivity, ghosts filled.
+    u : numpy.ndarray, shape (nx+2, ny+2, nz+2), or None
+        The state ``u^n`` (ghosts filled); read only for ``kappa_bar``, may be ``None`` without.
+    lam : numpy.ndarray, shape (nx+2, ny+2, nz+2)
+        Output cotangent of ``u^n``; only the sub-box is written.
+    kappa_bar, f_bar : numpy.ndarray, shape (nx+2, ny+2, nz+2), or None
+        Accumulated (``+=``) on the sub-box; ``None``: not computed (nor read).
+    r, dt : float
+        ``dt / h**2`` and the time step.
+    i0, i1, j0, j1, k0, k1 : int, optional
+        Half-open interior sub-box in padded indices; by default the whole interior.
+
+    Raises
+    ------
+    ValueError
+        As :func:`step`, for every array given; also when ``kappa_bar`` is given without ``u``.
+
+    Notes
+    -----
+    The gather form of the step's transpose: with ``w = kappa*lam_next``, each cell receives
+    ``r*w`` from its six neighbours and ``-6r*w`` from itself, so ``lam_next`` and ``kappa``
+    need their ghosts filled (see :func:`gpumpiad.heat.stencil3d.adjoint`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.heat import hostkernels3d
+    >>> shape = (4, 3, 3)
+    >>> lam_next = np.zeros(shape); lam_next[1, 1, 1] = 1.0
+    >>> lam, f_bar = np.zeros(shape), np.zeros(shape)
+    >>> hostkernels3d.adjoint(lam_next, np.ones(shape), None, lam, None, f_bar, 0.125, 0.5)
+    >>> float(lam[1, 1, 1]), float(lam[2, 1, 1]), float(f_bar[1, 1, 1])
+    (0.25, 0.125, 0.5)
+    """
+    try:
+        mask = grads(u, kappa_bar, f_bar)
+    except ValueError as exc:
+        raise ValueError(f"rank {_rank()}: {exc}") from None
+    inputs = [("lam_next", lam_next), ("kappa", kappa)] + ([("u", u)] if u is not None else [])
+    outputs = [("lam", lam)] + [(name, a) for name, a in (("kappa_bar", kappa_bar),
+                                                         ("f_bar", f_bar)) if a is not None]
+    dtype, (nx, ny, nz), box, found = _fields(inputs, outputs, (i0, i1, j0, j1, k0, k1))
+    address = dict(zip([name for name, _ in inputs + outputs], found))
+    _fn("host_heat3d_adjoint", dtype)(
+        address["lam_next"], address["kappa"], address.get("u"), address["lam"],
+        address.get("kappa_bar"), address.get("f_bar"), nx, ny, nz, float(r), float(dt),
+        *box, mask)

@@ -1,0 +1,369 @@
+// Explicit 3-D heat equation (7-point stencil): forward step and fused adjoint.
+//
+// Layout contract: every field is a C-contiguous (nx+2) x (ny+2) x (nz+2) array; cell
+// (i, j, k) lives at (i*(ny+2) + j)*(nz+2) + k, interior cells are i in 1..nx, j in 1..ny,
+// k in 1..nz and the outer layer holds ghost cells.  Kernels only write the interior sub-box
+// [i0, i1) x [j0, j1) x [k0, k1) of their outputs.  Outputs must not alias inputs.
+//
+// The Laplacian numerator sums the neighbours in the order +i, -i, +j, -j, +k, -k and then
+// subtracts 6u, as gpumpiad/heat/stencil3d.py does.
+//
+// The same file compiles three ways, as kernels/heat.cu does:
+//   * NVRTC / CuPy RawModule (no includes, CUDA built-ins only),
+//   * nvcc,
+//   * g++ as C++ with -DGPUMPIAD_HOST, which pulls in host_cuda.h and the host_* entry points
+//     at the bottom that run the per-cell functions below in loops over the box.
+
+#ifdef GPUMPIAD_HOST
+#include "host_cuda.h"
+#include <vector>
+#endif
+
+// A block is a tile of HEAT3D_BLOCK_X threads along k (the contiguous axis, for coalescing)
+// by HEAT3D_BLOCK_Y along j; each thread marches along i through HEAT3D_MARCH cells, keeping
+// the i-1, i and i+1 values of its column in registers, so each plane is loaded from memory
+// once per march rather than three times.
+#ifndef HEAT3D_BLOCK_X
+#define HEAT3D_BLOCK_X 32
+#endif
+#ifndef HEAT3D_BLOCK_Y
+#define HEAT3D_BLOCK_Y 8
+#endif
+#ifndef HEAT3D_MARCH
+#define HEAT3D_MARCH 16
+#endif
+// Threads per SM the adjoint kernels must fit: __launch_bounds__ turns them into a cap of
+// 65536 / threads registers per thread, met without spills
+// (bench/results/kernel_resources.md).
+#ifndef HEAT3D_ADJOINT_THREADS
+#define HEAT3D_ADJOINT_THREADS 1024
+#endif
+#define HEAT3D_THREADS (HEAT3D_BLOCK_X * HEAT3D_BLOCK_Y)
+#define HEAT3D_ADJOINT_MIN_BLOCKS                                                               \
+    (HEAT3D_ADJOINT_THREADS > HEAT3D_THREADS ? HEAT3D_ADJOINT_THREADS / HEAT3D_THREADS : 1)
+
+// Which cotangents the adjoint accumulates besides lam (the kernels' `grads` bit mask), as in
+// heat.cu: without kappa_bar, u is not read; without f_bar, f_bar is neither read nor written.
+#define HEAT3D_KAPPA_BAR 1
+#define HEAT3D_F_BAR 2
+
+typedef long long gpumpiad_idx;
+
+// ---------------------------------------------------------------------------
+// Per-cell functions (shared by GPU kernels and host loops). The +i and -i neighbours and the
+// centre are passed as values: the GPU kernels carry them along the march, the host loops load
+// them.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ T heat3d_lap(T ip, T im, T jp, T jm, T kp, T km, T c)
+{
+    return ip + im + jp + jm + kp + km - (T)6 * c;
+}
+
+template <typename T>
+__device__ __forceinline__ void heat3d_step_cell(
+    const T* __restrict__ u, const T* __restrict__ kappa, const T* __restrict__ f,
+    T* __restrict__ u_new, gpumpiad_idx c, gpumpiad_idx sj, T up, T um, T uc, T r, T dt)
+{
+    u_new[c] = uc + r * kappa[c] * heat3d_lap(up, um, u[c + sj], u[c - sj], u[c + 1], u[c - 1], uc)
+             + dt * f[c];
+}
+
+// w = kappa * lam_next, computed on the fly (ghosts included).
+template <typename T>
+__device__ __forceinline__ T heat3d_w(const T* __restrict__ lam_next,
+                                      const T* __restrict__ kappa, gpumpiad_idx c)
+{
+    return kappa[c] * lam_next[c];
+}
+
+// ln = lam_next[c]; wp, wm, wc = w at i+1, i-1 and the cell; up, um, uc likewise of u (read
+// only with KB).
+template <typename T, bool KB, bool FB>
+__device__ __forceinline__ void heat3d_adjoint_cell(
+    const T* __restrict__ lam_next, const T* __restrict__ kappa, const T* __restrict__ u,
+    T* __restrict__ lam, T* __restrict__ kappa_bar, T* __restrict__ f_bar, gpumpiad_idx c,
+    gpumpiad_idx sj, T ln, T wp, T wm, T wc, T up, T um, T uc, T r, T dt)
+{
+    const T lapw = heat3d_lap(wp, wm, heat3d_w(lam_next, kappa, c + sj),
+                              heat3d_w(lam_next, kappa, c - sj), heat3d_w(lam_next, kappa, c + 1),
+                              heat3d_w(lam_next, kappa, c - 1), wc);
+    lam[c] = ln + r * lapw;
+    if (KB)
+        kappa_bar[c] += r * ln * heat3d_lap(up, um, u[c + sj], u[c - sj], u[c + 1], u[c - 1], uc);
+    if (FB) f_bar[c] += dt * ln;
+}
+
+// ---------------------------------------------------------------------------
+// Kernel bodies: x -> k, y -> j, z -> chunks of HEAT3D_MARCH cells along i, each a grid-stride
+// loop (the launch grid covers the box unless it exceeds the grid's limits).
+// ---------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void heat3d_step_march(
+    const T* __restrict__ u, const T* __restrict__ kappa, const T* __restrict__ f,
+    T* __restrict__ u_new, gpumpiad_idx c, gpumpiad_idx si, gpumpiad_idx sj, int n, T r, T dt)
+{
+    T um = u[c - si], uc = u[c];
+#pragma unroll 1
+    for (; n > 0; --n, c += si) {
+        const T up = u[c + si];
+        heat3d_step_cell(u, kappa, f, u_new, c, sj, up, um, uc, r, dt);
+        um = uc;
+        uc = up;
+    }
+}
+
+template <typename T, bool KB, bool FB>
+__device__ __forceinline__ void heat3d_adjoint_march(
+    const T* __restrict__ lam_next, const T* __restrict__ kappa, const T* __restrict__ u,
+    T* __restrict__ lam, T* __restrict__ kappa_bar, T* __restrict__ f_bar, gpumpiad_idx c,
+    gpumpiad_idx si, gpumpiad_idx sj, int n, T r, T dt)
+{
+    T ln = lam_next[c];
+    T wm = heat3d_w(lam_next, kappa, c - si), wc = kappa[c] * ln;
+    T um = KB ? u[c - si] : (T)0, uc = KB ? u[c] : (T)0;
+#pragma unroll 1
+    for (; n > 0; --n, c += si) {
+        const T lnp = lam_next[c + si];
+        const T wp = kappa[c + si] * lnp;
+        const T up = KB ? u[c + si] : (T)0;
+        heat3d_adjoint_cell<T, KB, FB>(lam_next, kappa, u, lam, kappa_bar, f_bar, c, sj, ln, wp,
+                                       wm, wc, up, um, uc, r, dt);
+        ln = lnp;
+        wm = wc;
+        wc = wp;
+        um = uc;
+        uc = up;
+    }
+}
+
+// The thread's column k and its first row j and march start i come from its index; further
+// rows (y) and marches (z) follow by grid stride when the launch grid is capped. One loop over
+// (row, march), stepped by hand, as in heat.cu's adjoint: nested loops let the compiler hoist
+// per-row pointers it then keeps in registers for nothing.
+#define HEAT3D_COLUMNS(MARCH_CALL)                                                              \
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;             \
+    const int k = k0 + (int)(blockIdx.x * blockDim.x + threadIdx.x);                            \
+    const int j_first = j0 + (int)(blockIdx.y * blockDim.y + threadIdx.y);                      \
+    const int i_first = i0 + (int)blockIdx.z * HEAT3D_MARCH;                                    \
+    if (k >= k1 || j_first >= j1 || i_first >= i1) return;                                      \
+    const int dj = (int)(blockDim.y * gridDim.y), di = (int)gridDim.z * HEAT3D_MARCH;           \
+    int j = j_first, i = i_first;                                                               \
+    _Pragma("unroll 1") while (j < j1)                                                          \
+    {                                                                                           \
+        const gpumpiad_idx c = (gpumpiad_idx)i * si + (gpumpiad_idx)j * sj + k;                 \
+        const int n = i1 - i < HEAT3D_MARCH ? i1 - i : HEAT3D_MARCH;                            \
+        MARCH_CALL;                                                                             \
+        i += di;                                                                                \
+        if (i >= i1) {                                                                          \
+            i = i_first;                                                                        \
+            j += dj;                                                                            \
+        }                                                                                       \
+    }
+
+template <typename T>
+__device__ __forceinline__ void heat3d_step_body(
+    const T* __restrict__ u, const T* __restrict__ kappa, const T* __restrict__ f,
+    T* __restrict__ u_new, int ny, int nz, T r, T dt, int i0, int i1, int j0, int j1, int k0,
+    int k1)
+{
+    HEAT3D_COLUMNS(heat3d_step_march(u, kappa, f, u_new, c, si, sj, n, r, dt))
+}
+
+template <typename T, bool KB, bool FB>
+__device__ __forceinline__ void heat3d_adjoint_body(
+    const T* __restrict__ lam_next, const T* __restrict__ kappa, const T* __restrict__ u,
+    T* __restrict__ lam, T* __restrict__ kappa_bar, T* __restrict__ f_bar, int ny, int nz, T r,
+    T dt, int i0, int i1, int j0, int j1, int k0, int k1)
+{
+    HEAT3D_COLUMNS((heat3d_adjoint_march<T, KB, FB>(lam_next, kappa, u, lam, kappa_bar, f_bar,
+                                                    c, si, sj, n, r, dt)))
+}
+
+// The adjoint variant `grads` selects: one branch per launch, outside the loops, so that each
+// variant runs its own specialised loop.
+template <typename T>
+__device__ __forceinline__ void heat3d_adjoint_grads(
+    const T* __restrict__ lam_next, const T* __restrict__ kappa, const T* __restrict__ u,
+    T* __restrict__ lam, T* __restrict__ kappa_bar, T* __restrict__ f_bar, int ny, int nz, T r,
+    T dt, int i0, int i1, int j0, int j1, int k0, int k1, int grads)
+{
+    switch (grads & (HEAT3D_KAPPA_BAR | HEAT3D_F_BAR)) {
+    case HEAT3D_KAPPA_BAR | HEAT3D_F_BAR:
+        heat3d_adjoint_body<T, true, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r,
+                                           dt, i0, i1, j0, j1, k0, k1);
+        break;
+    case HEAT3D_KAPPA_BAR:
+        heat3d_adjoint_body<T, true, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r,
+                                            dt, i0, i1, j0, j1, k0, k1);
+        break;
+    case HEAT3D_F_BAR:
+        heat3d_adjoint_body<T, false, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r,
+                                            dt, i0, i1, j0, j1, k0, k1);
+        break;
+    default:
+        heat3d_adjoint_body<T, false, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz,
+                                             r, dt, i0, i1, j0, j1, k0, k1);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// extern "C" kernels, one per op and dtype
+// ---------------------------------------------------------------------------
+
+#define GPUMPIAD_HEAT3D_KERNELS(T, SUF)                                                         \
+    extern "C" __global__ void __launch_bounds__(HEAT3D_THREADS) heat3d_step_##SUF(             \
+        const T* __restrict__ u, const T* __restrict__ kappa, const T* __restrict__ f,          \
+        T* __restrict__ u_new, int nx, int ny, int nz, T r, T dt, int i0, int i1, int j0,       \
+        int j1, int k0, int k1)                                                                 \
+    {                                                                                           \
+        (void)nx;                                                                               \
+        heat3d_step_body<T>(u, kappa, f, u_new, ny, nz, r, dt, i0, i1, j0, j1, k0, k1);         \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(HEAT3D_THREADS, HEAT3D_ADJOINT_MIN_BLOCKS)     \
+        heat3d_adjoint_##SUF(const T* __restrict__ lam_next, const T* __restrict__ kappa,       \
+                             const T* __restrict__ u, T* __restrict__ lam,                      \
+                             T* __restrict__ kappa_bar, T* __restrict__ f_bar, int nx, int ny,  \
+                             int nz, T r, T dt, int i0, int i1, int j0, int j1, int k0, int k1, \
+                             int grads)                                                         \
+    {                                                                                           \
+        (void)nx;                                                                               \
+        heat3d_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r, dt, i0,   \
+                                i1, j0, j1, k0, k1, grads);                                     \
+    }
+
+GPUMPIAD_HEAT3D_KERNELS(float, float32)
+GPUMPIAD_HEAT3D_KERNELS(double, float64)
+
+// ---------------------------------------------------------------------------
+// Host entry points (g++ -DGPUMPIAD_HOST): the per-cell functions above in plain loops, k
+// innermost so the compiler can vectorise along it.
+// ---------------------------------------------------------------------------
+#ifdef GPUMPIAD_HOST
+
+template <typename T>
+static void host_heat3d_step(const T* __restrict__ u, const T* __restrict__ kappa,
+                             const T* __restrict__ f, T* __restrict__ u_new, int ny, int nz,
+                             T r, T dt, int i0, int i1, int j0, int j1, int k0, int k1)
+{
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
+    for (int i = i0; i < i1; ++i)
+        for (int j = j0; j < j1; ++j) {
+            const gpumpiad_idx row = (gpumpiad_idx)i * si + (gpumpiad_idx)j * sj;
+            for (int k = k0; k < k1; ++k) {
+                const gpumpiad_idx c = row + k;
+                heat3d_step_cell(u, kappa, f, u_new, c, sj, u[c + si], u[c - si], u[c], r, dt);
+            }
+        }
+}
+
+template <typename T, bool KB, bool FB>
+static void host_heat3d_adjoint(const T* __restrict__ lam_next, const T* __restrict__ kappa,
+                                const T* __restrict__ u, T* __restrict__ lam,
+                                T* __restrict__ kappa_bar, T* __restrict__ f_bar, int ny, int nz,
+                                T r, T dt, int i0, int i1, int j0, int j1, int k0, int k1)
+{
+    if (i0 >= i1 || j0 >= j1 || k0 >= k1) return;
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
+    // heat3d_adjoint_cell's arithmetic, with w = kappa * lam_next formed once per cell into
+    // three plane buffers (planes i-1, i, i+1 over rows j0-1 .. j1 and columns k0-1 .. k1)
+    // instead of seven times: the same products, so the same bits.
+    const gpumpiad_idx pj = (gpumpiad_idx)(k1 - k0) + 2;
+    const gpumpiad_idx plane = ((gpumpiad_idx)(j1 - j0) + 2) * pj;
+    std::vector<T> planes(3 * plane);
+    auto fill = [&](T* w, int i) {
+        for (int j = j0 - 1; j <= j1; ++j) {
+            const gpumpiad_idx row = (gpumpiad_idx)i * si + (gpumpiad_idx)j * sj + k0 - 1;
+            T* __restrict__ out = w + (gpumpiad_idx)(j - j0 + 1) * pj;
+            for (gpumpiad_idx k = 0; k < pj; ++k) out[k] = heat3d_w(lam_next, kappa, row + k);
+        }
+    };
+    T* below = planes.data();
+    T* mid = below + plane;
+    T* above = mid + plane;
+    fill(below, i0 - 1);
+    fill(mid, i0);
+    for (int i = i0; i < i1; ++i) {
+        fill(above, i + 1);
+        for (int j = j0; j < j1; ++j) {
+            const gpumpiad_idx row = (gpumpiad_idx)i * si + (gpumpiad_idx)j * sj;
+            const gpumpiad_idx b = (gpumpiad_idx)(j - j0 + 1) * pj + 1 - k0;
+            const T* __restrict__ wa = above + b;
+            const T* __restrict__ wb = below + b;
+            const T* __restrict__ wm = mid + b;
+            for (int k = k0; k < k1; ++k) {
+                const gpumpiad_idx c = row + k;
+                const T ln = lam_next[c];
+                const T lapw = heat3d_lap(wa[k], wb[k], wm[k + pj], wm[k - pj], wm[k + 1],
+                                          wm[k - 1], wm[k]);
+                lam[c] = ln + r * lapw;
+                if (KB)
+                    kappa_bar[c] += r * ln * heat3d_lap(u[c + si], u[c - si], u[c + sj],
+                                                        u[c - sj], u[c + 1], u[c - 1], u[c]);
+                if (FB) f_bar[c] += dt * ln;
+            }
+        }
+        T* t = below;
+        below = mid;
+        mid = above;
+        above = t;
+    }
+}
+
+template <typename T>
+static void host_heat3d_adjoint_grads(const T* lam_next, const T* kappa, const T* u, T* lam,
+                                      T* kappa_bar, T* f_bar, int ny, int nz, T r, T dt, int i0,
+                                      int i1, int j0, int j1, int k0, int k1, int grads)
+{
+    switch (grads & (HEAT3D_KAPPA_BAR | HEAT3D_F_BAR)) {
+    case HEAT3D_KAPPA_BAR | HEAT3D_F_BAR:
+        host_heat3d_adjoint<T, true, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r,
+                                           dt, i0, i1, j0, j1, k0, k1);
+        break;
+    case HEAT3D_KAPPA_BAR:
+        host_heat3d_adjoint<T, true, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r,
+                                            dt, i0, i1, j0, j1, k0, k1);
+        break;
+    case HEAT3D_F_BAR:
+        host_heat3d_adjoint<T, false, true>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r,
+                                            dt, i0, i1, j0, j1, k0, k1);
+        break;
+    default:
+        host_heat3d_adjoint<T, false, false>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz,
+                                             r, dt, i0, i1, j0, j1, k0, k1);
+    }
+}
+
+// Makes the next kernel calls those of block z-index bz in a launch of gz blocks along z, after
+// host_cuda.h's gpumpiad_host_thread (which sets x and y, and z to one block): a test runs a
+// whole 3-D launch, thread by thread, to check that the loops cover the box exactly once.
+// host_heat3d_block_z(0, 1) restores the one-block launch.
+extern "C" GPUMPIAD_EXPORT void host_heat3d_block_z(unsigned int bz, unsigned int gz)
+{
+    blockIdx.z = bz;
+    gridDim.z = gz;
+}
+
+#define GPUMPIAD_HEAT3D_HOST(T, SUF)                                                            \
+    extern "C" GPUMPIAD_EXPORT void host_heat3d_step_##SUF(                                     \
+        const T* u, const T* kappa, const T* f, T* u_new, int nx, int ny, int nz, T r, T dt,    \
+        int i0, int i1, int j0, int j1, int k0, int k1)                                         \
+    {                                                                                           \
+        (void)nx;                                                                               \
+        host_heat3d_step<T>(u, kappa, f, u_new, ny, nz, r, dt, i0, i1, j0, j1, k0, k1);         \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT void host_heat3d_adjoint_##SUF(                                  \
+        const T* lam_next, const T* kappa, const T* u, T* lam, T* kappa_bar, T* f_bar, int nx,  \
+        int ny, int nz, T r, T dt, int i0, int i1, int j0, int j1, int k0, int k1, int grads)   \
+    {                                                                                           \
+        (void)nx;                                                                               \
+        host_heat3d_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r, dt,  \
+                                     i0, i1, j0, j1, k0, k1, grads);                            \
+    }
+
+GPUMPIAD_HEAT3D_HOST(float, float32)
+GPUMPIAD_HEAT3D_HOST(double, float64)
+
+#endif  // GPUMPIAD_HOST
