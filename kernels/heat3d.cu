@@ -121,21 +121,17 @@ __device__ __forceinline__ void heat3d_adjoint_march(
     T* __restrict__ lam, T* __restrict__ kappa_bar, T* __restrict__ f_bar, gpumpiad_idx c,
     gpumpiad_idx si, gpumpiad_idx sj, int n, T r, T dt)
 {
-    T ln = lam_next[c];
-    T wm = heat3d_w(lam_next, kappa, c - si), wc = kappa[c] * ln;
-    T um = KB ? u[c - si] : (T)0, uc = KB ? u[c] : (T)0;
+    // Only w travels along the march: u's and lam_next's i-1 and centre values are reloaded
+    // (cache hits), which keeps the float64 variants within 64 registers without spills.
+    T wm = heat3d_w(lam_next, kappa, c - si), wc = heat3d_w(lam_next, kappa, c);
 #pragma unroll 1
     for (; n > 0; --n, c += si) {
-        const T lnp = lam_next[c + si];
-        const T wp = kappa[c + si] * lnp;
-        const T up = KB ? u[c + si] : (T)0;
-        heat3d_adjoint_cell<T, KB, FB>(lam_next, kappa, u, lam, kappa_bar, f_bar, c, sj, ln, wp,
-                                       wm, wc, up, um, uc, r, dt);
-        ln = lnp;
+        const T wp = heat3d_w(lam_next, kappa, c + si);
+        heat3d_adjoint_cell<T, KB, FB>(lam_next, kappa, u, lam, kappa_bar, f_bar, c, sj,
+                                       lam_next[c], wp, wm, wc, KB ? u[c + si] : (T)0,
+                                       KB ? u[c - si] : (T)0, KB ? u[c] : (T)0, r, dt);
         wm = wc;
         wc = wp;
-        um = uc;
-        uc = up;
     }
 }
 
