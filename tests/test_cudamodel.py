@@ -345,6 +345,60 @@ def test_producing_streams_and_threads_with_their_own_streams(nprocs, cuda_aware
     assert "streams ok" in proc.stdout and f"ok {nprocs} 1" in proc.stdout, proc.stdout
 
 
+PADDED_RUN = """
+import sys
+import numpy as np
+sys.path.insert(0, {model!r})
+import cupy, mpi_check
+import gpumpiad as gm
+from gpumpiad import halo
+mpi_check.install()
+from mpi4py import MPI
+assert gm.backend_name() == "cupy"
+comm = MPI.COMM_WORLD
+P = comm.size
+"""
+
+PADDED_ROUNDS = """
+s = cupy.cuda.Stream(non_blocking=True)
+rng = np.random.default_rng(comm.rank)
+for shape, dims, periodic in (((7, 6, 5), (P, 1, 1), (True, False, True)),
+                              ((6, 5, 4), (1, 1, P), False), ((7, 6), (1, P), True),
+                              ((5,), (P,), True)):
+    grid = gm.Grid(shape, dims=dims, periodic=periodic)
+    ex = halo.PaddedExchange(grid, grid.padded_shape, np.float64, device=True)
+    with s:
+        u = cupy.zeros(grid.padded_shape)
+        for step, adjoint in ((0, False), (1, False), (2, True), (3, True)):
+            x = rng.standard_normal(grid.padded_shape)
+            u[...] = cupy.asarray(x)               # the data of this post, written on s
+            ex.post(u, adjoint)
+            inner = float(u[(slice(2, -2),) * len(shape)].sum())   # while the halos travel
+            ex.finish(u, adjoint, verify=step == 1)
+            got = u.get()                          # s reads the ghosts and boundary cells
+            expected = halo._exchange_nd([x], grid, (1,) * len(shape), False, adjoint)[0]
+            assert np.array_equal(got, expected), (shape, dims, step)
+    ex.free()
+    grid.free()
+if comm.rank == 0:
+    print("padded ok", P)
+"""
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
+@pytest.mark.parametrize("cuda_aware", ["0", "1"], ids=["staged", "cuda-aware"])
+def test_padded_exchange_on_the_device_gives_the_host_result(nprocs, cuda_aware):
+    """PaddedExchange rounds of device arrays on 1-, 2- and 3-D grids, forward and adjoint, its
+    buffers reused, from a producing stream: the host path's values, no unordered access."""
+    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE=cuda_aware,
+               GPUMPIAD_STAGE_HOST_ARRAYS="0")
+    proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
+                           PADDED_RUN.format(model=MODEL_PATH) + PADDED_ROUNDS],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"padded ok {nprocs}" in proc.stdout, proc.stdout
+
+
 # Drops one ordering edge of the library: ``function`` does nothing when called from a
 # function named ``caller``.
 DROP_EDGE = """
@@ -384,6 +438,14 @@ EDGES = {
     "a Tensor's reader after the stream that produced it": ("order", "data", "0"),
     "compute stream's later work after the copies out of its memory": ("order",
                                                                        "_handed_out", "0"),
+    "padded exchange's packing after the kernels that wrote the cells": ("order",
+                                                                         "post_device", "0"),
+    "host waits for the padded exchange's packing (staged)": ("Event.synchronize",
+                                                              "finish_device", "0"),
+    "host waits for the padded exchange's packing (CUDA-aware)": ("Event.synchronize",
+                                                                  "finish_device", "1"),
+    "kernels reading ghosts after the padded exchange's unpacking": ("Stream.wait_event",
+                                                                     "finish_device", "1"),
 }
 
 
@@ -394,8 +456,12 @@ def test_removing_any_ordering_edge_is_caught(edge):
     function, caller, cuda_aware = EDGES[edge]
     env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE=cuda_aware,
                GPUMPIAD_STAGE_HOST_ARRAYS="0")
-    proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c",
-                           _library_run(STREAMS_RUN, drop=(function, caller))],
+    if caller.endswith("_device"):   # PaddedExchange's (and halo_exchange's N-D rounds')
+        code = (PADDED_RUN.format(model=MODEL_PATH)
+                + DROP_EDGE.format(function=function, caller=caller) + PADDED_ROUNDS)
+    else:
+        code = _library_run(STREAMS_RUN, drop=(function, caller))
+    proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c", code],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0, proc.stdout
     assert "Hazard" in proc.stderr, proc.stderr[-3000:]
