@@ -145,7 +145,8 @@ def _prepare_restart(comm, folder, identity):
 
 
 def _heat_inverse(args):
-    """Recover κ(x, y) of the heat equation from observed temperatures (the main job)."""
+    """Recover κ of the heat equation from observed temperatures (the main job), in 2-D or
+    3-D."""
     import numpy as np
 
     import gpumpiad as gm
@@ -158,7 +159,8 @@ def _heat_inverse(args):
     comm = world()
     rank, size = comm.rank, comm.size
     settings = inverse.Settings(
-        n=args.n, time=args.time, steps=args.steps, snapshots=args.snapshots,
+        n=args.n if isinstance(args.n, int) else tuple(args.n), time=args.time,
+        steps=args.steps, snapshots=args.snapshots,
         dims=tuple(args.dims) if args.dims else None, dtype=args.dtype, noise=args.noise,
         regularization=args.regularization, maxiter=args.maxiter,
         checkpoints=args.checkpoints, seed=args.seed)
@@ -183,9 +185,9 @@ def _heat_inverse(args):
     grid = problem.grid
     say = print if rank == 0 else (lambda *a, **k: None)
     kernels = kernels_for(problem.u0).__name__.rsplit(".", 1)[-1]
-    say(f"gpumpiad heat-inverse: {size} rank(s), {grid.dims[0]}x{grid.dims[1]} patches of "
-        f"about {grid.local_shape[0]}x{grid.local_shape[1]} cells, grid {settings.n}x"
-        f"{settings.n}, time {settings.time:g} in {problem.steps} steps (dt "
+    say(f"gpumpiad heat-inverse: {size} rank(s), {_by(grid.dims)} patches of about "
+        f"{_by(grid.local_shape)} cells, grid {_by(grid.shape)}, time {settings.time:g} in "
+        f"{problem.steps} steps (dt "
         f"{problem.dt:.3g}), {settings.snapshots} snapshots, {settings.dtype}", flush=True)
     say(f"noise {settings.noise:g}, regularization {settings.regularization:g}, at most "
         f"{settings.maxiter} iterations; backend {gm.backend_name()} (GPU "
@@ -215,7 +217,9 @@ def _heat_inverse(args):
         summary = {
             "settings": {k: (list(v) if isinstance(v, tuple) else v)
                          for k, v in vars(settings).items()},
-            "grid": list(grid.shape), "steps": problem.steps, "dt": problem.dt,
+            "dimension": grid.ndim, "grid": list(grid.shape), "cell_width": problem.h,
+            "slice": report.middle_plane(grid.shape) if grid.ndim == 3 else None,
+            "steps": problem.steps, "dt": problem.dt,
             "ranks": size, "patches": list(grid.dims), "backend": gm.backend_name(),
             "kernels": kernels, "mpi_data_path": gm.path_description(),
             "versions": report.versions(),
@@ -245,6 +249,31 @@ def _heat_inverse(args):
         print(f"done in {seconds:.1f} s, {outcome}; relative κ error {100 * initial:.1f}% -> "
               f"{100 * error:.2f}%; wrote {written} to {args.out}", flush=True)
     return 0
+
+
+def _by(values):
+    return "x".join(str(v) for v in values)
+
+
+def _check_heat_inverse(parser, args):
+    """Usage errors of heat-inverse's flags that argparse cannot see one flag at a time: the
+    number of --n and --dims values and their agreement."""
+    n = args.n if isinstance(args.n, int) else list(args.n)
+    if isinstance(n, list) and len(n) == 1:
+        n = args.n = n[0]
+    if isinstance(n, list) and len(n) > 3:
+        parser.error(f"argument --n: expected 1, 2 or 3 ints (one for a square grid, or a cube "
+                     f"with three --dims; NX NY; NX NY NZ), got {len(n)}: {' '.join(map(str, n))}")
+    if args.dims is None:
+        return
+    if len(args.dims) not in (2, 3):
+        parser.error(f"argument --dims: expected 2 or 3 ints (patches along x, y and for a 3-D "
+                     f"grid z), got {len(args.dims)}: {' '.join(map(str, args.dims))}")
+    if isinstance(n, list) and len(n) != len(args.dims):
+        parser.error(f"arguments --n and --dims disagree: --n {' '.join(map(str, n))} is a "
+                     f"{len(n)}-D grid but --dims {' '.join(map(str, args.dims))} gives "
+                     f"{len(args.dims)} axes; give --dims {len(n)} ints, or one --n for a "
+                     f"grid of {len(args.dims)} equal sides")
 
 
 def _positive(kind):
@@ -295,6 +324,7 @@ _EPILOG = """\
 Run under MPI, one rank per patch (and per GPU):
   mpiexec -n 4 gpumpiad heat-inverse
   mpiexec -n 4 gpumpiad heat-inverse --n 64 --noise 0.01 --resume
+  mpiexec -n 4 gpumpiad heat-inverse --dims 2 2 1 --n 32 32 16
 Without mpiexec it runs on one rank. Each job's --help lists its options."""
 
 
@@ -325,15 +355,21 @@ def _parser():
     root.set_defaults(run=_theta_root)
     inv = jobs.add_parser(
         "heat-inverse", help="recover a diffusivity field from observed temperatures",
-        description="Solve ∂u/∂t = κ(x,y)Δu + f on the unit square, split over the ranks,\n"
-                    "observe u at evenly spaced times, and recover κ from a constant guess\n"
-                    "with L-BFGS-B, differentiating through the halo exchanges. Rank 0\n"
-                    "prints one line per iteration and writes kappa.png, loss.png and\n"
-                    "summary.json to the output folder.",
-        epilog="Run under MPI, e.g.: mpiexec -n 4 gpumpiad heat-inverse --n 64",
+        description="Solve ∂u/∂t = κ(x,y)Δu + f on the unit square (or κ(x,y,z) on the unit\n"
+                    "cube: three --n or --dims), split over the ranks, observe u at evenly\n"
+                    "spaced times, and recover κ from a constant guess with L-BFGS-B,\n"
+                    "differentiating through the halo exchanges. Rank 0 prints one line per\n"
+                    "iteration and writes kappa.png (in 3-D: the middle z-plane), loss.png\n"
+                    "and summary.json to the output folder.",
+        epilog="Run under MPI, e.g.: mpiexec -n 4 gpumpiad heat-inverse --n 64\n"
+               "                     mpiexec -n 4 gpumpiad heat-inverse --dims 2 2 1 "
+               "--n 32 32 16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    inv.add_argument("--n", type=_positive(int), default=32,
-                     help="cells per side of the square grid (default: %(default)s)")
+    inv.add_argument("--n", type=_positive(int), nargs="+", default=32, metavar="N",
+                     help="the grid: one int, cells per side of a square (a cube with three "
+                          "--dims), or cells per axis NX NY or NX NY NZ (a 3-D grid); cells are "
+                          "squares or cubes, the longest axis spanning [0, 1] "
+                          "(default: %(default)s)")
     inv.add_argument("--time", type=_positive(float), default=0.02,
                      help="simulated physical time, the same for every --n "
                           "(default: %(default)s)")
@@ -343,9 +379,10 @@ def _parser():
                           "steps, e.g. 232 for --n 32)")
     inv.add_argument("--snapshots", type=_positive(int), default=4,
                      help="observed states, evenly spaced in time (default: %(default)s)")
-    inv.add_argument("--dims", type=_positive(int), nargs=2, metavar=("NX", "NY"),
-                     help="patches along x and y, NX*NY = ranks (default: as square as the "
-                          "ranks allow, MPI_Dims_create)")
+    inv.add_argument("--dims", type=_positive(int), nargs="+", metavar="P",
+                     help="patches per axis, PX PY or PX PY PZ (one per axis of --n), whose "
+                          "product is the number of ranks (default: as even as the ranks "
+                          "allow, MPI_Dims_create)")
     inv.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                      help="floating type of the fields (default: %(default)s; the optimiser "
                           "works in float64)")
@@ -380,7 +417,7 @@ def _parser():
                      help="random seed of the noise (default: %(default)s)")
     inv.add_argument("--out", default="heat-inverse-out",
                      help="output folder, created if missing (default: %(default)s)")
-    inv.set_defaults(run=_heat_inverse)
+    inv.set_defaults(run=_heat_inverse, check=lambda args: _check_heat_inverse(inv, args))
     from gpumpiad.heat import learn
     learn.add_job(jobs)
     return parser
@@ -396,6 +433,8 @@ def main(argv=None):
     import gpumpiad
 
     args = _parser().parse_args(argv)
+    if getattr(args, "check", None):
+        args.check(args)
     if getattr(args, "backend", None):
         os.environ["GPUMPIAD_BACKEND"] = args.backend
     gpumpiad.mpi_init()

@@ -1,5 +1,6 @@
 """Figures and the summary of an inverse run: ``kappa.png``, ``loss.png``, ``summary.json``,
-and with ``--profile`` the per-rank phase profile ``profile.json`` and ``profile.png``."""
+and with ``--profile`` the per-rank phase profile ``profile.json`` and ``profile.png``. A 3-D
+run's κ figure shows the middle z-plane (:func:`middle_plane`)."""
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ def title(summary):
     """Two lines naming the run's settings and outcome, from the job's ``summary``."""
     st = summary["settings"]
     grid, patches = summary["grid"], summary["patches"]
-    first = (f"grid {grid[0]}×{grid[1]} on {summary['ranks']} rank(s) ({patches[0]}×"
-             f"{patches[1]} patches), time {st['time']:g} in {summary['steps']} steps, "
+    first = (f"grid {_by(grid)} on {summary['ranks']} rank(s) ({_by(patches)} patches), "
+             f"time {st['time']:g} in {summary['steps']} steps, "
              f"{st['snapshots']} snapshots, noise {100 * st['noise']:g}%, "
              f"α {st['regularization']:g}, {st['dtype']}")
     second = (f"{summary['outcome']}; relative κ error "
@@ -29,10 +30,43 @@ def title(summary):
     return f"{first}\n{second}"
 
 
+def _by(values):
+    return "×".join(str(v) for v in values)
+
+
+def middle_plane(shape):
+    """The z-plane a 3-D field of ``shape`` is shown at: ``{"axis": "z", "index": k, "cells":
+    NZ, "z": z}``, ``k = NZ // 2`` (0-based) at ``z = (k + 1) h`` on the cells of width
+    ``h = 1 / (max(shape) + 1)`` (:func:`gpumpiad.heat.inverse.cell_width`).
+
+    Examples
+    --------
+    >>> from gpumpiad.heat.report import middle_plane
+    >>> middle_plane((32, 32, 16))
+    {'axis': 'z', 'index': 8, 'cells': 16, 'z': 0.2727272727272727}
+    """
+    k = shape[2] // 2
+    return {"axis": "z", "index": k, "cells": shape[2], "z": (k + 1) / (max(shape) + 1)}
+
+
 def kappa_figure(path, true, recovered, title=None, recovered_name="recovered"):
     """True and recovered κ on one colour scale, and the error in percent of the true κ;
-    ``recovered_name`` names the second field in the panels ("learned" for a network's κ)."""
+    ``recovered_name`` names the second field in the panels ("learned" for a network's κ).
+
+    The fields are global 2-D or 3-D arrays; of a 3-D one the panels show the middle z-plane
+    (:func:`middle_plane`) and name it. The axes span the domain: the unit square, or for
+    unequal sizes the box of square (cubic) cells whose longest side is 1.
+    """
     plt = _pyplot()
+    shape = true.shape
+    extent = tuple(v for n in shape[:2] for v in (0, (n + 1) / (max(shape) + 1)))
+    where = ""
+    if true.ndim == 3:
+        plane = middle_plane(shape)
+        true = true[:, :, plane["index"]]
+        recovered = recovered[:, :, plane["index"]]
+        where = (f"\nz-plane k = {plane['index']} of 0–{plane['cells'] - 1} "
+                 f"(z = {plane['z']:.3g})")
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.6), constrained_layout=True)
     low, high = min(true.min(), recovered.min()), max(true.max(), recovered.max())
     error = 100 * (recovered - true) / true
@@ -42,9 +76,9 @@ def kappa_figure(path, true, recovered, title=None, recovered_name="recovered"):
               (f"error of the {recovered_name} κ", error, "RdBu_r", (-bound, bound),
                f"({recovered_name} − true) / true  [%]"))
     for ax, (name, field, cmap, limits, label) in zip(axes, panels):
-        image = ax.imshow(field.T, origin="lower", extent=(0, 1, 0, 1), cmap=cmap,
+        image = ax.imshow(field.T, origin="lower", extent=extent, cmap=cmap,
                           vmin=limits[0], vmax=limits[1])
-        ax.set_title(name)
+        ax.set_title(name + where)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
         fig.colorbar(image, ax=ax, shrink=0.85, label=label)
