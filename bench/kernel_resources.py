@@ -1,13 +1,17 @@
-"""Registers, spills and theoretical occupancy of every kernel in kernels/heat.cu, from nvcc.
+"""Registers, spills and theoretical occupancy of every kernel in kernels/heat.cu and
+kernels/heat3d.cu, from nvcc.
 
-    python bench/kernel_resources.py [--source FILE] [--arch sm_80 sm_90]
+    python bench/kernel_resources.py [--kernels heat.cu|heat3d.cu] [--source FILE]
+                                     [--arch sm_80 sm_90]
 
-compiles the source as a .cu file with ``nvcc -cubin -arch=<arch> --resource-usage`` and the
-``-D`` defines of ``gpumpiad.heat.cudakernels._OPTIONS``, and prints one Markdown table per
-architecture. Occupancy is the theoretical one of a block of the size the launchers use,
-limited by registers alone (the kernels use no shared memory): registers are allocated per warp
-in units of 256, from 64 Ki per SM, with at most 64 resident warps and 32 blocks per SM on both
-sm_80 and sm_90. No GPU is needed, and none is measured.
+compiles each source as a .cu file with ``nvcc -cubin -arch=<arch> --resource-usage`` and the
+``-D`` defines of its launchers' options (``gpumpiad.heat.cudakernels._OPTIONS``,
+``gpumpiad.heat.cudakernels3d._OPTIONS``), and prints one Markdown table per file and
+architecture (``--source``: another version of the file ``--kernels`` names, heat.cu by
+default). Occupancy is the theoretical one of a block of the size the launchers use, limited by
+registers alone (the kernels use no shared memory): registers are allocated per warp in units
+of 256, from 64 Ki per SM, with at most 64 resident warps and 32 blocks per SM on both sm_80
+and sm_90. No GPU is needed, and none is measured.
 """
 
 from __future__ import annotations
@@ -20,17 +24,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gpumpiad.heat import cudakernels
+from gpumpiad.heat import cudakernels, cudakernels3d
 
+#: Each kernel file and the module that launches its kernels.
+LAUNCHERS = {"heat.cu": cudakernels, "heat3d.cu": cudakernels3d}
 REGS_PER_SM = 65536
 REG_UNIT = 256  # registers, allocated per warp
 MAX_WARPS = 64
 MAX_BLOCKS = 32
 BLOCK_2D = cudakernels.BLOCK_X * cudakernels.BLOCK_Y
+BLOCK_3D = cudakernels3d.BLOCK_X * cudakernels3d.BLOCK_Y
 
 
 def block_threads(name):
     """Threads per block the launcher of kernel ``name`` uses."""
+    if name.startswith("heat3d_"):
+        return BLOCK_3D
     return BLOCK_2D if name.startswith("heat_") else cudakernels.HALO_BLOCK
 
 
@@ -42,9 +51,10 @@ def occupancy(regs, threads):
     return blocks * warps / MAX_WARPS
 
 
-def resources(source, arch):
-    """{kernel: (registers, spill store bytes, spill load bytes)} from ptxas at ``arch``."""
-    defines = [o for o in cudakernels._OPTIONS if o.startswith(("-D", "-std"))]
+def resources(source, arch, launcher=cudakernels):
+    """{kernel: (registers, spill store bytes, spill load bytes)} from ptxas at ``arch``, the
+    source compiled with the ``-D`` defines and standard of ``launcher._OPTIONS``."""
+    defines = [o for o in launcher._OPTIONS if o.startswith(("-D", "-std"))]
     with tempfile.TemporaryDirectory() as tmp:
         cu = Path(tmp) / "heat.cu"
         cu.write_text(source)
@@ -71,11 +81,11 @@ def parse_ptxas(log):
     return out
 
 
-def table(source, arch):
-    res = resources(source, arch)
+def table(source, arch, launcher=cudakernels):
+    res = resources(source, arch, launcher)
     rows = [f"| kernel ({arch}) | block | registers | spill stores / loads (bytes) | occupancy |",
             "|---|---:|---:|---:|---:|"]
-    for name in cudakernels.KERNEL_NAMES:
+    for name in launcher.KERNEL_NAMES:
         regs, st, ld = res[name]
         threads = block_threads(name)
         rows.append(f"| {name} | {threads} | {regs} | {st} / {ld} | "
@@ -85,14 +95,21 @@ def table(source, arch):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", type=Path, help="CUDA file (default: the package's heat.cu)")
+    ap.add_argument("--kernels", choices=sorted(LAUNCHERS),
+                    help="one kernel file (default: every one; heat.cu with --source)")
+    ap.add_argument("--source", type=Path,
+                    help="CUDA file standing for the --kernels one (default: the package's)")
     ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
     args = ap.parse_args(argv)
+    if args.source and not args.kernels:
+        args.kernels = "heat.cu"
     if shutil.which("nvcc") is None:
         sys.exit("nvcc is not on PATH")
-    source = args.source.read_text() if args.source else cudakernels.source()
-    for arch in args.arch:
-        print(table(source, arch), end="\n\n")
+    for name in [args.kernels] if args.kernels else list(LAUNCHERS):
+        launcher = LAUNCHERS[name]
+        source = args.source.read_text() if args.source else launcher.source()
+        for arch in args.arch:
+            print(table(source, arch, launcher), end="\n\n")
 
 
 if __name__ == "__main__":

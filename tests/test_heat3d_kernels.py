@@ -12,17 +12,21 @@
 * on the CPU model of CuPy (tests/cudamodel) the launchers queue their kernels on the current
   stream: a read from another stream without an event is a hazard, one after it is not.
 
-NVRTC 12 and 13 and the register budget: tests/test_nvrtc.py.
+heat3d.cu compiles with nvcc, every kernel within its registers and without spills (NVRTC 12
+and 13: tests/test_nvrtc.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,3 +431,23 @@ def test_cuda_launchers_queue_their_kernels_on_the_current_stream():
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, GPUMPIAD_BACKEND="cupy"))
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# nvcc (NVRTC 12 and 13: tests/test_nvrtc.py)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvcc_compiles_every_kernel_within_its_registers_without_spills(arch):
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+    spec = importlib.util.spec_from_file_location("bench_kernel_resources", path)
+    kernel_resources = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = kernel_resources
+    spec.loader.exec_module(kernel_resources)
+    used = kernel_resources.resources(cudakernels3d.source(), arch, cudakernels3d)
+    assert set(used) == set(cudakernels3d.KERNEL_NAMES), used
+    for name, (regs, stores, loads) in used.items():
+        budget = 64 if "_adjoint_" in name else 40
+        assert regs <= budget and (stores, loads) == (0, 0), (name, arch, used[name])
