@@ -11,6 +11,10 @@ into contiguous buffers (array slicing, or on a device the pack kernels the call
 posts every non-blocking receive, then every send, and finishes with one ``Waitall`` and the
 unpacking. Corners are not exchanged (a 5-point stencil does not read them).
 
+:class:`PaddedExchange` is the same in-place width-1 exchange on a grid of any dimension,
+its plans, message buffers and (host) persistent requests made once; ``halo_exchange``'s
+rounds share its message code.
+
 Device arrays take :class:`DeviceExchange`: packing, staging copies and unpacking run on the
 library's communication stream, ordered by events after the work that wrote the cells and
 before the work that reads the ghosts; the host waits only for the packed cells, which MPI
@@ -637,7 +641,10 @@ class PaddedExchange:
             messages.free()
 
     def __del__(self):
-        self.free()
+        try:
+            self.free()
+        except Exception:
+            pass    # at interpreter exit: MPI or CUDA may be gone already
 
     def __enter__(self):
         return self
@@ -1046,7 +1053,13 @@ class _Round:
 
     def free(self):
         """Release the persistent requests; those still in flight (a wait the watchdog
-        interrupted) stay, with the buffers, until they complete."""
+        interrupted) stay, with the buffers, until they complete. A device round's buffers
+        stay until the work queued on the communication stream so far has run (the pinned
+        pool hands a freed block out again at once)."""
+        if self.device:
+            streams._keep_until_done(streams.record(streams.comm_stream()),
+                                     (self.sends, self.recvs, self.staged_sends,
+                                      self.staged_recvs))
         made, self.persistent = self.persistent, None
         if not made or MPI.Is_finalized():
             return

@@ -360,6 +360,8 @@ P = comm.size
 """
 
 PADDED_ROUNDS = """
+import cupyx
+from cupy import MODEL
 s = cupy.cuda.Stream(non_blocking=True)
 rng = np.random.default_rng(comm.rank)
 for shape, dims, periodic in (((7, 6, 5), (P, 1, 1), (True, False, True)),
@@ -378,6 +380,18 @@ for shape, dims, periodic in (((7, 6, 5), (P, 1, 1), (True, False, True)),
             got = u.get()                          # s reads the ghosts and boundary cells
             expected = halo._exchange_nd([x], grid, (1,) * len(shape), False, adjoint)[0]
             assert np.array_equal(got, expected), (shape, dims, step)
+        ex.post(u)
+        ex.finish(u)
+        ex.free()           # its pinned blocks, handed out again at once, meet MPI next
+        blocks = [cupyx.empty_pinned(plan.nbytes, np.uint8) for plan in ex._plans * 2]
+        MODEL.host_op("MPI receive", writes=blocks)
+        del blocks
+        x = rng.standard_normal(grid.padded_shape)
+        u[...] = cupy.asarray(x)
+        ex.post(u)          # new buffers
+        ex.finish(u)
+        expected = halo._exchange_nd([x], grid, (1,) * len(shape), False, False)[0]
+        assert np.array_equal(u.get(), expected), (shape, dims, "after free")
     ex.free()
     grid.free()
 if comm.rank == 0:
