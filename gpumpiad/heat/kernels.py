@@ -9,6 +9,7 @@ GPUMPIAD_HEAT_KERNELS : ``numpy`` | ``host``
 from __future__ import annotations
 
 import os
+from importlib import import_module
 
 from ..backend import is_device_array
 
@@ -17,8 +18,9 @@ __all__ = ["kernels_for"]
 _KERNELS = ("numpy", "host", "cuda")
 
 
-def kernels_for(array, backend=None):
-    """The heat-kernel module (``step``, ``adjoint``, ``pack``, ``unpack``) for ``array``.
+def kernels_for(array, backend=None, ndim=2):
+    """The heat-kernel module (``step``, ``adjoint``; in 2-D also ``pack``, ``unpack``) for
+    ``array``.
 
     Parameters
     ----------
@@ -28,7 +30,29 @@ def kernels_for(array, backend=None):
         :mod:`gpumpiad.heat.hostkernels` (NumPy arrays); ``cuda``: :mod:`gpumpiad.heat.cudakernels`
         (CuPy arrays). Default: ``cuda`` for CuPy arrays; for NumPy arrays
         ``GPUMPIAD_HEAT_KERNELS`` if set, else ``host`` when it builds here, else ``numpy``.
+    ndim : {2, 3}
+        The grid's dimension: 3 gives the 7-point kernels of ``kernels/heat3d.cu``
+        (:mod:`~gpumpiad.heat.stencil3d`, :mod:`~gpumpiad.heat.hostkernels3d`,
+        :mod:`~gpumpiad.heat.cudakernels3d`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.heat.kernels import kernels_for
+    >>> kernels_for(np.zeros((4, 4, 4)), "numpy", ndim=3).__name__
+    'gpumpiad.heat.stencil3d'
     """
+    if ndim not in (2, 3):
+        raise ValueError(f"heat kernels exist for 2 or 3 axes, got ndim={ndim!r}")
+    choice = _choice(array, backend, ndim)
+    return import_module(_MODULES[choice][ndim - 2], __package__)
+
+
+_MODULES = {"numpy": (".stencil", ".stencil3d"), "host": (".hostkernels", ".hostkernels3d"),
+            "cuda": (".cudakernels", ".cudakernels3d")}
+
+
+def _choice(array, backend, ndim):
     device = is_device_array(array)
     choice = backend
     if choice is None and not device:
@@ -38,18 +62,10 @@ def kernels_for(array, backend=None):
         raise ValueError(f"{source}: heat kernels must be one of {_KERNELS}, got {choice!r}")
     if choice is None:
         choice = "cuda" if device else "host"
-        if choice == "host":
-            from . import hostkernels
-            if not hostkernels.available():
-                choice = "numpy"
-    if choice == "numpy":
-        from . import stencil
-        return stencil
-    if (choice == "cuda") != device:
+        if choice == "host" and \
+                not import_module(_MODULES["host"][ndim - 2], __package__).available():
+            choice = "numpy"
+    if choice != "numpy" and (choice == "cuda") != device:
         raise ValueError(f"heat kernels {choice!r} cannot run on a "
                          f"{'CuPy' if device else 'NumPy'} array")
-    if choice == "cuda":
-        from . import cudakernels
-        return cudakernels
-    from . import hostkernels
-    return hostkernels
+    return choice

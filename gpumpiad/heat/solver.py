@@ -1,4 +1,5 @@
-"""``solve``: the explicit 2-D heat equation on a patch decomposition, one differentiable op.
+"""``solve``: the explicit heat equation in 2-D or 3-D on a patch decomposition, one
+differentiable op.
 
 The whole time loop is a single :func:`gpumpiad.custom_op` on the tape, with a hand-written
 adjoint time loop, so the tape holds one node whatever the number of steps. States for the
@@ -30,7 +31,7 @@ __all__ = ["solve", "recompute_steps"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _ARGUMENTS = ("u0", "kappa", "f")
-_SIDES = ("north", "south", "west", "east")
+_SIDES = {2: ("north", "south", "west", "east"), 3: ("-x", "+x", "-y", "+y", "-z", "+z")}
 _self_grids = {}
 
 
@@ -39,14 +40,15 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     """March ``u_t = kappa * Laplace(u) + f`` with explicit Euler steps on each rank's patch.
 
     ``u^{n+1} = u^n + r * kappa * L(u^n) + dt * f`` with ``r = dt / h**2`` and ``L`` the
-    5-point Laplacian numerator; ghost cells come from the neighbouring patches (halo exchange)
-    or, on the physical boundary, from the Dirichlet values ``boundary``. Each step overlaps the
-    exchange with the interior cells: start the exchange, update the cells that read no ghost,
-    finish, update the boundary ring. Collective over ``grid``.
+    5-point (2-D) or 7-point (3-D) Laplacian numerator; ghost cells come from the neighbouring
+    patches (halo exchange) or, on the physical boundary, from the Dirichlet values
+    ``boundary``. Where kernels run asynchronously (a GPU), each step overlaps the exchange with
+    the interior cells: start the exchange, update the cells that read no ghost, finish, update
+    the boundary layer. Collective over ``grid``.
 
     Parameters
     ----------
-    u0, kappa, f : Tensor or array, shape grid.local_shape
+    u0, kappa, f : Tensor or array, shape grid.local_shape (2 or 3 axes)
         This rank's patch (no ghosts) of the initial state, the diffusivity and the source
         (constant in time). One floating dtype (float32 or float64) and array kind for all
         three. A distributed Tensor is this rank's piece; a serial one is the same patch on
@@ -55,22 +57,23 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         Time step and cell size.
     steps : int
         Number of time steps.
-    grid : gpumpiad.heat.Grid, optional
-        The decomposition. Default: every rank solves on its own, its patch being the whole
-        domain.
+    grid : gpumpiad.Grid, optional
+        The decomposition, 2-D or 3-D. Default: every rank solves on its own, its patch being
+        the whole domain.
     boundary : float, callable or array, optional
         Dirichlet values in the ghost cells of the physical boundary: a number (default 0), a
-        function ``g(x, y)`` of NumPy coordinate arrays (see :meth:`Grid.coordinates`), or an
-        ``(nx+2, ny+2)`` array whose ring is used on the sides that are physical boundary
-        (none along an axis the grid makes periodic; the corners are never read). The values
-        used must be finite.
+        function ``g(x, y)`` (3-D: ``g(x, y, z)``) of broadcastable NumPy coordinate arrays
+        (see :meth:`Grid.coordinates`), or an array of the padded shape ``(nx+2, ny+2[,
+        nz+2])`` whose outer layer is used on the sides that are physical boundary (none along
+        an axis the grid makes periodic; edges and corners are never read). The values used
+        must be finite.
     checkpoints : int, optional
         None (default): store all ``steps`` states for the reverse pass. ``k >= 1``: store at
         most ``k`` states (the initial one included) and recompute the others with binomial
         checkpointing; see :func:`recompute_steps`. Only kappa's cotangent reads the states:
         a gradient with respect to ``u0`` and ``f`` alone stores none.
     trajectory : bool
-        Also return every state, shape ``(steps + 1, nx, ny)``.
+        Also return every state, shape ``(steps + 1, nx, ny[, nz])``.
     backend : {"numpy", "host", "cuda"}, optional
         Heat kernels; see :func:`gpumpiad.heat.kernels.kernels_for` (``GPUMPIAD_HEAT_KERNELS`` for NumPy
         arrays).
@@ -78,7 +81,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     Returns
     -------
     Tensor or (Tensor, Tensor)
-        The final state ``u^steps`` (distributed, ``(nx, ny)``) and, with ``trajectory``, all
+        The final state ``u^steps`` (distributed, the patch's shape) and, with ``trajectory``, all
         states: new arrays, which no later solve writes to.
 
     Raises
@@ -88,8 +91,9 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         kind mismatch or a ``boundary`` holding NaN or Inf (naming the argument and the rank),
         when ranks pass different ``dt``, ``h``, ``steps``, ``checkpoints``, ``trajectory`` or
         dtypes, when ``u0``, ``kappa`` or ``f`` holds NaN or Inf or ``kappa`` a negative value
-        on some rank (naming the ranks), or when ``dt > h**2 / (4 * max kappa)`` (the global
-        maximum): the scheme is unstable. Also when ``grid`` was freed.
+        on some rank (naming the ranks), or when ``dt > h**2 / (2 d max kappa)`` with ``d``
+        the number of axes and the global maximum: the scheme is unstable. Also when ``grid``
+        was freed or has neither 2 nor 3 axes.
     TypeError
         When ``grid`` is not a :class:`Grid`.
 
@@ -106,8 +110,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
 
     for ``n = steps-1 ... 0``, and ``u0_bar = lam^0`` (plus the trajectory's cotangents, added
     to ``lam^n`` on the way). Only the cotangents of the arguments being differentiated are
-    accumulated: 64 bytes per cell and step for all three, 48 for kappa's alone, 40 or fewer
-    without kappa's. ``L(kappa * lam)`` reads ``lam^{n+1}`` and ``kappa`` in the ghost ring: a
+    accumulated: 64 bytes per cell and step (float64) for all three, 48 for kappa's alone, 40
+    or fewer without kappa's. ``L(kappa * lam)`` reads ``lam^{n+1}`` and ``kappa`` in the ghost ring: a
     forward halo exchange of ``lam^{n+1}`` per step (``kappa`` once), zero on the physical
     boundary. This equals the scatter form, whose halo adjoint sends ghost cotangents
     back to their owners and adds them (:func:`gpumpiad.halo_exchange`). ``u^n`` with its ghosts
@@ -129,10 +133,22 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     >>> g = gpumpiad.grad(loss)(gpumpiad.tensor(kappa, distributed=True))
     >>> g.shape == grid.local_shape
     True
+
+    In 3-D, the same call on a 3-D grid (7-point stencil, ``dt <= h**2 / (6 max kappa)``):
+
+    >>> cube = gpumpiad.Grid((8, 6, 5))
+    >>> ones = np.ones(cube.local_shape)
+    >>> u3 = solve(ones, ones, 0 * ones, dt=0.1 * cube.h[0] ** 2, h=cube.h[0], steps=4,
+    ...            grid=cube)
+    >>> u3.shape == cube.local_shape
+    True
     """
     if grid is None:
         grid = _own_grid(np.shape(u0.data if isinstance(u0, Tensor) else u0))
-    check_grid(grid, "solve", ndim=2)
+    check_grid(grid, "solve")
+    if grid.ndim not in (2, 3):
+        raise ValueError(f"rank {world().rank}: solve's grid must have 2 or 3 axes, got a "
+                         f"{grid.ndim}-D grid of shape {grid.shape}")
     rank = world().rank
     args = [a if isinstance(a, Tensor) else asarray(a) for a in (u0, kappa, f)]
     raws = [a.data if isinstance(a, Tensor) else a for a in args]
@@ -147,7 +163,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         # The halos of patches of different dtypes would not fill each other's buffers.
         settings = (dt, h, steps, checkpoints, bool(trajectory), np.dtype(raws[0].dtype).name)
         try:
-            kernels = kernels_for(raws[0], backend)
+            kernels = kernels_for(raws[0], backend, ndim=grid.ndim)
             frame, ghosts = _frame(grid, boundary, raws[0])
         except (ValueError, TypeError) as exc:
             problem = f"rank {rank}: {exc}"
@@ -194,11 +210,12 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
                          f"(min kappa = {reports[lowest]['kmin']!r} on rank {lowest}): expected "
                          "kappa >= 0 (a negative diffusivity makes the scheme blow up)")
     owner = int(np.argmax([r["kmax"] for r in reports]))
-    kmax = reports[owner]["kmax"]
-    if kmax > 0 and dt > h * h / (4 * kmax):
+    kmax, limit = reports[owner]["kmax"], 2 * grid.ndim
+    if kmax > 0 and dt > h * h / (limit * kmax):
         raise ValueError(
-            f"rank {rank}: dt = {dt!r} exceeds the stability limit h**2 / (4 max kappa) = "
-            f"{h * h / (4 * kmax)!r} (h = {h!r}, max kappa = {kmax!r} on rank {owner})")
+            f"rank {rank}: dt = {dt!r} exceeds the stability limit h**2 / ({limit} max kappa) "
+            f"= {h * h / (limit * kmax)!r} of the {grid.ndim}-D scheme (h = {h!r}, "
+            f"max kappa = {kmax!r} on rank {owner})")
     # Recomputing states from checkpoints exchanges halos: when any rank differentiates kappa,
     # every rank keeps (and recomputes) its states, so that they all exchange in step.
     keep_states = any(r["kappa"] for r in reports)
@@ -239,17 +256,18 @@ class _Heat:
         # only one that reads the states, is wanted on some rank. retain: the reverse pass may
         # run again (a vjp's pullback), so it keeps the states.
         self.wants, self.keep_states, self.retain = wants, keep_states, retain
-        nx, ny = grid.local_shape
+        shape = grid.local_shape
         # Overlapping the exchange with the interior pays where kernels run asynchronously (a
-        # GPU). On the CPU, MPI makes no progress while a kernel runs, and the four thin
-        # boundary strips cost more than the exchange hides: exchange, then one sweep.
+        # GPU). On the CPU, MPI makes no progress while a kernel runs, and the thin boundary
+        # slabs cost more than the exchange hides: exchange, then one sweep.
         self.overlap = getattr(kernels, "ASYNCHRONOUS", False)
-        self.whole = (1, nx + 1, 1, ny + 1)
-        self.inner, self.ring = _inner_and_ring(nx, ny, [n != MPI.PROC_NULL
-                                                         for n in grid.neighbours])
+        self.whole = tuple(b for n in shape for b in (1, n + 1))
+        self.inner, self.ring = _inner_and_ring(shape, [n != MPI.PROC_NULL
+                                                        for n in grid.neighbours])
+        self.core = (slice(1, -1),) * len(shape)
         self.states = {}
         self.spare = None
-        self.cells = nx * ny
+        self.cells = math.prod(shape)
         # The host kernels' loops: arguments checked and converted once per solve, exchanges
         # through preposted persistent requests, and on a patch no other rank borders the
         # whole time loop in one call. recorded: a reverse pass may follow.
@@ -261,9 +279,13 @@ class _Heat:
         self.wrap = ((grid.neighbours[0] == rank, grid.neighbours[2] == rank) if self.local
                      else (False, False))
         # A device solve runs on the library's compute stream; its halos move on the
-        # communication stream through buffers made once per solve.
-        self.exchange = (halo.DeviceExchange(grid, frame.shape, frame.dtype, kernels)
-                         if is_device_array(frame) else None)
+        # communication stream through buffers made once per solve, as do a 3-D solve's.
+        self.device = is_device_array(frame)
+        self.exchange = None
+        if grid.ndim != 2:
+            self.exchange = halo.PaddedExchange(grid, frame.shape, frame.dtype, self.device)
+        elif self.device:
+            self.exchange = halo.DeviceExchange(grid, frame.shape, frame.dtype, kernels)
 
     def forward(self, u0, kappa, f):
         with trace.span("heat.forward", trace.COMPUTE, payload=self.cells):
@@ -271,7 +293,7 @@ class _Heat:
                 return self._forward_host(u0, kappa, f)
             xp = get_array_module(u0)
             traj = xp.empty((self.steps + 1,) + u0.shape, u0.dtype) if self.trajectory else None
-            if self.exchange is None:
+            if not self.device:
                 u = self._forward(u0, kappa, f, traj)
                 out = self._outputs(u, traj)
             else:
@@ -280,7 +302,14 @@ class _Heat:
                 out = self._outputs(u, traj)
                 self._handed_out(compute)
             _recycle(u, self.ghosts)
+            if not self.recorded:
+                self._free_exchange()
             return out
+
+    def _free_exchange(self):
+        free = getattr(self.exchange, "free", None)
+        if free is not None:
+            free()
 
     @staticmethod
     def _handed_out(compute):
@@ -311,7 +340,7 @@ class _Heat:
         u = self._padded(u0, self._buffer())
         for n in range(self.steps):
             if traj is not None:
-                traj[n] = u[1:-1, 1:-1]
+                traj[n] = u[self.core]
             nxt = self._buffer()
             self._step(u, nxt)
             if n in keep:
@@ -328,12 +357,15 @@ class _Heat:
         with trace.span("heat.adjoint", trace.ADJOINT, payload=self.cells):
             if self.host:
                 return self._vjp_host(g, u0, kappa, f)
-            if self.exchange is None:
-                return self._cotangents(self._vjp(g), u0, kappa, f)
-            with streams.on_compute() as compute:
-                bars = self._vjp(g)
-            out = self._cotangents(bars, u0, kappa, f)
-            self._handed_out(compute)
+            if not self.device:
+                out = self._cotangents(self._vjp(g), u0, kappa, f)
+            else:
+                with streams.on_compute() as compute:
+                    bars = self._vjp(g)
+                out = self._cotangents(bars, u0, kappa, f)
+                self._handed_out(compute)
+            if not self.retain:
+                self._free_exchange()
             return out
 
     def _cotangents(self, bars, u0, kappa, f):
@@ -347,9 +379,9 @@ class _Heat:
         xp = get_array_module(g_out)
         zeros = xp.zeros_like(self.frame)
         lam = zeros.copy()
-        lam[1:-1, 1:-1] = g_out
+        lam[self.core] = g_out
         if g_traj is not None:
-            lam[1:-1, 1:-1] += g_traj[self.steps]
+            lam[self.core] += g_traj[self.steps]
         _, want_kappa, want_f = self.wants
         kappa_bar = zeros.copy() if want_kappa else None
         f_bar = zeros.copy() if want_f else None
@@ -361,7 +393,7 @@ class _Heat:
             if u is not None and id(u) not in kept:
                 _recycle(u, self.ghosts)
             if g_traj is not None:
-                lam_prev[1:-1, 1:-1] += g_traj[n]
+                lam_prev[self.core] += g_traj[n]
             spare, lam = lam, lam_prev
         if not self.retain:
             self.states.clear()
@@ -369,7 +401,7 @@ class _Heat:
         return lam, kappa_bar, f_bar
 
     def _padded(self, interior, out):
-        out[1:-1, 1:-1] = interior
+        out[self.core] = interior
         return out
 
     def _buffer(self):
@@ -646,20 +678,27 @@ def _split(t, c):
     raise AssertionError(f"no optimal split for t={t}, c={c}")
 
 
-def _inner_and_ring(nx, ny, exchanged):
-    """The cells a step may update before its halos arrive (a rectangle) and the rest (a list
-    of rectangles, each cell once: the adjoint accumulates). ``exchanged``: whether the
-    (north, south, west, east) ghosts come from a neighbour; a physical boundary's ghosts are
-    fixed, so the cells beside it need not wait."""
-    north, south, west, east = exchanged
-    i0, i1 = (2 if north else 1), (nx if south else nx + 1)
-    j0, j1 = (2 if west else 1), (ny if east else ny + 1)
-    i1, j1 = max(i0, i1), max(j0, j1)
-    rows = sorted({i for i, wanted in ((1, north), (nx, south)) if wanted})
-    ring = [(i, i + 1, 1, ny + 1) for i in rows]
-    cols = sorted({j for j, wanted in ((1, west), (ny, east)) if wanted}) if i0 < i1 else []
-    ring += [(i0, i1, j, j + 1) for j in cols]
-    return (i0, i1, j0, j1), ring
+def _inner_and_ring(shape, exchanged):
+    """The cells a step may update before its halos arrive (a box ``(i0, i1, j0, j1, ...)``)
+    and the rest (a list of boxes, each cell once: the adjoint accumulates). ``exchanged``:
+    per side (``-x, +x, -y, +y, ...``), whether its ghosts come from a neighbour; a physical
+    boundary's ghosts are fixed, so the cells beside it need not wait."""
+    inner = []
+    for axis, n in enumerate(shape):
+        lo = 2 if exchanged[2 * axis] else 1
+        hi = n if exchanged[2 * axis + 1] else n + 1
+        inner.append((lo, max(lo, hi)))
+    # Peel the slabs off axis by axis: each spans the axes not yet peeled in full.
+    rest, ring = [(1, n + 1) for n in shape], []
+    for axis, (lo, hi) in enumerate(inner):
+        for a, b in ((rest[axis][0], lo), (hi, rest[axis][1])):
+            if a < b:
+                box = list(rest)
+                box[axis] = (a, b)
+                if all(p < q for p, q in box):
+                    ring.append(tuple(v for pair in box for v in pair))
+        rest[axis] = (lo, hi)
+    return tuple(v for pair in inner for v in pair), ring
 
 
 def _spine(steps, checkpoints):
@@ -673,8 +712,8 @@ def _spine(steps, checkpoints):
 
 
 def _own_grid(shape):
-    if len(shape) != 2:
-        raise ValueError(f"rank {world().rank}: u0 must be 2-D, got shape {shape}")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"rank {world().rank}: u0 must be 2-D or 3-D, got shape {shape}")
     if shape not in _self_grids:
         _self_grids[shape] = Grid(shape, Comm(MPI.COMM_SELF))
     return _self_grids[shape]
@@ -698,7 +737,11 @@ def _interior(a):
     """A new array holding the interior of padded ``a``. Every array a solve hands out is made
     here: ``a`` may be a state buffer the next solve reuses, and the interior of a one-row
     patch is contiguous, so a mere ``ascontiguousarray`` would hand out the buffer itself."""
-    return a[1:-1, 1:-1].copy()
+    return a[(slice(1, -1),) * a.ndim].copy()
+
+
+def _by(values):
+    return "x".join(str(v) for v in values)
 
 
 def _check_arrays(grid, raws):
@@ -707,8 +750,8 @@ def _check_arrays(grid, raws):
     for name, a in zip(_ARGUMENTS, raws):
         if tuple(a.shape) != grid.local_shape:
             return (f"rank {rank}: {name} must be this rank's patch of shape {grid.local_shape} "
-                    f"(grid {grid.shape[0]}x{grid.shape[1]} over {grid.dims[0]}x{grid.dims[1]} "
-                    f"patches), got shape {tuple(a.shape)}")
+                    f"(grid {_by(grid.shape)} over {_by(grid.dims)} patches), got shape "
+                    f"{tuple(a.shape)}")
         if np.dtype(a.dtype) not in _FLOATS:
             return f"rank {rank}: {name} must be float32 or float64, got {a.dtype}"
         if a.dtype != raws[0].dtype:
@@ -773,8 +816,18 @@ def _state_buffer(frame, ghosts):
     buf = _reuse(frame, ghosts)
     if buf is None:
         buf = np.empty_like(frame)
-        buf[0], buf[-1], buf[:, 0], buf[:, -1] = frame[0], frame[-1], frame[:, 0], frame[:, -1]
+        _copy_ghosts(buf, frame)
     return buf
+
+
+def _faces(ndim):
+    """Indices of the outer layer of a padded ``ndim``-D array, one per side."""
+    return [(slice(None),) * axis + (end,) for axis in range(ndim) for end in (0, -1)]
+
+
+def _copy_ghosts(buf, frame):
+    for face in _faces(frame.ndim):
+        buf[face] = frame[face]
 
 
 def _pad_buffer(frame):
@@ -786,14 +839,15 @@ def _pad_buffer(frame):
             _free_bytes["n"] -= buf.nbytes
     if buf is None:
         buf = np.empty_like(frame)
-    buf[0], buf[-1], buf[:, 0], buf[:, -1] = 0, 0, 0, 0
+    for face in _faces(frame.ndim):
+        buf[face] = 0
     return buf
 
 
 def _zeroed(frame):
     """A host buffer shaped like ``frame``, all zeros."""
     buf = _pad_buffer(frame)
-    buf[1:-1, 1:-1] = 0
+    buf[(slice(1, -1),) * frame.ndim] = 0
     return buf
 
 
@@ -808,7 +862,7 @@ def _reuse(frame, ghosts):
         buf, written = bucket.pop()
         _free_bytes["n"] -= buf.nbytes
     if ghosts is None or written != ghosts:
-        buf[0], buf[-1], buf[:, 0], buf[:, -1] = frame[0], frame[-1], frame[:, 0], frame[:, -1]
+        _copy_ghosts(buf, frame)
     return buf
 
 
@@ -843,10 +897,12 @@ def _frame(grid, boundary, like):
 def _make_frame(grid, boundary, like):
     """:func:`_frame`'s padded array, built where ``like`` lives (no host copy of a device
     frame): only the physical sides' ghost values are computed on the host."""
-    nx, ny = grid.local_shape
+    shape, ndim = grid.local_shape, grid.ndim
     dtype = np.dtype(like.dtype)
-    sides = ((0, slice(1, ny + 1)), (nx + 1, slice(1, ny + 1)), (slice(1, nx + 1), 0),
-             (slice(1, nx + 1), ny + 1))
+    # Each side's ghost layer without edges and corners, which no stencil reads.
+    sides = [tuple(end if b == axis else slice(1, n + 1) for b, n in enumerate(shape))
+             for axis in range(ndim) for end in (0, shape[axis] + 1)]
+    variables = "x, y" if ndim == 2 else "x, y, z"
     if isinstance(boundary, Real) and not isinstance(boundary, (bool, np.bool_)):
         if not math.isfinite(boundary):
             raise ValueError(f"boundary must be a finite number, got {boundary!r}")
@@ -856,27 +912,30 @@ def _make_frame(grid, boundary, like):
             return constant
         what = f"boundary {boundary!r} gives"
     elif callable(boundary):
-        x, y = grid.coordinates(ghosts=True)
+        coords = grid.coordinates(ghosts=True)
 
         def side(index):
-            xs, ys = np.atleast_1d(x[index[0]]), np.atleast_1d(y[index[1]])
-            got = np.asarray(boundary(xs[:, None], ys[None, :]))
+            # Coordinate arrays that broadcast to the side's ghost layer (one cell thick).
+            axes = [np.atleast_1d(c[i]) for c, i in zip(coords, index)]
+            full = tuple(a.size for a in axes)
+            got = np.asarray(boundary(*(a.reshape([-1 if b == k else 1 for b in range(ndim)])
+                                        for k, a in enumerate(axes))))
             try:
-                values = np.broadcast_to(got.astype(float), (xs.size, ys.size))
+                values = np.broadcast_to(got.astype(float), full)
             except (TypeError, ValueError):
                 values = None
             if values is None or got.dtype.kind not in "biuf":
-                raise ValueError(f"boundary function g(x, y) must return real numbers "
-                                 f"broadcastable to the shape of x * y (it is called on each "
-                                 f"physical side's ghost cells, here {xs.size}x{ys.size}), got "
-                                 f"{got.dtype} of shape {got.shape}")
+                raise ValueError(f"boundary function g({variables}) must return real numbers "
+                                 f"broadcastable to the shape of its arguments' product (it is "
+                                 f"called on each physical side's ghost cells, here "
+                                 f"{_by(full)}), got {got.dtype} of shape {got.shape}")
             return values.reshape(-1)
-        what = "boundary function g(x, y) returned"
+        what = f"boundary function g({variables}) returned"
     else:
         values = np.asarray(boundary.get() if is_device_array(boundary) else boundary)
         if values.shape != grid.padded_shape or values.dtype.kind not in "biuf":
-            raise ValueError(f"boundary must be a number, a function g(x, y) or a real array of "
-                             f"this rank's padded shape {grid.padded_shape}, got "
+            raise ValueError(f"boundary must be a number, a function g({variables}) or a real "
+                             f"array of this rank's padded shape {grid.padded_shape}, got "
                              f"{type(boundary).__name__} of shape {values.shape} and dtype "
                              f"{values.dtype}")
 
@@ -886,18 +945,21 @@ def _make_frame(grid, boundary, like):
     xp = get_array_module(like)
     frame = xp.zeros(grid.padded_shape, dtype)
     bad = []
-    for name, index, physical in zip(_SIDES, sides, grid.physical):
+    for name, index, physical in zip(_SIDES[ndim], sides, grid.physical):
         if physical:
             with np.errstate(over="ignore", invalid="ignore"):
                 ring = np.array(side(index), dtype=dtype)
+                if ring.ndim:
+                    ring = ring.reshape(frame[index].shape)
             if not np.isfinite(ring).all():
                 bad.append(name)
             frame[index] = ring if xp is np else xp.asarray(ring)
     if bad:
-        x, y = grid.coordinates(ghosts=True)
+        coords = grid.coordinates(ghosts=True)
+        extent = ", ".join(f"{v} in [{c[0]:.6g}, {c[-1]:.6g}]"
+                           for v, c in zip(variables.split(", "), coords))
         raise ValueError(f"{what} NaN or Inf in the ghost cells of this rank's physical "
-                         f"boundary (side(s) {', '.join(bad)}; patch x in [{x[0]:.6g}, "
-                         f"{x[-1]:.6g}], y in [{y[0]:.6g}, {y[-1]:.6g}]; as {frame.dtype}): "
-                         "expected finite Dirichlet values")
+                         f"boundary (side(s) {', '.join(bad)}; patch {extent}; as "
+                         f"{frame.dtype}): expected finite Dirichlet values")
     ghosts = (float(boundary), tuple(grid.physical)) if isinstance(boundary, Real) else None
     return frame, ghosts
