@@ -368,7 +368,8 @@ def _links(grid):
 
 
 class Posted:
-    """A :class:`DeviceExchange` posted for ``array``: :meth:`wait` finishes it (once)."""
+    """A :class:`DeviceExchange` or :class:`PaddedExchange` posted for ``array``: :meth:`wait`
+    finishes it (once)."""
 
     __slots__ = ("_exchange", "_array", "_adjoint", "_verify", "_done")
 
@@ -534,14 +535,15 @@ class PaddedExchange:
     Examples
     --------
     >>> import numpy as np, gpumpiad
+    >>> from mpi4py import MPI
     >>> from gpumpiad.halo import PaddedExchange
-    >>> grid = gpumpiad.Grid((4, 3, 2), periodic=True)
-    >>> u = np.arange(float(np.prod(grid.padded_shape))).reshape(grid.padded_shape)
-    >>> halo = PaddedExchange(grid, u.shape, u.dtype)
-    >>> halo.post(u)
-    >>> _ = halo.finish(u)
-    >>> halo.free()
-    >>> bool((u[0, 1:-1, 1:-1] == u[-2, 1:-1, 1:-1]).all()) if grid.dims[0] == 1 else True
+    >>> grid = gpumpiad.Grid((4, 3, 2), comm=gpumpiad.Comm(MPI.COMM_SELF), periodic=True)
+    >>> u = np.arange(6.0 * 5 * 4).reshape(grid.padded_shape)
+    >>> with PaddedExchange(grid, u.shape, u.dtype) as halo:
+    ...     halo.post(u)
+    ...     u[1:-1, 1:-1, 1:-1] += 1     # after the post: not sent
+    ...     _ = halo.finish(u)
+    >>> bool((u[0, 1:-1, 1:-1] == u[-2, 1:-1, 1:-1] - 1).all())
     True
     """
 
@@ -555,16 +557,21 @@ class PaddedExchange:
             raise TypeError(f"rank {rank}: PaddedExchange's device must be a bool, got "
                             f"{type(device).__name__} {device!r}")
         try:
-            shape = tuple(int(n) for n in shape)
+            padded = tuple(int(n) for n in shape)
         except (TypeError, ValueError):
-            shape = None
-        if shape != grid.padded_shape:
+            padded = None
+        if padded != grid.padded_shape:
             raise ValueError(f"rank {rank}: PaddedExchange's shape must be the grid's padded "
                              f"shape {grid.padded_shape} (local shape {grid.local_shape} + 2), "
-                             f"got {shape}")
-        self._grid, self._shape, self._dtype = grid, shape, np.dtype(dtype)
+                             f"got {shape!r}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"rank {rank}: PaddedExchange's dtype must be a NumPy dtype, got "
+                            f"{dtype!r}") from None
+        self._grid, self._shape, self._dtype = grid, padded, dtype
         self._device = bool(device)
-        self._plans = [_Plan((self._dtype,), shape, (1,) * grid.ndim, side, peer, False)
+        self._plans = [_Plan((self._dtype,), padded, (1,) * grid.ndim, side, peer, False)
                        for side, peer in enumerate(grid.neighbours) if peer != MPI.PROC_NULL]
         self._round = None
         self._posted = None

@@ -4,6 +4,7 @@ and periodic; repeated exchanges send what the array holds at each post; the adj
 equals halo_exchange's reverse pass and passes the cross-rank dot-product test; messages of
 other exchanges in flight are never taken for its own; the errors."""
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -146,6 +147,9 @@ def test_errors_name_rank_argument_expected_and_actual():
         halo.PaddedExchange(grid, grid.local_shape, np.float64)
     with pytest.raises(TypeError, match=rf"rank {rank}: PaddedExchange's device must be a bool"):
         halo.PaddedExchange(grid, padded, np.float64, device="no")
+    with pytest.raises(TypeError, match=rf"rank {rank}: PaddedExchange's dtype must be a NumPy "
+                                        r"dtype, got 'float65'"):
+        halo.PaddedExchange(grid, padded, "float65")
     ex = halo.PaddedExchange(grid, padded, np.float64)
     u = np.zeros(padded)
     with pytest.raises(ValueError, match=rf"rank {rank}: PaddedExchange.post expects a host "
@@ -182,3 +186,37 @@ def test_errors_name_rank_argument_expected_and_actual():
         halo.PaddedExchange(grid, padded, np.float64)
     ex.free()
     ex.free()
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_a_stuck_finish_times_out_and_the_exchange_serves_again(monkeypatch):
+    """Rank 1 posts late: rank 0's finish ends in the watchdog's CommunicationTimeout; its
+    messages, left to MPI, complete when rank 1 exchanges, and the next exchange (new buffers
+    and requests) fills the ghosts right on both ranks."""
+    from gpumpiad import debug
+    rank = MPI.COMM_WORLD.rank
+    with gm.Grid((8, 3), dims=(2, 1), periodic=True) as grid:
+        ex = halo.PaddedExchange(grid, grid.padded_shape, np.float64)
+        u = field(grid, 1)
+        monkeypatch.setitem(debug._settings, "timeout", 0.3)
+        message = "no timeout"
+        if rank == 0:
+            ex.post(u)
+            try:
+                ex.finish(u)
+            except gm.CommunicationTimeout as exc:
+                message = str(exc)
+        else:
+            time.sleep(1.0)
+            ex.post(u)
+            ex.finish(u)
+        monkeypatch.setitem(debug._settings, "timeout", 60.0)
+        MPI.COMM_WORLD.Barrier()
+        v = field(grid, 2)
+        expected = reference(v, grid)
+        ex.post(v)
+        ex.finish(v, verify=True)
+        ex.free()
+    parallel_assert(rank == 1 or (message.startswith("rank 0: halo exchange")
+                                  and "0.3 s" in message), message)
+    parallel_assert(np.array_equal(v, expected), "the exchange after the timeout is wrong")
