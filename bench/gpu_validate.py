@@ -13,6 +13,12 @@ process under a time limit, with its log ``STAGE.log`` and its result ``STAGE.js
   the adjoint, one-cell-thick and empty rectangles), relative error at most 1e-5 and 1e-12;
 * ``bandwidth``: effective bandwidth (bytes the kernel must move / time, CUDA events) of the
   step and adjoint kernels against a device-to-device copy of the same bytes and ``copy4``;
+* ``heat3d``: the 3-D kernels of ``kernels/heat3d.cu`` through ``gpumpiad.heat.cudakernels3d``
+  against ``gpumpiad.heat.stencil3d`` (float32 and float64, every cotangent choice, whole
+  interiors, one-cell-thick slabs, single cells, empty and random boxes; the same tolerances),
+  their registers, and their effective bandwidth against a device copy of the same bytes at
+  512³ (float32 and float64, smaller when the GPU's free memory is short); targets: forward
+  ≥ 0.93, adjoint ≥ 0.90 of the copy, reported, not enforced;
 * ``halo``: a solver step with halo exchange over a kernel-only step, at 1 rank, 1 rank on a
   periodic grid (exchanging with itself) and 2 ranks sharing the GPU (``mpiexec``);
 * ``tests``: the test suite on the CuPy backend at 1 and 2 ranks, under the time left.
@@ -25,8 +31,8 @@ non-zero when any stage failed. The whole run keeps within ``--budget`` seconds 
 ``GPUMPIAD_BACKEND=cupy`` every stage but ``tests`` runs on the CPU model of CuPy, which has no
 timings (its figures read ``n/a``) and no register counts.
 
-``GPUMPIAD_VALIDATE_SELFTEST=wrong-reference`` makes the ``kernels`` stage compare against a
-deliberately wrong reference, to show that a failing stage fails the run.
+``GPUMPIAD_VALIDATE_SELFTEST=wrong-reference`` makes the ``kernels`` and ``heat3d`` stages compare
+against a deliberately wrong reference, to show that a failing stage fails the run.
 """
 from __future__ import annotations
 
@@ -45,16 +51,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("probe", "kernels", "bandwidth", "halo", "tests")
+STAGES = ("probe", "kernels", "bandwidth", "heat3d", "halo", "tests")
 # Seconds each stage may take at most (the tests take what the budget leaves).
-STAGE_LIMIT = {"probe": 90, "kernels": 120, "bandwidth": 120, "halo": 180, "tests": 300}
+STAGE_LIMIT = {"probe": 90, "kernels": 120, "bandwidth": 120, "heat3d": 90, "halo": 180,
+               "tests": 300}
 SIZES = {
     "full": {"n": 4096, "steps": 50, "repeats": 5, "inner": 10,
              "shapes": [(1, 1), (1, 7), (9, 1), (2, 3), (13, 17), (64, 65), (1, 1000),
-                        (1000, 1), (257, 300)]},
+                        (1000, 1), (257, 300)],
+             "n3": 512,
+             "shapes3": [(1, 1, 1), (1, 7, 3), (9, 1, 2), (3, 4, 1), (17, 9, 33),
+                         (40, 33, 70), (70, 2, 300)]},
     "small": {"n": 16, "steps": 4, "repeats": 2, "inner": 2,
-              "shapes": [(1, 1), (1, 7), (9, 1), (5, 6)]},
+              "shapes": [(1, 1), (1, 7), (9, 1), (5, 6)],
+              "n3": 8, "shapes3": [(1, 1, 1), (2, 3, 4), (18, 1, 3)]},
 }
+#: Targets of the 3-D kernels' T_eff / copy (reported, not enforced).
+TARGETS3D = {"step": 0.93, "adjoint": 0.90}
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 SELFTEST_ENV = "GPUMPIAD_VALIDATE_SELFTEST"
 MAX_RANKS_ENV = "GPUMPIAD_VALIDATE_MAX_RANKS"
@@ -71,7 +84,51 @@ def device():
     if on_model(cupy):
         import heat_kernels
         heat_kernels.register()
+        if "heat3d_step_float64" not in cupy.KERNELS:
+            register_model_heat3d(cupy)
     return cupy
+
+
+def register_model_heat3d(cupy):
+    """Host implementations of heat3d.cu's kernels for the CPU model of CuPy: the NumPy
+    reference on the launch's box, reading the box grown by one cell and writing the box."""
+    import numpy as np
+
+    from gpumpiad.heat import stencil3d
+
+    def raw(x):
+        return x.view(np.ndarray)
+
+    def boxes(box):
+        i0, i1, j0, j1, k0, k1 = map(int, box)
+        return (np.s_[i0:i1, j0:j1, k0:k1],
+                np.s_[i0 - 1:i1 + 1, j0 - 1:j1 + 1, k0 - 1:k1 + 1], (i0, i1, j0, j1, k0, k1))
+
+    def step(args):
+        u, kappa, f, u_new, _nx, _ny, _nz, r, dt, *box = args
+        s, grown, box = boxes(box)
+        return [u[grown], kappa[s], f[s]], [u_new[s]], lambda: stencil3d.step(
+            raw(u), raw(kappa), raw(f), raw(u_new), r, dt, *box)
+
+    def adjoint(args):
+        lam_next, kappa, u, lam, kb, fb, _nx, _ny, _nz, r, dt, *box, mask = args
+        s, grown, box = boxes(box)
+        kb = kb if int(mask) & 1 else None
+        fb = fb if int(mask) & 2 else None
+        reads, writes = [lam_next[grown], kappa[grown]], [lam[s]]
+        if kb is not None:
+            reads += [u[grown], kb[s]]
+            writes.append(kb[s])
+        if fb is not None:
+            reads.append(fb[s])
+            writes.append(fb[s])
+        return reads, writes, lambda: stencil3d.adjoint(
+            raw(lam_next), raw(kappa), None if kb is None else raw(u), raw(lam),
+            None if kb is None else raw(kb), None if fb is None else raw(fb), r, dt, *box)
+
+    for dtype in ("float32", "float64"):
+        cupy.KERNELS[f"heat3d_step_{dtype}"] = step
+        cupy.KERNELS[f"heat3d_adjoint_{dtype}"] = adjoint
 
 
 def on_model(cupy):
@@ -377,6 +434,174 @@ def bandwidth(opts):
                     "T_eff / copy4"], rows)
     print("\n".join(lines))
     return True, lines, data
+
+
+def _boxes3d(rng, shape):
+    """The whole interior, an empty box, a one-cell-thick slab across each axis, one cell and
+    two random boxes."""
+    nx, ny, nz = shape
+    i, j, k = (int(rng.integers(1, n + 1)) for n in shape)
+    boxes = [(1, nx + 1, 1, ny + 1, 1, nz + 1), (1, nx + 1, 1, ny + 1, 1, 1),
+             (i, i + 1, 1, ny + 1, 1, nz + 1), (1, nx + 1, j, j + 1, 1, nz + 1),
+             (1, nx + 1, 1, ny + 1, k, k + 1), (i, i + 1, j, j + 1, k, k + 1)]
+    for _ in range(2):
+        box = []
+        for n in shape:
+            lo = int(rng.integers(1, n + 2))
+            box += [lo, int(rng.integers(lo, n + 2))]
+        boxes.append(tuple(box))
+    return boxes
+
+
+def _check3d(cp, opts, worst):
+    """cudakernels3d against stencil3d on every shape and box; the worst error per kernel."""
+    import numpy as np
+
+    from gpumpiad.heat import cudakernels3d, stencil3d
+
+    rng = np.random.default_rng(11)
+    r, dt = 0.13, 0.015
+    skew = 1e-3 if os.environ.get(SELFTEST_ENV) == "wrong-reference" else 0.0
+    for dtype in (np.float32, np.float64):
+        name = np.dtype(dtype).name
+
+        def record(kernel, err):
+            cases, top = worst.get((kernel, name), (0, 0.0))
+            worst[(kernel, name)] = (cases + 1, max(top, err))
+
+        for shape in opts.shapes3:
+            def fields(count):
+                return [rng.standard_normal(tuple(n + 2 for n in shape)).astype(dtype)
+                        for _ in range(count)]
+
+            for box in _boxes3d(rng, shape):
+                u, kappa, f, out0 = fields(4)
+                got = cp.asarray(out0)
+                cudakernels3d.step(cp.asarray(u), cp.asarray(kappa), cp.asarray(f), got, r, dt,
+                                   *box)
+                want = out0.copy()
+                stencil3d.step(u, kappa, f, want, r * (1 + skew), dt, *box)
+                record("heat3d_step", _error(got.get(), want))
+
+                lam_next, kappa, u, lam0, kb0, fb0 = fields(6)
+                d_lam_next, d_kappa, d_u = (cp.asarray(a) for a in (lam_next, kappa, u))
+                for kb_on in (True, False):
+                    for fb_on in (True, False):
+                        want = [lam0.copy(), kb0.copy() if kb_on else None,
+                                fb0.copy() if fb_on else None]
+                        stencil3d.adjoint(lam_next, kappa, u if kb_on else None, *want, r, dt,
+                                          *box)
+                        got = [cp.asarray(lam0), cp.asarray(kb0) if kb_on else None,
+                               cp.asarray(fb0) if fb_on else None]
+                        cudakernels3d.adjoint(d_lam_next, d_kappa, d_u if kb_on else None, *got,
+                                              r, dt, *box)
+                        err = max(_error(g.get(), w) for g, w in zip(got, want)
+                                  if w is not None)
+                        # The array passed for unused pointers must come back untouched.
+                        err = max(err, _error(d_lam_next.get(), lam_next))
+                        record(f"heat3d_adjoint (kappa_bar {'on' if kb_on else 'None'}, "
+                               f"f_bar {'on' if fb_on else 'None'})", err)
+
+
+def _bandwidth3d(cp, opts):
+    """Rows of T_eff / copy of the 3-D kernels at ``opts.n3``³ (smaller when memory is short)."""
+    import numpy as np
+
+    rows, data = [], []
+    for dtype in (np.float32, np.float64):
+        _bandwidth3d_dtype(cp, opts, np.dtype(dtype), rows, data)
+        if not on_model(cp):
+            # The last dtype's fields are gone: their blocks go back before the next.
+            cp.get_default_memory_pool().free_all_blocks()
+    return rows, data
+
+
+def _bandwidth3d_dtype(cp, opts, dtype, rows, data):
+    from gpumpiad.heat import cudakernels3d
+
+    r, dt = 0.1, 1e-3
+    item, n = dtype.itemsize, opts.n3
+    if not on_model(cp):
+        free = cp.cuda.Device().mem_info[0]
+        # Seven fields and a copy of eight fields' bytes, with room to spare.
+        while n > 64 and 16 * (n + 2) ** 3 * item > free:
+            n //= 2
+    shape, cells = (n + 2,) * 3, n ** 3
+    u, kappa, f, out, lam_next, kb, fb = (cp.full(shape, 1.0 + 0.125 * i, dtype)
+                                          for i in range(7))
+    cases = [
+        ("step", "step", 4, lambda: cudakernels3d.step(u, kappa, f, out, r, dt)),
+        ("adjoint", "adjoint, kappa_bar and f_bar", 8,
+         lambda: cudakernels3d.adjoint(lam_next, kappa, u, out, kb, fb, r, dt)),
+        ("adjoint", "adjoint, kappa_bar only", 6,
+         lambda: cudakernels3d.adjoint(lam_next, kappa, u, out, kb, None, r, dt)),
+        ("adjoint", "adjoint, neither", 3,
+         lambda: cudakernels3d.adjoint(lam_next, kappa, None, out, None, None, r, dt)),
+    ]
+    for kind, what, fields, fn in cases:
+        nbytes = fields * item * cells
+        t_min, t_med = min_median(event_seconds(cp, fn, opts.repeats, opts.inner))
+        c_min, c_med = min_median(event_seconds(cp, _device_copy(cp, nbytes, dtype),
+                                                opts.repeats, opts.inner))
+        over = ratio(c_min, t_min)
+        met = "n/a" if over is None else ("yes" if over >= TARGETS3D[kind] else "no")
+        row = {"dtype": dtype.name, "n": n, "what": what, "fields": fields, "bytes": nbytes,
+               "min_s": t_min, "median_s": t_med, "copy_min_s": c_min, "copy_median_s": c_med,
+               "t_eff_gbs": nbytes / t_min / 1e9 if t_min else None, "t_eff_over_copy": over,
+               "t_eff_over_copy_median": ratio(c_med, t_med), "target": TARGETS3D[kind],
+               "target_met": met}
+        data.append(row)
+        rows.append((row["dtype"], f"{n}³", what, fields, nbytes / 2**20, ms(t_min), ms(t_med),
+                     row["t_eff_gbs"], ms(c_min), over, row["t_eff_over_copy_median"],
+                     f"≥ {TARGETS3D[kind]:.2f}", met))
+
+
+def _device_copy(cp, nbytes, dtype):
+    """A device-to-device copy that reads ``nbytes / 2`` and writes ``nbytes / 2``."""
+    half = nbytes // 2 // dtype.itemsize
+    src, dst = cp.full(half, 1.5, dtype), cp.zeros(half, dtype)
+
+    def run():
+        dst[...] = src
+    return run
+
+
+def heat3d(opts):
+    """The 3-D kernels: correctness against stencil3d, registers, bandwidth against a copy."""
+    from gpumpiad.heat import cudakernels3d
+
+    cp = device()
+    worst = {}
+    _check3d(cp, opts, worst)
+    rows, ok = [], True
+    for (kernel, dtype), (cases, err) in sorted(worst.items()):
+        passed = err <= TOLERANCE[dtype]
+        ok &= passed
+        rows.append((kernel, dtype, cases, f"{err:.2e}", f"{TOLERANCE[dtype]:.0e}",
+                     "ok" if passed else "FAILED"))
+    checked = {f"{kernel.split(' ')[0]}_{dtype}" for kernel, dtype in worst}
+    rows += [(name, "", 0, "n/a", "", "not checked")
+             for name in cudakernels3d.KERNEL_NAMES if name not in checked]
+    ok &= checked == set(cudakernels3d.KERNEL_NAMES)
+    registers = {name: register_count(cudakernels3d.get_kernel(name))
+                 for name in cudakernels3d.KERNEL_NAMES}
+    bw_rows, bw_data = _bandwidth3d(cp, opts)
+    lines = table(["kernel", "dtype", "cases", "max relative error", "tolerance", "result"], rows)
+    lines += [""] + table(["kernel", "registers per thread"], list(registers.items()))
+    lines += ["", f"T_eff = fields x itemsize x n³ / time (CUDA events around {opts.inner} "
+              f"calls, {opts.repeats} repeats); the copy moves the same bytes (device to "
+              "device, half read, half written). Fields: step 4 (u, kappa, f, u_new); adjoint "
+              "8 with both cotangents (lam_next, kappa, u, kappa_bar and f_bar read; lam, "
+              "kappa_bar, f_bar written), 6 with kappa_bar only, 3 with neither. Targets "
+              "reported, not enforced.", ""]
+    lines += table(["dtype", "cells", "what", "fields", "MiB moved", "min [ms]", "median [ms]",
+                    "T_eff [GB/s]", "copy min [ms]", "T_eff / copy (min)",
+                    "T_eff / copy (median)", "target", "met"], bw_rows)
+    print("\n".join(lines))
+    data = {"kernels": [dict(zip(("kernel", "dtype", "cases", "error", "tolerance", "result"),
+                                 row)) for row in rows],
+            "registers": registers, "bandwidth": bw_data}
+    return ok, lines, data
 
 
 def halo(opts):

@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpumpiad.heat import cudakernels
+from gpumpiad.heat import cudakernels, cudakernels3d
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_validate.py"
 MODEL_PATH = ROOT / "tests" / "cudamodel"
-STAGES = ["probe", "kernels", "bandwidth", "halo"]
+STAGES = ["probe", "kernels", "bandwidth", "heat3d", "halo"]
 
 
 def run_script(tmp_path, *args, **env):
@@ -57,6 +57,16 @@ def test_every_stage_runs_on_the_model_and_writes_its_table(tmp_path):
     bandwidth = json.loads((out / "bandwidth.json").read_text())["data"]
     assert all(row["t_eff_over_copy"] is None for row in bandwidth)  # the model has no timings
     assert "n/a" in (out / "bandwidth.json").read_text()
+    heat3d = json.loads((out / "heat3d.json").read_text())["data"]
+    assert {f"{k['kernel'].split(' ')[0]}_{k['dtype']}" for k in heat3d["kernels"]} == set(
+        cudakernels3d.KERNEL_NAMES)
+    assert all(k["result"] == "ok" for k in heat3d["kernels"])
+    assert sum(k["kernel"].startswith("heat3d_adjoint") for k in heat3d["kernels"]) == 8
+    assert sorted(heat3d["registers"]) == sorted(cudakernels3d.KERNEL_NAMES)
+    assert [(row["dtype"], row["fields"]) for row in heat3d["bandwidth"]] == [
+        (dtype, fields) for dtype in ("float32", "float64") for fields in (4, 8, 6, 3)]
+    assert all(row["t_eff_over_copy"] is None and row["target_met"] == "n/a"
+               for row in heat3d["bandwidth"])
     halo = json.loads((out / "halo.json").read_text())["data"]
     assert [(c["ranks"], c["periodic"]) for c in halo] == [(1, False), (1, True), (2, False)]
     assert all(c["solver_over_kernel"] is not None for c in halo)
@@ -70,12 +80,18 @@ def test_every_stage_runs_on_the_model_and_writes_its_table(tmp_path):
 
 
 def test_a_failing_stage_fails_the_run(tmp_path):
-    proc, out, _ = run_script(tmp_path, "kernels", GPUMPIAD_VALIDATE_SELFTEST="wrong-reference")
+    proc, out, _ = run_script(tmp_path, "kernels", "heat3d",
+                              GPUMPIAD_VALIDATE_SELFTEST="wrong-reference")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert summary_rows(out)["kernels"] == "FAILED", proc.stdout
+    rows = summary_rows(out)
+    assert rows["kernels"] == rows["heat3d"] == "FAILED", proc.stdout
     result = json.loads((out / "kernels.json").read_text())
     failed = {(k["kernel"], k["dtype"]) for k in result["data"] if k["result"] != "ok"}
     assert failed == {("heat_step", "float32"), ("heat_step", "float64")}
+    result = json.loads((out / "heat3d.json").read_text())
+    failed = {(k["kernel"], k["dtype"]) for k in result["data"]["kernels"]
+              if k["result"] != "ok"}
+    assert failed == {("heat3d_step", "float32"), ("heat3d_step", "float64")}
 
 
 def test_unknown_stage_is_refused(tmp_path):
