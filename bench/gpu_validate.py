@@ -84,51 +84,7 @@ def device():
     if on_model(cupy):
         import heat_kernels
         heat_kernels.register()
-        if "heat3d_step_float64" not in cupy.KERNELS:
-            register_model_heat3d(cupy)
     return cupy
-
-
-def register_model_heat3d(cupy):
-    """Host implementations of heat3d.cu's kernels for the CPU model of CuPy: the NumPy
-    reference on the launch's box, reading the box grown by one cell and writing the box."""
-    import numpy as np
-
-    from gpumpiad.heat import stencil3d
-
-    def raw(x):
-        return x.view(np.ndarray)
-
-    def boxes(box):
-        i0, i1, j0, j1, k0, k1 = map(int, box)
-        return (np.s_[i0:i1, j0:j1, k0:k1],
-                np.s_[i0 - 1:i1 + 1, j0 - 1:j1 + 1, k0 - 1:k1 + 1], (i0, i1, j0, j1, k0, k1))
-
-    def step(args):
-        u, kappa, f, u_new, _nx, _ny, _nz, r, dt, *box = args
-        s, grown, box = boxes(box)
-        return [u[grown], kappa[s], f[s]], [u_new[s]], lambda: stencil3d.step(
-            raw(u), raw(kappa), raw(f), raw(u_new), r, dt, *box)
-
-    def adjoint(args):
-        lam_next, kappa, u, lam, kb, fb, _nx, _ny, _nz, r, dt, *box, mask = args
-        s, grown, box = boxes(box)
-        kb = kb if int(mask) & 1 else None
-        fb = fb if int(mask) & 2 else None
-        reads, writes = [lam_next[grown], kappa[grown]], [lam[s]]
-        if kb is not None:
-            reads += [u[grown], kb[s]]
-            writes.append(kb[s])
-        if fb is not None:
-            reads.append(fb[s])
-            writes.append(fb[s])
-        return reads, writes, lambda: stencil3d.adjoint(
-            raw(lam_next), raw(kappa), None if kb is None else raw(u), raw(lam),
-            None if kb is None else raw(kb), None if fb is None else raw(fb), r, dt, *box)
-
-    for dtype in ("float32", "float64"):
-        cupy.KERNELS[f"heat3d_step_{dtype}"] = step
-        cupy.KERNELS[f"heat3d_adjoint_{dtype}"] = adjoint
 
 
 def on_model(cupy):

@@ -362,40 +362,11 @@ MODEL_RUN = textwrap.dedent("""
     import sys
     import numpy as np
     sys.path.insert(0, {model!r})
-    import cupy
+    import cupy, heat_kernels
     from cupy import Hazard
     from gpumpiad.heat import cudakernels3d, stencil3d
 
-    def raw(x):
-        return None if x is None else x.view(np.ndarray)
-
-    def step(args):
-        u, kappa, f, u_new, nx, ny, nz, r, dt, *box = args
-        i0, i1, j0, j1, k0, k1 = map(int, box)
-        s = np.s_[i0:i1, j0:j1, k0:k1]
-        grown = np.s_[i0 - 1:i1 + 1, j0 - 1:j1 + 1, k0 - 1:k1 + 1]
-        return [u[grown], kappa[s], f[s]], [u_new[s]], lambda: stencil3d.step(
-            raw(u), raw(kappa), raw(f), raw(u_new), r, dt, *box)
-
-    def adjoint(args):
-        lam_next, kappa, u, lam, kb, fb, nx, ny, nz, r, dt, *box, mask = args
-        i0, i1, j0, j1, k0, k1 = map(int, box)
-        s = np.s_[i0:i1, j0:j1, k0:k1]
-        grown = np.s_[i0 - 1:i1 + 1, j0 - 1:j1 + 1, k0 - 1:k1 + 1]
-        kb = kb if int(mask) & 1 else None
-        fb = fb if int(mask) & 2 else None
-        reads, writes = [lam_next[grown], kappa[grown]], [lam[s]]
-        for a, extra in ((kb, [u[grown]]), (fb, [])):
-            if a is not None:
-                reads += extra + [a[s]]
-                writes.append(a[s])
-        return reads, writes, lambda: stencil3d.adjoint(
-            raw(lam_next), raw(kappa), raw(u) if kb is not None else None, raw(lam), raw(kb),
-            raw(fb), r, dt, *box)
-
-    for dtype in ("float32", "float64"):
-        cupy.KERNELS["heat3d_step_" + dtype] = step
-        cupy.KERNELS["heat3d_adjoint_" + dtype] = adjoint
+    heat_kernels.register()
 
     rng = np.random.default_rng(0)
     host = [rng.random((5, 4, 6)) for _ in range(6)]
