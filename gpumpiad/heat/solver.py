@@ -303,13 +303,19 @@ class _Heat:
                 self._handed_out(compute)
             _recycle(u, self.ghosts)
             if not self.recorded:
-                self._free_exchange()
+                self._finished()
             return out
 
-    def _free_exchange(self):
+    def _finished(self):
+        """No pass of this solve runs again: its exchange's requests and (host) its padded
+        kappa and f go."""
         free = getattr(self.exchange, "free", None)
         if free is not None:
             free()
+        if not self.device:
+            for buf in (self.kappa, self.f):
+                _recycle(buf, None)
+        self.kappa = self.f = None
 
     @staticmethod
     def _handed_out(compute):
@@ -330,9 +336,9 @@ class _Heat:
         """The forward time loop; returns the last padded state (``traj``: every state's
         interior but the last's, written on the way)."""
         xp = get_array_module(u0)
-        self.kappa = self._padded(kappa, xp.zeros(self.frame.shape, self.frame.dtype))
+        self.kappa = self._padded(kappa, self._field_buffer(xp))
         self._exchange(self.kappa).wait()
-        self.f = self._padded(f, xp.zeros(self.frame.shape, self.frame.dtype))
+        self.f = self._padded(f, self._field_buffer(xp))
         keep = set()
         if self.keep_states:
             keep = (set(range(self.steps)) if self.checkpoints is None
@@ -365,7 +371,7 @@ class _Heat:
                 out = self._cotangents(bars, u0, kappa, f)
                 self._handed_out(compute)
             if not self.retain:
-                self._free_exchange()
+                self._finished()
             return out
 
     def _cotangents(self, bars, u0, kappa, f):
@@ -399,6 +405,12 @@ class _Heat:
             self.states.clear()
         self.spare = None
         return lam, kappa_bar, f_bar
+
+    def _field_buffer(self, xp):
+        """A padded buffer for kappa or f, zero ghosts: a kept one on the host."""
+        if self.device:
+            return xp.zeros(self.frame.shape, self.frame.dtype)
+        return _pad_buffer(self.frame)
 
     def _padded(self, interior, out):
         out[self.core] = interior
