@@ -30,6 +30,21 @@ def test_round_trip_on_another_decomposition(tmp_path):
                     "the patch read back differs from the field written")
 
 
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_3d_round_trip_on_another_decomposition(tmp_path):
+    path = os.path.join(_shared_folder(tmp_path), "state3d.ckpt")
+    shape = (5, 4, 6)
+    field = np.random.default_rng(3).random(shape)
+    size = MPI.COMM_WORLD.size
+    writer = gp.Grid(shape, dims=(size, 1, 1) if size < 5 else None)
+    save_state(path, writer.local(field), writer, step=5)
+    reader = gp.Grid(shape, dims=(1, 1, size) if size <= 6 else None)
+    patch, step, _ = load_state(path, reader)
+    parallel_assert(step == 5 and np.array_equal(gp.backend.to_numpy(patch),
+                                                 reader.local(field)),
+                    "the 3-D patch read back differs from the field written")
+
+
 @pytest.mark.parallel(nprocs=[1, 3])
 def test_damaged_or_mismatched_state_is_refused_on_every_rank(tmp_path):
     folder = _shared_folder(tmp_path)

@@ -24,6 +24,7 @@ def save_state(path, u, grid, step=0, metadata=None):
     path : str or os.PathLike
     u : Tensor or array, shape ``grid.local_shape``
     grid : Grid
+        Of 1, 2 or 3 axes.
     step : int
         The time step ``u`` belongs to, returned by :func:`load_state` (a Python or NumPy
         integer).
@@ -41,7 +42,7 @@ def save_state(path, u, grid, step=0, metadata=None):
     >>> step, u.shape == grid.local_shape
     (7, True)
     """
-    check_grid(grid, "save_state", ndim=2)
+    check_grid(grid, "save_state")
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
         raise ValueError(f"rank {_rank()}: save_state's step must be an int, got {step!r} "
                          f"({type(step).__name__})")
@@ -72,7 +73,7 @@ def load_state(path, grid):
     >>> step, bool((grid.gather(u, root=None) == field).all())
     (3, True)
     """
-    check_grid(grid, "load_state", ndim=2)
+    check_grid(grid, "load_state")
     payload = checkpoint.load(path, comm=grid.cart, root=0)
     if payload.get("kind") != KIND:
         raise checkpoint.CheckpointError(
