@@ -5,7 +5,7 @@
   patches; the trajectory too), and a one-rank solve without a grid;
 * gradients with respect to u0, kappa and f equal the global reference adjoint loop and central
   finite differences of the global objective (check_grad included, a serial kappa too);
-* the gathered result and gradients do not depend on the decomposition;
+* the gathered result and gradients do not depend on the decomposition (nor on having a grid);
 * a Taylor test of kappa's gradient shows second-order remainders;
 * checkpointed gradients (and the trajectory's cotangents) equal those of stored states;
 * an unstable dt (the 3-D limit h**2 / (6 max kappa)), a 2-D u0, a NaN boundary and mixed
@@ -192,29 +192,44 @@ def test_values_match_the_global_reference_for_every_factoring_and_boundary():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
-def test_gradients_match_the_global_reference_adjoint_for_every_factoring():
+def test_gradients_match_the_global_adjoint_and_do_not_depend_on_the_decomposition():
+    """The cotangents of (u0, kappa, f) for J = sum(w * u) equal the global reference adjoint
+    for every factoring; the gathered result and cotangents are the same on every factoring
+    (and, on one rank with Dirichlet sides, without a grid)."""
     comm = MPI.COMM_WORLD
     u0, kappa, f = problem(2)
     w = np.random.default_rng(3).standard_normal(SHAPE)
+    table = np.random.default_rng(9).standard_normal(tuple(n + 2 for n in SHAPE))
     failures = []
-    for periodic in PERIODICS[:2]:
-        ring = global_ring(g, SHAPE, periodic)
-        out, states, _ = reference(u0, kappa, f, DT, H, STEPS, ring, periodic)
-        want = reference_adjoint(states, kappa, DT, H, w, periodic)
-        want_value = float((out * w).sum())
-        for dims in factorings(comm.size):
+    for periodic, boundary in (((False, False, False), table), ((True, False, True), g)):
+        out, states, _ = reference(u0, kappa, f, DT, H, STEPS,
+                                   global_ring(boundary, SHAPE, periodic), periodic)
+        want = [out, *reference_adjoint(states, kappa, DT, H, w, periodic)]
+        runs = {}
+        alone = comm.size == 1 and not any(periodic)
+        for dims in factorings(comm.size) + ([None] if alone else []):
+            if dims is None:        # no grid: one rank, the whole domain
+                u, pullback = gpumpiad.vjp(
+                    lambda *a: solve(*a, DT, H, STEPS, boundary=boundary),
+                    *map(dist, (u0, kappa, f)), argnums=(0, 1, 2))
+                runs[dims] = [to_numpy(x) for x in (u, *pullback(w))]
+                continue
             with gpumpiad.Grid(SHAPE, dims=dims, periodic=periodic) as grid:
-                objective = objective_for(grid, grid.local(w))
-                value, grads = gpumpiad.value_and_grad(objective, argnums=(0, 1, 2))(
-                    *(dist(grid.local(a)) for a in (u0, kappa, f)))
-                got = [grid.gather(gr, root=None) for gr in grads]
-            if abs(float(value) - want_value) > 1e-12 * abs(want_value):
-                failures.append(f"periodic {periodic}, dims {dims}: J = {float(value)!r}, the "
-                                f"NumPy loop gives {want_value!r}")
-            for name, a, b in zip(("u0", "kappa", "f"), got, want):
+                local = rank_boundary(grid, boundary)
+                u, pullback = gpumpiad.vjp(
+                    lambda *a: solve(*a, DT, H, STEPS, grid=grid, boundary=local),
+                    *(dist(grid.local(a)) for a in (u0, kappa, f)), argnums=(0, 1, 2))
+                runs[dims] = [grid.gather(x, root=None) for x in (u, *pullback(grid.local(w)))]
+        first = next(iter(runs))
+        for dims, got in runs.items():
+            for name, a, b, c in zip(("u", "u0_bar", "kappa_bar", "f_bar"), got, want,
+                                     runs[first]):
                 if relative(a, b) > 1e-12:
-                    failures.append(f"periodic {periodic}, dims {dims}: {name}'s gradient "
-                                    f"differs from the reference adjoint by {relative(a, b):.2e}")
+                    failures.append(f"periodic {periodic}, dims {dims}: {name} differs from "
+                                    f"the reference by {relative(a, b):.2e}")
+                if relative(a, c) > 1e-13:
+                    failures.append(f"periodic {periodic}: {name} on dims {dims} differs from "
+                                    f"dims {first} by {relative(a, c):.2e}")
     parallel_assert(not failures, "\n".join(failures))
 
 
@@ -290,44 +305,8 @@ def _serial_kappa_gradient_is_the_total_over_ranks():
 
 
 # --------------------------------------------------------------------------------------------
-# decomposition independence, Taylor test, checkpointing
+# Taylor test, checkpointing
 # --------------------------------------------------------------------------------------------
-
-@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
-def test_result_and_gradients_do_not_depend_on_the_decomposition():
-    comm = MPI.COMM_WORLD
-    u0, kappa, f = problem(7)
-    w = np.random.default_rng(8).standard_normal(SHAPE)
-    table = np.random.default_rng(9).standard_normal(tuple(n + 2 for n in SHAPE))
-    failures = []
-    for periodic, boundary in (((False, False, False), table), ((False, True, True), g)):
-        runs = {}
-        alone = comm.size == 1 and not any(periodic)
-        layouts = factorings(comm.size) + ([None] if alone else [])
-        for dims in layouts:
-            if dims is None:        # no grid: one rank, the whole domain
-                objective = objective_for(None, w, boundary=boundary)
-                u = solve(u0, kappa, f, DT, H, STEPS, boundary=boundary)
-                grads = gpumpiad.grad(objective, argnums=(0, 1, 2))(
-                    *map(dist, (u0, kappa, f)))
-                runs[dims] = [to_numpy(u)] + [to_numpy(x) for x in grads]
-                continue
-            with gpumpiad.Grid(SHAPE, dims=dims, periodic=periodic) as grid:
-                local = rank_boundary(grid, boundary)
-                args = [grid.local(a) for a in (u0, kappa, f)]
-                u = solve(*args, DT, H, STEPS, grid=grid, boundary=local)
-                objective = objective_for(grid, grid.local(w), boundary=local)
-                grads = gpumpiad.grad(objective, argnums=(0, 1, 2))(*map(dist, args))
-                runs[dims] = [grid.gather(x, root=None) for x in [u, *grads]]
-        first, *others = runs
-        for dims in others:
-            for name, a, b in zip(("u", "u0_bar", "kappa_bar", "f_bar"), runs[dims],
-                                  runs[first]):
-                if relative(a, b) > 1e-13:
-                    failures.append(f"periodic {periodic}: {name} on dims {dims} differs from "
-                                    f"dims {first} by {relative(a, b):.2e}")
-    parallel_assert(not failures, "\n".join(failures))
-
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_taylor_remainder_of_kappa_decays_at_second_order():
