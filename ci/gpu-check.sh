@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU check on one CUDA machine, within 8 minutes: bench/gpu_validate.py's stages (probe,
-# kernels against the NumPy reference, kernel bandwidth, halo-exchange cost at 1 and 2 ranks,
+# kernels against the NumPy reference, kernel bandwidth, the 3-D kernels against their
+# reference and their bandwidth, halo-exchange cost at 1 and 2 ranks,
 # the test suite on the CuPy backend at 1 and 2 ranks), each with its log under $OUT, a summary
 # table at the end, results in bench/results/gpu-validate-<gpu>-<date>.{md,json}. Run from the
 # repository root:
 #
-#   ci/gpu-check.sh [probe] [kernels] [bandwidth] [halo] [tests]    (default: these five)
+#   ci/gpu-check.sh [probe] [kernels] [bandwidth] [heat3d] [halo] [tests]   (default: all six)
 #   ci/gpu-check.sh main | bench | collectives                      (longer jobs, on their own)
 #
 # Exits non-zero when any stage failed. Expects CuPy, NumPy, SciPy and pytest installed
@@ -26,7 +27,7 @@ validate=()
 extra=()
 for stage in "$@"; do
     case $stage in
-    probe | kernels | bandwidth | halo | tests) validate+=("$stage") ;;
+    probe | kernels | bandwidth | heat3d | halo | tests) validate+=("$stage") ;;
     main | bench | collectives) extra+=("$stage") ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac

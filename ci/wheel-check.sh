@@ -21,7 +21,8 @@ assert os.path.realpath(gpumpiad.__file__).startswith(os.path.realpath(sys.prefi
 for name in sys.argv[1:]:
     importlib.import_module(name)
 from importlib.resources import files
-assert files("gpumpiad.kernels").joinpath("heat.cu").is_file(), "kernels/heat.cu not in the wheel"
+for name in ("heat.cu", "heat3d.cu", "host_cuda.h"):
+    assert files("gpumpiad.kernels").joinpath(name).is_file(), f"kernels/{name} not in the wheel"
 print(f"wheel check: gpumpiad {gpumpiad.__version__} from {os.path.dirname(gpumpiad.__file__)}; "
       f"imported {len(sys.argv) - 1} packages")
 PY
