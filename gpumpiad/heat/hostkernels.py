@@ -161,12 +161,14 @@ def _check_array(name, a, dtype=None, writable=False):
     return a
 
 
-def _check_fields(inputs, outputs):
-    """Check padded 2-D fields (name, array) pairs; return (dtype, nx, ny)."""
+def _check_fields(inputs, outputs, ndim=2):
+    """Check padded ``ndim``-D fields (name, array) pairs; return (dtype, nx, ny[, nz])."""
     first_name, first = inputs[0]
     _check_array(first_name, first)
-    if first.ndim != 2 or first.shape[0] < 3 or first.shape[1] < 3:
-        raise ValueError(f"{first_name} must be 2-D of shape (nx+2, ny+2) with nx, ny >= 1, "
+    if first.ndim != ndim or min(first.shape) < 3:
+        names = ("nx", "ny", "nz")[:ndim]
+        raise ValueError(f"{first_name} must be {ndim}-D of shape "
+                         f"({', '.join(n + '+2' for n in names)}) with {', '.join(names)} >= 1, "
                          f"got shape {first.shape}")
     fields = inputs + outputs
     for k, (name, a) in enumerate(fields):
@@ -178,8 +180,7 @@ def _check_fields(inputs, outputs):
         for m, (name, a) in enumerate(fields):
             if m != k and np.may_share_memory(a, o):
                 raise ValueError(f"{oname} must not overlap {name}")
-    nx, ny = first.shape[0] - 2, first.shape[1] - 2
-    return first.dtype, nx, ny
+    return (first.dtype, *(n - 2 for n in first.shape))
 
 
 def _check_halo(u, buf, side, ghost, buf_writable):

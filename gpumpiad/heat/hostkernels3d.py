@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from .. import kernelbuild
-from .hostkernels import _DTYPES, _address, _check_array
+from .hostkernels import _DTYPES, _address, _check_fields
 from .stencil import grads
 from .stencil3d import check_box
 
@@ -129,26 +129,12 @@ def _fields(inputs, outputs, box):
     """Check padded 3-D fields ((name, array) pairs) and the sub-box; return
     ``(dtype, (nx, ny, nz), box, addresses)``. Raises ``ValueError`` prefixed with the rank."""
     try:
-        first_name, first = inputs[0]
-        _check_array(first_name, first)
-        if first.ndim != 3 or min(first.shape) < 3:
-            raise ValueError(f"{first_name} must be 3-D of shape (nx+2, ny+2, nz+2) with "
-                             f"nx, ny, nz >= 1, got shape {first.shape}")
-        fields = inputs + outputs
-        for k, (name, a) in enumerate(fields):
-            _check_array(name, a, first.dtype, writable=k >= len(inputs))
-            if a.shape != first.shape:
-                raise ValueError(f"{name} has shape {a.shape}, expected {first.shape}")
-        for k in range(len(inputs), len(fields)):
-            oname, o = fields[k]
-            for m, (name, a) in enumerate(fields):
-                if m != k and np.may_share_memory(a, o):
-                    raise ValueError(f"{oname} must not overlap {name}")
-        box = check_box(first.shape, *box)
+        dtype, nx, ny, nz = _check_fields(inputs, outputs, ndim=3)
+        box = check_box((nx + 2, ny + 2, nz + 2), *box)
     except ValueError as exc:
         raise ValueError(f"rank {_rank()}: {exc}") from None
-    nx, ny, nz = (n - 2 for n in first.shape)
-    return first.dtype, (nx, ny, nz), box, [_address(a, a.flags.writeable) for _, a in fields]
+    return dtype, (nx, ny, nz), box, [_address(a, a.flags.writeable)
+                                      for _, a in inputs + outputs]
 
 
 def step(u, kappa, f, u_new, r, dt, i0=1, i1=None, j0=1, j1=None, k0=1, k1=None):
