@@ -194,6 +194,13 @@ def plan(mach, quick):
         Bench("heat solver, 1 rank, 128²", "bench_heat.py",
               ["--n", "128", "--steps", "2000", "--checkpoints", "32", "--repeats", str(reps)],
               heat_figures, ranks=1, reference="kernel step, copy4 bandwidth", out_flag=True),
+        Bench("3-D heat kernels", "bench_heat3d_kernels.py",
+              ["--sizes", *(["64"] if quick else ["64", "128"]), "--repeats", str(reps)],
+              markdown_figures, reference="copy of the same bytes", out_flag=True),
+        Bench("3-D heat solver, 1 rank", "bench_heat3d.py",
+              ["--sizes", *(["48"] if quick else ["48", "96"]), "--repeats", str(reps)],
+              markdown_figures, ranks=1, reference="kernel step, halo exchange",
+              out_flag=True),
     ]
     if two:
         benches += [
@@ -201,6 +208,10 @@ def plan(mach, quick):
                   ["--n", "128", "--steps", "2000", "--checkpoints", "32", "--repeats",
                    str(reps)], heat_figures, ranks=2,
                   reference="kernel step, copy4 bandwidth", out_flag=True),
+            Bench("3-D heat solver, 2 ranks", "bench_heat3d.py",
+                  ["--sizes", *(["48"] if quick else ["48", "96"]), "--repeats", str(reps)],
+                  markdown_figures, ranks=2, reference="kernel step, halo exchange",
+                  out_flag=True),
             Bench("mpi_sum, 2 ranks", "bench_mpi_sum.py",
                   ["--repeats", str(10 if quick else 30)], mpi_sum_figures, ranks=2,
                   reference="raw mpi4py Allreduce"),
