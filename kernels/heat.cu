@@ -299,6 +299,34 @@ static void host_heat_step(const T* __restrict__ u, const T* __restrict__ kappa,
     }
 }
 
+// One row of the adjoint, cells j0 .. j1-1: heat_adjoint_cell's arithmetic with w = kappa *
+// lam_next read from three row buffers (rows i-1, i, i+1, indexed from column j0-1). ln, out,
+// kb and fb point at column 0 of row i of lam_next, lam, kappa_bar and f_bar, u at u's.
+template <typename T, bool KB, bool FB>
+static inline void host_adjoint_row(const T* __restrict__ ln, const T* __restrict__ wu,
+                                    const T* __restrict__ wm, const T* __restrict__ wd,
+                                    const T* __restrict__ u, T* __restrict__ out,
+                                    T* __restrict__ kb, T* __restrict__ fb, gpumpiad_idx s, T r,
+                                    T dt, int j0, int j1)
+{
+    for (int j = j0; j < j1; ++j) {
+        const gpumpiad_idx k = (gpumpiad_idx)(j - j0) + 1;
+        const T l = ln[j];
+        const T lapw = wd[k] + wu[k] + wm[k + 1] + wm[k - 1] - (T)4 * wm[k];
+        out[j] = l + r * lapw;
+        if (KB) kb[j] += r * l * heat_lap(u, (gpumpiad_idx)j, s);
+        if (FB) fb[j] += dt * l;
+    }
+}
+
+// w = kappa * lam over `width` cells from flat offset `first`; lam_row is lam at that offset.
+template <typename T>
+static inline void host_w_row(T* __restrict__ w, const T* __restrict__ lam_row,
+                              const T* __restrict__ kappa, gpumpiad_idx first, gpumpiad_idx width)
+{
+    for (gpumpiad_idx k = 0; k < width; ++k) w[k] = kappa[first + k] * lam_row[k];
+}
+
 template <typename T, bool KB, bool FB>
 static void host_heat_adjoint(const T* __restrict__ lam_next, const T* __restrict__ kappa,
                               const T* __restrict__ u, T* __restrict__ lam,
@@ -308,14 +336,14 @@ static void host_heat_adjoint(const T* __restrict__ lam_next, const T* __restric
     (void)nx;
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
     if (i0 >= i1 || j0 >= j1) return;
-    // heat_adjoint_cell's arithmetic, with w = kappa * lam_next formed once per cell into three
-    // row buffers (rows i-1, i, i+1; columns j0-1 .. j1) instead of five times: a quarter less
-    // time on one core, and bit-identical results.
+    // w = kappa * lam_next formed once per cell into three row buffers (rows i-1, i, i+1;
+    // columns j0-1 .. j1) instead of five times: a quarter less time on one core, and
+    // bit-identical results.
     const gpumpiad_idx width = (gpumpiad_idx)(j1 - j0) + 2;
     std::vector<T> rows(3 * width);
     auto fill = [&](T* w, int i) {
-        const gpumpiad_idx row = (gpumpiad_idx)i * s + j0 - 1;
-        for (gpumpiad_idx k = 0; k < width; ++k) w[k] = heat_w(lam_next, kappa, row + k);
+        const gpumpiad_idx first = (gpumpiad_idx)i * s + j0 - 1;
+        host_w_row(w, lam_next + first, kappa, first, width);
     };
     T* up = rows.data();
     T* mid = up + width;
@@ -325,18 +353,9 @@ static void host_heat_adjoint(const T* __restrict__ lam_next, const T* __restric
     for (int i = i0; i < i1; ++i) {
         fill(down, i + 1);
         const gpumpiad_idx row = (gpumpiad_idx)i * s;
-        const T* __restrict__ wu = up;
-        const T* __restrict__ wm = mid;
-        const T* __restrict__ wd = down;
-        for (int j = j0; j < j1; ++j) {
-            const gpumpiad_idx c = row + j;
-            const gpumpiad_idx k = (gpumpiad_idx)(j - j0) + 1;
-            const T ln = lam_next[c];
-            const T lapw = wd[k] + wu[k] + wm[k + 1] + wm[k - 1] - (T)4 * wm[k];
-            lam[c] = ln + r * lapw;
-            if (KB) kappa_bar[c] += r * ln * heat_lap(u, c, s);
-            if (FB) f_bar[c] += dt * ln;
-        }
+        host_adjoint_row<T, KB, FB>(lam_next + row, up, mid, down, KB ? u + row : nullptr,
+                                    lam + row, KB ? kappa_bar + row : nullptr,
+                                    FB ? f_bar + row : nullptr, s, r, dt, j0, j1);
         T* t = up; up = mid; mid = down; down = t;
     }
 }
@@ -401,12 +420,83 @@ static void host_heat_steps(T* const* states, const T* __restrict__ kappa,
     host_wrap(states[steps], nx, ny, wrap_i, wrap_j);
 }
 
+// traj's nx x ny cotangent of state n, row i (1 .. nx), added to the interior of row `out`.
+template <typename T>
+static inline void host_add_traj(T* __restrict__ out, const T* __restrict__ traj, int n, int i,
+                                 int nx, int ny)
+{
+    const T* __restrict__ g = traj + ((gpumpiad_idx)n * nx + (i - 1)) * ny;
+    for (int j = 0; j < ny; ++j) out[j + 1] += g[j];
+}
+
+// Two adjoint steps, lam^(n+2) in x -> lam^n in x, with lam^(n+1) only in rows of a ring: row i
+// of lam^(n+1), then row i-1 of lam^n from its rows i-2 .. i, so kappa, kappa_bar and f_bar pass
+// through memory once per two steps. Row i-1 of x is no longer read once row i of lam^(n+1) is
+// made (its w is in the ring). lam^(n+1)'s ghosts are those of y, the buffer the per-step loop
+// would hold it in (its ghost columns wrapped instead under wrap_j), x's ghost columns are
+// wrapped as the per-step loop wraps lam^(n+2): the same operations on every cell in the same
+// order, the same bits. Not for wrap_i (the ghost rows need the whole lam^(n+1)).
+template <typename T, bool KB, bool FB>
+static void host_heat_adjoint_pair(T* __restrict__ x, const T* __restrict__ y,
+                                   const T* __restrict__ kappa, const T* __restrict__ u1,
+                                   const T* __restrict__ u0, T* __restrict__ kappa_bar,
+                                   T* __restrict__ f_bar, const T* __restrict__ traj, int n,
+                                   int nx, int ny, T r, T dt, int wrap_j, T* __restrict__ ring)
+{
+    const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
+    // ring: w of lam^(n+2) (3 rows), w of lam^(n+1) (3 rows), lam^(n+1) (2 rows), s wide.
+    T* wa[3] = {ring, ring + s, ring + 2 * s};
+    T* wb[3] = {ring + 3 * s, ring + 4 * s, ring + 5 * s};
+    T* lr[2] = {ring + 6 * s, ring + 7 * s};
+    auto wrap_row = [&](T* a) {
+        if (wrap_j) {
+            a[0] = a[ny];
+            a[ny + 1] = a[1];
+        }
+    };
+    host_w_row(wa[0], x, kappa, 0, s);
+    wrap_row(x + s);
+    host_w_row(wa[1], x + s, kappa, s, s);
+    host_w_row(wb[0], y, kappa, 0, s);
+    for (int i = 1; i <= nx + 1; ++i) {
+        const gpumpiad_idx row = (gpumpiad_idx)i * s;
+        if (i <= nx) {
+            T* a_next = x + row + s;
+            if (i < nx) wrap_row(a_next);
+            host_w_row(wa[2], a_next, kappa, row + s, s);
+            T* l = lr[i & 1];
+            l[0] = y[row];
+            l[ny + 1] = y[row + ny + 1];
+            host_adjoint_row<T, KB, FB>(x + row, wa[0], wa[1], wa[2], KB ? u1 + row : nullptr, l,
+                                        KB ? kappa_bar + row : nullptr,
+                                        FB ? f_bar + row : nullptr, s, r, dt, 1, ny + 1);
+            if (traj) host_add_traj(l, traj, n + 1, i, nx, ny);
+            wrap_row(l);
+            host_w_row(wb[i % 3], l, kappa, row, s);
+            T* t = wa[0]; wa[0] = wa[1]; wa[1] = wa[2]; wa[2] = t;
+        } else {
+            host_w_row(wb[i % 3], y + row, kappa, row, s);
+        }
+        if (i >= 2) {
+            const int m = i - 1;
+            const gpumpiad_idx mrow = row - s;
+            host_adjoint_row<T, KB, FB>(lr[m & 1], wb[(m + 2) % 3], wb[m % 3], wb[i % 3],
+                                        KB ? u0 + mrow : nullptr, x + mrow,
+                                        KB ? kappa_bar + mrow : nullptr,
+                                        FB ? f_bar + mrow : nullptr, s, r, dt, 1, ny + 1);
+            if (traj) host_add_traj(x + mrow, traj, n, m, nx, ny);
+        }
+    }
+}
+
 // `steps` adjoint steps in one call, n = steps-1 ... 0: lam^n from lam^(n+1) (its wrapped ghosts
 // filled first), the two buffers lam and spare in turn, starting from lam. states[n] is u^n
 // (states NULL: no kappa_bar); traj, when not NULL, holds steps+1 unpadded nx x ny cotangents of
 // the states, and traj[n] is added to lam^n's interior after its step. Returns the buffer that
-// holds lam^0. The same operations in the same order as one host_heat_adjoint_wrapped call per
-// step: the same bits.
+// holds lam^0. The same operations on every cell in the same order as one
+// host_heat_adjoint_wrapped call per step: the same bits in lam^0 and the cotangents. Without
+// wrap_i the steps go in pairs (host_heat_adjoint_pair; an odd count's first step alone), the
+// pair's first lam never written to spare: 8 instead of 16 fields through memory per two steps.
 template <typename T>
 static T* host_heat_adjoints(T* lam, T* spare, const T* __restrict__ kappa,
                              const T* const* states, T* kappa_bar, T* f_bar,
@@ -414,19 +504,43 @@ static T* host_heat_adjoints(T* lam, T* spare, const T* __restrict__ kappa,
                              int grads, int wrap_i, int wrap_j)
 {
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
-    for (int n = steps - 1; n >= 0; --n) {
+    const int single = wrap_i ? steps : steps % 2;
+    int n = steps - 1;
+    for (; n >= steps - single; --n) {
         host_wrap(lam, nx, ny, wrap_i, wrap_j);
         host_heat_adjoint_grads<T>(lam, kappa, states ? states[n] : nullptr, spare, kappa_bar,
                                    f_bar, nx, ny, r, dt, 1, nx + 1, 1, ny + 1, grads);
-        if (traj) {
-            const T* __restrict__ add = traj + (gpumpiad_idx)n * nx * ny;
-            for (int i = 0; i < nx; ++i) {
-                T* __restrict__ row = spare + (gpumpiad_idx)(i + 1) * s + 1;
-                const T* __restrict__ g = add + (gpumpiad_idx)i * ny;
-                for (int j = 0; j < ny; ++j) row[j] += g[j];
-            }
-        }
+        if (traj)
+            for (int i = 1; i <= nx; ++i) host_add_traj(spare + (gpumpiad_idx)i * s, traj, n, i,
+                                                         nx, ny);
         T* t = lam; lam = spare; spare = t;
+    }
+    if (n < 1) return lam;
+    std::vector<T> ring(8 * s);
+    for (; n >= 1; n -= 2) {
+        const T* u1 = states ? states[n] : nullptr;
+        const T* u0 = states ? states[n - 1] : nullptr;
+        switch (grads & (HEAT_KAPPA_BAR | HEAT_F_BAR)) {
+        case HEAT_KAPPA_BAR | HEAT_F_BAR:
+            host_heat_adjoint_pair<T, true, true>(lam, spare, kappa, u1, u0, kappa_bar, f_bar,
+                                                  traj, n - 1, nx, ny, r, dt, wrap_j,
+                                                  ring.data());
+            break;
+        case HEAT_KAPPA_BAR:
+            host_heat_adjoint_pair<T, true, false>(lam, spare, kappa, u1, u0, kappa_bar, f_bar,
+                                                   traj, n - 1, nx, ny, r, dt, wrap_j,
+                                                   ring.data());
+            break;
+        case HEAT_F_BAR:
+            host_heat_adjoint_pair<T, false, true>(lam, spare, kappa, u1, u0, kappa_bar, f_bar,
+                                                   traj, n - 1, nx, ny, r, dt, wrap_j,
+                                                   ring.data());
+            break;
+        default:
+            host_heat_adjoint_pair<T, false, false>(lam, spare, kappa, u1, u0, kappa_bar, f_bar,
+                                                    traj, n - 1, nx, ny, r, dt, wrap_j,
+                                                    ring.data());
+        }
     }
     return lam;
 }
