@@ -184,7 +184,7 @@ def _heat_inverse(args):
         return 1
     grid = problem.grid
     say = print if rank == 0 else (lambda *a, **k: None)
-    kernels = kernels_for(problem.u0).__name__.rsplit(".", 1)[-1]
+    kernels = kernels_for(problem.u0, ndim=grid.ndim).__name__.rsplit(".", 1)[-1]
     say(f"gpumpiad heat-inverse: {size} rank(s), {_by(grid.dims)} patches of about "
         f"{_by(grid.local_shape)} cells, grid {_by(grid.shape)}, time {settings.time:g} in "
         f"{problem.steps} steps (dt "

@@ -234,14 +234,15 @@ class Problem:
         return out
 
     def loss(self, kappa):
-        """The objective J(κ): data misfit plus smoothness (a serial scalar Tensor)."""
+        """The objective J(κ): data misfit plus smoothness (a serial scalar Tensor on the
+        grid's communicator)."""
         misfit = 0.0
         for u, d in zip(self.states(kappa), self.observed):
             misfit = misfit + ((u - d) ** 2).sum()
-        total = gm.mpi_sum(misfit) * (0.5 / self.norm)
+        total = gm.mpi_sum(misfit, comm=self.grid.cart) * (0.5 / self.norm)
         if self.settings.regularization > 0:
             total = total + self.settings.regularization * gm.mpi_sum(
-                self.roughness(kappa))
+                self.roughness(kappa), comm=self.grid.cart)
         return total
 
     def roughness(self, kappa):
@@ -310,7 +311,8 @@ def recover(problem: Problem, progress=print, checkpoint=None):
     ``progress`` and ``history``.
     """
     s = problem.settings
-    kappa0 = gm.tensor(np.full(problem.grid.local_shape, s.kappa_guess), distributed=True)
+    kappa0 = gm.tensor(np.full(problem.grid.local_shape, s.kappa_guess), distributed=True,
+                       comm=problem.grid.cart)
     n_global = math.prod(problem.grid.shape)
     true_global = problem.grid.gather(problem.kappa_true)
     is_root = problem.grid.cart.rank == 0
