@@ -237,6 +237,29 @@ def test_cli_one_n_with_three_dims_is_a_cube(tmp_path):
     assert summary["settings"]["n"] == 6 and summary["settings"]["dims"] == [1, 1, 2]
 
 
+def test_cli_resume_profile_noise_checkpoints_and_float32_in_three_dimensions(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    flags = ["--n", "8", "8", "6", "--noise", "0.01", "--checkpoints", "3"]
+    proc = run_job(2, *flags, "--maxiter", "4", "--out", str(whole))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_job(2, *flags, "--maxiter", "2", "--resume", "--out", str(parts))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_job(2, *flags, "--maxiter", "4", "--resume", "--profile", "--out", str(parts))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming from" in proc.stdout and "profile.json, profile.png" in proc.stdout
+    a, b = summary_of(whole), summary_of(parts)
+    assert b["resumed"] and b["iterations"] == a["iterations"] == 4
+    assert b["history"]["loss"] == a["history"]["loss"] and b["final_loss"] == a["final_loss"]
+    assert a["settings"]["noise"] == 0.01 and a["dimension"] == 3
+    profile = json.loads((parts / "profile.json").read_text())
+    assert all(row["communication"] > 0 for row in profile["ranks"])
+    proc = run_job(2, "--n", "8", "8", "6", "--dtype", "float32", "--maxiter", "3", "--out",
+                   str(tmp_path / "f32"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    single = summary_of(tmp_path / "f32")
+    assert single["kappa_relative_error"] < 0.9 * single["kappa_relative_error_initial"]
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--n", "8", "8", "--dims", "2", "1", "1"],
      "arguments --n and --dims disagree: --n 8 8 is a 2-D grid but --dims 2 1 1 gives 3 axes"),
