@@ -160,7 +160,6 @@ def test_overlapped_time_loop_gives_the_same_bits(monkeypatch):
     (the one asynchronous kernels run: CUDA) gives the same forward and gradient, bit for bit,
     as the one that exchanges and then sweeps, for every split, with physical and periodic
     sides, and with patches one cell thick."""
-    from gpumpiad.heat.kernels import kernels_for
     comm = MPI.COMM_WORLD
     cases = [((NX, NY), periodic) for periodic in ((False, False), (True, False), (True, True))]
     cases.append(((comm.size, comm.size), (False, True)))
@@ -168,21 +167,28 @@ def test_overlapped_time_loop_gives_the_same_bits(monkeypatch):
         for dims in splits(comm.size):
             with Grid(shape, dims=dims, periodic=periodic) as grid:
                 args = [dist(grid.local(a)) for a in global_problem(9, *shape)]
-                kernels = kernels_for(args[0].data)
-                w = np.random.default_rng(comm.rank).standard_normal(grid.local_shape)
-
-                def objective(*a):
-                    out = solve(*a, DT, H, 6, grid=grid, boundary=boundary, checkpoints=3)
-                    return gpumpiad.mpi_sum((out * out * w).sum())
-
-                results = {}
-                for overlap in (False, True):
-                    monkeypatch.setattr(kernels, "ASYNCHRONOUS", overlap, raising=False)
-                    value, grads = gpumpiad.value_and_grad(objective, argnums=(0, 1, 2))(*args)
-                    results[overlap] = [to_numpy(value)] + [to_numpy(g) for g in grads]
-                same = all(np.array_equal(a, b) for a, b in zip(*results.values()))
+                same = overlap_keeps_the_bits(monkeypatch, grid, args, DT, 6, boundary, 3)
                 parallel_assert(same, f"shape {shape}, dims {dims}, periodic {periodic}: the "
                                       "overlapped loop differs")
+
+
+def overlap_keeps_the_bits(monkeypatch, grid, args, dt, steps, boundary, checkpoints):
+    """Whether a weighted objective of a solve and its gradients have the same bits with the
+    interior overlapped (kernels marked asynchronous) as with exchange-then-sweep."""
+    from gpumpiad.heat.kernels import kernels_for
+    kernels = kernels_for(args[0].data, ndim=grid.ndim)
+    w = np.random.default_rng(grid.rank).standard_normal(grid.local_shape)
+
+    def objective(*a):
+        out = solve(*a, dt, H, steps, grid=grid, boundary=boundary, checkpoints=checkpoints)
+        return gpumpiad.mpi_sum((out * out * w).sum())
+
+    results = []
+    for overlap in (False, True):
+        monkeypatch.setattr(kernels, "ASYNCHRONOUS", overlap, raising=False)
+        value, grads = gpumpiad.value_and_grad(objective, argnums=(0, 1, 2))(*args)
+        results.append([to_numpy(value)] + [to_numpy(g) for g in grads])
+    return all(np.array_equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (1, 5), (2, 1), (4, 3, 5), (1, 2, 1), (3, 1, 2)])
@@ -209,7 +215,6 @@ def test_overlapped_3d_time_loop_gives_the_same_bits(monkeypatch):
     """The 3-D time loop with the interior overlapped gives the bits of exchange-then-sweep,
     for every split, physical and periodic sides, one-cell-thick patches."""
     import itertools
-    from gpumpiad.heat.kernels import kernels_for
     comm = MPI.COMM_WORLD
     rng = np.random.default_rng(5)
     cases = [((5, 4, 3), (False, False, False)), ((5, 4, 3), (True, False, True)),
@@ -220,19 +225,7 @@ def test_overlapped_3d_time_loop_gives_the_same_bits(monkeypatch):
                      if np.prod(d) == comm.size and all(p <= n for p, n in zip(d, shape))]:
             with Grid(shape, dims=dims, periodic=periodic) as grid:
                 args = [dist(grid.local(a)) for a in fields]
-                kernels = kernels_for(args[0].data, ndim=3)
-                w = np.random.default_rng(comm.rank).standard_normal(grid.local_shape)
-
-                def objective(*a):
-                    out = solve(*a, 0.1 * H * H, H, 5, grid=grid, boundary=0.5, checkpoints=2)
-                    return gpumpiad.mpi_sum((out * out * w).sum())
-
-                results = {}
-                for overlap in (False, True):
-                    monkeypatch.setattr(kernels, "ASYNCHRONOUS", overlap, raising=False)
-                    value, grads = gpumpiad.value_and_grad(objective, argnums=(0, 1, 2))(*args)
-                    results[overlap] = [to_numpy(value)] + [to_numpy(g) for g in grads]
-                same = all(np.array_equal(a, b) for a, b in zip(*results.values()))
+                same = overlap_keeps_the_bits(monkeypatch, grid, args, 0.1 * H * H, 5, 0.5, 2)
                 parallel_assert(same, f"shape {shape}, dims {dims}, periodic {periodic}: the "
                                       "overlapped 3-D loop differs")
 
