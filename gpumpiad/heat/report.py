@@ -65,8 +65,8 @@ def kappa_figure(path, true, recovered, title=None, recovered_name="recovered"):
         plane = middle_plane(shape)
         true = true[:, :, plane["index"]]
         recovered = recovered[:, :, plane["index"]]
-        where = (f"\nz-plane k = {plane['index']} of 0–{plane['cells'] - 1} "
-                 f"(z = {plane['z']:.3g} of {(shape[2] + 1) / (max(shape) + 1):.3g})")
+        where = (f"\nz-plane k = {plane['index']} of 0–{plane['cells'] - 1}, "
+                 f"z = {plane['z']:.3g}")
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.6), constrained_layout=True)
     low, high = min(true.min(), recovered.min()), max(true.max(), recovered.max())
     error = 100 * (recovered - true) / true
