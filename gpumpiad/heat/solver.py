@@ -75,8 +75,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     trajectory : bool
         Also return every state, shape ``(steps + 1, nx, ny[, nz])``.
     backend : {"numpy", "host", "cuda"}, optional
-        Heat kernels; see :func:`gpumpiad.heat.kernels.kernels_for` (``GPUMPIAD_HEAT_KERNELS`` for NumPy
-        arrays).
+        Heat kernels; see :func:`gpumpiad.heat.kernels.kernels_for`
+        (``GPUMPIAD_HEAT_KERNELS`` for NumPy arrays).
 
     Returns
     -------
@@ -111,11 +111,11 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     for ``n = steps-1 ... 0``, and ``u0_bar = lam^0`` (plus the trajectory's cotangents, added
     to ``lam^n`` on the way). Only the cotangents of the arguments being differentiated are
     accumulated: 64 bytes per cell and step (float64) for all three, 48 for kappa's alone, 40
-    or fewer without kappa's. ``L(kappa * lam)`` reads ``lam^{n+1}`` and ``kappa`` in the ghost ring: a
-    forward halo exchange of ``lam^{n+1}`` per step (``kappa`` once), zero on the physical
-    boundary. This equals the scatter form, whose halo adjoint sends ghost cotangents
-    back to their owners and adds them (:func:`gpumpiad.halo_exchange`). ``u^n`` with its ghosts
-    comes from the stored states or is recomputed from the nearest checkpoint.
+    or fewer without kappa's. ``L(kappa * lam)`` reads ``lam^{n+1}`` and ``kappa`` in the
+    ghost layer: a forward halo exchange of ``lam^{n+1}`` per step (``kappa`` once), zero on
+    the physical boundary. This equals the scatter form, whose halo adjoint sends ghost
+    cotangents back to their owners and adds them (:func:`gpumpiad.halo_exchange`). ``u^n``
+    with its ghosts comes from the stored states or is recomputed from the nearest checkpoint.
 
     Examples
     --------
