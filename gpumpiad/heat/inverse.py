@@ -113,6 +113,7 @@ def cell_width(shape):
     largest size, so that the longest axis spans [0, 1]."""
     return 1.0 / (max(shape) + 1)
 
+
 def true_kappa(x, y, z=None):
     """A smooth diffusivity in [0.6, 1.6] on the unit square (or cube, given ``z``): a raised
     bump and a shallower dip.
