@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
-
 from .. import kernelbuild
 from .hostkernels import _DTYPES, _address, _check_fields
 from .stencil import grads
