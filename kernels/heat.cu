@@ -15,6 +15,7 @@
 
 #ifdef GPUMPIAD_HOST
 #include "host_cuda.h"
+#include <cstring>
 #include <vector>
 #endif
 
@@ -578,6 +579,49 @@ static T* host_heat_adjoints(T* lam, T* spare, const T* __restrict__ kappa,
 // Interior of an nx x ny C-contiguous field copied into padded dst; stats = {min, max,
 // non-finite count} of the values (min and max over the finite ones): the solver's argument
 // check and its padded copy in one pass.
+// Row `in` (n values) copied to `out`; its min, max and count of NaN and Inf. In registers of
+// 32 bytes where the compiler has vector extensions: a min/max reduction of floats does not
+// vectorise without fast-math. Min and max are meaningless when the count is not 0.
+template <typename T>
+static inline long long host_pad_row(const T* __restrict__ in, T* __restrict__ out, int n, T& lo,
+                                     T& hi)
+{
+    lo = hi = in[0];
+    long long bad = 0;
+    int j = 0;
+#if defined(__GNUC__)
+    constexpr int W = 32 / sizeof(T);
+    typedef T V __attribute__((vector_size(32)));
+    typedef decltype(V{} < V{}) M;
+    if (n >= W) {
+        V vlo, vhi, v;
+        M vbad = {};
+        std::memcpy(&vlo, in, sizeof(V));
+        vhi = vlo;
+        for (; j + W <= n; j += W) {
+            std::memcpy(&v, in + j, sizeof(V));
+            std::memcpy(out + j, &v, sizeof(V));
+            vlo = v < vlo ? v : vlo;
+            vhi = v > vhi ? v : vhi;
+            vbad += (v - v) != V{};  // -1 per NaN or Inf
+        }
+        for (int k = 0; k < W; ++k) {
+            lo = vlo[k] < lo ? vlo[k] : lo;
+            hi = vhi[k] > hi ? vhi[k] : hi;
+            bad -= vbad[k];
+        }
+    }
+#endif
+    for (; j < n; ++j) {
+        const T v = in[j];
+        out[j] = v;
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+        bad += !(v - v == (T)0);
+    }
+    return bad;
+}
+
 template <typename T>
 static void host_pad(const T* __restrict__ src, T* __restrict__ dst, int nx, int ny,
                      double* stats)
@@ -589,15 +633,8 @@ static void host_pad(const T* __restrict__ src, T* __restrict__ dst, int nx, int
     for (int i = 0; i < nx; ++i) {
         const T* __restrict__ in = src + (gpumpiad_idx)i * ny;
         T* __restrict__ out = dst + (gpumpiad_idx)(i + 1) * s + 1;
-        T rlo = in[0], rhi = in[0];
-        long long rbad = 0;
-        for (int j = 0; j < ny; ++j) {
-            const T v = in[j];
-            out[j] = v;
-            rlo = v < rlo ? v : rlo;
-            rhi = v > rhi ? v : rhi;
-            rbad += !(v - v == (T)0);
-        }
+        T rlo, rhi;
+        const long long rbad = host_pad_row(in, out, ny, rlo, rhi);
         if (rbad) {
             // min/max over the finite values only; a rare, slower row.
             for (int j = 0; j < ny; ++j) {

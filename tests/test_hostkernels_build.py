@@ -100,6 +100,24 @@ def test_pad_copies_and_reports_min_max_and_nonfinite():
         hostkernels.pad(np.zeros((3, 3)), np.zeros((5, 6)))
 
 
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pad_of_rows_in_vector_lanes_and_tails_matches_numpy(dtype):
+    """Row widths below, at and past a 32-byte register, non-finite values anywhere."""
+    rng = np.random.default_rng(8)
+    for nx, ny in ((1, 1), (3, 7), (2, 8), (4, 9), (5, 17), (33, 40)):
+        for count in (0, 1, 3):
+            src = rng.standard_normal((nx, ny)).astype(dtype)
+            for _ in range(count):
+                src[rng.integers(nx), rng.integers(ny)] = rng.choice([np.nan, np.inf, -np.inf])
+            dst = np.zeros((nx + 2, ny + 2), dtype)
+            finite = src[np.isfinite(src)]
+            want = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            got = hostkernels.pad(src, dst)
+            assert got == (*want, int(src.size - finite.size)), (nx, ny, count)
+            assert np.array_equal(dst[1:-1, 1:-1], src, equal_nan=True)
+
+
 def wrapped(a, wrap):
     """``a``'s ghosts along the wrapped axes filled as a self-exchange would."""
     if wrap[0]:
