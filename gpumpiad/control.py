@@ -60,6 +60,16 @@ def allgather(comm, obj, call):
     return _loads(out, sizes)
 
 
+def allgather_floats(comm, values, call):
+    """Every rank's ``values`` (floats, as many on every rank) as a ``(comm.size,
+    len(values))`` table: one collective, no pickling."""
+    mine = np.asarray(values, dtype=np.float64)
+    table = np.empty((comm.size, mine.size))
+    with comm.exclusive(call) as mpi:
+        wait(mpi.Iallgather(mine, table), comm, call)
+    return table
+
+
 def allgather_ints(comm, call, values):
     """Every rank's ``values`` (ints, as many on every rank) as a ``(comm.size, len(values))``
     table: one collective, no pickling. Issued as the next link of ``comm``'s chain but not
@@ -97,4 +107,4 @@ def barrier(comm, call):
         wait(mpi.Ibarrier(), comm, call)
 
 
-__all__ = ["allgather", "allgather_ints", "bcast", "allreduce", "barrier"]
+__all__ = ["allgather", "allgather_floats", "allgather_ints", "bcast", "allreduce", "barrier"]

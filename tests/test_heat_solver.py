@@ -707,6 +707,28 @@ def test_negative_kappa_is_an_error_on_every_rank_and_zero_kappa_is_not():
     parallel_assert(np.allclose(u.numpy(), u0 + 4 * DT * f, rtol=1e-14, atol=0))
 
 
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_time_loops_that_differ_between_ranks_are_an_error_on_every_rank():
+    """Sound arguments on every rank, but one rank's steps, checkpoints, dt or dtype differs:
+    every rank names the setting and each rank's value (no hang in the halo exchange)."""
+    comm = MPI.COMM_WORLD
+    last = comm.size - 1
+    grid = Grid((NX, NY))
+    u0, kappa, f = (grid.local(a) for a in global_problem(16))
+    for name, mine, theirs in (("steps", 3, 4), ("checkpoints", None, 2), ("dt", DT, DT / 2),
+                               ("dtype", "float64", "float32")):
+        values = dict(steps=3, checkpoints=None, dt=DT, dtype="float64")
+        values[name] = theirs if comm.rank == last else mine
+        args = [a.astype(values["dtype"]) for a in (u0, kappa, f)]
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: solve's {name} differs "
+                                             rf"between ranks: rank 0: {mine!r}.* rank {last}: "
+                                             rf"{theirs!r}"):
+            solve(*args, values["dt"], H, values["steps"], grid=grid,
+                  checkpoints=values["checkpoints"])
+    u = solve(u0, kappa, f, DT, H, 3, grid=grid)
+    parallel_assert(np.isfinite(u.numpy()).all())
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 def test_grid_takes_numpy_integers_and_refuses_floats_and_bools():
     comm = MPI.COMM_WORLD

@@ -182,10 +182,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # Which arguments the reverse pass differentiates on this rank: only kappa's cotangent needs
     # the states u^n, only f's and kappa's are accumulated over the steps.
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
-    reports = control.allgather(grid.cart, dict(problem=problem, kmin=kmin, kmax=kmax,
-                                                kappa=wants[1], settings=settings,
-                                                nonfinite=nonfinite),
-                                "heat.solve's argument check")
+    reports = _reports(grid.cart, dict(problem=problem, kmin=kmin, kmax=kmax, kappa=wants[1],
+                                       settings=settings, nonfinite=nonfinite))
     problems = [r["problem"] for r in reports if r["problem"] is not None]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
@@ -224,6 +222,31 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
                 pads=pads)
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
     return CustomOp(run.forward, run.vjp, name="heat.solve", layout=layout)(*args)
+
+
+def _reports(cart, report):
+    """Every rank's argument ``report``: one allgather of numbers when every rank found its
+    arguments sound and the ranks' settings agree, else of the pickled reports, whose texts
+    the error messages quote. Every rank sees the same table, so all take the same way."""
+    call = "heat.solve's argument check"
+    settings = report["settings"]
+    numbers = [report["problem"] is not None, math.nan, math.nan, report["kappa"],
+               sum(1 << k for k, name in enumerate(_ARGUMENTS) if name in report["nonfinite"])]
+    if settings is not None and report["problem"] is None:
+        dt, h, steps, checkpoints, trajectory, dtype = settings
+        numbers[1:3] = report["kmin"], report["kmax"]
+        numbers += [dt, h, steps, -1 if checkpoints is None else checkpoints, trajectory,
+                    np.dtype(dtype).num]
+    else:
+        numbers += [math.nan] * 6
+    table = control.allgather_floats(cart, numbers, call)
+    agreed = table[:, 5:] == table[0, 5:]
+    if table[:, 0].any() or not agreed.all():
+        return control.allgather(cart, report, call)
+    return [dict(problem=None, kmin=float(row[1]), kmax=float(row[2]), kappa=bool(row[3]),
+                 settings=settings, nonfinite=tuple(
+                     name for k, name in enumerate(_ARGUMENTS) if int(row[4]) >> k & 1))
+            for row in table]
 
 
 def recompute_steps(steps, checkpoints):
