@@ -416,7 +416,10 @@ class Loop:
     def steps(self, states):
         """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
         of each state filled before it is read (the last one's too). Consecutive states must
-        be distinct buffers."""
+        be distinct buffers; a buffer that appears more than once ends holding its last
+        state. Without wrapped ghosts the steps go two per sweep over the rows, the first of a
+        pair in a ring of rows when a later state overwrites its buffer: the bits of single
+        steps."""
         table = (ctypes.c_void_p * len(states))(*(self._pointer(a) for a in states))
         self._steps(table, *self._fixed, *self._dims, *self._scalars,
                     ctypes.c_int(len(states) - 1), *self._wraps)
