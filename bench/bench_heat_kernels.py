@@ -12,6 +12,10 @@ Usage: python bench/bench_heat_kernels.py [--sizes 512 1024 2048] [--out PATH]
 ``--compare-builds`` times the step and adjoint kernels of the portable build and of the build
 for this machine (``GPUMPIAD_HOST_MARCH``) in the same run, alternating, at ``--sizes``, and
 prints (and writes to ``--out``) the min and median of each and their ratio.
+
+``--time-loop`` times the host forward loop (``Loop.steps``: steps two per sweep) over two
+buffers in turn and over a buffer per state against one step call per step, at ``--sizes``,
+and appends its table to ``--out``.
 """
 
 from __future__ import annotations
@@ -140,15 +144,80 @@ def compare_builds(sizes, repeats=7):
     return rows, {m: info for m, (_, info) in libs.items()}
 
 
+def time_loop(sizes, repeats=7):
+    """Rows of (n, steps, {variant: (min, median) seconds per step}) of the host forward loop
+    over two buffers in turn (a forward solve) and over a buffer per state (a recording
+    forward): ``Loop.steps`` (steps in pairs; over two buffers the first of a pair in a ring of
+    rows) and one ``Loop.step`` call per step (", single"), alternating batches."""
+    rows = []
+    for n in sizes:
+        steps = max(10, min(100, int(2e7 / (n * n))) // 2 * 2)
+        rng = np.random.default_rng(0)
+        shape = (n + 2, n + 2)
+        kappa, f, first = (rng.random(shape) for _ in range(3))
+        loop = hostkernels.Loop(kappa, f, 0.2, 1e-3)
+        a, b = np.zeros(shape), np.zeros(shape)
+        two = [first] + [a, b] * (steps // 2)
+        own = [first] + [np.zeros(shape) for _ in range(steps)]
+
+        def single(states):
+            for k in range(steps):
+                loop.step(states[k], states[k + 1])
+
+        variants = {"two buffers, single": lambda: single(two),
+                    "two buffers": lambda: loop.steps(two),
+                    "every state kept, single": lambda: single(own),
+                    "every state kept": lambda: loop.steps(own)}
+        times = {name: [] for name in variants}
+        for fn in variants.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) / steps)
+        rows.append((n, steps, {k: (min(v), float(np.median(v))) for k, v in times.items()}))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "heat_kernels_cpu.md"))
     ap.add_argument("--compare-builds", action="store_true",
                     help="portable build against the build for this machine, same run")
+    ap.add_argument("--time-loop", action="store_true",
+                    help="the host forward loop in one call against one call per step")
     args = ap.parse_args()
     if not hostkernels.available():
         raise SystemExit("host kernels unavailable (no C++ compiler?)")
+    if args.time_loop:
+        model, cores, _ = _machine()
+        lines = [
+            "## Host forward loop: steps in one call against one call per step (float64)",
+            "",
+            f"- CPU: {model} ({cores}); load average (1 min) at the end: "
+            f"{os.getloadavg()[0]:.1f}",
+            "- per step, min (median) of 7 alternating batches; `Loop.steps` against one "
+            "`Loop.step` call per step over the same buffers",
+            "",
+            "| n | steps | two buffers: single steps [µs] | one call [µs] | ratio | every state "
+            "kept: single steps [µs] | one call [µs] | ratio |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n, steps, t in time_loop(args.sizes):
+            cells = []
+            for name in ("two buffers", "every state kept"):
+                one, (lo, mid) = t[name + ", single"], t[name]
+                cells += [f"{1e6 * one[0]:.1f} ({1e6 * one[1]:.1f})",
+                          f"{1e6 * lo:.1f} ({1e6 * mid:.1f})",
+                          f"{lo / one[0]:.2f} ({mid / one[1]:.2f})"]
+            lines.append(f"| {n} | {steps} | " + " | ".join(cells) + " |")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        with open(args.out, "a") as out:
+            out.write("\n" + text)
+        return
     if args.compare_builds:
         rows, infos = compare_builds(args.sizes)
         model, cores, _ = _machine()
