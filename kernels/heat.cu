@@ -406,9 +406,9 @@ static void host_wrap(T* __restrict__ u, int nx, int ny, int wrap_i, int wrap_j)
 
 // Two forward steps in one sweep over the rows: row i of `mid`, then row i - 1 of `out`, which
 // reads rows i - 2 .. i of `mid` while they are still in cache (the data a step moves falls
-// from 4 to 2.5 fields per step, 2 when `mid` is a spare). The per-cell function is the same,
-// so are the bits. `out` may be `u` itself: row i - 1 of u is no longer read once row i of mid
-// is written. Ghosts of `mid` must not depend on its interior (no wrap).
+// from 4 to 2.5 fields per step). The per-cell function is the same, so are the bits. `out`
+// may be `u` itself: row i - 1 of u is no longer read once row i of mid is written. Ghosts of
+// `mid` must not depend on its interior (no wrap).
 template <typename T>
 static void host_heat_step_pair(const T* u, const T* __restrict__ kappa,
                                 const T* __restrict__ f, T* mid, T* out, int nx, int ny, T r,
@@ -624,9 +624,6 @@ static T* host_heat_adjoints(T* lam, T* spare, const T* __restrict__ kappa,
     return lam;
 }
 
-// Interior of an nx x ny C-contiguous field copied into padded dst; stats = {min, max,
-// non-finite count} of the values (min and max over the finite ones): the solver's argument
-// check and its padded copy in one pass.
 // Row `in` (n values) copied to `out`; its min, max and count of NaN and Inf. In registers of
 // 32 bytes where the compiler has vector extensions: a min/max reduction of floats does not
 // vectorise without fast-math. Min and max are meaningless when the count is not 0.
@@ -670,6 +667,9 @@ static inline long long host_pad_row(const T* __restrict__ in, T* __restrict__ o
     return bad;
 }
 
+// Interior of an nx x ny C-contiguous field copied into padded dst; stats = {min, max,
+// non-finite count} of the values (min and max over the finite ones): the solver's argument
+// check and its padded copy in one pass.
 template <typename T>
 static void host_pad(const T* __restrict__ src, T* __restrict__ dst, int nx, int ny,
                      double* stats)
