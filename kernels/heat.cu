@@ -404,23 +404,6 @@ static void host_wrap(T* __restrict__ u, int nx, int ny, int wrap_i, int wrap_j)
         }
 }
 
-// Two forward steps in one sweep over the rows: row i of `mid`, then row i - 1 of `out`, which
-// reads rows i - 2 .. i of `mid` while they are still in cache (the data a step moves falls
-// from 4 to 2.5 fields per step). The per-cell function is the same, so are the bits. `out`
-// may be `u` itself: row i - 1 of u is no longer read once row i of mid is written. Ghosts of
-// `mid` must not depend on its interior (no wrap).
-template <typename T>
-static void host_heat_step_pair(const T* u, const T* __restrict__ kappa,
-                                const T* __restrict__ f, T* mid, T* out, int nx, int ny, T r,
-                                T dt)
-{
-    for (int i = 1; i <= nx; ++i) {
-        host_heat_step<T>(u, kappa, f, mid, nx, ny, r, dt, i, i + 1, 1, ny + 1);
-        if (i > 1) host_heat_step<T>(mid, kappa, f, out, nx, ny, r, dt, i - 1, i, 1, ny + 1);
-    }
-    if (nx > 0) host_heat_step<T>(mid, kappa, f, out, nx, ny, r, dt, nx, nx + 1, 1, ny + 1);
-}
-
 // One row of a forward step from the rows above, at and below it of the state before it:
 // heat_step_cell's sum in the same order, so the same bits.
 template <typename T>
@@ -434,28 +417,34 @@ static inline void host_step_row(const T* __restrict__ up, const T* __restrict__
                                           (T)4 * mid[j]) + dt * f[j];
 }
 
-// host_heat_step_pair for an intermediate state nobody reads afterwards: its rows live in a
-// ring of three (`ring`, 3 * (ny + 2) values), its ghosts are those of `frame` (the buffer it
-// would have gone to). 2 fields moved per step instead of 2.5.
+// Two forward steps in one sweep over the rows: row i of the middle state, then row i - 1 of
+// `out` from rows i - 2 .. i of the middle state while they are still in cache. The middle
+// state goes to `mid` (the data a step moves falls from 4 to 2.5 fields) or, given `ring`
+// (3 * (ny + 2) values), to a ring of three rows with the ghosts of `mid`, for a middle state
+// nobody reads afterwards (2 fields). `out` may be `u` itself: row i - 1 of u is no longer read
+// once row i of the middle state is written. Ghosts of `mid` must not depend on its interior
+// (no wrap).
 template <typename T>
-static void host_heat_step_pair_ring(const T* u, const T* __restrict__ kappa,
-                                     const T* __restrict__ f, const T* frame, T* out, T* ring,
-                                     int nx, int ny, T r, T dt)
+static void host_heat_step_pair(const T* u, const T* __restrict__ kappa,
+                                const T* __restrict__ f, T* mid, T* out, T* ring, int nx,
+                                int ny, T r, T dt)
 {
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
-    auto mid = [&](int i) -> const T* {
-        return i == 0 || i == nx + 1 ? frame + i * s : ring + (i % 3) * s;
+    auto row = [&](int i) -> T* {
+        return ring && i >= 1 && i <= nx ? ring + (i % 3) * s : mid + i * s;
     };
     for (int i = 1; i <= nx + 1; ++i) {
         if (i <= nx) {
-            T* row = ring + (i % 3) * s;
-            row[0] = frame[i * s];
-            row[ny + 1] = frame[i * s + ny + 1];
+            T* m = row(i);
+            if (ring) {
+                m[0] = mid[i * s];
+                m[ny + 1] = mid[i * s + ny + 1];
+            }
             host_step_row(u + (i - 1) * s, u + i * s, u + (i + 1) * s, kappa + i * s,
-                          f + i * s, row, ny, r, dt);
+                          f + i * s, m, ny, r, dt);
         }
         if (i > 1)
-            host_step_row(mid(i - 2), mid(i - 1), mid(i), kappa + (i - 1) * s,
+            host_step_row(row(i - 2), row(i - 1), row(i), kappa + (i - 1) * s,
                           f + (i - 1) * s, out + (i - 1) * s, ny, r, dt);
     }
 }
@@ -477,17 +466,12 @@ static void host_heat_steps(T* const* states, const T* __restrict__ kappa,
                               ny + 1);
             n = 1;
         }
-        std::vector<T> ring;
+        std::vector<T> ring(3 * ((size_t)ny + 2));
         for (; n < steps; n += 2) {
             // A middle state whose buffer a later state overwrites is never read.
-            if (n + 3 <= steps && states[n + 3] == states[n + 1]) {
-                ring.resize(3 * ((size_t)ny + 2));
-                host_heat_step_pair_ring<T>(states[n], kappa, f, states[n + 1], states[n + 2],
-                                            ring.data(), nx, ny, r, dt);
-            } else {
-                host_heat_step_pair<T>(states[n], kappa, f, states[n + 1], states[n + 2], nx,
-                                       ny, r, dt);
-            }
+            const bool unread = n + 3 <= steps && states[n + 3] == states[n + 1];
+            host_heat_step_pair<T>(states[n], kappa, f, states[n + 1], states[n + 2],
+                                   unread ? ring.data() : nullptr, nx, ny, r, dt);
         }
         return;
     }
