@@ -167,6 +167,10 @@ def wait(requests, comm=None, call="communication", idle=False, statuses=None):
     """
     requests = requests if isinstance(requests, list) else [requests]
     limit = timeout()
+    if limit is None and not idle and not trace.active():
+        # The common case, without a span: it runs once per communication.
+        MPI.Request.Waitall(requests, statuses)
+        return
     with trace.span("mpi.wait", trace.WAIT):
         if limit is None and not idle:
             MPI.Request.Waitall(requests, statuses)
