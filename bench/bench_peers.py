@@ -21,8 +21,11 @@ Contenders, float64:
 Before any timing, each contender's ``J`` and gradients are compared with those of gpumpiad on
 one rank (relative error ``max|a - b| / max|b|`` at most 1e-12; for kappa's gradient, whose
 ``L(u)`` cancels to ``~h^2``, ``1e-12 * (n / 256)^2`` above 256², see :func:`tolerances`); a
-contender that differs is reported and not timed; the largest error is recorded. The contenders of one process are timed in turn, repeat by repeat (the
-first in each repeat rotates); the two-core ones run in separate processes, alternating round
+contender that differs is reported and not timed; the largest error is recorded. The contenders of one process are timed in turn, repeat by repeat, in an
+order that goes through their permutations, so that over a full cycle each follows each of the
+others equally often: a call pays for memory the previous one evicted (``bench_cold.py``
+measures how much), and a fixed cycle would always put the same contender after the same
+one. The two-core ones run in separate processes, alternating round
 by round. Reported: min, median and max per contender, ratios of medians against JAX and
 PyTorch, and the load average before and after. A contender whose package is not installed is
 left out.
@@ -30,6 +33,7 @@ left out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -244,15 +248,15 @@ def torch_contender(n, steps):
 
 def time_alternating(contenders, repeats, barrier=None, reduce_max=None):
     """``{(name, kind): [seconds]}`` timing every contender's forward and gradient in turn,
-    the first one rotating from repeat to repeat, after one warm-up call each."""
+    in the order of the next permutation of the contenders from repeat to repeat, after one
+    warm-up call each."""
     for forward, gradient in contenders.values():
         forward()
         gradient()
     times = {(name, kind): [] for name in contenders for kind in ("forward", "gradient")}
-    names = list(contenders)
+    orders = list(itertools.permutations(contenders))
     for rep in range(repeats):
-        for k in range(len(names)):
-            name = names[(rep + k) % len(names)]
+        for name in orders[rep % len(orders)]:
             for kind, fn in zip(("forward", "gradient"), contenders[name]):
                 if barrier:
                     barrier()

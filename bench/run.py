@@ -235,11 +235,13 @@ def plan(mach, quick):
                              ["--n", "4096", "--steps", "100", "--periodic"], heat_figures,
                              ranks=1, reference="copy4 bandwidth of the GPU", out_flag=True,
                              env={"GPUMPIAD_BACKEND": "cupy"}))
+    # Six repeats: each order of the three one-core contenders once (see bench_peers.py).
+    peer_reps = reps if quick else 6
     peers = Bench("heat vs JAX and PyTorch", "bench_peers.py",
-                  ["--sizes", *map(str, sizes), "--repeats", str(reps),
+                  ["--sizes", *map(str, sizes), "--repeats", str(peer_reps),
                    "--rounds", "1" if quick else "2", "--two-core-sizes",
                    *(["256"] if quick else ["128", "256", "1024"])] if two else
-                  ["--sizes", *map(str, sizes), "--repeats", str(reps), "--two-core-sizes"],
+                  ["--sizes", *map(str, sizes), "--repeats", str(peer_reps), "--two-core-sizes"],
                   None, reference="JAX jit, PyTorch eager", timeout=3600)
     return benches, peers, sizes
 
