@@ -3,10 +3,10 @@ contender's work, as in ``bench_peers.py``'s alternating runs, against the same 
 
     python bench/bench_cold.py [--sizes 64 128 256] [--steps 100] [--repeats 11] [--out F]
 
-One process, one core (XLA and OpenMP limited to one thread, as ``bench_peers.py`` does). The
-contenders are ``bench_peers.py``'s: gpumpiad and, when it is installed, JAX ``jit``; each one's
-forward and gradient is timed right after one of three preludes, the preludes rotating from
-repeat to repeat:
+One process pinned to one CPU (XLA and OpenMP limited to one thread), as ``bench_peers.py``'s
+one-core worker. The contenders are ``bench_peers.py``'s: gpumpiad and, when it is installed,
+JAX ``jit``; each one's forward and gradient is timed right after one of three preludes, the
+preludes rotating from repeat to repeat:
 
 - ``warm``: the same call (what it touches is in cache);
 - ``after the other``: the other contender's forward and gradient (JAX after gpumpiad and
@@ -76,6 +76,18 @@ def timed(calls, repeats):
     return out
 
 
+def _cpu():
+    """The CPU's model name (``/proc/cpuinfo``), or the machine type."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
@@ -83,6 +95,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     load = os.getloadavg()[0]
     rows, ratios = [], []
     for n in args.sizes:
@@ -99,8 +113,8 @@ def main():
             for kind in KINDS:
                 ratios.append((n, kind, [medians["gpumpiad", kind, p] / medians["JAX", kind, p]
                                          for p in PRELUDES]))
-    lines = [f"# Heat forward and gradient with cold memory ({os.uname().machine}, "
-             f"{os.cpu_count()} CPUs, one core used)", "",
+    lines = [f"# Heat forward and gradient with cold memory ({_cpu()}, {os.cpu_count()} CPUs, "
+             "one core used)", "",
              f"`python bench/bench_cold.py --sizes {' '.join(map(str, args.sizes))} --steps "
              f"{args.steps} --repeats {args.repeats}`. Load average (1 min) {load:.2f} before, "
              f"{os.getloadavg()[0]:.2f} after.", "",
