@@ -189,6 +189,9 @@ def plan(mach, quick):
     benches = [
         Bench("heat kernels", "bench_heat_kernels.py", ["--sizes", *map(str, sizes)],
               markdown_figures, reference="copy4 bandwidth of the same build", out_flag=True),
+        Bench("cold memory", "bench_cold.py",
+              ["--sizes", *(["128"] if quick else ["64", "128"]), "--repeats", str(2 * reps + 1)],
+              markdown_figures, reference="the same call repeated", out_flag=True),
         Bench("tape", "bench_tape.py", ["--ops", "1000", "--repeats", str(10 if quick else 20)],
               tape_figures, reference="PyTorch eager autograd"),
         Bench("heat solver, 1 rank, 128²", "bench_heat.py",
