@@ -21,14 +21,14 @@ Contenders, float64:
 Before any timing, each contender's ``J`` and gradients are compared with those of gpumpiad on
 one rank (relative error ``max|a - b| / max|b|`` at most 1e-12; for kappa's gradient, whose
 ``L(u)`` cancels to ``~h^2``, ``1e-12 * (n / 256)^2`` above 256², see :func:`tolerances`); a
-contender that differs is reported and not timed; the largest error is recorded. The contenders of one process are timed in turn, repeat by repeat, in an
-order that goes through their permutations, so that over a full cycle each follows each of the
-others equally often: a call pays for memory the previous one evicted (``bench_cold.py``
-measures how much), and a fixed cycle would always put the same contender after the same
-one. The two-core ones run in separate processes, alternating round
-by round. Reported: min, median and max per contender, ratios of medians against JAX and
-PyTorch, and the load average before and after. A contender whose package is not installed is
-left out.
+contender that differs is reported and not timed; the largest error is recorded. The contenders
+of one process are timed in turn, repeat by repeat, in an order that goes through their
+permutations, so that over a full cycle each follows each of the others equally often: a call
+pays for memory the previous one evicted (``bench_cold.py`` measures how much), and a fixed
+cycle would always put the same contender after the same one. The two-core ones run in separate
+processes, alternating round by round. Reported: min, median and max per contender, ratios of
+medians against JAX and PyTorch, and the load average before and after. A contender whose
+package is not installed is left out.
 """
 from __future__ import annotations
 
