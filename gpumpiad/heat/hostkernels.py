@@ -212,6 +212,21 @@ def _fn(name, dtype):
     return fn
 
 
+_bare_functions = {}
+
+
+def _bare(name, restype=None):
+    """Library function ``name`` without declared argtypes, for calls with ready ctypes values
+    (no conversion per call): a handle of its own (``lib[name]``), so that the one
+    :func:`_fn` declares keeps its argtypes; made once."""
+    fn = _bare_functions.get(name)
+    if fn is None:
+        fn = _load()[name]
+        fn.restype = restype
+        _bare_functions[name] = fn
+    return fn
+
+
 def _fields(inputs, outputs):
     """:func:`_check_fields` at a cost a small patch's kernel call can bear; also returns the
     fields' data addresses: ``(dtype, nx, ny, addresses)``. One pass of cheap tests; the
@@ -373,18 +388,12 @@ class Loop:
 
     def __init__(self, kappa, f, r, dt, wrap=(False, False)):
         dtype, nx, ny, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [])
-        lib = _load()
         suffix = _DTYPES[dtype]
-        # Functions without declared argtypes, called with ready ctypes values: no conversion
-        # per call. A fresh handle each (lib[name]), so the declared ones keep their argtypes.
-        self._step = lib[f"host_heat_step_{suffix}"]
-        self._steps = lib[f"host_heat_steps_{suffix}"]
-        self._adjoint = lib[f"host_heat_adjoint_wrapped_{suffix}"]
-        self._wrap = lib[f"host_wrap_{suffix}"]
-        for fn in (self._step, self._steps, self._adjoint, self._wrap):
-            fn.restype = None
-        self._adjoints = lib[f"host_heat_adjoints_{suffix}"]
-        self._adjoints.restype = ctypes.c_void_p
+        self._step = _bare(f"host_heat_step_{suffix}")
+        self._steps = _bare(f"host_heat_steps_{suffix}")
+        self._adjoint = _bare(f"host_heat_adjoint_wrapped_{suffix}")
+        self._wrap = _bare(f"host_wrap_{suffix}")
+        self._adjoints = _bare(f"host_heat_adjoints_{suffix}", ctypes.c_void_p)
         self._dtype, self._interior = dtype, (nx, ny)
         real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
         n_x, n_y = ctypes.c_int(nx), ctypes.c_int(ny)

@@ -44,12 +44,21 @@ def kernels_for(array, backend=None, ndim=2):
     """
     if ndim not in (2, 3):
         raise ValueError(f"heat kernels exist for 2 or 3 axes, got ndim={ndim!r}")
-    choice = _choice(array, backend, ndim)
-    return import_module(_MODULES[choice][ndim - 2], __package__)
+    return _module(_choice(array, backend, ndim), ndim)
 
 
 _MODULES = {"numpy": (".stencil", ".stencil3d"), "host": (".hostkernels", ".hostkernels3d"),
             "cuda": (".cudakernels", ".cudakernels3d")}
+_modules = {}
+
+
+def _module(choice, ndim):
+    """The kernels module of ``choice`` for ``ndim`` axes, imported on first use (every solve
+    asks for one)."""
+    module = _modules.get((choice, ndim))
+    if module is None:
+        module = _modules[choice, ndim] = import_module(_MODULES[choice][ndim - 2], __package__)
+    return module
 
 
 def _choice(array, backend, ndim):
@@ -62,8 +71,7 @@ def _choice(array, backend, ndim):
         raise ValueError(f"{source}: heat kernels must be one of {_KERNELS}, got {choice!r}")
     if choice is None:
         choice = "cuda" if device else "host"
-        if choice == "host" and \
-                not import_module(_MODULES["host"][ndim - 2], __package__).available():
+        if choice == "host" and not _module("host", ndim).available():
             choice = "numpy"
     if choice != "numpy" and (choice == "cuda") != device:
         raise ValueError(f"heat kernels {choice!r} cannot run on a "

@@ -161,7 +161,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         dt, h, steps = float(dt), float(h), int(steps)
         checkpoints = None if checkpoints is None else int(checkpoints)
         # The halos of patches of different dtypes would not fill each other's buffers.
-        settings = (dt, h, steps, checkpoints, bool(trajectory), np.dtype(raws[0].dtype).name)
+        settings = (dt, h, steps, checkpoints, bool(trajectory), _dtype_name(raws[0].dtype))
         try:
             kernels = kernels_for(raws[0], backend, ndim=grid.ndim)
             frame, ghosts = _frame(grid, boundary, raws[0])
@@ -189,15 +189,16 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         raise ValueError(problems[0] if len(problems) == 1 else
                          "; ".join(dict.fromkeys(problems)))
     # Ranks that disagree on the time loop would wait for each other's halos forever.
-    for k, name in enumerate(("dt", "h", "steps", "checkpoints", "trajectory", "dtype")):
-        values = [r["settings"][k] for r in reports]
-        if any(v != values[0] for v in values):
-            raise ValueError(f"rank {rank}: solve's {name} differs between ranks: "
-                             + ", ".join(f"rank {q}: {v!r}" for q, v in enumerate(values))
-                             + "; every rank must march the same time loop")
-    holding = {name: [q for q, r in enumerate(reports) if name in r["nonfinite"]]
-               for name in _ARGUMENTS}
-    if any(holding.values()):
+    if any(r["settings"] != settings for r in reports):
+        for k, name in enumerate(("dt", "h", "steps", "checkpoints", "trajectory", "dtype")):
+            values = [r["settings"][k] for r in reports]
+            if any(v != values[0] for v in values):
+                raise ValueError(f"rank {rank}: solve's {name} differs between ranks: "
+                                 + ", ".join(f"rank {q}: {v!r}" for q, v in enumerate(values))
+                                 + "; every rank must march the same time loop")
+    if any(r["nonfinite"] for r in reports):
+        holding = {name: [q for q, r in enumerate(reports) if name in r["nonfinite"]]
+                   for name in _ARGUMENTS}
         raise ValueError(f"rank {rank}: " + "; ".join(
             f"{name} holds NaN or Inf on rank(s) {ranks}" for name, ranks in holding.items()
             if ranks) + ": expected finite values")
@@ -207,7 +208,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         raise ValueError(f"rank {rank}: kappa holds negative values on rank(s) {negative} "
                          f"(min kappa = {reports[lowest]['kmin']!r} on rank {lowest}): expected "
                          "kappa >= 0 (a negative diffusivity makes the scheme blow up)")
-    owner = int(np.argmax([r["kmax"] for r in reports]))
+    owner = max(range(len(reports)), key=lambda q: reports[q]["kmax"])
     kmax, limit = reports[owner]["kmax"], 2 * grid.ndim
     if kmax > 0 and dt > h * h / (limit * kmax):
         raise ValueError(
@@ -222,6 +223,12 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
                 pads=pads)
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
     return CustomOp(run.forward, run.vjp, name="heat.solve", layout=layout)(*args)
+
+
+@lru_cache(maxsize=8)
+def _dtype_name(dtype):
+    """``dtype.name``, which NumPy works out in Python on every read."""
+    return np.dtype(dtype).name
 
 
 def _reports(cart, report):
@@ -913,7 +920,7 @@ def _frame(grid, boundary, like):
     elsewhere, and a hashable description of those ghosts for a constant ``boundary`` (None
     otherwise). Exchanged ghosts are always overwritten before they are read; corners are
     never read."""
-    nbytes = int(np.prod(grid.padded_shape)) * np.dtype(like.dtype).itemsize
+    nbytes = math.prod(grid.padded_shape) * np.dtype(like.dtype).itemsize
     if isinstance(boundary, Real) and not isinstance(boundary, (bool, np.bool_)) and \
             not is_device_array(like) and nbytes <= _FRAME_CACHE_BYTES:
         key = (grid.padded_shape, tuple(grid.physical), float(boundary),
