@@ -523,6 +523,6 @@ def pad(src, dst):
     if np.may_share_memory(src, dst):
         raise ValueError("src must not overlap dst")
     stats = np.empty(3)
-    _fn("host_pad", dst.dtype)(src.ctypes.data, dst.ctypes.data, src.shape[0], src.shape[1],
-                              stats.ctypes.data)
+    _fn("host_pad", dst.dtype)(_address(src, src.flags.writeable), _address(dst, True),
+                              src.shape[0], src.shape[1], _address(stats, True))
     return float(stats[0]), float(stats[1]), int(stats[2])

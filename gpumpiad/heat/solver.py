@@ -862,9 +862,10 @@ def _state_buffer(frame, ghosts):
     return buf
 
 
+@lru_cache(maxsize=None)
 def _faces(ndim):
     """Indices of the outer layer of a padded ``ndim``-D array, one per side."""
-    return [(slice(None),) * axis + (end,) for axis in range(ndim) for end in (0, -1)]
+    return tuple((slice(None),) * axis + (end,) for axis in range(ndim) for end in (0, -1))
 
 
 def _copy_ghosts(buf, frame):
