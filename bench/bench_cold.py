@@ -50,11 +50,13 @@ def contenders(n, steps):
 
 def others(calls):
     """For each contender, what runs before it in the ``after the other`` prelude."""
-    big = np.ones(8 << 20)
     out = {}
     for name in calls:
         rest = [fn for other, pair in calls.items() if other != name for fn in pair]
-        out[name] = (lambda rest=rest: [fn() for fn in rest]) if rest else (lambda: big.sum())
+        if not rest:
+            big = np.ones(8 << 20)  # only when there is no other contender
+            rest = [big.sum]
+        out[name] = lambda rest=rest: [fn() for fn in rest]
     return out
 
 
