@@ -39,7 +39,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["source", "cuda_module", "host_library", "CXXFLAGS", "NATIVE_FLAGS"]
+__all__ = ["source", "cuda_module", "host_library", "native_flags", "CXXFLAGS", "NATIVE_FLAGS",
+           "WIDE_VECTOR_FLAGS"]
 
 #: Flags of every host build. ``-ffp-contract=off``: no fused multiply-adds, so that a build
 #: for any CPU computes the same bits as the portable one and as the NumPy reference's order.
@@ -47,6 +48,10 @@ CXXFLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-DGPU
             "-x", "c++")
 #: Added for a build for the machine it runs on.
 NATIVE_FLAGS = ("-march=native",)
+#: Added to a native build on a CPU with 512-bit vectors (``avx512f``). Compilers prefer 256-bit
+#: vectors there by default, for the older CPUs that lowered their clock on wider ones; the
+#: stencils, in cache, take 10-17 % less time with 512 (bench/results/heat_kernels_cpu.md).
+WIDE_VECTOR_FLAGS = ("-mprefer-vector-width=512",)
 _MARCH_CHOICES = ("native", "portable")
 
 _lock = threading.Lock()
@@ -161,8 +166,8 @@ def _compiler_version(cxx: str) -> str:
         return ""
 
 
-def _cpu_identity() -> str:
-    """The CPU a native build is for: model name and a hash of its feature flags."""
+def _cpu_features() -> tuple[str | None, str]:
+    """The CPU's model name (None if unknown) and its feature flags, sorted, space-separated."""
     model, features = None, None
     try:
         with open("/proc/cpuinfo") as info:
@@ -177,10 +182,32 @@ def _cpu_identity() -> str:
                     break
     except OSError:
         pass
+    return model, features or ""
+
+
+def _cpu_identity() -> str:
+    """The CPU a native build is for: model name and a hash of its feature flags."""
+    model, features = _cpu_features()
     model = model or platform.processor() or "unknown CPU"
-    features = features or ""
     digest = hashlib.sha256(features.encode()).hexdigest()[:16]
     return f"{platform.machine()} {model} flags:{digest}"
+
+
+def native_flags(features=None) -> tuple[str, ...]:
+    """The flags of a build for this CPU (or for one with the feature flags ``features``).
+
+    Examples
+    --------
+    >>> from gpumpiad import kernelbuild
+    >>> kernelbuild.native_flags("fma avx2 avx512f")[-1]
+    '-mprefer-vector-width=512'
+    >>> kernelbuild.native_flags("fma avx2") == kernelbuild.CXXFLAGS + kernelbuild.NATIVE_FLAGS
+    True
+    """
+    if features is None:
+        features = _cpu_features()[1]
+    wide = WIDE_VECTOR_FLAGS if "avx512f" in features.split() else ()
+    return CXXFLAGS + NATIVE_FLAGS + wide
 
 
 def _build_key(cxx: str, version: str, flags, cpu: str, sources: dict[str, str]) -> str:
@@ -259,7 +286,7 @@ def host_library(name: str, includes=("host_cuda.h",)) -> dict:
     version = _compiler_version(cxx)
     cache = _cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    choices = [("native", CXXFLAGS + NATIVE_FLAGS, _cpu_identity())] if march == "native" else []
+    choices = [("native", native_flags(), _cpu_identity())] if march == "native" else []
     choices.append(("portable", CXXFLAGS, ""))
     stem = name.rsplit(".", 1)[0]
     failures = []
