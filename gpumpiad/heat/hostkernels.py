@@ -428,8 +428,9 @@ class Loop:
         be distinct buffers; a buffer that appears more than once ends holding its last
         state. Without wrapped ghosts the steps go two per sweep over the rows, the first of a
         pair in a ring of rows when a later state overwrites its buffer: the bits of single
-        steps."""
-        table = (ctypes.c_void_p * len(states))(*(self._pointer(a) for a in states))
+        steps. A state may be given as its buffer's data address (an int) instead."""
+        table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
+                                                  for a in states))
         self._steps(table, *self._fixed, *self._dims, *self._scalars,
                     ctypes.c_int(len(states) - 1), *self._wraps)
 
@@ -453,8 +454,9 @@ class Loop:
         last state to the first with ``lam`` and ``spare`` in turn (``lam`` holds the first
         ``lam_next``); returns the one of the two that holds the last ``lam``.
 
-        ``states``: ``u^0 ... u^(n-1)`` (C-contiguous buffers of the loop's shape and dtype),
-        or ``n``, the number of steps, when no state is read (no ``kappa_bar``). ``traj``:
+        ``states``: ``u^0 ... u^(n-1)`` (C-contiguous buffers of the loop's shape and dtype, or
+        their data addresses as ints), or ``n``, the number of steps, when no state is read (no
+        ``kappa_bar``). ``traj``:
         ``None`` or a C-contiguous array of the loop's dtype and shape ``(n + 1, nx, ny)``
         whose ``traj[k]`` is added to the interior of ``lam^k`` after its step (k < n). No
         halo exchange: for a patch no other rank borders.
@@ -468,7 +470,8 @@ class Loop:
             steps, table = states, None
         else:
             steps = len(states)
-            table = (ctypes.c_void_p * steps)(*(_address(a, a.flags.writeable)
+            table = (ctypes.c_void_p * steps)(*(a if type(a) is int else
+                                                 _address(a, a.flags.writeable)
                                                  for a in states))
         mask = grads(None if table is None else lam, kappa_bar, f_bar)
         address = None

@@ -297,6 +297,9 @@ class _Heat:
         self.core = (slice(1, -1),) * len(shape)
         self.states = {}
         self.spare = None
+        # Host, every state kept: the states u^1 ... u^steps in one array, and the data
+        # addresses of u^0 ... u^steps (computed, not taken from each buffer).
+        self.block = self.addresses = None
         self.cells = math.prod(shape)
         # The host kernels' loops: arguments checked and converted once per solve, exchanges
         # through preposted persistent requests, and on a patch no other rank borders the
@@ -480,24 +483,32 @@ class _Heat:
         if not self.local:
             self.halo = halo.Persistent(self.grid, self.frame.dtype)
         self._fill(self.kappa)
-        keep = set()
-        if self.keep_states:
-            keep = (set(range(self.steps)) if self.checkpoints is None
-                    else set(_spine(self.steps, self.checkpoints)))
-        # The states in order: each kept one in its own buffer, written by the step before
-        # it (no copy), the others in two buffers in turn.
         states, free = [u], []
-        for n in range(self.steps):
-            nxt = free.pop() if free and n + 1 not in keep else self._buffer()
-            states.append(nxt)
-            if n in keep:
-                self.states[n] = states[n]
-            else:
-                free.append(states[n])
+        if self.keep_states and self.checkpoints is None and self.steps:
+            # A buffer per state, taken and returned one by one, cost a tenth of a 128²
+            # gradient: one block, returned whole (_release).
+            block = self.block = _state_block(self.frame, self.ghosts, self.steps)
+            states.extend(block)
+            self.states = dict(enumerate(states[:-1]))
+            first, stride = block.ctypes.data, block[0].nbytes
+            self.addresses = [u.ctypes.data, *range(first, first + self.steps * stride, stride)]
+        else:
+            keep = set()
+            if self.keep_states and self.checkpoints is not None:
+                keep = set(_spine(self.steps, self.checkpoints))
+            # The states in order: each kept one in its own buffer, written by the step before
+            # it (no copy), the others in two buffers in turn.
+            for n in range(self.steps):
+                nxt = free.pop() if free and n + 1 not in keep else self._buffer()
+                states.append(nxt)
+                if n in keep:
+                    self.states[n] = states[n]
+                else:
+                    free.append(states[n])
         traj = None
         if self.trajectory:
             traj = np.empty((self.steps + 1,) + u0.shape, u0.dtype)
-        self._run(states, 0, traj)
+        self._run(states, 0, traj, self.addresses)
         out = _interior(states[-1])
         _recycle(states[-1], self.ghosts)
         if self.keep_states and free:
@@ -511,15 +522,16 @@ class _Heat:
         traj[self.steps] = out
         return out, traj
 
-    def _run(self, states, first, traj=None):
+    def _run(self, states, first, traj=None, addresses=None):
         """``states[k + 1] = step(states[k])`` for every ``k``, each state's ghosts filled
         before it is read (those of ``states[0]`` from ``first`` on: 0 fills them, 1 takes
         them as filled); the last state's ghosts are filled too, unless ``traj`` (every
-        state's interior, written on the way) is given."""
+        state's interior, written on the way) is given. ``addresses``: the states' data
+        addresses, when known."""
         loop, steps = self.loop, len(states) - 1
         with trace.span("heat.steps", trace.COMPUTE, payload=self.cells * steps):
             if self.local and traj is None:
-                loop.steps(states)
+                loop.steps(states if addresses is None else addresses)
                 return
             exchange = self.halo.exchange if self.halo is not None else loop.wrap
             for k in range(steps):
@@ -603,22 +615,28 @@ class _Heat:
                 return None
             traj = np.ascontiguousarray(g_traj)
         states = self.steps
-        if self.keep_states:
+        if self.addresses is not None:
+            states = self.addresses[:-1]
+        elif self.keep_states:
             states = [self.states[n] for n in range(self.steps)]
         with trace.span("heat.adjoint_steps", trace.ADJOINT, payload=self.cells * self.steps):
             last = self.loop.adjoints(lam, spare, states, kappa_bar, f_bar, traj)
-        if self.keep_states:
+        if self.keep_states and self.block is None:
             for u in states:
                 if id(u) not in kept:
                     _recycle(u, self.ghosts)
         return last, (spare if last is lam else lam)
 
     def _release(self):
-        """Return the padded kappa and f to the kept buffers and free the persistent
-        requests: no pass of this solve reads them again."""
+        """Return the padded kappa and f (and the block of states) to the kept buffers and free
+        the persistent requests: no pass of this solve reads them again."""
         for buf in (self.kappa, self.f):
             _recycle(buf, None)
         self.kappa = self.f = self.loop = None
+        if self.block is not None:
+            _recycle(self.block, self.ghosts)
+            self.states.clear()
+            self.block = self.addresses = None
         if self.halo is not None:
             self.halo.free()
             self.halo = None
@@ -846,6 +864,8 @@ def _kind(a):
 
 
 def _recycle(u, ghosts):
+    if u.base is not None:
+        return  # a state in a block of states: the block goes back whole
     with _free_lock:
         if _free_bytes["n"] + u.nbytes <= _free_bytes["limit"]:
             _free.setdefault(_kind(u), []).append((u, ghosts))
@@ -875,11 +895,7 @@ def _copy_ghosts(buf, frame):
 
 def _pad_buffer(frame):
     """A host buffer shaped like ``frame`` with a zero ghost ring, interior unset."""
-    with _free_lock:
-        bucket = _free.get(_kind(frame))
-        buf = bucket.pop()[0] if bucket else None
-        if buf is not None:
-            _free_bytes["n"] -= buf.nbytes
+    buf = _take(_kind(frame))[0]
     if buf is None:
         buf = np.empty_like(frame)
     for face in _faces(frame.ndim):
@@ -894,19 +910,38 @@ def _zeroed(frame):
     return buf
 
 
+def _take(kind):
+    """A kept ``(buffer, ghosts)`` of ``kind`` (:func:`_kind`), or ``(None, None)``."""
+    with _free_lock:
+        bucket = _free.get(kind)
+        if not bucket:
+            return None, None
+        buf, written = bucket.pop()
+        _free_bytes["n"] -= buf.nbytes
+    return buf, written
+
+
 def _reuse(frame, ghosts):
     """A cached buffer shaped like ``frame`` with ``frame``'s ghost ring, or ``None``. The ring
     is rewritten unless the buffer's came from a frame with the same ``ghosts`` (not None):
     the strided columns of a small patch cost a third of its step."""
-    with _free_lock:
-        bucket = _free.get(_kind(frame))
-        if not bucket:
-            return None
-        buf, written = bucket.pop()
-        _free_bytes["n"] -= buf.nbytes
-    if ghosts is None or written != ghosts:
+    buf, written = _take(_kind(frame))
+    if buf is not None and (ghosts is None or written != ghosts):
         _copy_ghosts(buf, frame)
     return buf
+
+
+def _state_block(frame, ghosts, count):
+    """``count`` host state buffers in one array (``block[k]``), each with ``frame``'s ghost
+    ring: a kept block (ring rewritten as in :func:`_reuse`) or a new one."""
+    shape = (count,) + frame.shape
+    block, written = _take((shape, frame.dtype, np.ndarray))
+    if block is None:
+        block = np.empty(shape, frame.dtype)
+    if ghosts is None or written != ghosts:
+        for face in _faces(frame.ndim):
+            block[(slice(None),) + face] = frame[face]
+    return block
 
 
 # Frames of constant boundaries on the host, which solves only read: a solve would otherwise
