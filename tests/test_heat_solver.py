@@ -797,3 +797,25 @@ def test_solve_names_a_grid_that_is_not_a_grid_or_was_freed(tmp_path):
         with pytest.raises(ValueError, match=rf"rank {comm.rank}: save_state's step must be an "
                                              r"int, got 2.5 \(float\)"):
             save_state(str(tmp_path / "u"), u0, grid, step=2.5)
+
+
+@pytest.mark.parametrize("steps", [7, 8])
+def test_kept_states_outlive_the_forward_pass(steps):
+    """A one-rank gradient keeps its states (u^0's buffer apart, the others in one block) until
+    its pullback runs: memory freed in between and taken by NaN-filled arrays would show in
+    kappa's cotangent. Compared with checkpointing every step, which stores each state in its
+    own buffer: the same bits."""
+    n, h = 300, 1.0 / 301
+    u0, kappa, f = global_problem(12, n, n)
+    dt = 0.1 * h * h
+    cotangent = np.random.default_rng(4).standard_normal((n, n))
+
+    def run(k, checkpoints=None):
+        return solve(u0, k, f, dt, h, steps, checkpoints=checkpoints)
+
+    _, pullback = gpumpiad.vjp(run, kappa)
+    clutter = [np.full((n + 2, n + 2), np.nan) for _ in range(8)]
+    got = to_numpy(pullback(cotangent))
+    del clutter
+    want = to_numpy(gpumpiad.vjp(lambda k: run(k, steps), kappa)[1](cotangent))
+    assert np.isfinite(got).all() and np.array_equal(got, want)
