@@ -819,3 +819,23 @@ def test_kept_states_outlive_the_forward_pass(steps):
     del clutter
     want = to_numpy(gpumpiad.vjp(lambda k: run(k, steps), kappa)[1](cotangent))
     assert np.isfinite(got).all() and np.array_equal(got, want)
+
+
+def test_large_outputs_held_by_the_caller_keep_their_values():
+    """A solve's large outputs come from a pool of buffers that nothing refers to any more:
+    outputs (and views of them) the caller still holds are never handed out again, dropped
+    ones are."""
+    n, h = 200, 1.0 / 201
+    u0, kappa, f = global_problem(13, n, n)
+    dt = 0.1 * h * h
+    held = [to_numpy(solve(u0 * (k + 1), kappa, f, dt, h, 3)) for k in range(6)]
+    view = to_numpy(solve(u0 * 7, kappa, f, dt, h, 3))[::2]
+    copies = [a.copy() for a in held] + [view.copy()]
+    for k in range(6):
+        solve(u0 * (k + 9), kappa, f, dt, h, 3)      # outputs dropped at once
+    assert len({id(a) for a in held}) == 6
+    assert all(np.array_equal(a, c) for a, c in zip(held + [view], copies))
+    del held, view
+    address = to_numpy(solve(u0, kappa, f, dt, h, 3)).__array_interface__["data"][0]
+    again = to_numpy(solve(u0, kappa, f, dt, h, 3))
+    assert again.__array_interface__["data"][0] == address      # the dropped one's memory
