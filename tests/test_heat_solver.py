@@ -839,3 +839,28 @@ def test_large_outputs_held_by_the_caller_keep_their_values():
     address = to_numpy(solve(u0, kappa, f, dt, h, 3)).__array_interface__["data"][0]
     again = to_numpy(solve(u0, kappa, f, dt, h, 3))
     assert again.__array_interface__["data"][0] == address      # the dropped one's memory
+
+
+def test_repeated_gradients_make_no_new_padded_buffers(monkeypatch):
+    """Every padded buffer a one-rank gradient takes (u^0's among them) goes back to the kept
+    buffers, so the next gradient of the same shape makes none."""
+    u0, kappa, f = global_problem(14)
+
+    def objective(k):
+        return gpumpiad.mpi_sum((solve(u0, k, f, DT, H, STEPS) ** 2).sum())
+
+    gradient = gpumpiad.grad(objective)
+    gradient(kappa)
+    made = []
+    empty_like = np.empty_like
+
+    def counting(a, *args, **kwargs):
+        made.append(np.shape(a))
+        return empty_like(a, *args, **kwargs)
+
+    monkeypatch.setattr(np, "empty_like", counting)
+    want = to_numpy(gradient(kappa))
+    padded = (NX + 2, NY + 2)
+    assert padded not in made, f"{made.count(padded)} new padded buffer(s)"
+    monkeypatch.setattr(np, "empty_like", empty_like)
+    assert np.array_equal(to_numpy(gradient(kappa)), want)

@@ -625,6 +625,8 @@ class _Heat:
             for u in states:
                 if id(u) not in kept:
                     _recycle(u, self.ghosts)
+        elif self.block is not None and not self.retain:
+            _recycle(self.states[0], self.ghosts)   # u^0's own buffer; the block goes whole
         return last, (spare if last is lam else lam)
 
     def _release(self):
