@@ -185,9 +185,10 @@ def _cpu_features() -> tuple[str | None, str]:
     return model, features or ""
 
 
-def _cpu_identity() -> str:
-    """The CPU a native build is for: model name and a hash of its feature flags."""
-    model, features = _cpu_features()
+def _cpu_identity(cpu=None) -> str:
+    """The CPU a native build is for (``cpu``: :func:`_cpu_features`'s answer, read here when
+    not given): model name and a hash of its feature flags."""
+    model, features = _cpu_features() if cpu is None else cpu
     model = model or platform.processor() or "unknown CPU"
     digest = hashlib.sha256(features.encode()).hexdigest()[:16]
     return f"{platform.machine()} {model} flags:{digest}"
@@ -286,7 +287,10 @@ def host_library(name: str, includes=("host_cuda.h",)) -> dict:
     version = _compiler_version(cxx)
     cache = _cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    choices = [("native", native_flags(), _cpu_identity())] if march == "native" else []
+    choices = []
+    if march == "native":
+        cpu = _cpu_features()
+        choices.append(("native", native_flags(cpu[1]), _cpu_identity(cpu)))
     choices.append(("portable", CXXFLAGS, ""))
     stem = name.rsplit(".", 1)[0]
     failures = []

@@ -162,7 +162,8 @@ _pool_lock = threading.Lock()
 
 
 def host_empty(shape, dtype):
-    """An uninitialised host array for a communication result.
+    """An uninitialised host array for a result handed out: a communication's, or a solve's
+    output.
 
     Large results come from a pool of buffers whose earlier arrays (and every view of them) are
     gone, found by reference count: reusing touched memory avoids the page faults of a fresh

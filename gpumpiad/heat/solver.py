@@ -875,7 +875,9 @@ def _kind(a):
 
 def _recycle(u, ghosts):
     if u.base is not None:
-        return  # a state in a block of states: the block goes back whole
+        # Only a buffer that owns its memory is kept: a state in a block goes back with its
+        # block, and a view's memory may still be its owner's.
+        return
     with _free_lock:
         if _free_bytes["n"] + u.nbytes <= _free_bytes["limit"]:
             _free.setdefault(_kind(u), []).append((u, ghosts))
@@ -899,8 +901,10 @@ def _faces(ndim):
 
 
 def _copy_ghosts(buf, frame):
+    """``frame``'s ghost ring into ``buf``, or into each buffer of a block (leading axes)."""
+    lead = (slice(None),) * (buf.ndim - frame.ndim)
     for face in _faces(frame.ndim):
-        buf[face] = frame[face]
+        buf[lead + face] = frame[face]
 
 
 def _pad_buffer(frame):
@@ -949,8 +953,7 @@ def _state_block(frame, ghosts, count):
     if block is None:
         block = np.empty(shape, frame.dtype)
     if ghosts is None or written != ghosts:
-        for face in _faces(frame.ndim):
-            block[(slice(None),) + face] = frame[face]
+        _copy_ghosts(block, frame)
     return block
 
 
