@@ -39,8 +39,10 @@ solver step costs beyond its bare kernel and what a solve costs whatever its ste
 * gradient / forward: ``value_and_grad`` with respect to kappa, all states stored, over the
   forward solve of the same steps.
 
-Each figure is the minimum over ``--repeats`` runs (maximum over ranks), with the median
-beside it; it prints one table, which ``--out`` also receives::
+The four are timed in turn in each of ``2 * --repeats`` rounds, so that the bare kernel runs
+beside the solver step it is subtracted from; each figure is the minimum over the rounds
+(maximum over ranks), with the median beside it; it prints one table, which ``--out`` also
+receives::
 
     mpiexec -n 1 python bench/bench_heat.py --overhead --sizes 64 128 256 512 1024
     mpiexec -n 2 python bench/bench_heat.py --overhead --sizes 64 128 256 512 1024
@@ -90,37 +92,30 @@ def timed(fn, xp, repeats, median=False):
     return best
 
 
-def bare_step(n, repeats):
-    """Seconds of the host step kernel over an ``n x n`` patch, without the call's own cost:
-    a call over the patch less a call over an empty rectangle (min and median over batches)."""
+def bare_step(n):
+    """A function returning this rank's seconds of the host step kernel over an ``n x n``
+    patch without the call's own cost: a batch of calls over the patch less one over an empty
+    rectangle, per call."""
     from gpumpiad.heat import hostkernels
     fn = hostkernels._fn("host_heat_step", np.dtype(np.float64))
     rng = np.random.default_rng(0)
-    u, kappa, f, out = (rng.random((n + 2, n + 2)) for _ in range(4))
-    addresses = [a.ctypes.data for a in (u, kappa, f, out)]
+    fields = [rng.random((n + 2, n + 2)) for _ in range(4)]   # u, kappa, f, out
+    addresses = [a.ctypes.data for a in fields]
     count = max(10, min(20000, int(2e7 / (n * n))))
 
-    def batch(i1):
+    def batch(i1, fields=fields):   # the fields live as long as the function
         t0 = time.perf_counter()
         for _ in range(count):
             fn(*addresses, n, n, 0.2, 1e-3, 1, i1, 1, n + 1)
         return (time.perf_counter() - t0) / count
 
-    full, empty = [], []
     batch(n + 1)
-    for _ in range(repeats):
-        full.append(batch(n + 1))
-        empty.append(batch(1))
-    comm = MPI.COMM_WORLD
-    best = min(full) - min(empty)
-    mid = float(np.median(full)) - float(np.median(empty))
-    return comm.allreduce(best, op=MPI.MAX), comm.allreduce(mid, op=MPI.MAX)
+    return lambda: batch(n + 1) - batch(1)
 
 
 def overhead(opts):
     """The ``--overhead`` table: per-step overhead, fixed cost and gradient / forward."""
     comm = MPI.COMM_WORLD
-    xp = array_module()
     dims = MPI.Compute_dims(comm.size, [0, 0])
     rows = []
     for n in opts.sizes:
@@ -132,11 +127,13 @@ def overhead(opts):
         kappa = 0.5 + 0.5 * rng.random(grid.local_shape)
         f = rng.random(grid.local_shape)
         dt = 0.2 * h * h
-        kernel, kernel_med = bare_step(n, opts.repeats)
+        bare = bare_step(n)
 
-        def forward(count):
-            return timed(lambda: solve(u0, kappa, f, dt, h, count, grid=grid).data, xp,
-                         opts.repeats, median=True)
+        def once(fn):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            synchronize(fn())
+            return time.perf_counter() - t0
 
         def objective(k):
             u = solve(u0, k, f, dt, h, steps, grid=grid)
@@ -144,18 +141,29 @@ def overhead(opts):
 
         vg = gpumpiad.value_and_grad(objective)
         karg = gpumpiad.tensor(kappa, distributed=True)
-        # Alternating forward and gradient batches: load on a shared machine hits both alike.
-        fwd, zero, grad = [], [], []
-        for _ in range(2):
-            fwd.append(forward(steps))
-            zero.append(forward(0))
-            grad.append(timed(lambda: vg(karg)[1], xp, opts.repeats, median=True))
-        t_fwd = min(t[0] for t in fwd), float(np.median([t[1] for t in fwd]))
-        t_zero = min(t[0] for t in zero), float(np.median([t[1] for t in zero]))
-        t_grad = min(t[0] for t in grad), float(np.median([t[1] for t in grad]))
+        calls = {"kernel": bare,
+                 "forward": lambda: once(lambda: solve(u0, kappa, f, dt, h, steps,
+                                                       grid=grid).data),
+                 "zero": lambda: once(lambda: solve(u0, kappa, f, dt, h, 0, grid=grid).data),
+                 "gradient": lambda: once(lambda: vg(karg)[1].data)}
+        for fn in calls.values():
+            fn()
+        # Every contender once per round, in turn: load on a shared machine hits all alike,
+        # and the bare kernel is timed beside the solver step it is subtracted from.
+        runs = {name: [] for name in calls}
+        for _ in range(2 * opts.repeats):
+            for name, fn in calls.items():
+                runs[name].append(fn())
+        best = {name: comm.allreduce(min(t), op=MPI.MAX) for name, t in runs.items()}
+        mid = {name: comm.allreduce(float(np.median(t)), op=MPI.MAX)
+               for name, t in runs.items()}
+        kernel = best["kernel"], mid["kernel"]
+        t_fwd = best["forward"], mid["forward"]
+        t_zero = best["zero"], mid["zero"]
+        t_grad = best["gradient"], mid["gradient"]
         step = (t_fwd[0] - t_zero[0]) / steps, (t_fwd[1] - t_zero[1]) / steps
-        rows.append(dict(n=n, steps=steps, kernel=(kernel, kernel_med), step=step,
-                         over=(step[0] - kernel, step[1] - kernel_med), fixed=t_zero,
+        rows.append(dict(n=n, steps=steps, kernel=kernel, step=step,
+                         over=(step[0] - kernel[0], step[1] - kernel[1]), fixed=t_zero,
                          ratio=(t_grad[0] / t_fwd[0], t_grad[1] / t_fwd[1])))
         grid.free()
     if comm.rank != 0:
@@ -170,7 +178,8 @@ def overhead(opts):
         f"- Machine: {cpu}; load average (1 min) at the end: {os.getloadavg()[0]:.1f}",
         f"- Host build: `{' '.join(info['flags'])}`; gpumpiad from "
         f"`{Path(gpumpiad.__file__).parent}`",
-        f"- min (median) of {opts.repeats} runs x 2 alternating batches, maximum over ranks",
+        f"- min (median) of {2 * opts.repeats} rounds, each timing the bare kernel, the "
+        "forward, the 0-step solve and the gradient in turn; maximum over ranks",
         "",
         "| n | steps | bare kernel [µs] | solver step [µs] | overhead/step [µs] | "
         "fixed cost/solve [ms] | gradient / forward |",
