@@ -449,16 +449,47 @@ static void host_heat_step_pair(const T* u, const T* __restrict__ kappa,
     }
 }
 
+// K forward steps in one sweep over the rows, states[t] = step(states[t - 1]) for t = 1 .. K:
+// level t makes row i - t + 1 while level 1 makes row i, from three rows of the state before it
+// that are still in cache, so that u, kappa and f pass through memory once per K steps. A
+// buffer may appear at levels t and t + 2 or further apart (its rows are no longer read when
+// the later level overwrites them; it ends holding its last state): with two buffers in turn,
+// each row of both is written back to memory about once per sweep. Ghosts of states[1 .. K]
+// must not depend on their interior (no wrap).
+template <typename T>
+static void host_heat_steps_deep(T* const* states, const T* __restrict__ kappa,
+                                 const T* __restrict__ f, int K, int nx, int ny, T r, T dt)
+{
+    const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
+    for (int i = 1; i <= nx + K - 1; ++i)
+        for (int t = 1; t <= K && i - t + 1 >= 1; ++t) {
+            const int m = i - t + 1;
+            if (m > nx) continue;
+            const gpumpiad_idx row = (gpumpiad_idx)m * s;
+            const T* u = states[t - 1] + row;
+            host_step_row(u - s, u, u + s, kappa + row, f + row, states[t] + row, ny, r, dt);
+        }
+}
+
 // `steps` forward steps in one call, state n+1 written to states[n+1] (states[0] holds the
 // first): a patch whose ghosts come from no other rank needs no Python between steps. Each
 // state's wrapped ghosts are filled before it is read, the last one's too, so every buffer
 // ends as single steps with their exchanges would leave it. Consecutive states are distinct
-// buffers; states[n + 2] may be states[n]. Without wrapped ghosts the steps go in pairs.
+// buffers; a buffer may appear again two or more states later, and ends holding its last state.
+// Without wrapped ghosts the steps go `depth` per sweep (host_heat_steps_deep), or, for a depth
+// of 2, in pairs whose middle state stays in a ring of rows when a later state overwrites it.
 template <typename T>
 static void host_heat_steps(T* const* states, const T* __restrict__ kappa,
                             const T* __restrict__ f, int nx, int ny, T r, T dt, int steps,
-                            int wrap_i, int wrap_j)
+                            int wrap_i, int wrap_j, int depth)
 {
+    if (!wrap_i && !wrap_j && depth > 2) {
+        for (int n = 0; n < steps; n += depth) {
+            const int K = steps - n < depth ? steps - n : depth;
+            host_heat_steps_deep<T>(states + n, kappa, f, K, nx, ny, r, dt);
+        }
+        return;
+    }
     if (!wrap_i && !wrap_j) {
         int n = 0;
         if (steps % 2) {
@@ -492,62 +523,72 @@ static inline void host_add_traj(T* __restrict__ out, const T* __restrict__ traj
     for (int j = 0; j < ny; ++j) out[j + 1] += g[j];
 }
 
-// Two adjoint steps, lam^(n+2) in x -> lam^n in x, with lam^(n+1) only in rows of a ring: row i
-// of lam^(n+1), then row i-1 of lam^n from its rows i-2 .. i, so kappa, kappa_bar and f_bar pass
-// through memory once per two steps. Row i-1 of x is no longer read once row i of lam^(n+1) is
-// made (its w is in the ring). lam^(n+1)'s ghosts are those of y, the buffer the per-step loop
-// would hold it in (its ghost columns wrapped instead under wrap_j), x's ghost columns are
-// wrapped as the per-step loop wraps lam^(n+2): the same operations on every cell in the same
-// order, the same bits. Not for wrap_i (the ghost rows need the whole lam^(n+1)).
+// K adjoint steps in one sweep over the rows, lam^(n+K) in x -> lam^n in x (K even: the buffer
+// the per-step loop leaves it in), the K - 1 lams between only in rows of a ring. Level t holds
+// lam^(n+K-t) and makes row i - t + 1 while level 1 makes row i, from three rows of level t-1's
+// w = kappa * lam (and lam's own row): x, kappa, kappa_bar and f_bar pass through memory once per
+// K steps. Each level's ghosts are those of the buffer the per-step loop would hold it in (y for
+// odd t, x for even t), its ghost columns wrapped instead under wrap_j, and x's ghost columns are
+// wrapped as the per-step loop wraps lam^(n+K) and the even levels: the same operations on every
+// cell in the same order (each cell's kappa_bar and f_bar sums run from step n+K-1 down to n),
+// the same bits. Not for wrap_i.
+// ring: 5 * K rows of ny + 2 values.
 template <typename T, bool KB, bool FB>
-static void host_heat_adjoint_pair(T* __restrict__ x, const T* __restrict__ y,
-                                   const T* __restrict__ kappa, const T* __restrict__ u1,
-                                   const T* __restrict__ u0, T* __restrict__ kappa_bar,
-                                   T* __restrict__ f_bar, const T* __restrict__ traj, int n,
-                                   int nx, int ny, T r, T dt, int wrap_j, T* __restrict__ ring)
+static void host_heat_adjoint_deep(T* __restrict__ x, const T* __restrict__ y,
+                                   const T* __restrict__ kappa, const T* const* states,
+                                   T* __restrict__ kappa_bar, T* __restrict__ f_bar,
+                                   const T* __restrict__ traj, int n, int K, int nx, int ny, T r,
+                                   T dt, int wrap_j, T* __restrict__ ring)
 {
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
-    // ring: w of lam^(n+2) (3 rows), w of lam^(n+1) (3 rows), lam^(n+1) (2 rows), s wide.
-    T* wa[3] = {ring, ring + s, ring + 2 * s};
-    T* wb[3] = {ring + 3 * s, ring + 4 * s, ring + 5 * s};
-    T* lr[2] = {ring + 6 * s, ring + 7 * s};
+    // Level t's w rows at ring rows 5t + row % 3, its lam rows at 5t + 3 + row % 2.
+    auto w_of = [&](int t, int row) { return ring + (5 * (gpumpiad_idx)t + row % 3) * s; };
+    auto lam_of = [&](int t, int row) {
+        return t == 0 ? x + row * s : ring + (5 * (gpumpiad_idx)t + 3 + (row & 1)) * s;
+    };
     auto wrap_row = [&](T* a) {
         if (wrap_j) {
             a[0] = a[ny];
             a[ny + 1] = a[1];
         }
     };
-    host_w_row(wa[0], x, kappa, 0, s);
+    host_w_row(w_of(0, 0), x, kappa, 0, s);
     wrap_row(x + s);
-    host_w_row(wa[1], x + s, kappa, s, s);
-    host_w_row(wb[0], y, kappa, 0, s);
-    for (int i = 1; i <= nx + 1; ++i) {
-        const gpumpiad_idx row = (gpumpiad_idx)i * s;
+    host_w_row(w_of(0, 1), x + s, kappa, s, s);
+    for (int t = 1; t < K; ++t) host_w_row(w_of(t, 0), t & 1 ? y : x, kappa, 0, s);
+    for (int i = 1; i <= nx + K - 1; ++i) {
         if (i <= nx) {
-            T* a_next = x + row + s;
-            if (i < nx) wrap_row(a_next);
-            host_w_row(wa[2], a_next, kappa, row + s, s);
-            T* l = lr[i & 1];
-            l[0] = y[row];
-            l[ny + 1] = y[row + ny + 1];
-            host_adjoint_row<T, KB, FB>(x + row, wa[0], wa[1], wa[2], KB ? u1 + row : nullptr, l,
-                                        KB ? kappa_bar + row : nullptr,
-                                        FB ? f_bar + row : nullptr, s, r, dt, 1, ny + 1);
-            if (traj) host_add_traj(l, traj, n + 1, i, nx, ny);
-            wrap_row(l);
-            host_w_row(wb[i % 3], l, kappa, row, s);
-            T* t = wa[0]; wa[0] = wa[1]; wa[1] = wa[2]; wa[2] = t;
-        } else {
-            host_w_row(wb[i % 3], y + row, kappa, row, s);
+            T* next = x + (gpumpiad_idx)(i + 1) * s;
+            if (i < nx) wrap_row(next);
+            host_w_row(w_of(0, i + 1), next, kappa, (gpumpiad_idx)(i + 1) * s, s);
         }
-        if (i >= 2) {
-            const int m = i - 1;
-            const gpumpiad_idx mrow = row - s;
-            host_adjoint_row<T, KB, FB>(lr[m & 1], wb[(m + 2) % 3], wb[m % 3], wb[i % 3],
-                                        KB ? u0 + mrow : nullptr, x + mrow,
-                                        KB ? kappa_bar + mrow : nullptr,
-                                        FB ? f_bar + mrow : nullptr, s, r, dt, 1, ny + 1);
-            if (traj) host_add_traj(x + mrow, traj, n, m, nx, ny);
+        for (int t = 1; t <= K && i - t + 1 >= 1; ++t) {
+            const int m = i - t + 1;
+            const gpumpiad_idx row = (gpumpiad_idx)m * s;
+            const T* ghosts = t & 1 ? y : x;
+            if (m > nx) {
+                if (m == nx + 1 && t < K) host_w_row(w_of(t, m), ghosts + row, kappa, row, s);
+                continue;
+            }
+            T* out = t == K ? x + row : lam_of(t, m);
+            if (t < K) {
+                out[0] = ghosts[row];
+                out[ny + 1] = ghosts[row + ny + 1];
+            }
+            host_adjoint_row<T, KB, FB>(lam_of(t - 1, m), w_of(t - 1, m - 1), w_of(t - 1, m),
+                                        w_of(t - 1, m + 1), KB ? states[n + K - t] + row : nullptr,
+                                        out, KB ? kappa_bar + row : nullptr,
+                                        FB ? f_bar + row : nullptr, s, r, dt, 1, ny + 1);
+            if (traj) host_add_traj(out, traj, n + K - t, m, nx, ny);
+            if (t < K) {
+                wrap_row(out);
+                if (wrap_j && !(t & 1)) {
+                    // The per-step loop wraps x's ghost columns from this lam.
+                    x[row] = out[0];
+                    x[row + ny + 1] = out[ny + 1];
+                }
+                host_w_row(w_of(t, m), out, kappa, row, s);
+            }
         }
     }
 }
@@ -558,13 +599,14 @@ static void host_heat_adjoint_pair(T* __restrict__ x, const T* __restrict__ y,
 // the states, and traj[n] is added to lam^n's interior after its step. Returns the buffer that
 // holds lam^0. The same operations on every cell in the same order as one
 // host_heat_adjoint_wrapped call per step: the same bits in lam^0 and the cotangents. Without
-// wrap_i the steps go in pairs (host_heat_adjoint_pair; an odd count's first step alone), the
-// pair's first lam never written to spare: 8 instead of 16 fields through memory per two steps.
+// wrap_i the steps go `depth` (even) at a time (host_heat_adjoint_deep; an odd count's first
+// step alone, a shorter even group last), the lams between never written to spare: 7 + K instead
+// of 8 K fields through memory per K steps.
 template <typename T>
 static T* host_heat_adjoints(T* lam, T* spare, const T* __restrict__ kappa,
                              const T* const* states, T* kappa_bar, T* f_bar,
                              const T* __restrict__ traj, int nx, int ny, T r, T dt, int steps,
-                             int grads, int wrap_i, int wrap_j)
+                             int grads, int wrap_i, int wrap_j, int depth)
 {
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
     const int single = wrap_i ? steps : steps % 2;
@@ -579,29 +621,29 @@ static T* host_heat_adjoints(T* lam, T* spare, const T* __restrict__ kappa,
         T* t = lam; lam = spare; spare = t;
     }
     if (n < 1) return lam;
-    std::vector<T> ring(8 * s);
-    for (; n >= 1; n -= 2) {
-        const T* u1 = states ? states[n] : nullptr;
-        const T* u0 = states ? states[n - 1] : nullptr;
+    std::vector<T> ring(5 * (gpumpiad_idx)depth * s);
+    while (n >= 1) {
+        const int K = n + 1 < depth ? n + 1 : depth;  // even
+        n -= K;
         switch (grads & (HEAT_KAPPA_BAR | HEAT_F_BAR)) {
         case HEAT_KAPPA_BAR | HEAT_F_BAR:
-            host_heat_adjoint_pair<T, true, true>(lam, spare, kappa, u1, u0, kappa_bar, f_bar,
-                                                  traj, n - 1, nx, ny, r, dt, wrap_j,
+            host_heat_adjoint_deep<T, true, true>(lam, spare, kappa, states, kappa_bar, f_bar,
+                                                  traj, n + 1, K, nx, ny, r, dt, wrap_j,
                                                   ring.data());
             break;
         case HEAT_KAPPA_BAR:
-            host_heat_adjoint_pair<T, true, false>(lam, spare, kappa, u1, u0, kappa_bar, f_bar,
-                                                   traj, n - 1, nx, ny, r, dt, wrap_j,
+            host_heat_adjoint_deep<T, true, false>(lam, spare, kappa, states, kappa_bar, f_bar,
+                                                   traj, n + 1, K, nx, ny, r, dt, wrap_j,
                                                    ring.data());
             break;
         case HEAT_F_BAR:
-            host_heat_adjoint_pair<T, false, true>(lam, spare, kappa, u1, u0, kappa_bar, f_bar,
-                                                   traj, n - 1, nx, ny, r, dt, wrap_j,
+            host_heat_adjoint_deep<T, false, true>(lam, spare, kappa, states, kappa_bar, f_bar,
+                                                   traj, n + 1, K, nx, ny, r, dt, wrap_j,
                                                    ring.data());
             break;
         default:
-            host_heat_adjoint_pair<T, false, false>(lam, spare, kappa, u1, u0, kappa_bar, f_bar,
-                                                    traj, n - 1, nx, ny, r, dt, wrap_j,
+            host_heat_adjoint_deep<T, false, false>(lam, spare, kappa, states, kappa_bar, f_bar,
+                                                    traj, n + 1, K, nx, ny, r, dt, wrap_j,
                                                     ring.data());
         }
     }
@@ -727,9 +769,9 @@ static void host_copy4(const T* __restrict__ a, const T* __restrict__ b, const T
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_heat_steps_##SUF(                                      \
         T* const* states, const T* kappa, const T* f, int nx, int ny, T r, T dt, int steps,     \
-        int wrap_i, int wrap_j)                                                                 \
+        int wrap_i, int wrap_j, int depth)                                                      \
     {                                                                                           \
-        host_heat_steps<T>(states, kappa, f, nx, ny, r, dt, steps, wrap_i, wrap_j);             \
+        host_heat_steps<T>(states, kappa, f, nx, ny, r, dt, steps, wrap_i, wrap_j, depth);      \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_heat_adjoint_wrapped_##SUF(                            \
         T* lam_next, const T* kappa, const T* u, T* lam, T* kappa_bar, T* f_bar, int nx,        \
@@ -741,10 +783,11 @@ static void host_copy4(const T* __restrict__ a, const T* __restrict__ b, const T
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT T* host_heat_adjoints_##SUF(                                     \
         T* lam, T* spare, const T* kappa, const T* const* states, T* kappa_bar, T* f_bar,       \
-        const T* traj, int nx, int ny, T r, T dt, int steps, int grads, int wrap_i, int wrap_j) \
+        const T* traj, int nx, int ny, T r, T dt, int steps, int grads, int wrap_i, int wrap_j, \
+        int depth)                                                                              \
     {                                                                                           \
         return host_heat_adjoints<T>(lam, spare, kappa, states, kappa_bar, f_bar, traj, nx, ny, \
-                                     r, dt, steps, grads, wrap_i, wrap_j);                      \
+                                     r, dt, steps, grads, wrap_i, wrap_j, depth);               \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_wrap_##SUF(T* u, int nx, int ny, int wrap_i,           \
                                                     int wrap_j)                                 \

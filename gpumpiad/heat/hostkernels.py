@@ -40,6 +40,16 @@ __all__ = [
 
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
+#: Steps per sweep over the rows of :class:`Loop`'s forward and reverse loops, ``(forward,
+#: reverse)``, for fields of at least ``DEEP_SWEEP_BYTES`` (padded) and for smaller ones. A
+#: deeper sweep passes each field through memory once per more steps: it pays where the fields
+#: outgrow the caches (1024² float64: a forward solve in 25 % and a gradient in 10 % less time)
+#: and costs where they fit (512²: the forward 7 % slower; 128²: 5-17 %), measured in
+#: ``bench/results/heat_kernels_cpu.md``.
+DEEP_SWEEP_BYTES = 4 << 20
+DEEP_DEPTHS = (8, 4)
+SHALLOW_DEPTHS = (2, 2)
+
 _lock = threading.Lock()
 _lib = None
 _lib_error: Exception | None = None
@@ -81,7 +91,7 @@ def _declare(lib) -> None:
         sigs = {
             "host_heat_step": [p, p, p, p, i, i, real, real, i, i, i, i],
             "host_heat_adjoint": [p, p, p, p, p, p, i, i, real, real, i, i, i, i, i],
-            "host_heat_steps": [p, p, p, i, i, real, real, i, i, i],
+            "host_heat_steps": [p, p, p, i, i, real, real, i, i, i, i],
             "host_heat_adjoint_wrapped": [p, p, p, p, p, p, i, i, real, real, i, i, i],
             "host_wrap": [p, i, i, i, i],
             "host_pad": [p, p, i, i, p],
@@ -94,7 +104,7 @@ def _declare(lib) -> None:
             fn.argtypes = argtypes
             fn.restype = None
         fn = getattr(lib, f"host_heat_adjoints_{suffix}")
-        fn.argtypes = [p, p, p, p, p, p, p, i, i, real, real, i, i, i, i]
+        fn.argtypes = [p, p, p, p, p, p, p, i, i, real, real, i, i, i, i, i]
         fn.restype = p
 
 
@@ -365,11 +375,15 @@ class Loop:
     solver owns (they are not checked again: the checks cost more than a small patch's step).
     ``wrap``: ``(along i, along j)``, whether the patch is its own neighbour along that axis
     (one patch along a periodic axis): those ghosts are then filled by the kernels, not MPI.
+    ``depths``: steps per sweep over the rows, ``(forward, reverse)`` (the reverse one even);
+    by default :data:`DEEP_DEPTHS` or :data:`SHALLOW_DEPTHS` by the fields' size. Every depth
+    gives the same bits.
 
     Raises
     ------
     ValueError
-        On wrong dtype, layout or shape of ``kappa`` or ``f``.
+        On wrong dtype, layout or shape of ``kappa`` or ``f``, or on depths below 1 (forward)
+        or not even and positive (reverse).
 
     Examples
     --------
@@ -384,10 +398,18 @@ class Loop:
     """
 
     __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fixed", "_dims",
-                 "_scalars", "_wraps", "_pointers", "_kappa", "_whole", "_dtype", "_interior")
+                 "_scalars", "_wraps", "_pointers", "_kappa", "_whole", "_dtype", "_interior",
+                 "depths")
 
-    def __init__(self, kappa, f, r, dt, wrap=(False, False)):
+    def __init__(self, kappa, f, r, dt, wrap=(False, False), depths=None):
         dtype, nx, ny, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [])
+        if depths is None:
+            depths = DEEP_DEPTHS if kappa.nbytes >= DEEP_SWEEP_BYTES else SHALLOW_DEPTHS
+        forward, reverse = depths
+        if forward < 1 or reverse < 2 or reverse % 2:
+            raise ValueError(f"depths must be (forward >= 1, reverse even >= 2), got {depths!r}")
+        #: Steps per sweep over the rows, ``(forward, reverse)``.
+        self.depths = (int(forward), int(reverse))
         suffix = _DTYPES[dtype]
         self._step = _bare(f"host_heat_step_{suffix}")
         self._steps = _bare(f"host_heat_steps_{suffix}")
@@ -426,13 +448,14 @@ class Loop:
         """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
         of each state filled before it is read (the last one's too). Consecutive states must
         be distinct buffers; a buffer that appears more than once ends holding its last
-        state. Without wrapped ghosts the steps go two per sweep over the rows, the first of a
-        pair in a ring of rows when a later state overwrites its buffer: the bits of single
-        steps. A state may be given as its buffer's data address (an int) instead."""
+        state. Without wrapped ghosts the steps go ``depths[0]`` per sweep over the rows (two:
+        the first of a pair in a ring of rows when a later state overwrites its buffer): the
+        bits of single steps. A state may be given as its buffer's data address (an int)
+        instead."""
         table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
                                                   for a in states))
         self._steps(table, *self._fixed, *self._dims, *self._scalars,
-                    ctypes.c_int(len(states) - 1), *self._wraps)
+                    ctypes.c_int(len(states) - 1), *self._wraps, ctypes.c_int(self.depths[0]))
 
     def wrap(self, a):
         """Fill ``a``'s wrapped ghosts (no-op without any)."""
@@ -459,7 +482,8 @@ class Loop:
         ``kappa_bar``). ``traj``:
         ``None`` or a C-contiguous array of the loop's dtype and shape ``(n + 1, nx, ny)``
         whose ``traj[k]`` is added to the interior of ``lam^k`` after its step (k < n). No
-        halo exchange: for a patch no other rank borders.
+        halo exchange: for a patch no other rank borders. Without wrapped ghosts along i the
+        steps go ``depths[1]`` per sweep over the rows: the bits of single steps.
 
         Raises
         ------
@@ -491,7 +515,7 @@ class Loop:
                               None if f_bar is None else self._pointer(f_bar),
                               None if address is None else ctypes.c_void_p(address),
                               *self._dims, *self._scalars, ctypes.c_int(steps),
-                              ctypes.c_int(mask), *self._wraps)
+                              ctypes.c_int(mask), *self._wraps, ctypes.c_int(self.depths[1]))
         return lam if last == first.value else spare
 
     def forget(self, a):
