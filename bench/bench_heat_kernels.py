@@ -13,9 +13,10 @@ Usage: python bench/bench_heat_kernels.py [--sizes 512 1024 2048] [--out PATH]
 for this machine (``GPUMPIAD_HOST_MARCH``) in the same run, alternating, at ``--sizes``, and
 prints (and writes to ``--out``) the min and median of each and their ratio.
 
-``--time-loop`` times the host forward loop (``Loop.steps``: steps two per sweep) over two
-buffers in turn and over a buffer per state against one step call per step, at ``--sizes``,
-and appends its table to ``--out``.
+``--time-loop`` times the host forward loop (``Loop.steps``: two steps per sweep, or
+``hostkernels.DEEP_DEPTHS[0]`` over fields of ``DEEP_SWEEP_BYTES`` and more) over two buffers
+in turn and over a buffer per state against one step call per step, at ``--sizes``, and appends
+its table to ``--out``.
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def compare_builds(sizes, repeats=7):
 def time_loop(sizes, repeats=7):
     """Rows of (n, steps, {variant: (min, median) seconds per step}) of the host forward loop
     over two buffers in turn (a forward solve) and over a buffer per state (a recording
-    forward): ``Loop.steps`` (steps in pairs; over two buffers the first of a pair in a ring of
-    rows) and one ``Loop.step`` call per step (", single"), alternating batches."""
+    forward): ``Loop.steps`` (steps in pairs, the first of a pair over two buffers in a ring of
+    rows; deeper sweeps over large fields) and one ``Loop.step`` call per step (", single"),
+    alternating batches."""
     rows = []
     for n in sizes:
         steps = max(10, min(100, int(2e7 / (n * n))) // 2 * 2)

@@ -316,7 +316,7 @@ def targets(results, peers, sizes):
     def add(what, value, goal, fmt="{:.2f}"):
         if value is not None and value < 0:
             # Per-step overhead, a difference of two times, came out negative: noise, or a
-            # solver loop that takes steps in pairs (one rank) against one kernel step.
+            # solver loop that takes several steps per sweep (one rank) against one kernel step.
             rows.append((what, f"{fmt.format(value)} (below the kernel step)", f"≤ {goal:g}",
                          None))
             return
