@@ -36,7 +36,7 @@ from mpi4py import MPI
 
 from . import trace
 from .backend import get_array_module
-from .transport import start_allreduce
+from .transport import pooled, start_allreduce
 
 _active = threading.local()
 _NO_ORIGINS = frozenset()
@@ -402,7 +402,15 @@ def _add_raw(slot, data, g, buf, name):
     if g.shape != data.shape or g.dtype != data.dtype:
         g = _checked(g, data, name)
     prev = buf[slot]
-    buf[slot] = g if prev is None else prev + g
+    buf[slot] = g if prev is None else _sum(prev, g)
+
+
+_pooled_add = pooled(np.add)
+
+
+def _sum(a, b):
+    """``a + b``, a large NumPy sum into the results' pool (a cotangent summed on every call)."""
+    return _pooled_add(a, b) if type(a) is np.ndarray and type(b) is np.ndarray else a + b
 
 
 def _checked(g, data, name):
@@ -464,7 +472,7 @@ def _finalize(t, total, share):
     share[t._slot] = None
     summed = t.comm.allreduce_sum(_zeros_like(t) if mine is None else mine)
     prev = total[t._slot]
-    total[t._slot] = summed if prev is None else prev + summed
+    total[t._slot] = summed if prev is None else _sum(prev, summed)
 
 
 def _finalize_leaves(leaves, total, share, agreed):
@@ -481,7 +489,7 @@ def _finalize_leaves(leaves, total, share, agreed):
                                    "rank announced; its gradient would be incomplete")
         elif share[leaf._slot] is not None:
             g = share[leaf._slot]
-            total[leaf._slot] = g if total[leaf._slot] is None else total[leaf._slot] + g
+            total[leaf._slot] = g if total[leaf._slot] is None else _sum(total[leaf._slot], g)
     for group in by_comm.values():
         if len(group) == 1:
             _finalize(group[0], total, share)
@@ -501,7 +509,7 @@ def _finalize_leaves(leaves, total, share, agreed):
                                                                              copy=False)
             offset += leaf.size
             prev = total[leaf._slot]
-            total[leaf._slot] = part if prev is None else prev + part
+            total[leaf._slot] = part if prev is None else _sum(prev, part)
 
 
 def _rank():

@@ -190,6 +190,54 @@ def host_empty(shape, dtype):
     return base.view(dtype).reshape(shape)
 
 
+def pooled(ufunc):
+    """``ufunc`` with a result of at least the pool's size written into a :func:`host_empty`
+    buffer: the elementwise arrays of a large objective and its reverse pass, made anew on every
+    call, would otherwise pay their page faults each time (several times over once other
+    libraries in the process have freed memory). Other calls, device arrays among them, go to
+    ``ufunc`` as they are. The same values either way.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.transport import pooled
+    >>> a = np.ones(1 << 16)
+    >>> twice = pooled(np.add)(a, a)
+    >>> float(twice[0]), twice.dtype, pooled(np.add)(a[:3], 1).dtype
+    (2.0, dtype('float64'), dtype('float64'))
+    """
+    def call(*args):
+        for a in args:
+            if type(a) is numpy.ndarray and a.nbytes >= _POOL_MIN_BYTES:
+                out = _pooled_out(ufunc, args)
+                if out is not None:
+                    return ufunc(*args, out=out)
+                break
+        return ufunc(*args)
+
+    call.__name__, call.__doc__ = ufunc.__name__, ufunc.__doc__
+    return call
+
+
+def _pooled_out(ufunc, args):
+    """A :func:`host_empty` buffer for ``ufunc(*args)``'s result, or None where NumPy arrays
+    and Python numbers are not all there is."""
+    dtypes = []
+    for a in args:
+        if type(a) is numpy.ndarray:
+            dtypes.append(a.dtype)
+        elif type(a) in (int, float, complex):
+            dtypes.append(type(a))
+        else:
+            return None
+    try:
+        dtype = ufunc.resolve_dtypes((*dtypes, None))[-1]
+        shape = numpy.broadcast_shapes(*(numpy.shape(a) for a in args))
+    except (TypeError, ValueError):
+        return None
+    return host_empty(shape, dtype)
+
+
 def recv_buffer(shape, dtype, device):
     """An empty contiguous buffer MPI may write: host memory, device memory, or pinned host
     memory when a device result is staged."""

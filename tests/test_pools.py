@@ -181,3 +181,38 @@ def test_chained_solves_on_one_row_patches_keep_their_values():
             solver.set_buffer_cache(previous)
     same = all(np.array_equal(to_numpy(a), b) for a, b in zip(held, fresh))
     parallel_assert(same, "a chained solve's result differs from the one without kept buffers")
+
+
+def in_pool(a):
+    """Whether ``a``'s memory is a buffer of the transport's pool of host results."""
+    return any(np.shares_memory(a, base) for base in transport._pool.get(a.nbytes, ()))
+
+
+def test_large_elementwise_results_come_from_the_pool_and_keep_their_values(monkeypatch):
+    """A large elementwise result, forward or reverse, is a buffer of the transport's pool; a
+    result held keeps its value while later ops take buffers, and values, dtypes and gradients
+    are those of plain NumPy."""
+    monkeypatch.setattr(transport, "_pool", {})   # buffers other tests' results still hold
+    rng = np.random.default_rng(7)
+    x, y = rng.random(BIG), rng.random(BIG)
+    # Four buffers of a size are kept: t * t, its two cotangent products and their sum.
+    value, grad = gpumpiad.value_and_grad(lambda t: gpumpiad.sum(t * t))(x)
+    np.testing.assert_array_equal(grad, 2 * x)
+    assert in_pool(grad)
+    del grad
+
+    held = (gpumpiad.tensor(x) * y).data
+    assert in_pool(held)
+    for _ in range(2 * transport._POOL_PER_SIZE):
+        later = (gpumpiad.tensor(y) + x).data
+        assert not np.shares_memory(later, held)
+    np.testing.assert_array_equal(held, x * y)
+
+    for ufunc, args in ((np.add, (x.astype(np.float32), 2)), (np.multiply, (x, 3)),
+                        (np.true_divide, (np.arange(BIG), 2.0)), (np.less, (x, y)),
+                        (np.maximum, (x, y[:1]))):
+        got, want = transport.pooled(ufunc)(*args), ufunc(*args)
+        assert got.dtype == want.dtype and got.shape == want.shape, ufunc
+        np.testing.assert_array_equal(got, want)
+    # Anything but NumPy arrays and Python numbers goes to the ufunc as it is.
+    assert transport.pooled(np.add)(x, [1.0] * BIG).shape == (BIG,)

@@ -6,6 +6,7 @@ import numpy
 from ..backend import get_array_module
 from ..primitive import primitive, shape_of, unbroadcast
 from ..tensor import Tensor
+from ..transport import pooled
 
 
 def _xp(*args):
@@ -16,24 +17,28 @@ def _xp(*args):
 
 
 # Forwards are NumPy's own functions: they hand CuPy arrays to CuPy (__array_ufunc__ and
-# __array_function__), so one definition serves both backends.
-add = primitive(numpy.add, name="add")
+# __array_function__), so one definition serves both backends. Large NumPy results, and the
+# products of the reverse rules, go to the results' pool (pooled).
+_mul = pooled(numpy.multiply)
+_div = pooled(numpy.true_divide)
+
+add = primitive(pooled(numpy.add), name="add")
 add.defvjp(lambda g, ans, x, y: unbroadcast(g, shape_of(x)),
            lambda g, ans, x, y: unbroadcast(g, shape_of(y)))
 
-subtract = primitive(numpy.subtract, name="subtract")
+subtract = primitive(pooled(numpy.subtract), name="subtract")
 subtract.defvjp(lambda g, ans, x, y: unbroadcast(g, shape_of(x)),
                 lambda g, ans, x, y: unbroadcast(-g, shape_of(y)))
 
-multiply = primitive(numpy.multiply, name="multiply")
-multiply.defvjp(lambda g, ans, x, y: unbroadcast(g * y, shape_of(x)),
-                lambda g, ans, x, y: unbroadcast(g * x, shape_of(y)))
+multiply = primitive(_mul, name="multiply")
+multiply.defvjp(lambda g, ans, x, y: unbroadcast(_mul(g, y), shape_of(x)),
+                lambda g, ans, x, y: unbroadcast(_mul(g, x), shape_of(y)))
 
-divide = primitive(numpy.true_divide, name="divide")
-divide.defvjp(lambda g, ans, x, y: unbroadcast(g / y, shape_of(x)),
+divide = primitive(_div, name="divide")
+divide.defvjp(lambda g, ans, x, y: unbroadcast(_div(g, y), shape_of(x)),
               lambda g, ans, x, y: unbroadcast(-g * ans / y, shape_of(y)))
 
-negative = primitive(numpy.negative, name="negative")
+negative = primitive(pooled(numpy.negative), name="negative")
 negative.defvjp(lambda g, ans, x: -g)
 
 
@@ -57,33 +62,33 @@ def _power_vjp_exponent(g, ans, x, y):
 power = primitive(_power, name="power")
 power.defvjp(_power_vjp_base, _power_vjp_exponent)
 
-exp = primitive(numpy.exp, name="exp")
-exp.defvjp(lambda g, ans, x: g * ans)
+exp = primitive(pooled(numpy.exp), name="exp")
+exp.defvjp(lambda g, ans, x: _mul(g, ans))
 
-log = primitive(numpy.log, name="log")
-log.defvjp(lambda g, ans, x: g / x)
+log = primitive(pooled(numpy.log), name="log")
+log.defvjp(lambda g, ans, x: _div(g, x))
 
-sqrt = primitive(numpy.sqrt, name="sqrt")
+sqrt = primitive(pooled(numpy.sqrt), name="sqrt")
 sqrt.defvjp(lambda g, ans, x: g * 0.5 / ans)
 
-sin = primitive(numpy.sin, name="sin")
+sin = primitive(pooled(numpy.sin), name="sin")
 sin.defvjp(lambda g, ans, x: g * numpy.cos(x))
 
-cos = primitive(numpy.cos, name="cos")
+cos = primitive(pooled(numpy.cos), name="cos")
 cos.defvjp(lambda g, ans, x: -g * numpy.sin(x))
 
-tanh = primitive(numpy.tanh, name="tanh")
+tanh = primitive(pooled(numpy.tanh), name="tanh")
 tanh.defvjp(lambda g, ans, x: g * (1 - ans * ans))
 
-abs = primitive(numpy.abs, name="abs")
+abs = primitive(pooled(numpy.abs), name="abs")
 abs.defvjp(lambda g, ans, x: g * numpy.sign(x))
 
 # Ties send the cotangent to the first argument.
-maximum = primitive(numpy.maximum, name="maximum")
+maximum = primitive(pooled(numpy.maximum), name="maximum")
 maximum.defvjp(lambda g, ans, x, y: unbroadcast(g * (x >= y), shape_of(x)),
                lambda g, ans, x, y: unbroadcast(g * (x < y), shape_of(y)))
 
-minimum = primitive(numpy.minimum, name="minimum")
+minimum = primitive(pooled(numpy.minimum), name="minimum")
 minimum.defvjp(lambda g, ans, x, y: unbroadcast(g * (x <= y), shape_of(x)),
                lambda g, ans, x, y: unbroadcast(g * (x > y), shape_of(y)))
 
