@@ -145,7 +145,7 @@ def overhead(opts):
                  "forward": lambda: once(lambda: solve(u0, kappa, f, dt, h, steps,
                                                        grid=grid).data),
                  "zero": lambda: once(lambda: solve(u0, kappa, f, dt, h, 0, grid=grid).data),
-                 "gradient": lambda: once(lambda: vg(karg)[1].data)}
+                 "gradient": lambda: once(lambda: vg(karg)[1])}
         for fn in calls.values():
             fn()
         # Every contender once per round, in turn: load on a shared machine hits all alike,

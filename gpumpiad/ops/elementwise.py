@@ -18,7 +18,7 @@ def _xp(*args):
 
 # Forwards are NumPy's own functions: they hand CuPy arrays to CuPy (__array_ufunc__ and
 # __array_function__), so one definition serves both backends. Large NumPy results, and the
-# products of the reverse rules, go to the results' pool (pooled).
+# products of the multiply, divide, exp and log rules, go to the results' pool (pooled).
 _mul = pooled(numpy.multiply)
 _div = pooled(numpy.true_divide)
 
