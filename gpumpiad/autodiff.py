@@ -12,7 +12,7 @@ from .backend import (all_finite, array_module, asarray, get_array_module, is_de
                       to_numpy)
 from .comm import resolve
 from .debug import CommunicationMismatch, debug_enabled
-from .tape import Tape, nested_error, recording, traced_outside
+from .tape import Tape, nested_error, recording, shares_memory, traced_outside
 from .tensor import SERIAL, Tensor, tensor
 
 
@@ -102,8 +102,8 @@ def _value_and_grad(fn, multi, nums, name):
             grads = tape.backward(out, get_array_module(out.data).ones_like(out.data))
         finally:
             tape.release()
-        return out.data, _gradients(grads, [args[j] for j in unique], _picks(nums, unique,
-                                                                              len(args)), multi)
+        return _value(out, args), _gradients(grads, [args[j] for j in unique],
+                                             _picks(nums, unique, len(args)), multi)
 
     return wrapper
 
@@ -124,13 +124,14 @@ def vjp(fn, *args, argnums=0):
     Returns
     -------
     value : array
-        ``fn(*args)``'s data.
+        ``fn(*args)``'s data (a copy where it would share memory with an argument).
     pullback : callable
         ``pullback(cotangent) -> gradient`` (a tuple when ``argnums`` is a tuple). The cotangent
         is an array of real numbers with the value's shape; for a serial value it is the global
         cotangent, the same on every rank, for a distributed one this rank's piece. Every rank
         calls ``pullback`` together (it communicates), as often as wanted; the recorded
-        operations are kept until the pullback is dropped.
+        operations are kept until the pullback is dropped. No gradient shares memory with the
+        cotangent or with another gradient.
 
     Raises
     ------
@@ -164,8 +165,19 @@ def vjp(fn, *args, argnums=0):
     except BaseException:
         tape.release()
         raise
-    return out.data, _Pullback(tape, out, [args[j] for j in unique],
-                               _picks(nums, unique, len(args)), multi)
+    return _value(out, args), _Pullback(tape, out, [args[j] for j in unique],
+                                        _picks(nums, unique, len(args)), multi)
+
+
+def _value(out, args):
+    """``out``'s data, copied where it shares memory with an argument (a function that returns
+    an argument, or a view of one): the value is what ``fn`` returned at the time of the call,
+    whatever the caller later writes into its arguments."""
+    value = out.data
+    for a in args:
+        if shares_memory(value, a.data if isinstance(a, Tensor) else a):
+            return value.copy()
+    return value
 
 
 class _Pullback:

@@ -256,8 +256,9 @@ class Tape:
             if leaf._slot in deferred:
                 _resolve(leaf, deferred, total, share)
         _finalize_leaves(self.leaves, total, share, agreed)
-        return [_writable(total[leaf._slot]) if total[leaf._slot] is not None
-                else _zeros_like(leaf) for leaf in self.leaves]
+        return _handed_out([total[leaf._slot] if total[leaf._slot] is not None
+                            else _zeros_like(leaf) for leaf in self.leaves],
+                           [seed] + [leaf.data for leaf in self.leaves])
 
     def release(self):
         """Drop the recorded nodes: tensors, closures and the tape form reference cycles, so
@@ -458,12 +459,38 @@ def _zeros_like(t):
     return get_array_module(t.data).zeros(t.shape, t.dtype)
 
 
-def _writable(g):
-    """A gradient the caller may modify (reverse rules may return broadcast views)."""
-    flags = getattr(g, "flags", None)
-    if flags is not None and hasattr(flags, "writeable") and not flags.writeable:
-        return g.copy()
-    return g
+def _handed_out(grads, kept):
+    """The gradients, each one the caller may modify alone: a reverse rule may pass a cotangent
+    straight through (an identity, an addition, a reshape, a sum over ranks of a distributed
+    value), so one array can reach several leaves or be the caller's seed itself, and another
+    may be a read-only broadcast view. Such a gradient, or one that shares memory with an
+    array of ``kept`` (the seed, the leaves' values), is copied; no other is."""
+    held = {}
+    for a in kept:
+        held.setdefault(id(owner(a)), []).append(a)
+    out = []
+    for g in grads:
+        flags = getattr(g, "flags", None)
+        same = held.setdefault(id(owner(g)), [])
+        if ((flags is not None and not getattr(flags, "writeable", True))
+                or any(shares_memory(g, h) for h in same)):
+            g = g.copy()
+            same = held.setdefault(id(g), [])
+        same.append(g)
+        out.append(g)
+    return out
+
+
+def owner(a):
+    """The array that owns ``a``'s memory (``a`` itself unless it is a view)."""
+    while getattr(a, "base", None) is not None:
+        a = a.base
+    return a
+
+
+def shares_memory(a, b):
+    """Whether arrays ``a`` and ``b`` may share elements; only arrays of one :func:`owner` can."""
+    return a is b or (owner(a) is owner(b) and bool(get_array_module(a).may_share_memory(a, b)))
 
 
 def _finalize(t, total, share):

@@ -109,6 +109,51 @@ def test_argnums_tuple_and_release():
     parallel_assert(tape.nodes == [], "the pullback's tape outlived it")
 
 
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_what_comes_back_is_the_callers_alone():
+    """Reverse rules pass cotangents straight through (an identity, an addition, a reshape, the
+    sum over ranks of a distributed value): no returned value or gradient may share memory with
+    an argument, the cotangent or another gradient, so writing into one changes nothing else."""
+    @gp.custom_op(layout="distributed")
+    def half_square(a):
+        return 0.5 * a * a
+
+    @half_square.defvjp
+    def _(g, ans, a):
+        return a  # right for the cotangent 1 alone; what matters is whose memory it is
+
+    programs = {
+        "identity": (lambda a, b: a, (0,)),
+        "custom op whose reverse rule returns its input": (lambda a, b: half_square(a), (0,)),
+        "addition": (lambda a, b: a + b, (0, 1)),
+        "reshape": (lambda a, b: gp.reshape(a, (3, 1)), (0,)),
+        "slice": (lambda a, b: a[1:], (0,)),
+        "mpi_sum of a distributed value": (lambda a, b: gp.mpi_sum(a), (0,)),
+    }
+    for name, (fn, nums) in programs.items():
+        x = gp.tensor(np.array([1.0, 2.0, 3.0]), distributed=True)
+        y = np.array([4.0, 5.0, 6.0])
+        value, pullback = gp.vjp(fn, x, y, argnums=nums)
+        expected_value = to_numpy(value).copy()
+        ybar = np.full(np.shape(value), 2.0)
+        grads = pullback(ybar)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        expected = [to_numpy(g).copy() for g in grads]
+        x.data[...] = -1.0
+        y[...] = -1.0
+        ybar[...] = -1.0
+        parallel_assert(np.array_equal(to_numpy(value), expected_value), f"{name}: value changed")
+        parallel_assert(all(np.array_equal(to_numpy(g), e) for g, e in zip(grads, expected)),
+                        f"{name}: a gradient changed with the arguments or the cotangent")
+        grads[0][...] = 7.0
+        parallel_assert(all(np.array_equal(to_numpy(g), e) for g, e in zip(grads[1:], expected[1:])),
+                        f"{name}: a gradient changed with another")
+    _, (ga, gb) = gp.value_and_grad(lambda a, b: a + b, argnums=(0, 1))(np.array(2.0),
+                                                                         np.array(3.0))
+    ga[...] = 5.0
+    parallel_assert(float(gb) == 1.0, "value_and_grad: one gradient is another")
+
+
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_bad_input_is_named():
     me = f"rank {mpi_rank()}"
