@@ -109,10 +109,14 @@ class Tape:
         instead of an array of zeros for an output no cotangent reached (a send's unused
         result), so that the vjp can skip the arithmetic.
         """
+        traced = []
         for t in inputs:
-            if t is not None and traced_outside(t, self):
-                raise nested_error(f"an input of {name}")
-        inputs = [t if (t is None or t._tape is self) else None for t in inputs]
+            if t is not None and t._tape is not self:
+                if traced_outside(t, self):
+                    raise nested_error(f"an input of {name}")
+                t = None
+            traced.append(t)
+        inputs = traced
         if local is None:
             local = [False] * len(inputs)
         origins = None
@@ -132,7 +136,7 @@ class Tape:
             else:
                 origins = origins | mine
         sink = -1
-        if collective and any(out.layout != DISTRIBUTED for out in outputs):
+        if collective and [out for out in outputs if out.layout != DISTRIBUTED]:
             sink = len(self.sinks)
             origins = frozenset((sink,))
         node = Node(name, vjp, inputs, outputs, local, communicates, sink, takes_none)
@@ -215,12 +219,15 @@ class Tape:
         # a peer waiting for that cotangent never waits on this rank's reverse order.
         triggers = {}
         n = len(nodes)
-        for e in self.eager:
-            ready = min((_or(self.awaited.get(o._slot), n) for o in nodes[e].outputs), default=n)
-            triggers.setdefault(ready, []).append(e)
-        for e in triggers.pop(n, ()):
-            self._visit(nodes[e], total, share, deferred, agreed)
-        done = set(self.eager)
+        done = ()
+        if self.eager:
+            for e in self.eager:
+                ready = min((_or(self.awaited.get(o._slot), n) for o in nodes[e].outputs),
+                            default=n)
+                triggers.setdefault(ready, []).append(e)
+            for e in triggers.pop(n, ()):
+                self._visit(nodes[e], total, share, deferred, agreed)
+            done = set(self.eager)
         for i in range(n - 1, -1, -1):
             node = nodes[i]
             if type(node) is tuple:
@@ -252,9 +259,10 @@ class Tape:
             if triggers and i in triggers:
                 for e in triggers[i]:
                     self._visit(nodes[e], total, share, deferred, agreed)
-        for leaf in self.leaves:
-            if leaf._slot in deferred:
-                _resolve(leaf, deferred, total, share)
+        if deferred:
+            for leaf in self.leaves:
+                if leaf._slot in deferred:
+                    _resolve(leaf, deferred, total, share)
         _finalize_leaves(self.leaves, total, share, agreed)
         return _handed_out([total[leaf._slot] if total[leaf._slot] is not None
                             else _zeros_like(leaf) for leaf in self.leaves],
@@ -274,7 +282,7 @@ class Tape:
     def _visit(self, node, total, share, deferred, agreed):
         """The general reverse step of one node; a communicating one (a collective, a custom
         op, point-to-point) is an :data:`~gpumpiad.trace.ADJOINT` span named by its op."""
-        if node.communicates or node.sink >= 0:
+        if (node.communicates or node.sink >= 0) and trace.active():
             with trace.span(_adjoint_name(node.name), trace.ADJOINT):
                 self._step(node, total, share, deferred, agreed)
         else:
@@ -290,17 +298,17 @@ class Tape:
             for out in outs:
                 if out.layout != DISTRIBUTED:
                     _finalize(out, total, share)
-        elif node.sink >= 0 and any(share[o._slot] is not None for o in outs):
+        elif node.sink >= 0 and _some([share[o._slot] for o in outs]):
             raise RuntimeError(f"internal error: {node.name} received a share that no rank "
                                "announced; its cotangent would be incomplete")
         gt = [total[o._slot] for o in outs]
-        if node.communicates or any(g is not None for g in gt):
+        if node.communicates or _some(gt):
             if not node.takes_none:
                 gt = [_zeros_like(o) if g is None else g for g, o in zip(gt, outs)]
             gins = node.vjp(gt)
             _accumulate(node, gins, total, share, False, deferred)
         gs = [share[o._slot] for o in outs]
-        if any(g is not None for g in gs):
+        if _some(gs):
             # A local serial op: shares map linearly onto its (serial) inputs' shares.
             gins = node.vjp([_zeros_like(o) if g is None else g for g, o in zip(gs, outs)])
             _accumulate(node, gins, total, share, True, deferred)
@@ -321,7 +329,7 @@ class Tape:
             if _shared_by_ranks(leaf):
                 leaves.setdefault(id(leaf.comm), (leaf.comm, []))[1].append(k)
         for comm, ks in leaves.values():
-            nbytes = sum(self.leaves[k].size * self.leaves[k].dtype.itemsize for k in ks)
+            nbytes = sum([self.leaves[k].data.nbytes for k in ks])
             if nbytes <= FUSED_LEAF_BYTES:
                 agreed.update(-1 - k for k in ks)
             else:
@@ -351,6 +359,14 @@ def _adjoint_name(name):
     if span_name is None:
         span_name = _ADJOINT_NAMES[name] = f"adjoint.{name}"
     return span_name
+
+
+def _some(items):
+    """Whether any of ``items`` is not None (by identity: arrays compare elementwise)."""
+    for item in items:
+        if item is not None:
+            return True
+    return False
 
 
 _FLAGS = {}
@@ -470,12 +486,14 @@ def _handed_out(grads, kept):
         held.setdefault(id(owner(a)), []).append(a)
     out = []
     for g in grads:
+        same = held.get(id(owner(g)))
         flags = getattr(g, "flags", None)
-        same = held.setdefault(id(owner(g)), [])
         if ((flags is not None and not getattr(flags, "writeable", True))
-                or any(shares_memory(g, h) for h in same)):
+                or (same and any(_overlap(g, h) for h in same))):
             g = g.copy()
-            same = held.setdefault(id(g), [])
+            same = None
+        if same is None:
+            same = held[id(owner(g))] = []
         same.append(g)
         out.append(g)
     return out
@@ -490,7 +508,12 @@ def owner(a):
 
 def shares_memory(a, b):
     """Whether arrays ``a`` and ``b`` may share elements; only arrays of one :func:`owner` can."""
-    return a is b or (owner(a) is owner(b) and bool(get_array_module(a).may_share_memory(a, b)))
+    return a is b or (owner(a) is owner(b) and _overlap(a, b))
+
+
+def _overlap(a, b):
+    """:func:`shares_memory` for arrays of one owner."""
+    return a is b or bool(get_array_module(a).may_share_memory(a, b))
 
 
 def _finalize(t, total, share):
