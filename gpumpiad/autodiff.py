@@ -13,7 +13,7 @@ from .backend import (all_finite, array_module, asarray, get_array_module, is_de
 from .comm import resolve
 from .debug import CommunicationMismatch, debug_enabled
 from .tape import Tape, nested_error, recording, shares_memory, traced_outside
-from .tensor import SERIAL, Tensor, tensor
+from .tensor import DISTRIBUTED, SERIAL, Tensor, tensor
 
 
 class LossError(ValueError):
@@ -433,13 +433,13 @@ def _check_loss(out, args, nums):
     if not isinstance(out, Tensor):
         raise LossError(f"rank {_rank()}: the function must return a gpumpiad Tensor (the "
                         f"loss), got {type(out).__name__}")
-    if out.size != 1:
-        raise LossError(f"rank {_rank()}: the loss must be a scalar, got shape {out.shape}; "
+    data = out.data
+    if data.size != 1:
+        raise LossError(f"rank {_rank()}: the loss must be a scalar, got shape {data.shape}; "
                         "reduce it with .sum() or .mean()")
-    if out.distributed:
+    if out.layout == DISTRIBUTED:
         raise LossError(f"rank {_rank()}: the loss is distributed (each rank holds its own "
                         "value); reduce it to one serial value with gpumpiad.mpi_sum(loss)")
-    data = out.data
     if data.dtype.kind == "c":
         raise LossError(f"rank {_rank()}: the loss must be real, got dtype {data.dtype}")
     value = float(data.reshape(-1)[0] if type(data) is np.ndarray

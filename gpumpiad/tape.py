@@ -331,7 +331,7 @@ class Tape:
         for comm, ks in leaves.values():
             nbytes = sum([self.leaves[k].data.nbytes for k in ks])
             if nbytes <= FUSED_LEAF_BYTES:
-                agreed.update(-1 - k for k in ks)
+                agreed.update([-1 - k for k in ks])
             else:
                 by_comm.setdefault(id(comm), (comm, []))[1].extend(-1 - k for k in ks)
         pending = []

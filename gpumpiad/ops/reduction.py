@@ -1,6 +1,8 @@
 """Reductions over axes of the local array."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import get_array_module
 from ..primitive import primitive
 
@@ -13,13 +15,24 @@ def _normalize_axes(axis, ndim):
 
 
 def _expand(g, x, axis, keepdims):
-    xp = get_array_module(g)
     if axis is None:  # a full reduction: g holds one element, which broadcasts as it is
-        return xp.broadcast_to(g, x.shape)
+        if type(g) is np.ndarray and g.size == 1:
+            return _broadcast_one(g, x.shape)
+        return get_array_module(g).broadcast_to(g, x.shape)
+    xp = get_array_module(g)
     if not keepdims:
         for a in _normalize_axes(axis, x.ndim):
             g = xp.expand_dims(g, a)
     return xp.broadcast_to(g, x.shape)
+
+
+def _broadcast_one(g, shape):
+    """``numpy.broadcast_to`` of a one-element NumPy array: a read-only view of it with zero
+    strides, made directly (``broadcast_to``'s argument handling costs more than the rest of a
+    scalar loss's reverse step)."""
+    view = np.ndarray(shape, g.dtype, g, 0, (0,) * len(shape))
+    view.flags.writeable = False
+    return view
 
 
 def _sum(x, axis=None, keepdims=False):
