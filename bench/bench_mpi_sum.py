@@ -23,8 +23,9 @@ collective and the argument is small, see ``gpumpiad/tape.py``).
 
 Each repeat times the raw program and then gpumpiad's, alternating, each after a barrier, so
 that both see the same load; the median over repeats of the slowest rank's time is reported,
-with the ratio, then the minimum, and the load average before and after. Targets for ``vjp serial`` (``value_and_grad`` of ``mpi_sum``) at
-2 ranks: <= 1.2 at 1 MB, <= 5 at 8 B.
+with the ratio, then the minimum, and the load average before and after. The targets are
+for ``value_and_grad`` of ``mpi_sum``, the ``grad of sum`` program (``bench/run.py`` reports
+it), at 2 ranks: <= 1.2 at 1 MB, <= 5 at 8 B.
 """
 from __future__ import annotations
 
