@@ -31,7 +31,7 @@ def _leaf(x):
 
 def _like_input(g, x):
     """The gradient as an array of the argument's kind (NumPy for NumPy data and scalars)."""
-    if type(g) is np.ndarray or isinstance(x, Tensor) or is_device_array(x):
+    if isinstance(x, Tensor) or is_device_array(x):
         return g
     return to_numpy(g)
 
@@ -442,8 +442,7 @@ def _check_loss(out, args, nums):
                         "value); reduce it to one serial value with gpumpiad.mpi_sum(loss)")
     if data.dtype.kind == "c":
         raise LossError(f"rank {_rank()}: the loss must be real, got dtype {data.dtype}")
-    value = float(data.reshape(-1)[0] if type(data) is np.ndarray
-                  else to_numpy(data).reshape(-1)[0])
+    value = float(to_numpy(data).reshape(-1)[0])
     if not math.isfinite(value):
         raise LossError(f"rank {_rank()}: the loss is {value!r}: expected a finite value "
                         "(the loss is serial, so every rank sees the same)"
