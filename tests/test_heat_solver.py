@@ -8,7 +8,8 @@
 * differentiating some of (u0, kappa, f) gives the full gradient's components, keeping the states
   only for kappa's; a vjp's pullback through the solver runs repeatedly;
 * the overlapped time loop (the GPU's) gives the sequential loop's bits; the kept state buffers
-  respect their limit;
+  respect their limit; a host reverse pass that makes its states again by segments gives the
+  bits of every state kept, and the solver segments only states that outgrow the caches;
 * Grid.gather/scatter round-trip every split, root and dtype;
 * unstable dt, mismatched patches, ranks disagreeing on the time loop, too-small grids and bad
   gather/scatter arguments raise on every rank;
@@ -402,6 +403,83 @@ def test_vjp_pulls_back_through_solve_repeatedly():
             err = float(abs(got - want).max())
             parallel_assert(err <= 1e-12 * float(abs(want).max()),
                             f"checkpoints {checkpoints}: pullback differs by {err:.2e}")
+
+
+def test_segment_length_keeps_every_state_that_the_caches_hold(monkeypatch):
+    """States that fit in eight L2 caches are all kept; more are made again by segments that
+    fill about two; none where two states do not fit in that."""
+    monkeypatch.setattr(solver, "_l2_cache", lambda: 1 << 20)
+    assert solver._segment_length(8 << 10, 1024) == 0
+    assert solver._segment_length(8 << 10, 1025) == 256
+    assert solver._segment_length(600 << 10, 100) == 3
+    assert solver._segment_length(2 << 20, 100) == 0
+    monkeypatch.undo()
+    cache = solver._l2_cache()
+    assert isinstance(cache, int) and cache >= 32 << 10
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_states_made_again_by_segments_give_the_kept_states_bits(monkeypatch):
+    """A host reverse pass that keeps only each segment's first state and makes the others
+    again gives the bits of every state kept: Dirichlet and periodic ghosts, a trajectory, kappa
+    alone or with the others, segments that do and do not divide the steps, a pullback run
+    twice. Each rank solves on its own patch (segments need no halo)."""
+    comm = MPI.COMM_WORLD
+    steps = 11
+    rng = np.random.default_rng(40 + comm.rank)
+    u0, kappa, f = global_problem(12 + comm.rank)
+    w = rng.standard_normal((steps + 1, NX, NY))
+    kept = []
+    vjp, policy = solver._Heat.vjp, solver._segment_length
+
+    def counting_vjp(self, *a):
+        kept.append(len(self.states))
+        return vjp(self, *a)
+
+    monkeypatch.setattr(solver._Heat, "vjp", counting_vjp)
+    for periodic in ((False, False), (True, False), (True, True)):
+        grid = Grid((NX, NY), comm=gpumpiad.Comm(MPI.COMM_SELF), periodic=periodic)
+        for trajectory in (False, True):
+            def objective(*a):
+                out = solve(*a, DT, H, steps, grid=grid, boundary=boundary,
+                            trajectory=trajectory, backend="host")
+                u = out[1] * w if trajectory else out * out * w[0]
+                return gpumpiad.mpi_sum(gpumpiad.sum(u))
+
+            for nums in ((1,), (0, 1, 2)):
+                results = {}
+                for segment in (0, 2, 4, 11):
+                    monkeypatch.setattr(solver, "_segment_length", lambda b, s, k=segment: k)
+                    kept.clear()
+                    value, grads = gpumpiad.value_and_grad(objective, argnums=nums)(
+                        *map(dist, (u0, kappa, f)))
+                    results[segment] = [to_numpy(value)] + [to_numpy(g) for g in grads]
+                    want = steps if segment == 0 else -(-steps // segment)
+                    parallel_assert(kept == [want], f"segment {segment}: states kept {kept}")
+                for segment, got in results.items():
+                    same = all(np.array_equal(a, b) for a, b in zip(got, results[0]))
+                    parallel_assert(same, f"periodic {periodic}, trajectory {trajectory}, "
+                                          f"argnums {nums}, segment {segment}: bits differ "
+                                          f"from every state kept")
+    monkeypatch.setattr(solver, "_segment_length", policy)
+
+    # The policy itself, on an L2 cache made small: a segment of 4 steps, the same bits.
+    grid = Grid((NX, NY), comm=gpumpiad.Comm(MPI.COMM_SELF))
+    cotangents = [rng.standard_normal((NX, NY)) for _ in range(2)]
+    pulled = []
+    for cache in (None, 3200):
+        if cache is not None:
+            monkeypatch.setattr(solver, "_l2_cache", lambda c=cache: c)
+        assert solver._segment_length((NX + 2) * (NY + 2) * 8, 30) == (
+            0 if cache is None else 4)
+        _, pullback = gpumpiad.vjp(lambda k: solve(u0, k, f, DT, H, 30, grid=grid,
+                                                   backend="host"), dist(kappa))
+        kept.clear()
+        pulled.append([to_numpy(pullback(c)) for c in cotangents + cotangents])
+        parallel_assert(kept == [30 if cache is None else 8] * 4, f"states kept {kept}")
+    parallel_assert(all(np.array_equal(a, b) for a, b in zip(*pulled)) and
+                    all(np.array_equal(a, b) for a, b in zip(pulled[1][:2], pulled[1][2:])),
+                    "a pullback run twice through segments differs from kept states")
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])

@@ -4,11 +4,13 @@ differentiable op.
 The whole time loop is a single :func:`gpumpiad.custom_op` on the tape, with a hand-written
 adjoint time loop, so the tape holds one node whatever the number of steps. States for the
 reverse pass are all stored, or only ``checkpoints`` of them with binomial recomputation
-(revolve, Griewank & Walther 2000).
+(revolve, Griewank & Walther 2000); by default on the host, states that outgrow the cache are
+kept one per segment and the others made again a segment at a time.
 """
 from __future__ import annotations
 
 import math
+import os
 import threading
 from functools import lru_cache
 from numbers import Real
@@ -68,10 +70,14 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         an axis the grid makes periodic; edges and corners are never read). The values used
         must be finite.
     checkpoints : int, optional
-        None (default): store all ``steps`` states for the reverse pass. ``k >= 1``: store at
-        most ``k`` states (the initial one included) and recompute the others with binomial
-        checkpointing; see :func:`recompute_steps`. Only kappa's cotangent reads the states:
-        a gradient with respect to ``u0`` and ``f`` alone stores none.
+        None (default): store all ``steps`` states for the reverse pass; but where the host
+        kernels run on a patch no other rank borders and the states outgrow the core's
+        caches, store the first state of each segment of steps whose states fill about twice
+        its L2 cache, and make the others again a segment at a time in the reverse pass (one
+        more forward sweep instead of the states' trips to memory; the same bits). ``k >= 1``:
+        store at most ``k`` states (the initial one included) and recompute the others with
+        binomial checkpointing; see :func:`recompute_steps`. Only kappa's cotangent reads
+        the states: a gradient with respect to ``u0`` and ``f`` alone stores none.
     trajectory : bool
         Also return every state, shape ``(steps + 1, nx, ny[, nz])``.
     backend : {"numpy", "host", "cuda"}, optional
@@ -300,6 +306,9 @@ class _Heat:
         # Host, every state kept: the states u^1 ... u^steps in one array, and the data
         # addresses of u^0 ... u^steps (computed, not taken from each buffer).
         self.block = self.addresses = None
+        # Host, every state wanted but more than the cache holds: steps per segment, whose
+        # first state alone is kept and whose others the reverse pass makes again (0: none).
+        self.segment = 0
         self.cells = math.prod(shape)
         # The host kernels' loops: arguments checked and converted once per solve, exchanges
         # through preposted persistent requests, and on a patch no other rank borders the
@@ -484,7 +493,9 @@ class _Heat:
             self.halo = halo.Persistent(self.grid, self.frame.dtype)
         self._fill(self.kappa)
         states, free = [u], []
-        if self.keep_states and self.checkpoints is None and self.steps:
+        if self.keep_states and self.checkpoints is None and self.local:
+            self.segment = _segment_length(self.frame.nbytes, self.steps)
+        if self.keep_states and self.checkpoints is None and self.steps and not self.segment:
             # A buffer per state, taken and returned one by one, cost a tenth of a 128²
             # gradient: one block, returned whole (_release).
             block = self.block = _state_block(self.frame, self.ghosts, self.steps)
@@ -494,7 +505,9 @@ class _Heat:
             self.addresses = [u.ctypes.data, *range(first, first + self.steps * stride, stride)]
         else:
             keep = set()
-            if self.keep_states and self.checkpoints is not None:
+            if self.segment:
+                keep = set(range(0, self.steps, self.segment))
+            elif self.keep_states and self.checkpoints is not None:
                 keep = set(_spine(self.steps, self.checkpoints))
             # The states in order: each kept one in its own buffer, written by the step before
             # it (no copy), the others in two buffers in turn.
@@ -614,6 +627,9 @@ class _Heat:
             if type(g_traj) is not np.ndarray or g_traj.dtype != self.frame.dtype:
                 return None
             traj = np.ascontiguousarray(g_traj)
+        if self.segment:
+            last = self._segmented_adjoints(lam, spare, kappa_bar, f_bar, traj, kept)
+            return last, (spare if last is lam else lam)
         states = self.steps
         if self.addresses is not None:
             states = self.addresses[:-1]
@@ -628,6 +644,32 @@ class _Heat:
         elif self.block is not None and not self.retain:
             _recycle(self.states[0], self.ghosts)   # u^0's own buffer; the block goes whole
         return last, (spare if last is lam else lam)
+
+    def _segmented_adjoints(self, lam, spare, kappa_bar, f_bar, traj, kept):
+        """The reverse loop one segment at a time, the last first: the segment's states made
+        again from its kept first one into one block, then its adjoint steps in one call;
+        returns the buffer that holds lam^0. Same bits as from stored states."""
+        k, loop = self.segment, self.loop
+        block = _state_block(self.frame, self.ghosts, k - 1)
+        first, stride = block.ctypes.data, block[0].nbytes
+        made = list(range(first, first + (k - 1) * stride, stride))
+        for a in range(k * ((self.steps - 1) // k), -1, -k):
+            b = min(a + k, self.steps)
+            start = self.states[a]
+            states = [start, *made[:b - a - 1]]
+            if b - a > 1:
+                with trace.span("heat.recompute", trace.COMPUTE,
+                                payload=self.cells * (b - a - 1)):
+                    loop.steps(states)
+            with trace.span("heat.adjoint_steps", trace.ADJOINT, payload=self.cells * (b - a)):
+                last = loop.adjoints(lam, spare, states, kappa_bar, f_bar,
+                                     None if traj is None else traj[a:b + 1])
+            if last is not lam:
+                lam, spare = spare, lam
+            if id(start) not in kept:
+                _recycle(start, self.ghosts)
+        _recycle(block, self.ghosts)
+        return lam
 
     def _release(self):
         """Return the padded kappa and f (and the block of states) to the kept buffers and free
@@ -761,6 +803,43 @@ def _inner_and_ring(shape, exchanged):
                     ring.append(tuple(v for pair in box for v in pair))
         rest[axis] = (lo, hi)
     return tuple(v for pair in inner for v in pair), ring
+
+
+def _segment_length(state_bytes, steps):
+    """Steps per segment of a host reverse pass that makes its states again, or 0: keep them
+    all. States kept beyond eight times the core's L2 cache go to memory or the shared cache
+    and come back from it at more cost than one more forward sweep; segments of states that
+    fill about twice the L2 cache measured fastest (``bench/results/heat_kernels_cpu.md``)."""
+    l2 = _l2_cache()
+    if steps * state_bytes <= 8 * l2:
+        return 0
+    length = round(2 * l2 / state_bytes)
+    return length if length >= 2 else 0
+
+
+@lru_cache(maxsize=None)
+def _l2_cache():
+    """This core's L2 data cache in bytes, from sysfs (1 MiB where it cannot be read)."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = [e for e in os.listdir(root) if e.startswith("index")]
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(os.path.join(root, entry, "level")) as level:
+                if level.read().strip() != "2":
+                    continue
+            with open(os.path.join(root, entry, "type")) as kind:
+                if kind.read().strip() == "Instruction":
+                    continue
+            with open(os.path.join(root, entry, "size")) as size:
+                text = size.read().strip()
+            scale = {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
+            return int(text[:-1] if scale else text) << scale
+        except (OSError, ValueError):
+            continue
+    return 1 << 20
 
 
 def _spine(steps, checkpoints):
