@@ -17,6 +17,12 @@ prints (and writes to ``--out``) the min and median of each and their ratio.
 ``hostkernels.DEEP_DEPTHS[0]`` over fields of ``DEEP_SWEEP_BYTES`` and more) over two buffers
 in turn and over a buffer per state against one step call per step, at ``--sizes``, and appends
 its table to ``--out``.
+
+``--segments`` times a one-rank gradient of the heat problem of ``bench_peers.py`` (J w.r.t.
+u0, kappa and f, host kernels) with every state kept against the same reverse pass made by
+segments (each segment's first state kept, the others made again): the length the solver picks
+on this machine and fixed ones, alternating, the bits compared first; appends its table to
+``--out``. Pin it to one core (``taskset -c 1``) as ``bench_peers.py`` pins its worker.
 """
 
 from __future__ import annotations
@@ -182,6 +188,49 @@ def time_loop(sizes, repeats=7):
     return rows
 
 
+def segments(sizes, lengths=(2, 4, 16), repeats=11):
+    """Rows of (n, steps, policy's length, {length: (min, median) seconds}) of the one-rank
+    gradient with ``solver._segment_length`` fixed to each length (0: every state kept; None:
+    the solver's policy), alternating; raises if any differs from every state kept in a bit."""
+    import gpumpiad as gm
+    from gpumpiad.heat import Grid, solve, solver
+    from bench_peers import problem, steps_for
+
+    policy = solver._segment_length
+    rows = []
+    for n in sizes:
+        steps = steps_for(n)
+        u0, kappa, f, dt, h = problem(n)
+        grid = Grid((n, n))
+        args = [gm.tensor(a, distributed=True) for a in (u0, kappa, f)]
+        gradient = gm.value_and_grad(lambda *a: gm.mpi_sum(gm.sum(
+            solve(*a, dt, h, steps, grid=grid, backend="host") ** 2)), argnums=(0, 1, 2))
+
+        def run(length):
+            solver._segment_length = policy if length is None else (lambda b, s: length)
+            try:
+                value, grads = gradient(*args)
+                return [np.asarray(value.data)] + [np.asarray(g.data) for g in grads]
+            finally:
+                solver._segment_length = policy
+
+        chosen = policy(grid.padded_shape[0] * grid.padded_shape[1] * 8, steps)
+        contenders = [0, None] + [k for k in lengths if k < steps]
+        kept = run(0)
+        for length in contenders[1:]:
+            if not all(np.array_equal(a, b) for a, b in zip(kept, run(length))):
+                raise AssertionError(f"{n}²: segments of {length} differ from kept states")
+        times = {k: [] for k in contenders}
+        for _ in range(repeats):
+            for length in contenders:
+                t0 = time.perf_counter()
+                run(length)
+                times[length].append(time.perf_counter() - t0)
+        rows.append((n, steps, chosen,
+                     {k: (min(v), float(np.median(v))) for k, v in times.items()}))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
@@ -190,9 +239,35 @@ def main():
                     help="portable build against the build for this machine, same run")
     ap.add_argument("--time-loop", action="store_true",
                     help="the host forward loop in one call against one call per step")
+    ap.add_argument("--segments", action="store_true",
+                    help="a gradient's reverse pass from kept states against segments made again")
     args = ap.parse_args()
     if not hostkernels.available():
         raise SystemExit("host kernels unavailable (no C++ compiler?)")
+    if args.segments:
+        model, cores, _ = _machine()
+        lines = [
+            "## One-rank gradient: every state kept against segments made again (float64)",
+            "",
+            f"- CPU: {model} ({cores}); load average (1 min) at the end: "
+            f"{os.getloadavg()[0]:.1f}",
+            "- J and its gradient w.r.t. u0, kappa, f (`bench_peers.py`'s problem), min (median) "
+            "of 11 alternating calls in ms; same bits in every column",
+            "",
+            "| n | steps | policy's length | every state kept | policy | "
+            "fixed lengths |",
+            "|---:|---:|---:|---:|---:|---|",
+        ]
+        for n, steps, chosen, t in segments(args.sizes):
+            def cell(k):
+                return f"{1e3 * t[k][0]:.2f} ({1e3 * t[k][1]:.2f})"
+            fixed = "; ".join(f"{k}: {cell(k)}" for k in t if k not in (0, None))
+            lines.append(f"| {n} | {steps} | {chosen} | {cell(0)} | {cell(None)} | {fixed} |")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        with open(args.out, "a") as out:
+            out.write("\n" + text)
+        return
     if args.time_loop:
         model, cores, _ = _machine()
         lines = [
