@@ -28,7 +28,7 @@ from pytest_mpi import parallel_assert
 
 import gpumpiad
 from gpumpiad.backend import to_numpy
-from gpumpiad.heat import Grid, load_state, recompute_steps, save_state, solve, solver
+from gpumpiad.heat import Grid, hostkernels, load_state, recompute_steps, save_state, solve, solver
 from gpumpiad.heat.grid import split_sizes
 from gpumpiad.heat.solver import _cost, _spine
 
@@ -418,6 +418,7 @@ def test_segment_length_keeps_every_state_that_the_caches_hold(monkeypatch):
     assert isinstance(cache, int) and cache >= 32 << 10
 
 
+@pytest.mark.skipif(not hostkernels.available(), reason="no C++ compiler")
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_states_made_again_by_segments_give_the_kept_states_bits(monkeypatch):
     """A host reverse pass that keeps only each segment's first state and makes the others
