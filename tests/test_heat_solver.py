@@ -8,8 +8,9 @@
 * differentiating some of (u0, kappa, f) gives the full gradient's components, keeping the states
   only for kappa's; a vjp's pullback through the solver runs repeatedly;
 * the overlapped time loop (the GPU's) gives the sequential loop's bits; the kept state buffers
-  respect their limit; a host reverse pass that makes its states again by segments gives the
-  bits of every state kept, and the solver segments only states that outgrow the caches;
+  respect their limit; a host reverse pass that makes its states again by segments (on its own
+  patch, or exchanging halos) gives the bits of every state kept, and the solver segments only
+  states that outgrow the caches, with one length on every rank;
 * Grid.gather/scatter round-trip every split, root and dtype;
 * unstable dt, mismatched patches, ranks disagreeing on the time loop, too-small grids and bad
   gather/scatter arguments raise on every rank;
@@ -424,7 +425,7 @@ def test_states_made_again_by_segments_give_the_kept_states_bits(monkeypatch):
     """A host reverse pass that keeps only each segment's first state and makes the others
     again gives the bits of every state kept: Dirichlet and periodic ghosts, a trajectory, kappa
     alone or with the others, segments that do and do not divide the steps, a pullback run
-    twice. Each rank solves on its own patch (segments need no halo)."""
+    twice. Each rank solves on its own patch: the reverse loop's one-call path."""
     comm = MPI.COMM_WORLD
     steps = 11
     rng = np.random.default_rng(40 + comm.rank)
@@ -481,6 +482,50 @@ def test_states_made_again_by_segments_give_the_kept_states_bits(monkeypatch):
     parallel_assert(all(np.array_equal(a, b) for a, b in zip(*pulled)) and
                     all(np.array_equal(a, b) for a, b in zip(pulled[1][:2], pulled[1][2:])),
                     "a pullback run twice through segments differs from kept states")
+
+
+@pytest.mark.skipif(not hostkernels.available(), reason="no C++ compiler")
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_segments_on_a_decomposed_grid_give_the_kept_states_bits(monkeypatch):
+    """On patches that exchange halos, states made again by segments (halos exchanged while
+    they are made) give the bits of every state kept, for every split, Dirichlet and periodic;
+    the ranks take the shortest segment any of them picks, and none when one keeps all."""
+    comm = MPI.COMM_WORLD
+    steps = 9
+    u0, kappa, f = global_problem(21)
+    kept = []
+    vjp = solver._Heat.vjp
+
+    def counting_vjp(self, *a):
+        kept.append(len(self.states))
+        return vjp(self, *a)
+
+    monkeypatch.setattr(solver._Heat, "vjp", counting_vjp)
+    for periodic in ((False, False), (True, True)):
+        for dims in splits(comm.size):
+            with Grid((NX, NY), dims=dims, periodic=periodic) as grid:
+                w = np.random.default_rng(22 + comm.rank).standard_normal(grid.local_shape)
+                args = [dist(grid.local(a)) for a in (u0, kappa, f)]
+
+                def objective(*a):
+                    out = solve(*a, DT, H, steps, grid=grid, boundary=boundary, backend="host")
+                    return gpumpiad.mpi_sum((out * out * w).sum())
+
+                results = {}
+                for picks in ((0,), (2,), (5,), (3, 2, 4, 6), (4, 0, 3, 3)):
+                    pick = picks[comm.rank % len(picks)]
+                    monkeypatch.setattr(solver, "_segment_length", lambda b, s, k=pick: k)
+                    agreed = min(picks[q % len(picks)] for q in range(comm.size))
+                    kept.clear()
+                    value, grads = gpumpiad.value_and_grad(objective, argnums=(0, 1, 2))(*args)
+                    results[picks] = [to_numpy(value)] + [to_numpy(g) for g in grads]
+                    want = steps if agreed == 0 else -(-steps // agreed)
+                    parallel_assert(kept == [want], f"dims {dims}, picks {picks}: states kept "
+                                                    f"{kept}, expected {want}")
+                for picks, got in results.items():
+                    same = all(np.array_equal(a, b) for a, b in zip(got, results[(0,)]))
+                    parallel_assert(same, f"periodic {periodic}, dims {dims}, picks {picks}: "
+                                          f"bits differ from every state kept")
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])

@@ -70,11 +70,12 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         an axis the grid makes periodic; edges and corners are never read). The values used
         must be finite.
     checkpoints : int, optional
-        None (default): store all ``steps`` states for the reverse pass; but where the host
-        kernels run on a patch no other rank borders and the states outgrow the core's
-        caches, store the first state of each segment of steps whose states fill about twice
-        its L2 cache, and make the others again a segment at a time in the reverse pass (one
-        more forward sweep instead of the states' trips to memory; the same bits). ``k >= 1``:
+        None (default): store all ``steps`` states for the reverse pass; but where every
+        rank runs the host kernels of a 2-D grid and its states outgrow the core's caches,
+        store the first state of each segment of steps whose states fill about twice the L2
+        cache (the shortest segment any rank picks), and make the others again a segment at
+        a time in the reverse pass (one more forward sweep and its halo exchanges instead of
+        the states' trips to memory; the same bits). ``k >= 1``:
         store at most ``k`` states (the initial one included) and recompute the others with
         binomial checkpointing; see :func:`recompute_steps`. Only kappa's cotangent reads
         the states: a gradient with respect to ``u0`` and ``f`` alone stores none.
@@ -162,7 +163,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     if problem is None:
         problem = _check_arrays(grid, raws)
     kmin = kmax = settings = pads = None
-    nonfinite = ()
+    nonfinite, segment = (), 0
     if problem is None:
         dt, h, steps = float(dt), float(h), int(steps)
         checkpoints = None if checkpoints is None else int(checkpoints)
@@ -173,6 +174,9 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
             frame, ghosts = _frame(grid, boundary, raws[0])
         except (ValueError, TypeError) as exc:
             problem = f"rank {rank}: {exc}"
+        if problem is None and kernels is hostkernels and grid.ndim == 2 and \
+                checkpoints is None and not getattr(kernels, "ASYNCHRONOUS", False):
+            segment = _segment_length(frame.nbytes, steps)
         if problem is None and kernels is hostkernels and \
                 all(a.flags.c_contiguous for a in raws):
             # The padded copies the time loop needs, and the check's statistics, in one pass.
@@ -189,7 +193,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # the states u^n, only f's and kappa's are accumulated over the steps.
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
     reports = _reports(grid.cart, dict(problem=problem, kmin=kmin, kmax=kmax, kappa=wants[1],
-                                       settings=settings, nonfinite=nonfinite))
+                                       settings=settings, nonfinite=nonfinite,
+                                       segment=segment))
     problems = [r["problem"] for r in reports if r["problem"] is not None]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
@@ -224,9 +229,11 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # Recomputing states from checkpoints exchanges halos: when any rank differentiates kappa,
     # every rank keeps (and recomputes) its states, so that they all exchange in step.
     keep_states = any(r["kappa"] for r in reports)
+    # Making states again exchanges halos too: one segment length, or none, on every rank.
+    segment = min(r["segment"] for r in reports) if keep_states else 0
     run = _Heat(grid, kernels, frame, ghosts, dt, h, steps, checkpoints, trajectory, wants,
                 keep_states, retain=getattr(tape, "retain", False), recorded=tape is not None,
-                pads=pads)
+                pads=pads, segment=segment)
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
     return CustomOp(run.forward, run.vjp, name="heat.solve", layout=layout)(*args)
 
@@ -244,7 +251,8 @@ def _reports(cart, report):
     call = "heat.solve's argument check"
     settings = report["settings"]
     numbers = [report["problem"] is not None, math.nan, math.nan, report["kappa"],
-               sum(1 << k for k, name in enumerate(_ARGUMENTS) if name in report["nonfinite"])]
+               sum(1 << k for k, name in enumerate(_ARGUMENTS) if name in report["nonfinite"]),
+               report["segment"]]
     if settings is not None and report["problem"] is None:
         dt, h, steps, checkpoints, trajectory, dtype = settings
         numbers[1:3] = report["kmin"], report["kmax"]
@@ -253,12 +261,13 @@ def _reports(cart, report):
     else:
         numbers += [math.nan] * 6
     table = control.allgather_floats(cart, numbers, call)
-    agreed = table[:, 5:] == table[0, 5:]
+    agreed = table[:, 6:] == table[0, 6:]
     if table[:, 0].any() or not agreed.all():
         return control.allgather(cart, report, call)
     return [dict(problem=None, kmin=float(row[1]), kmax=float(row[2]), kappa=bool(row[3]),
                  settings=settings, nonfinite=tuple(
-                     name for k, name in enumerate(_ARGUMENTS) if int(row[4]) >> k & 1))
+                     name for k, name in enumerate(_ARGUMENTS) if int(row[4]) >> k & 1),
+                 segment=int(row[5]))
             for row in table]
 
 
@@ -283,7 +292,7 @@ class _Heat:
     """One solve: the forward time loop, the states it keeps and the adjoint time loop."""
 
     def __init__(self, grid, kernels, frame, ghosts, dt, h, steps, checkpoints, trajectory,
-                 wants, keep_states, retain=False, recorded=True, pads=None):
+                 wants, keep_states, retain=False, recorded=True, pads=None, segment=0):
         # ghosts: what the frame's ghost ring holds, comparable between solves (None: unknown).
         self.grid, self.kernels, self.frame, self.ghosts = grid, kernels, frame, ghosts
         self.dt, self.r, self.steps = dt, dt / (h * h), steps
@@ -308,7 +317,7 @@ class _Heat:
         self.block = self.addresses = None
         # Host, every state wanted but more than the cache holds: steps per segment, whose
         # first state alone is kept and whose others the reverse pass makes again (0: none).
-        self.segment = 0
+        self.segment = segment
         self.cells = math.prod(shape)
         # The host kernels' loops: arguments checked and converted once per solve, exchanges
         # through preposted persistent requests, and on a patch no other rank borders the
@@ -493,8 +502,6 @@ class _Heat:
             self.halo = halo.Persistent(self.grid, self.frame.dtype)
         self._fill(self.kappa)
         states, free = [u], []
-        if self.keep_states and self.checkpoints is None and self.local:
-            self.segment = _segment_length(self.frame.nbytes, self.steps)
         if self.keep_states and self.checkpoints is None and self.steps and not self.segment:
             # A buffer per state, taken and returned one by one, cost a tenth of a 128²
             # gradient: one block, returned whole (_release).
@@ -671,6 +678,23 @@ class _Heat:
         _recycle(block, self.ghosts)
         return lam
 
+    def _segments_reversed(self, take):
+        """:meth:`_reversed_states` by segments (host loops, halos exchanged): each segment's
+        states made again from its kept first one into one block, then handed out in reverse."""
+        k = self.segment
+        block = _state_block(self.frame, self.ghosts, k - 1)
+        made = list(block)
+        for a in range(k * ((self.steps - 1) // k), -1, -k):
+            b = min(a + k, self.steps)
+            states = [take(a), *made[:b - a - 1]]
+            if b - a > 1:
+                with trace.span("heat.recompute", trace.COMPUTE,
+                                payload=self.cells * (b - a - 1)):
+                    self._run(states, 1)
+            for n in range(b - 1, a - 1, -1):
+                yield n, states[n - a]
+        _recycle(block, self.ghosts)
+
     def _release(self):
         """Return the padded kappa and f (and the block of states) to the kept buffers and free
         the persistent requests: no pass of this solve reads them again."""
@@ -738,6 +762,9 @@ class _Heat:
         if not self.keep_states:
             for n in range(self.steps - 1, -1, -1):
                 yield n, None
+            return
+        if self.segment:
+            yield from self._segments_reversed(take)
             return
         if self.checkpoints is None:
             for n in range(self.steps - 1, -1, -1):
