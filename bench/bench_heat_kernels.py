@@ -18,11 +18,12 @@ prints (and writes to ``--out``) the min and median of each and their ratio.
 in turn and over a buffer per state against one step call per step, at ``--sizes``, and appends
 its table to ``--out``.
 
-``--segments`` times a one-rank gradient of the heat problem of ``bench_peers.py`` (J w.r.t.
-u0, kappa and f, host kernels) with every state kept against the same reverse pass made by
-segments (each segment's first state kept, the others made again): the length the solver picks
-on this machine and fixed ones, alternating, the bits compared first; appends its table to
-``--out``. Pin it to one core (``taskset -c 1``) as ``bench_peers.py`` pins its worker.
+``--segments`` times a gradient of the heat problem of ``bench_peers.py`` (J w.r.t. u0, kappa
+and f, host kernels) with every state kept against the same reverse pass made by segments (each
+segment's first state kept, the others made again): the length the solver picks on this machine
+and fixed ones, alternating, the bits compared first; appends its table to ``--out``. One rank:
+pin it to one core (``taskset -c 1``) as ``bench_peers.py`` pins its worker; under ``mpiexec``
+the grid is split P x 1.
 """
 
 from __future__ import annotations
@@ -189,20 +190,23 @@ def time_loop(sizes, repeats=7):
 
 
 def segments(sizes, lengths=(2, 4, 16), repeats=11):
-    """Rows of (n, steps, policy's length, {length: (min, median) seconds}) of the one-rank
-    gradient with ``solver._segment_length`` fixed to each length (0: every state kept; None:
-    the solver's policy), alternating; raises if any differs from every state kept in a bit."""
+    """Rows of (n, steps, policy's length, {length: (min, median) seconds}) of the gradient on
+    the world's ranks (a P x 1 split) with ``solver._segment_length`` fixed to each length (0:
+    every state kept; None: the solver's policy), alternating, each call after a barrier and
+    timed on the slowest rank; raises if any differs from every state kept in a bit."""
     import gpumpiad as gm
+    from mpi4py import MPI
     from gpumpiad.heat import Grid, solve, solver
     from bench_peers import problem, steps_for
 
+    comm = MPI.COMM_WORLD
     policy = solver._segment_length
     rows = []
     for n in sizes:
         steps = steps_for(n)
         u0, kappa, f, dt, h = problem(n)
-        grid = Grid((n, n))
-        args = [gm.tensor(a, distributed=True) for a in (u0, kappa, f)]
+        grid = Grid((n, n), dims=(comm.size, 1))
+        args = [gm.tensor(grid.local(a), distributed=True) for a in (u0, kappa, f)]
         gradient = gm.value_and_grad(lambda *a: gm.mpi_sum(gm.sum(
             solve(*a, dt, h, steps, grid=grid, backend="host") ** 2)), argnums=(0, 1, 2))
 
@@ -214,7 +218,8 @@ def segments(sizes, lengths=(2, 4, 16), repeats=11):
             finally:
                 solver._segment_length = policy
 
-        chosen = policy(grid.padded_shape[0] * grid.padded_shape[1] * 8, steps)
+        chosen = comm.allreduce(policy(grid.padded_shape[0] * grid.padded_shape[1] * 8, steps),
+                                op=MPI.MIN)
         contenders = [0, None] + [k for k in lengths if k < steps]
         kept = run(0)
         for length in contenders[1:]:
@@ -223,9 +228,10 @@ def segments(sizes, lengths=(2, 4, 16), repeats=11):
         times = {k: [] for k in contenders}
         for _ in range(repeats):
             for length in contenders:
+                comm.Barrier()
                 t0 = time.perf_counter()
                 run(length)
-                times[length].append(time.perf_counter() - t0)
+                times[length].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
         rows.append((n, steps, chosen,
                      {k: (min(v), float(np.median(v))) for k, v in times.items()}))
     return rows
@@ -245,9 +251,15 @@ def main():
     if not hostkernels.available():
         raise SystemExit("host kernels unavailable (no C++ compiler?)")
     if args.segments:
+        from mpi4py import MPI
+        rows = segments(args.sizes)
+        if MPI.COMM_WORLD.rank:
+            return
         model, cores, _ = _machine()
+        ranks = MPI.COMM_WORLD.size
         lines = [
-            "## One-rank gradient: every state kept against segments made again (float64)",
+            f"## Gradient on {ranks} rank{'s' if ranks > 1 else ''}: every state kept against "
+            "segments made again (float64)",
             "",
             f"- CPU: {model} ({cores}); load average (1 min) at the end: "
             f"{os.getloadavg()[0]:.1f}",
@@ -258,7 +270,7 @@ def main():
             "fixed lengths |",
             "|---:|---:|---:|---:|---:|---|",
         ]
-        for n, steps, chosen, t in segments(args.sizes):
+        for n, steps, chosen, t in rows:
             def cell(k):
                 return f"{1e3 * t[k][0]:.2f} ({1e3 * t[k][1]:.2f})"
             fixed = "; ".join(f"{k}: {cell(k)}" for k in t if k not in (0, None))
