@@ -67,6 +67,18 @@ def dist(a):
     return gpumpiad.tensor(a, distributed=True)
 
 
+def kept_states(monkeypatch):
+    """A list to which every reverse pass of a solve appends how many states it holds."""
+    kept, vjp = [], solver._Heat.vjp
+
+    def counting_vjp(self, *a):
+        kept.append(len(self.states))
+        return vjp(self, *a)
+
+    monkeypatch.setattr(solver._Heat, "vjp", counting_vjp)
+    return kept
+
+
 def global_dot(a, b):
     return MPI.COMM_WORLD.allreduce(float(np.vdot(to_numpy(a), to_numpy(b))))
 
@@ -335,14 +347,7 @@ def test_gradient_of_some_arguments_computes_only_theirs(monkeypatch):
     grid = Grid((NX, NY))
     args = [dist(grid.local(a)) for a in global_problem(6)]
     w = np.random.default_rng(7 + comm.rank).standard_normal(grid.local_shape)
-    kept = []
-    vjp = solver._Heat.vjp
-
-    def counting_vjp(self, *a):
-        kept.append(len(self.states))
-        return vjp(self, *a)
-
-    monkeypatch.setattr(solver._Heat, "vjp", counting_vjp)
+    kept = kept_states(monkeypatch)
     for checkpoints in (None, 3):
         def objective(*a):
             out = solve(*a, DT, H, STEPS, grid=grid, boundary=boundary, checkpoints=checkpoints)
@@ -431,14 +436,7 @@ def test_states_made_again_by_segments_give_the_kept_states_bits(monkeypatch):
     rng = np.random.default_rng(40 + comm.rank)
     u0, kappa, f = global_problem(12 + comm.rank)
     w = rng.standard_normal((steps + 1, NX, NY))
-    kept = []
-    vjp, policy = solver._Heat.vjp, solver._segment_length
-
-    def counting_vjp(self, *a):
-        kept.append(len(self.states))
-        return vjp(self, *a)
-
-    monkeypatch.setattr(solver._Heat, "vjp", counting_vjp)
+    kept, policy = kept_states(monkeypatch), solver._segment_length
     for periodic in ((False, False), (True, False), (True, True)):
         grid = Grid((NX, NY), comm=gpumpiad.Comm(MPI.COMM_SELF), periodic=periodic)
         for trajectory in (False, True):
@@ -493,14 +491,7 @@ def test_segments_on_a_decomposed_grid_give_the_kept_states_bits(monkeypatch):
     comm = MPI.COMM_WORLD
     steps = 9
     u0, kappa, f = global_problem(21)
-    kept = []
-    vjp = solver._Heat.vjp
-
-    def counting_vjp(self, *a):
-        kept.append(len(self.states))
-        return vjp(self, *a)
-
-    monkeypatch.setattr(solver._Heat, "vjp", counting_vjp)
+    kept = kept_states(monkeypatch)
     for periodic in ((False, False), (True, True)):
         for dims in splits(comm.size):
             with Grid((NX, NY), dims=dims, periodic=periodic) as grid:
