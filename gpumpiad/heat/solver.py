@@ -660,8 +660,7 @@ class _Heat:
         block = _state_block(self.frame, self.ghosts, k - 1)
         first, stride = block.ctypes.data, block[0].nbytes
         made = list(range(first, first + (k - 1) * stride, stride))
-        for a in range(k * ((self.steps - 1) // k), -1, -k):
-            b = min(a + k, self.steps)
+        for a, b in self._segments():
             start = self.states[a]
             states = [start, *made[:b - a - 1]]
             if b - a > 1:
@@ -678,14 +677,17 @@ class _Heat:
         _recycle(block, self.ghosts)
         return lam
 
+    def _segments(self):
+        """``(a, b)`` for each segment, steps ``a .. b-1``, the last first."""
+        k = self.segment
+        return [(a, min(a + k, self.steps)) for a in range(k * ((self.steps - 1) // k), -1, -k)]
+
     def _segments_reversed(self, take):
         """:meth:`_reversed_states` by segments (host loops, halos exchanged): each segment's
         states made again from its kept first one into one block, then handed out in reverse."""
-        k = self.segment
-        block = _state_block(self.frame, self.ghosts, k - 1)
+        block = _state_block(self.frame, self.ghosts, self.segment - 1)
         made = list(block)
-        for a in range(k * ((self.steps - 1) // k), -1, -k):
-            b = min(a + k, self.steps)
+        for a, b in self._segments():
             states = [take(a), *made[:b - a - 1]]
             if b - a > 1:
                 with trace.span("heat.recompute", trace.COMPUTE,
