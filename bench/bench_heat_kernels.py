@@ -24,6 +24,11 @@ segment's first state kept, the others made again): the length the solver picks 
 and fixed ones, alternating, the bits compared first; appends its table to ``--out``. One rank:
 pin it to one core (``taskset -c 1``) as ``bench_peers.py`` pins its worker; under ``mpiexec``
 the grid is split P x 1.
+
+``--cotangents`` times the host adjoint steps for each choice of cotangents they accumulate
+besides lam (kappa_bar and f_bar, kappa_bar, f_bar, neither) against forward steps, many steps in
+one call as the solver runs them, alternating batches, at ``--sizes``, and appends its table to
+``--out``: what each cotangent costs, against the bytes it moves.
 """
 
 from __future__ import annotations
@@ -152,6 +157,20 @@ def compare_builds(sizes, repeats=7):
     return rows, {m: info for m, (_, info) in libs.items()}
 
 
+def _alternating(variants, steps, repeats):
+    """``{name: (min, median) seconds per step}`` of ``variants`` (``{name: fn}``, each call
+    ``steps`` steps): one call of each in turn, ``repeats`` times, after one warm-up call each."""
+    times = {name: [] for name in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {k: (min(v), float(np.median(v))) for k, v in times.items()}
+
+
 def time_loop(sizes, repeats=7):
     """Rows of (n, steps, {variant: (min, median) seconds per step}) of the host forward loop
     over two buffers in turn (a forward solve) and over a buffer per state (a recording
@@ -177,15 +196,7 @@ def time_loop(sizes, repeats=7):
                     "two buffers": lambda: loop.steps(two),
                     "every state kept, single": lambda: single(own),
                     "every state kept": lambda: loop.steps(own)}
-        times = {name: [] for name in variants}
-        for fn in variants.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) / steps)
-        rows.append((n, steps, {k: (min(v), float(np.median(v))) for k, v in times.items()}))
+        rows.append((n, steps, _alternating(variants, steps, repeats)))
     return rows
 
 
@@ -237,6 +248,42 @@ def segments(sizes, lengths=(2, 4, 16), repeats=11):
     return rows
 
 
+#: Bytes per float64 cell each adjoint variant reads and writes (the step: 32).
+ADJOINT_BYTES = {"kappa_bar and f_bar": 64, "kappa_bar": 48, "f_bar": 40, "neither": 24}
+
+
+def cotangents(sizes, repeats=7):
+    """Rows of (n, {"step" or adjoint variant: (min, median) seconds per step}): the host step
+    and the adjoint with each choice of cotangents (``ADJOINT_BYTES``) as the solver runs them,
+    many steps in one call (``Loop.steps`` one step per sweep, ``Loop.adjoints``), one batch of
+    each in turn, ``repeats`` times."""
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        shape = (n + 2, n + 2)
+        u, kappa, f, lam = (rng.random(shape) for _ in range(4))
+        spare, kb, fb = (np.zeros(shape) for _ in range(3))
+        loop = hostkernels.Loop(kappa, f, 0.2, 1e-3, depths=(1, 2))
+        steps = max(2, int(2e7 / (n * n))) // 2 * 2
+        chain = [u] + [np.zeros(shape), np.zeros(shape)] * (steps // 2)
+        states = [u] * steps
+        variants = {"step": lambda: loop.steps(chain),
+                    "kappa_bar and f_bar": lambda: loop.adjoints(lam, spare, states, kb, fb),
+                    "kappa_bar": lambda: loop.adjoints(lam, spare, states, kb, None),
+                    "f_bar": lambda: loop.adjoints(lam, spare, steps, None, fb),
+                    "neither": lambda: loop.adjoints(lam, spare, steps, None, None)}
+        rows.append((n, _alternating(variants, steps, repeats)))
+    return rows
+
+
+def _append(path, lines):
+    """Print the section ``lines`` and append it to the Markdown file ``path``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(path, "a") as out:
+        out.write("\n" + text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
@@ -247,6 +294,8 @@ def main():
                     help="the host forward loop in one call against one call per step")
     ap.add_argument("--segments", action="store_true",
                     help="a gradient's reverse pass from kept states against segments made again")
+    ap.add_argument("--cotangents", action="store_true",
+                    help="the adjoint kernel for each choice of cotangents against the step")
     args = ap.parse_args()
     if not hostkernels.available():
         raise SystemExit("host kernels unavailable (no C++ compiler?)")
@@ -275,10 +324,31 @@ def main():
                 return f"{1e3 * t[k][0]:.2f} ({1e3 * t[k][1]:.2f})"
             fixed = "; ".join(f"{k}: {cell(k)}" for k in t if k not in (0, None))
             lines.append(f"| {n} | {steps} | {chosen} | {cell(0)} | {cell(None)} | {fixed} |")
-        text = "\n".join(lines) + "\n"
-        print(text)
-        with open(args.out, "a") as out:
-            out.write("\n" + text)
+        _append(args.out, lines)
+        return
+    if args.cotangents:
+        model, cores, caches = _machine()
+        lines = [
+            "## Host adjoint kernel by the cotangents it accumulates, against the step kernel "
+            "(float64)",
+            "",
+            f"- CPU: {model} ({cores}){'; ' + caches if caches else ''}; load average (1 min) at "
+            f"the end: {os.getloadavg()[0]:.1f}",
+            "- per step, min (median) of 7 alternating batches of many steps in one call (the "
+            "adjoint two steps per sweep); bytes per cell each reads and writes (step: 32), and "
+            "the time and bytes against the step's",
+            "",
+            "| n | kernel | B/cell | time [µs] | time / step | bytes / step |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        for n, t in cotangents(args.sizes):
+            step = t["step"]
+            for name, (lo, mid) in t.items():
+                nbytes = ADJOINT_BYTES.get(name, 32)
+                label = "step" if name == "step" else f"adjoint, {name}"
+                lines.append(f"| {n} | {label} | {nbytes} | {1e6 * lo:.1f} ({1e6 * mid:.1f}) | "
+                             f"{lo / step[0]:.2f} ({mid / step[1]:.2f}) | {nbytes / 32:.2f} |")
+        _append(args.out, lines)
         return
     if args.time_loop:
         model, cores, _ = _machine()
@@ -302,10 +372,7 @@ def main():
                           f"{1e6 * lo:.1f} ({1e6 * mid:.1f})",
                           f"{lo / one[0]:.2f} ({mid / one[1]:.2f})"]
             lines.append(f"| {n} | {steps} | " + " | ".join(cells) + " |")
-        text = "\n".join(lines) + "\n"
-        print(text)
-        with open(args.out, "a") as out:
-            out.write("\n" + text)
+        _append(args.out, lines)
         return
     if args.compare_builds:
         rows, infos = compare_builds(args.sizes)
@@ -327,10 +394,7 @@ def main():
             lines.append(f"| {n} | {op} | {pmin * 1e3:.3f} ({pmed * 1e3:.3f}) | "
                          f"{nmin * 1e3:.3f} ({nmed * 1e3:.3f}) | {pmin / nmin:.2f} "
                          f"({pmed / nmed:.2f}) |")
-        text = "\n".join(lines) + "\n"
-        print(text)
-        with open(args.out, "a") as out:
-            out.write("\n" + text)
+        _append(args.out, lines)
         return
 
     model, cores, caches = _machine()
