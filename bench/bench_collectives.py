@@ -295,7 +295,8 @@ def main():
     if comm.rank == 0:
         header = (f"ranks {comm.size}, {MPI.Get_library_version().splitlines()[0].strip()}, "
                   f"mpi4py {__import__('mpi4py').__version__}, numpy {np.__version__}, "
-                  f"Python {platform.python_version()}, {platform.processor() or platform.machine()}"
+                  f"Python {platform.python_version()}, "
+                  f"{platform.processor() or platform.machine()}"
                   f", {os.cpu_count()} CPUs; backend {gp.backend_name()}, data path "
                   f"{transport.path_description()}")
         text = "\n".join([header, ""] + lines) + "\n"

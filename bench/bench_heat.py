@@ -14,8 +14,8 @@ Measured, float64, times are the maximum over ranks of the best of ``--repeats``
 
 * ``copy4``: bandwidth of ``d = a + b + c`` over ``n^2`` cells (3 reads + 1 write), the same
   kernel build as the solver's (``copy4`` in ``kernels/heat.cu``), all ranks at once;
-* T_eff of the step kernel alone and of a solver step (halo exchange included; overlapped on a GPU) at
-  32 B/cell, of the fused adjoint kernel at 64 B/cell (all cotangents) and at 48 B/cell (kappa's
+* T_eff of the step kernel alone and of a solver step (halo exchange included; overlapped on a
+  GPU) at 32 B/cell, of the fused adjoint kernel at 64 B/cell (all cotangents) and at 48 B/cell (kappa's
   alone: what a gradient with respect to kappa runs), each as a ratio to ``copy4``;
 * solver step time with halo exchange over kernel step time without it; the solver step is the
   marginal one, ``(t(N steps) - t(0 steps)) / N``, so that a solve's fixed cost (checks,
@@ -51,7 +51,8 @@ receives::
 forward ratio (with respect to kappa, all states stored, ``max(20, min(1000, 2e7 / n^2))``
 steps) of the host reverse pass in one kernel call (a patch no other rank borders) against the
 same reverse pass one kernel call per step, in ``2 * --repeats`` alternating batches of
-``--repeats`` runs each; it prints min and median of each and the load average, and ``--out`` receives the table when given::
+``--repeats`` runs each; it prints min and median of each and the load average, and ``--out``
+receives the table when given::
 
     mpiexec -n 1 python bench/bench_heat.py --adjoint-loop --sizes 64 256 1024
 """
@@ -294,7 +295,8 @@ def machine():
                     (line.split(":", 1) for line in out.splitlines() if ":" in line))
     except (OSError, subprocess.SubprocessError):
         pass
-    cpu = f"{info.get('Model name', platform.processor())}, {info.get('CPU(s)', os.cpu_count())} CPUs"
+    cpu = (f"{info.get('Model name', platform.processor())}, "
+           f"{info.get('CPU(s)', os.cpu_count())} CPUs")
     gpu = ""
     if gpumpiad.backend_name() == "cupy":
         import cupy

@@ -411,7 +411,8 @@ def main():
     table = ["| n | op | impl | time [ms] | T_eff [GB/s] | copy4 BW [GB/s] | T_eff / copy4 |",
              "|---:|---|---|---:|---:|---:|---:|"]
     np_copy = []
-    print(f"{'n':>5} {'op':>8} {'impl':>6} {'ms':>9} {'T_eff GB/s':>11} {'copy4 GB/s':>11} {'ratio':>6}")
+    print(f"{'n':>5} {'op':>8} {'impl':>6} {'ms':>9} {'T_eff GB/s':>11} {'copy4 GB/s':>11} "
+          f"{'ratio':>6}")
     for n in args.sizes:
         rows, bw, bw_np = bench(n)
         np_copy.append((n, bw_np, bw))

@@ -109,7 +109,8 @@ def main():
         pullback(np.ones(()))
 
     kinds = {"step": step, "network": network, "solver": solver,
-             "bridged cheap objective": bridged_cheap, "cheap objective, gpumpiad.vjp": direct_cheap}
+             "bridged cheap objective": bridged_cheap,
+             "cheap objective, gpumpiad.vjp": direct_cheap}
     for fn in kinds.values():
         fn()
     times = {k: [] for k in kinds}

@@ -72,7 +72,8 @@ def set_timeout(seconds):
     >>> gpumpiad.set_timeout(None)
     """
     if seconds is not None:
-        if (isinstance(seconds, (bool, np.bool_)) or not isinstance(seconds, (int, float, np.number))
+        if (isinstance(seconds, (bool, np.bool_))
+                or not isinstance(seconds, (int, float, np.number))
                 or not 0 < seconds < math.inf):
             raise ValueError(f"rank {MPI.COMM_WORLD.Get_rank()}: set_timeout needs a positive "
                              f"number of seconds or None, got {seconds!r}")

@@ -94,7 +94,8 @@ __device__ __forceinline__ void heat_adjoint_cell(
 // Flat offset of the k-th cell of a halo row/column.
 // side 0 = north (row 1 / ghost row 0), 1 = south (row nx / ghost row nx+1),
 // 2 = west (col 1 / ghost col 0), 3 = east (col ny / ghost col ny+1).
-__device__ __forceinline__ gpumpiad_idx halo_offset(int nx, int ny, int side, int ghost, gpumpiad_idx k)
+__device__ __forceinline__ gpumpiad_idx halo_offset(int nx, int ny, int side, int ghost,
+                                                     gpumpiad_idx k)
 {
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
     switch (side) {

@@ -167,7 +167,8 @@ def test_communicating_custom_ops():
     expected = MPI.COMM_WORLD.allreduce(float(x.numpy() @ y.numpy()))
     parallel_assert(not d.distributed and abs(d.item() - expected) < 1e-12)
     gx, gy = gp.grad(lambda x, y: dist_dot(x, y) * 2.0, argnums=(0, 1))(x, y)
-    parallel_assert(np.allclose(to_numpy(gx), 2 * y.numpy()) and np.allclose(to_numpy(gy), 2 * x.numpy()))
+    parallel_assert(np.allclose(to_numpy(gx), 2 * y.numpy())
+                    and np.allclose(to_numpy(gy), 2 * x.numpy()))
     gp.check_grad(lambda x, y: dist_dot(gp.sin(x), y) ** 2, x, y)
     gp.check_grad(lambda x: dist_norm(x) + dist_dot(x, x), x)
     # A serial parameter feeding a distributed op, then the communicating custom op.

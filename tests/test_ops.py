@@ -37,7 +37,8 @@ def _spread(shape, offset):
     return lambda rng: (rng.permutation(n) * 0.1 - 0.05 * n).reshape(shape) + offset
 
 
-_MASK = np.array([[True, False, True, False], [False, False, True, True], [True, True, False, False]])
+_MASK = np.array([[True, False, True, False], [False, False, True, True],
+                  [True, True, False, False]])
 
 # name -> (family, gpumpiad function, NumPy reference, input generators)
 CASES = {

@@ -146,7 +146,8 @@ def test_what_comes_back_is_the_callers_alone():
         parallel_assert(all(np.array_equal(to_numpy(g), e) for g, e in zip(grads, expected)),
                         f"{name}: a gradient changed with the arguments or the cotangent")
         grads[0][...] = 7.0
-        parallel_assert(all(np.array_equal(to_numpy(g), e) for g, e in zip(grads[1:], expected[1:])),
+        parallel_assert(all(np.array_equal(to_numpy(g), e)
+                            for g, e in zip(grads[1:], expected[1:])),
                         f"{name}: a gradient changed with another")
     _, (ga, gb) = gp.value_and_grad(lambda a, b: a + b, argnums=(0, 1))(np.array(2.0),
                                                                          np.array(3.0))
