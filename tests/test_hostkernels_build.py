@@ -69,6 +69,22 @@ def test_portable_fallback_when_the_compiler_refuses_march(monkeypatch, tmp_path
     assert path_again == path and log.read_text().splitlines()[3:] == ["--version"]
 
 
+def adjoint_with(path, dtype=np.float64):
+    """One adjoint step with κ̄ and f̄ by the library at ``path`` over rows of 45 cells (in
+    float64 the 512-bit loop's vectors, then its scalar tail): lam, kappa_bar, f_bar."""
+    lib = ctypes.CDLL(str(path))
+    fn = getattr(lib, f"host_heat_adjoint_{np.dtype(dtype).name}")
+    real = ctypes.c_double if dtype == np.float64 else ctypes.c_float
+    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int] * 2 + [real] * 2
+                   + [ctypes.c_int] * 5)
+    rng = np.random.default_rng(4)
+    lam_next, kappa, u, kb, fb = (rng.random((23, 47)).astype(dtype) for _ in range(5))
+    lam = np.zeros_like(u)
+    fn(lam_next.ctypes.data, kappa.ctypes.data, u.ctypes.data, lam.ctypes.data, kb.ctypes.data,
+       fb.ctypes.data, 21, 45, 0.23, 1e-3, 1, 22, 1, 46, 3)
+    return lam, kb, fb
+
+
 @needs_host
 def test_native_build_by_default_and_portable_when_forced(monkeypatch, tmp_path):
     compiler, log = fake_compiler(tmp_path, refuse_march=False)
@@ -81,6 +97,8 @@ def test_native_build_by_default_and_portable_when_forced(monkeypatch, tmp_path)
     # No contraction into fused multiply-adds: the two builds compute the same bits.
     for dtype in (np.float32, np.float64):
         assert np.array_equal(step_with(native, dtype), step_with(portable, dtype))
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(adjoint_with(native, dtype), adjoint_with(portable, dtype)))
     with pytest.raises(ValueError, match="GPUMPIAD_HOST_MARCH must be one of"):
         build_with(monkeypatch, tmp_path, compiler, march="fastest")
 
