@@ -324,8 +324,8 @@ static inline int host_adjoint_row_avx512(const double* __restrict__ ln,
     // w at k - 8 .. k - 1 (only its last lane read), k .. k + 7; u likewise at j.
     __m512d w_before = _mm512_maskz_loadu_pd((__mmask8)0x80, wm - 7);
     __m512d w_here = _mm512_loadu_pd(wm + 1);
-    __m512d u_before = KB ? _mm512_maskz_loadu_pd((__mmask8)0x80, u + j0 - 8) : w_here;
-    __m512d u_here = KB ? _mm512_loadu_pd(u + j0) : w_here;
+    __m512d u_before = KB ? _mm512_maskz_loadu_pd((__mmask8)0x80, u + j0 - 8) : _mm512_setzero_pd();
+    __m512d u_here = KB ? _mm512_loadu_pd(u + j0) : _mm512_setzero_pd();
     int j = j0;
     for (gpumpiad_idx k = 1; j + 16 <= j1; j += 8, k += 8) {
         const __m512d w_after = _mm512_loadu_pd(wm + k + 8);

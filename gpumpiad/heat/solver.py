@@ -656,46 +656,46 @@ class _Heat:
         """The reverse loop one segment at a time, the last first: the segment's states made
         again from its kept first one into one block, then its adjoint steps in one call;
         returns the buffer that holds lam^0. Same bits as from stored states."""
-        k, loop = self.segment, self.loop
-        block = _state_block(self.frame, self.ghosts, k - 1)
-        first, stride = block.ctypes.data, block[0].nbytes
-        made = list(range(first, first + (k - 1) * stride, stride))
-        for a, b in self._segments():
-            start = self.states[a]
-            states = [start, *made[:b - a - 1]]
-            if b - a > 1:
-                with trace.span("heat.recompute", trace.COMPUTE,
-                                payload=self.cells * (b - a - 1)):
-                    loop.steps(states)
+        loop = self.loop
+        for a, b, states in self._segments_made_again(self.states.__getitem__, loop.steps,
+                                                       addresses=True):
             with trace.span("heat.adjoint_steps", trace.ADJOINT, payload=self.cells * (b - a)):
                 last = loop.adjoints(lam, spare, states, kappa_bar, f_bar,
                                      None if traj is None else traj[a:b + 1])
             if last is not lam:
                 lam, spare = spare, lam
-            if id(start) not in kept:
-                _recycle(start, self.ghosts)
-        _recycle(block, self.ghosts)
+            if id(states[0]) not in kept:
+                _recycle(states[0], self.ghosts)
         return lam
 
-    def _segments(self):
-        """``(a, b)`` for each segment, steps ``a .. b-1``, the last first."""
+    def _segments_made_again(self, take, make, addresses=False):
+        """``(a, b, states)`` for each segment of steps ``a .. b-1``, the last first:
+        ``states`` is u^a (``take(a)``) and the segment's other states, made again by
+        ``make(states)`` into one block (their data addresses, given ``addresses``) that goes
+        back to the kept buffers after the last segment."""
         k = self.segment
-        return [(a, min(a + k, self.steps)) for a in range(k * ((self.steps - 1) // k), -1, -k)]
-
-    def _segments_reversed(self, take):
-        """:meth:`_reversed_states` by segments (host loops, halos exchanged): each segment's
-        states made again from its kept first one into one block, then handed out in reverse."""
-        block = _state_block(self.frame, self.ghosts, self.segment - 1)
-        made = list(block)
-        for a, b in self._segments():
+        block = _state_block(self.frame, self.ghosts, k - 1)
+        if addresses:
+            first, stride = block.ctypes.data, block[0].nbytes
+            made = list(range(first, first + (k - 1) * stride, stride))
+        else:
+            made = list(block)
+        for a in range(k * ((self.steps - 1) // k), -1, -k):
+            b = min(a + k, self.steps)
             states = [take(a), *made[:b - a - 1]]
             if b - a > 1:
                 with trace.span("heat.recompute", trace.COMPUTE,
                                 payload=self.cells * (b - a - 1)):
-                    self._run(states, 1)
+                    make(states)
+            yield a, b, states
+        _recycle(block, self.ghosts)
+
+    def _segments_reversed(self, take):
+        """:meth:`_reversed_states` by segments (host loops, halos exchanged while the states
+        are made again)."""
+        for a, b, states in self._segments_made_again(take, lambda s: self._run(s, 1)):
             for n in range(b - 1, a - 1, -1):
                 yield n, states[n - a]
-        _recycle(block, self.ghosts)
 
     def _release(self):
         """Return the padded kappa and f (and the block of states) to the kept buffers and free
