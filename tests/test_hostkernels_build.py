@@ -1,8 +1,10 @@
 """The host build of kernels/heat.cu: flags for the machine with a portable fallback, the host
 loops the solver runs (many steps per call, persistent halo requests)."""
 import ctypes
+import gc
 import os
 import stat
+import weakref
 
 import numpy as np
 import pytest
@@ -178,6 +180,31 @@ def test_many_steps_per_call_give_the_bits_of_single_steps(dtype, wrap):
     loop.adjoint(lam_next, u, lam, kb, fb)
     assert all(np.array_equal(g, w) for g, w in zip((lam, kb, fb), want))
 
+
+
+def test_loop_holds_its_fields_given_as_temporaries():
+    # The kernels read kappa and f through the addresses the loop took: fields that only the
+    # loop refers to must stay alive and unchanged, whatever memory is allocated afterwards.
+    fields = [np.ones((6, 5)), np.zeros((6, 5))]
+    alive = [weakref.ref(a) for a in fields]
+    loop = hostkernels.Loop(*fields, 0.2, 1e-3)
+    del fields
+    gc.collect()
+    assert all(ref() is not None for ref in alive)
+    del loop
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+    rng = np.random.default_rng(6)
+    shape = (258, 258)
+    kappa, f, first = (rng.random(shape) for _ in range(3))
+    loop = hostkernels.Loop(kappa.copy(), f.copy(), 0.2, 1e-3)
+    gc.collect()
+    clutter = [np.full(shape, np.nan) for _ in range(8)]
+    states = [first, np.zeros(shape), np.zeros(shape)]
+    loop.steps(states)
+    want = [first, np.zeros(shape), np.zeros(shape)]
+    hostkernels.Loop(kappa, f, 0.2, 1e-3).steps(want)
+    assert np.array_equal(states[-1], want[-1]) and len(clutter) == 8
 
 def splits(size):
     return [(size, 1), (1, size)] if size > 1 else [(1, 1)]

@@ -370,9 +370,10 @@ def copy4(a, b, c, d):
 class Loop:
     """The host kernels of one solve's time loops, their arguments checked and converted once.
 
-    ``kappa`` and ``f`` are the solve's padded fields; every state and cotangent buffer the
-    loop is given afterwards must be a C-contiguous array of their shape and dtype that the
-    solver owns (they are not checked again: the checks cost more than a small patch's step).
+    ``kappa`` and ``f`` are the solve's padded fields, which the loop holds on to (the kernels
+    read them through their addresses); every state and cotangent buffer the loop is given
+    afterwards must be a C-contiguous array of their shape and dtype that the solver owns (they
+    are not checked again: the checks cost more than a small patch's step).
     ``wrap``: ``(along i, along j)``, whether the patch is its own neighbour along that axis
     (one patch along a periodic axis): those ghosts are then filled by the kernels, not MPI.
     ``depths``: steps per sweep over the rows, ``(forward, reverse)`` (the reverse one even);
@@ -399,7 +400,7 @@ class Loop:
 
     __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fixed", "_dims",
                  "_scalars", "_wraps", "_pointers", "_kappa", "_whole", "_dtype", "_interior",
-                 "depths")
+                 "_fields", "depths")
 
     def __init__(self, kappa, f, r, dt, wrap=(False, False), depths=None):
         dtype, nx, ny, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [])
@@ -421,6 +422,7 @@ class Loop:
         n_x, n_y = ctypes.c_int(nx), ctypes.c_int(ny)
         self._kappa = ctypes.c_void_p(ka)
         self._fixed = (self._kappa, ctypes.c_void_p(fa))
+        self._fields = (kappa, f)
         self._dims = (n_x, n_y)
         self._scalars = (real(r), real(dt))
         self._wraps = (ctypes.c_int(int(bool(wrap[0]))), ctypes.c_int(int(bool(wrap[1]))))
