@@ -310,7 +310,8 @@ static void host_heat_step(const T* __restrict__ u, const T* __restrict__ kappa,
 // cell left: the -1 and +1 neighbours along j of w's middle row and of u's row come from the
 // vectors before and after (valignq), one load per row instead of three. The same operations
 // in the same order as the loop below, so the same bits; 6-13 % less time per adjoint step
-// from 128² to 512² (bench/results/heat_kernels_cpu.md).
+// from 128² to 512² (bench/results/heat_kernels_cpu.md). Rows of fewer than 16 cells are left
+// to the loop: the first vectors would reach past their ends.
 template <bool KB, bool FB>
 static inline int host_adjoint_row_avx512(const double* __restrict__ ln,
                                           const double* __restrict__ wu,
@@ -320,6 +321,7 @@ static inline int host_adjoint_row_avx512(const double* __restrict__ ln,
                                           double* __restrict__ kb, double* __restrict__ fb,
                                           gpumpiad_idx s, double r, double dt, int j0, int j1)
 {
+    if (j1 - j0 < 16) return j0;
     const __m512d vr = _mm512_set1_pd(r), vdt = _mm512_set1_pd(dt), four = _mm512_set1_pd(4.0);
     // w at k - 8 .. k - 1 (only its last lane read), k .. k + 7; u likewise at j.
     __m512d w_before = _mm512_maskz_loadu_pd((__mmask8)0x80, wm - 7);

@@ -473,6 +473,57 @@ def test_host_rejects_bad_arguments():
         hostkernels.adjoint(u, ok[0], None, ok[1], ok[2], None, 0.1, 0.1, 1, 4, 1, 5)
 
 
+GUARDED = """
+import ctypes, mmap, sys
+import numpy as np
+from gpumpiad.heat import hostkernels, stencil
+
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+
+def guarded(a):
+    # A copy of a whose last byte is the last before a page nobody may read.
+    pages = -(-a.nbytes // mmap.PAGESIZE)
+    memory = mmap.mmap(-1, (pages + 1) * mmap.PAGESIZE)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    assert libc.mprotect(start + pages * mmap.PAGESIZE, mmap.PAGESIZE, 0) == 0
+    out = np.frombuffer(memory, a.dtype, a.size, pages * mmap.PAGESIZE - a.nbytes)
+    out = out.reshape(a.shape)
+    out[...] = a
+    keep.append(memory)
+    return out
+
+def close(got, want):
+    scale = max(float(np.abs(w).max()) for w in want)
+    return all(np.abs(g - w).max() <= 1e-13 * scale for g, w in zip(got, want))
+
+rng = np.random.default_rng(0)
+for ny in range(1, 20):
+    lam_next, kappa, u, kb, fb = (rng.standard_normal((6, ny + 2)) for _ in range(5))
+    rect = (1, 5, 1, ny + 1)
+    want = [np.zeros_like(u), kb.copy(), fb.copy()]
+    stencil.adjoint(lam_next, kappa, u, *want, 0.2, 0.01, *rect)
+    got = [guarded(np.zeros_like(u)), guarded(kb), guarded(fb)]
+    hostkernels.adjoint(*map(guarded, (lam_next, kappa, u)), *got, 0.2, 0.01, *rect)
+    assert close(got, want), ny
+    loop = hostkernels.Loop(guarded(kappa), np.zeros_like(kappa), 0.2, 0.01)
+    lam, spare = guarded(lam_next), guarded(np.zeros_like(u))
+    loop.adjoints(lam, spare, [guarded(u)] * 3, guarded(kb), guarded(fb))
+print("ok")
+"""
+
+
+@needs_host
+def test_host_kernels_touch_nothing_past_their_arrays_on_narrow_patches():
+    # Every field ends right before a page nobody may touch, on patches 1 to 19 cells wide: the
+    # adjoint's vector loop must not load a row's first vectors where the row is shorter.
+    proc = subprocess.run([sys.executable, "-c", GUARDED], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode,
+                                                                 proc.stderr[-2000:])
+
+
 @needs_host
 def test_host_quick_checks_catch_what_the_full_checks_do():
     """The kernels' cheap first-pass checks let nothing through that the full checks refuse:
