@@ -500,14 +500,20 @@ def close(got, want):
 
 rng = np.random.default_rng(0)
 for ny in range(1, 20):
-    lam_next, kappa, u, kb, fb = (rng.standard_normal((6, ny + 2)) for _ in range(5))
+    lam_next, kappa, u, f, kb, fb = (rng.standard_normal((6, ny + 2)) for _ in range(6))
     rect = (1, 5, 1, ny + 1)
+    want = [np.zeros_like(u)]
+    stencil.step(u, kappa, f, *want, 0.2, 0.01, *rect)
+    got = [guarded(np.zeros_like(u))]
+    hostkernels.step(*map(guarded, (u, kappa, f)), *got, 0.2, 0.01, *rect)
+    assert close(got, want), ny
+    loop = hostkernels.Loop(guarded(kappa), guarded(f), 0.2, 0.01)
+    loop.steps([guarded(u), guarded(np.zeros_like(u)), guarded(np.zeros_like(u))])
     want = [np.zeros_like(u), kb.copy(), fb.copy()]
     stencil.adjoint(lam_next, kappa, u, *want, 0.2, 0.01, *rect)
     got = [guarded(np.zeros_like(u)), guarded(kb), guarded(fb)]
     hostkernels.adjoint(*map(guarded, (lam_next, kappa, u)), *got, 0.2, 0.01, *rect)
     assert close(got, want), ny
-    loop = hostkernels.Loop(guarded(kappa), np.zeros_like(kappa), 0.2, 0.01)
     lam, spare = guarded(lam_next), guarded(np.zeros_like(u))
     loop.adjoints(lam, spare, [guarded(u)] * 3, guarded(kb), guarded(fb))
 print("ok")
@@ -517,7 +523,7 @@ print("ok")
 @needs_host
 def test_host_kernels_touch_nothing_past_their_arrays_on_narrow_patches():
     # Every field ends right before a page nobody may touch, on patches 1 to 19 cells wide: the
-    # adjoint's vector loop must not load a row's first vectors where the row is shorter.
+    # vector loops must not load a row's first vectors where the row is shorter than them.
     proc = subprocess.run([sys.executable, "-c", GUARDED], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode,
