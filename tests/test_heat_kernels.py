@@ -549,6 +549,11 @@ def test_host_quick_checks_catch_what_the_full_checks_do():
         hostkernels.pack(u, memory[20:28], 0, 0)
     with pytest.raises(ValueError, match="u must be writable"):
         hostkernels.unpack(frozen, np.zeros(8), 0, 0, 0)
+    with pytest.raises(ValueError, match="d must not overlap a"):
+        hostkernels.copy4(memory[:8], np.ones(8), np.ones(8), memory[1:9])
+    skewed = np.frombuffer(np.zeros(31 * 8 + 1, np.uint8), np.float64, 30, 1).reshape(5, 6)
+    with pytest.raises(ValueError, match="kappa must be aligned to its 8-byte elements"):
+        hostkernels.step(u, skewed, ok[0], ok[1], 0.1, 0.1, 1, 4, 1, 5)
 
 
 @needs_host

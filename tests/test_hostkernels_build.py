@@ -207,6 +207,19 @@ def test_loop_holds_its_fields_given_as_temporaries():
     hostkernels.Loop(kappa, f, 0.2, 1e-3).steps(want)
     assert np.array_equal(states[-1], want[-1]) and len(clutter) == 8
 
+
+def test_loop_refuses_no_states_and_depths_it_cannot_run():
+    kappa, f = np.ones((6, 5)), np.zeros((6, 5))
+    with pytest.raises(ValueError, match="steps needs the first state"):
+        hostkernels.Loop(kappa, f, 0.1, 1e-3).steps([])
+    for depths in ((0, 2), (2, 0), (2, 3), (65, 2), (2, 66), (2, 2 ** 32), (2 ** 31, 2),
+                   (2.0, 2), (True, 2)):
+        with pytest.raises(ValueError, match="depths must be"):
+            hostkernels.Loop(kappa, f, 0.1, 1e-3, depths=depths)
+    top = hostkernels.MAX_DEPTH
+    assert hostkernels.Loop(kappa, f, 0.1, 1e-3, depths=(top, top)).depths == (top, top)
+
+
 def splits(size):
     return [(size, 1), (1, size)] if size > 1 else [(1, 1)]
 

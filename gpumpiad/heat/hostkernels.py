@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import kernelbuild
+from ..arguments import is_int
 from ..kernelbuild import CXXFLAGS, NATIVE_FLAGS
 from .stencil import check_rect, grads
 
@@ -49,6 +50,9 @@ _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 DEEP_SWEEP_BYTES = 4 << 20
 DEEP_DEPTHS = (8, 4)
 SHALLOW_DEPTHS = (2, 2)
+#: The most steps one sweep takes: a reverse sweep holds 5 rows per step in its ring, and
+#: sweeps past 8 steps measured no faster.
+MAX_DEPTH = 64
 
 _lock = threading.Lock()
 _lib = None
@@ -166,6 +170,9 @@ def _check_array(name, a, dtype=None, writable=False):
         raise ValueError(f"{name} has dtype {a.dtype}, expected {dtype}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    if not a.flags.aligned:
+        # The kernels' loops may step to a vector boundary assuming whole elements.
+        raise ValueError(f"{name} must be aligned to its {a.dtype.itemsize}-byte elements")
     if writable and not a.flags.writeable:
         raise ValueError(f"{name} must be writable")
     return a
@@ -251,7 +258,8 @@ def _fields(inputs, outputs):
             if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape:
                 break
             flags = a.flags
-            if not flags.c_contiguous or (len(addresses) >= count and not flags.writeable):
+            if not (flags.c_contiguous and flags.aligned) or \
+                    (len(addresses) >= count and not flags.writeable):
                 break
             addresses.append(_address(a, flags.writeable))
         else:
@@ -357,13 +365,16 @@ def copy4(a, b, c, d):
     a, b, c : numpy.ndarray
         Inputs, same dtype and size as ``d``.
     d : numpy.ndarray
-        Output.
+        Output, overlapping no input.
     """
     _check_array("a", a)
     for name, x in (("b", b), ("c", c), ("d", d)):
         _check_array(name, x, a.dtype, writable=name == "d")
         if x.size != a.size:
             raise ValueError(f"{name} has {x.size} elements, expected {a.size}")
+    for name, x in (("a", a), ("b", b), ("c", c)):
+        if np.may_share_memory(d, x):
+            raise ValueError(f"d must not overlap {name}")
     _fn("host_copy4", a.dtype)(a.ctypes.data, b.ctypes.data, c.ctypes.data, d.ctypes.data, a.size)
 
 
@@ -383,8 +394,8 @@ class Loop:
     Raises
     ------
     ValueError
-        On wrong dtype, layout or shape of ``kappa`` or ``f``, or on depths below 1 (forward)
-        or not even and positive (reverse).
+        On wrong dtype, layout or shape of ``kappa`` or ``f``, or on depths that are not ints
+        from 1 (forward) or even from 2 (reverse) to :data:`MAX_DEPTH`.
 
     Examples
     --------
@@ -407,8 +418,10 @@ class Loop:
         if depths is None:
             depths = DEEP_DEPTHS if kappa.nbytes >= DEEP_SWEEP_BYTES else SHALLOW_DEPTHS
         forward, reverse = depths
-        if forward < 1 or reverse < 2 or reverse % 2:
-            raise ValueError(f"depths must be (forward >= 1, reverse even >= 2), got {depths!r}")
+        if not (is_int(forward) and is_int(reverse) and 1 <= forward <= MAX_DEPTH and
+                2 <= reverse <= MAX_DEPTH and reverse % 2 == 0):
+            raise ValueError(f"depths must be (forward 1 .. {MAX_DEPTH}, reverse even 2 .. "
+                             f"{MAX_DEPTH}), got {depths!r}")
         #: Steps per sweep over the rows, ``(forward, reverse)``.
         self.depths = (int(forward), int(reverse))
         suffix = _DTYPES[dtype]
@@ -454,6 +467,8 @@ class Loop:
         the first of a pair in a ring of rows when a later state overwrites its buffer): the
         bits of single steps. A state may be given as its buffer's data address (an int)
         instead."""
+        if not states:
+            raise ValueError("steps needs the first state, got no states")
         table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
                                                   for a in states))
         self._steps(table, *self._fixed, *self._dims, *self._scalars,
