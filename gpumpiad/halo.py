@@ -745,9 +745,13 @@ class Persistent:
 
     def exchange(self, a):
         """Fill the ghosts of ``a`` (``grid.padded_shape``, this exchange's dtype) facing a
-        neighbour from that neighbour, in place; returns ``a``."""
+        neighbour from that neighbour, in place; returns ``a``. After :meth:`free`, a
+        ``RuntimeError``."""
         requests = self._requests
         if not requests:
+            if requests is None:
+                raise RuntimeError(f"rank {MPI.COMM_WORLD.rank}: halo.Persistent.exchange after "
+                                   "free(): its requests are released")
             return a
         with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
             for index, buf in self._send:
@@ -765,7 +769,7 @@ class Persistent:
 
     def free(self):
         """Release the requests (those still in flight after a failed wait once complete)."""
-        requests, self._requests = getattr(self, "_requests", None), []
+        requests, self._requests = getattr(self, "_requests", None), None
         if not requests or MPI.Is_finalized():
             return
         if self._active and _abandoned is not None:

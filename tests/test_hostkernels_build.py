@@ -220,6 +220,18 @@ def test_loop_refuses_no_states_and_depths_it_cannot_run():
     assert hostkernels.Loop(kappa, f, 0.1, 1e-3, depths=(top, top)).depths == (top, top)
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+def test_persistent_exchange_after_free_is_an_error(periodic):
+    grid = Grid((4, 3), periodic=periodic)
+    u = np.arange(30.0).reshape(grid.padded_shape)
+    exchange = halo.Persistent(grid, u.dtype)
+    assert exchange.exchange(u) is u
+    exchange.free()
+    with pytest.raises(RuntimeError, match="rank 0: halo.Persistent.exchange after free"):
+        exchange.exchange(u)
+    exchange.free()
+
+
 def splits(size):
     return [(size, 1), (1, size)] if size > 1 else [(1, 1)]
 
