@@ -24,6 +24,7 @@ import pytest
 
 from gpumpiad.heat import cudakernels
 from gpumpiad.heat import hostkernels, stencil
+from test_heat3d_kernels import _device
 
 DTYPES = ("float32", "float64")
 OPS = ("heat_step", "heat_adjoint", "halo_pack", "halo_unpack", "copy4")
@@ -361,7 +362,7 @@ def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
     nx, ny = 9, 6
     r, dt = 0.2, 0.01
     rect = (2, 9, 1, 6)
-    u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
+    u, kappa, f, lam_next, kb0, fb0 = map(_device, _rand_fields(rng, nx, ny, dtype, 6))
     got, want = np.zeros_like(u), np.zeros_like(u)
     cudakernels.launch_step(u, kappa, f, got, r, dt, *rect)
     stencil.step(u, kappa, f, want, r, dt, *rect)
@@ -382,7 +383,7 @@ def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
     for side in range(4):
         n = ny if side < 2 else nx
         for ghost in (0, 1):
-            buf_g, buf_w = np.zeros(n, dtype), np.zeros(n, dtype)
+            buf_g, buf_w = _device(np.zeros(n, dtype)), np.zeros(n, dtype)
             cudakernels.launch_pack(u, buf_g, side, ghost)
             stencil.pack(u, buf_w, side, ghost)
             np.testing.assert_array_equal(buf_g, buf_w)
@@ -391,7 +392,7 @@ def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
                 cudakernels.launch_unpack(v_g, buf_g, side, ghost, add)
                 stencil.unpack(v_w, buf_w, side, ghost, add)
                 np.testing.assert_array_equal(v_g, v_w)
-    a, b, c, d = (x.ravel() for x in _rand_fields(rng, nx, ny, dtype, 4))
+    a, b, c, d = (_device(x.ravel()) for x in _rand_fields(rng, nx, ny, dtype, 4))
     cudakernels.launch_copy4(a, b, c, d)
     np.testing.assert_array_equal(d, a + b + c)
 
@@ -429,7 +430,7 @@ def test_cudakernels_grid_stride_loops_cover_each_cell_once(monkeypatch, dtype):
     nx, ny = 9, 6
     r, dt = 0.2, 0.01
     rect = (2, 9, 1, 6)
-    u, kappa, f, lam_next, kb0, fb0 = _rand_fields(rng, nx, ny, dtype, 6)
+    u, kappa, f, lam_next, kb0, fb0 = map(_device, _rand_fields(rng, nx, ny, dtype, 6))
     try:
         got, want = np.zeros_like(u), np.zeros_like(u)
         cudakernels.launch_step(u, kappa, f, got, r, dt, *rect)
@@ -528,6 +529,30 @@ def test_host_kernels_touch_nothing_past_their_arrays_on_narrow_patches():
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode,
                                                                  proc.stderr[-2000:])
+
+
+def test_cuda_launchers_refuse_outputs_that_overlap_their_inputs():
+    """As the host kernels and the 3-D launchers do: a kernel writing memory it also reads
+    would race (checked before any launch, so no GPU is needed)."""
+    memory = np.zeros(64)
+    u, shifted = _device(memory[:30].reshape(5, 6)), _device(memory[3:33].reshape(5, 6))
+    ok = [_device(np.zeros((5, 6))) for _ in range(3)]
+    with pytest.raises(ValueError, match="u_new must not overlap u"):
+        cudakernels.launch_step(u, ok[0], ok[1], u, 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="u_new must not overlap u"):
+        cudakernels.launch_step(u, ok[0], ok[1], shifted, 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="lam must not overlap kappa_bar"):
+        cudakernels.launch_adjoint(u, ok[0], ok[1], ok[2], ok[2], None, 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="f_bar must not overlap lam_next"):
+        cudakernels.launch_adjoint(u, ok[0], None, ok[1], None, u, 0.1, 0.1, 1, 4, 1, 5)
+    with pytest.raises(ValueError, match="buf must not overlap u"):
+        cudakernels.launch_pack(u, _device(memory[20:28]), 0, 0)
+    with pytest.raises(ValueError, match="buf must not overlap u"):
+        cudakernels.launch_unpack(u, _device(memory[20:28]), 0, 0, 0)
+    flat = _device(memory[:8])
+    with pytest.raises(ValueError, match="d must not overlap b"):
+        cudakernels.launch_copy4(_device(np.ones(8)), flat, _device(np.ones(8)),
+                                 _device(memory[4:12]))
 
 
 @needs_host

@@ -124,8 +124,16 @@ def _suffix(name, a):
         raise ValueError(f"{name} must be float32 or float64, got {a.dtype}") from None
 
 
-def _check_fields(fields):
-    """Check padded C-contiguous device fields; return (dtype, nx, ny)."""
+def _overlap(a, b):
+    """Whether the memory of contiguous device arrays ``a`` and ``b`` overlaps."""
+    pa, pb = a.data.ptr, b.data.ptr
+    return pa < pb + b.nbytes and pb < pa + a.nbytes
+
+
+def _check_fields(fields, inputs):
+    """Check padded C-contiguous device fields ((name, array) pairs, the first ``inputs`` of
+    them read, the others written: no output may overlap another field); return
+    (dtype, nx, ny)."""
     first_name, first = fields[0]
     if first.ndim != 2 or first.shape[0] < 3 or first.shape[1] < 3:
         raise ValueError(f"{first_name} must be 2-D of shape (nx+2, ny+2) with nx, ny >= 1, "
@@ -138,6 +146,13 @@ def _check_fields(fields):
             raise ValueError(f"{name} has shape {a.shape}, expected {first.shape}")
         if not a.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
+    # Equal-sized contiguous arrays overlap exactly when their starts are closer than their
+    # size.
+    starts = [a.data.ptr for _, a in fields]
+    for k in range(inputs, len(fields)):
+        for m in range(len(fields)):
+            if m != k and abs(starts[m] - starts[k]) < first.nbytes:
+                raise ValueError(f"{fields[k][0]} must not overlap {fields[m][0]}")
     return np.dtype(first.dtype), first.shape[0] - 2, first.shape[1] - 2
 
 
@@ -163,7 +178,7 @@ def launch_step(u, kappa, f, u_new, r, dt, i0, i1, j0, j1):
     i0, i1, j0, j1 : int
         Half-open interior sub-rectangle.
     """
-    dtype, nx, ny = _check_fields([("u", u), ("kappa", kappa), ("f", f), ("u_new", u_new)])
+    dtype, nx, ny = _check_fields([("u", u), ("kappa", kappa), ("f", f), ("u_new", u_new)], 3)
     i0, i1, j0, j1 = check_rect(nx, ny, i0, i1, j0, j1)
     if i0 == i1 or j0 == j1:
         return
@@ -194,7 +209,8 @@ def launch_adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt, i0, i1, j0,
     mask = grads(u, kappa_bar, f_bar)
     fields = (("lam_next", lam_next), ("kappa", kappa), ("u", u),
               ("lam", lam), ("kappa_bar", kappa_bar), ("f_bar", f_bar))
-    dtype, nx, ny = _check_fields([(n, a) for n, a in fields if a is not None])
+    dtype, nx, ny = _check_fields([(n, a) for n, a in fields if a is not None],
+                                  2 if u is None else 3)
     i0, i1, j0, j1 = check_rect(nx, ny, i0, i1, j0, j1)
     if i0 == i1 or j0 == j1:
         return
@@ -211,7 +227,7 @@ def launch_adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt, i0, i1, j0,
 
 
 def _check_halo(u, buf, side, ghost):
-    dtype, nx, ny = _check_fields([("u", u)])
+    dtype, nx, ny = _check_fields([("u", u)], 1)
     if buf.dtype != dtype:
         raise ValueError(f"buf has dtype {buf.dtype}, expected {dtype}")
     if not buf.flags.c_contiguous:
@@ -224,6 +240,8 @@ def _check_halo(u, buf, side, ghost):
     n = ny if side < 2 else nx
     if buf.size < n:
         raise ValueError(f"buf has {buf.size} elements, need at least {n}")
+    if _overlap(u, buf):
+        raise ValueError("buf must not overlap u")
     return dtype, nx, ny, side, ghost, n
 
 
@@ -281,6 +299,8 @@ def launch_copy4(a, b, c, d):
     for name, x in (("a", a), ("b", b), ("c", c), ("d", d)):
         if x.dtype != a.dtype or x.size != a.size or not x.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous with a's dtype and size")
+        if name != "d" and _overlap(d, x):
+            raise ValueError(f"d must not overlap {name}")
     if a.size == 0:
         return
     grid, block = _grid1d(a.size)
