@@ -308,7 +308,7 @@ static inline T host_step_value(const T* __restrict__ up, const T* __restrict__ 
 // left: mid's -1 and +1 neighbours along j from the vectors before and after it (valignq), as
 // in host_adjoint_row_avx512, 5 loads per 8 cells instead of 7, and the stores aligned to 64
 // bytes (the cells before the first aligned one one by one). The same operations in the same
-// order as the loop, so the same bits; 5-26 % less time per step from 128² to 512²
+// order as the loop, so the same bits; 18-28 % less time per step from 128² to 512²
 // (bench/results/heat_kernels_cpu.md). Rows of fewer than 16 cells are left to the loop.
 static inline int host_step_row_avx512(const double* __restrict__ up,
                                        const double* __restrict__ mid,
