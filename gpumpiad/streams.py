@@ -26,6 +26,8 @@ from . import backend, trace
 
 _pairs = {}   # device id -> (compute stream, communication stream)
 _pairs_lock = threading.Lock()
+# Below every device's range (CUDA's is [-5, 0] on current GPUs); CuPy has no call for the range.
+_HIGHEST_PRIORITY = -(1 << 20)
 
 
 def _streams():
@@ -36,10 +38,11 @@ def _streams():
         with _pairs_lock:
             pair = _pairs.get(device)
             if pair is None:
-                # The runtime's range is (least, greatest) priority; greatest is the lowest number.
-                _, highest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
+                # CUDA clamps a priority outside the device's range to the range's end, and the
+                # lowest number is the greatest priority: this is the device's highest.
                 pair = _pairs[device] = (cupy.cuda.Stream(non_blocking=True),
-                                         cupy.cuda.Stream(non_blocking=True, priority=highest))
+                                         cupy.cuda.Stream(non_blocking=True,
+                                                          priority=_HIGHEST_PRIORITY))
     return pair
 
 

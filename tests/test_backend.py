@@ -83,6 +83,16 @@ def test_cupy_backend_on_gpu():
     assert abs(float(second)) < 1e-12
 
 
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_communication_stream_has_the_devices_highest_priority():
+    code = ("from gpumpiad import streams; "
+            "print(streams.comm_stream().priority, streams.compute_stream().priority)")
+    res = _run("cupy", code)
+    assert res.returncode == 0, res.stderr
+    comm, compute = map(int, res.stdout.split())
+    assert comm < compute == 0
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_node_local_rank_from_the_launcher_or_a_split(monkeypatch):
     """One node here: the node-local rank is the world rank, whether read from the launcher's

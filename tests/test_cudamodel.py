@@ -572,3 +572,67 @@ def test_no_host_wait_comes_before_a_steps_interior_kernel(nprocs, cuda_aware, p
         assert "forward max 0 mean 0.00; adjoint max 0 mean 0.00" in row, row
         assert "for compute / all: forward 0.00 /" in row and "adjoint (whole gradient) 0.00 /" \
             in row, row
+
+
+# What the model adds for its own bookkeeping; every other public name must be CuPy's.
+MODEL_ONLY = {"cupy": {"MODEL", "KERNELS", "DEVICE_POOL", "PINNED_POOL", "Hazard",
+                       "current_agent"},
+              "cupy.cuda": {"MODEL"}, "cupyx": {"MODEL", "PINNED_POOL"}}
+
+NAMES_CHECK = """
+import importlib, inspect, json, sys
+names = {}
+for module in ("cupy", "cupy.cuda", "cupyx"):
+    m = importlib.import_module(module)
+    for name in dir(m):
+        if name.startswith("_"):
+            continue
+        value = getattr(m, name)
+        if inspect.ismodule(value) and not value.__name__.startswith("cupy"):
+            continue
+        own = vars(value) if inspect.isclass(value) else {}
+        names[module + "." + name] = sorted(a for a in own if not a.startswith("_"))
+print(json.dumps(names))
+"""
+
+
+def test_the_models_names_are_cupys():
+    """Every public name the model defines (module attributes, and the attributes its classes
+    and namespaces define themselves) exists in the installed CuPy, so code that runs on the
+    model does not call what CuPy lacks. Needs CuPy importable (no GPU needed)."""
+    import json
+    plain = subprocess.run([sys.executable, "-c", "import cupy"], capture_output=True)
+    if plain.returncode != 0:
+        pytest.skip("CuPy is not installed")
+    env = dict(os.environ, PYTHONPATH=MODEL_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    model = json.loads(subprocess.run([sys.executable, "-c", NAMES_CHECK], env=env, check=True,
+                                      capture_output=True, text=True, timeout=120).stdout)
+    lookup = """
+import importlib, json, sys
+missing = []
+for path in json.load(sys.stdin):
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ImportError:
+            continue
+    for part in parts[i:]:
+        obj = getattr(obj, part, missing)
+        if obj is missing:
+            missing.append(path)
+            break
+print(json.dumps(missing))
+"""
+    wanted = []
+    for path, members in model.items():
+        module, name = path.rsplit(".", 1)
+        if name in MODEL_ONLY.get(module, ()):
+            continue
+        wanted.append(path)
+        # ndarray's own names beyond NumPy's are the ones to check; NumPy's come with it.
+        wanted += [f"{path}.{m}" for m in members]
+    found = subprocess.run([sys.executable, "-c", lookup], input=json.dumps(wanted),
+                           capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(found.stdout) == []

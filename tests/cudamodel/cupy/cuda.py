@@ -19,7 +19,7 @@ class Stream:
     """A CUDA stream: a blocking stream is ordered with the legacy default stream, a
     non-blocking one is not."""
 
-    def __init__(self, null=False, non_blocking=False, priority=0, _agent=None):
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None, _agent=None):
         if _agent is not None:
             self._agent = _agent
             self.ptr = 0
@@ -28,7 +28,8 @@ class Stream:
             self._agent = MODEL.stream(f"{kind} stream #{len(MODEL.streams)}",
                                        blocking=not non_blocking)
             self.ptr = _ptr()
-        self.priority = priority
+        # As CUDA: a priority outside the device's range [-5, 0] is clamped to its end.
+        self.priority = 0 if priority is None else min(max(int(priority), -5), 0)
 
     def __enter__(self):
         stack = _stack()
@@ -151,10 +152,6 @@ class runtime:
     @staticmethod
     def getDevice():
         return _current_device()
-
-    @staticmethod
-    def deviceGetStreamPriorityRange():
-        return 0, -5
 
     @staticmethod
     def runtimeGetVersion():
