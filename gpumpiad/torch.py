@@ -37,7 +37,7 @@ from .comm import resolve, world
 from .debug import CommunicationMismatch, debug_enabled
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
-__all__ = ["function", "replicate", "Replicated"]
+__all__ = ["device", "function", "replicate", "Replicated"]
 
 _LAYOUTS = (SERIAL, DISTRIBUTED)
 # Parameters some :class:`Replicated` holds: a bridged serial argument computed from one would
@@ -128,6 +128,22 @@ def function(fn, layout, *, comm=None):
         return _Bridge.apply((fn, spec, comm, torch.is_grad_enabled()), *args)
 
     return bridged
+
+
+def device():
+    """The torch device that matches gpumpiad's arrays on this rank: ``cuda:<the rank's GPU>``
+    on the CuPy backend, else ``cpu``. Tensors given to a :func:`function` live there.
+
+    Examples
+    --------
+    >>> import gpumpiad.torch as gt
+    >>> gt.device().type in ("cpu", "cuda")
+    True
+    """
+    if array_module() is np:
+        return torch.device("cpu")
+    import cupy
+    return torch.device("cuda", cupy.cuda.runtime.getDevice())
 
 
 def _name(fn):

@@ -39,7 +39,7 @@ def test_network_gradient_is_the_global_problems_on_every_rank():
     replicated = gt.replicate(net)
     loss, grad = _gradient(problem, net)
     replicated.remove()
-    everyone = WORLD.allgather(grad.numpy().tobytes())
+    everyone = WORLD.allgather(grad.cpu().numpy().tobytes())
     parallel_assert(all(b == everyone[0] for b in everyone),
                     "the parameters' gradients differ across ranks")
     reference = None
@@ -59,14 +59,14 @@ def test_twenty_adam_steps_keep_the_copies_bit_identical():
     problem = inverse.Problem(inverse.Settings(**SETTINGS))
     net = learn.network(hidden=8, seed=1)
     history = learn.train(problem, net, 20, lr=0.01)
-    params = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy().tobytes()
+    params = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).cpu().numpy().tobytes()
     everyone = WORLD.allgather(params)
     parallel_assert(all(b == everyone[0] for b in everyone),
                     "the network's parameters differ across ranks after 20 Adam steps")
     parallel_assert(len(history["loss"]) == 21 and history["loss"][-1] < history["loss"][0],
                     f"{history['loss']}")
     initial = torch.cat([p.detach().reshape(-1)
-                         for p in learn.network(hidden=8, seed=1).parameters()]).numpy()
+                         for p in learn.network(hidden=8, seed=1).parameters()]).cpu().numpy()
     parallel_assert(not np.array_equal(initial, np.frombuffer(params)), "nothing trained")
 
 

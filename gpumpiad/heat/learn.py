@@ -74,7 +74,7 @@ def _positive(kind):
 def network(hidden=32, seed=0, kappa_guess=1.0, kappa_bounds=(0.2, 2.5)):
     """The MLP ``(x, y) -> z`` (float64, tanh, two hidden layers), seeded so that every rank
     builds the same weights, its last bias set so that :func:`kappa` starts near
-    ``kappa_guess``.
+    ``kappa_guess``; on the device of gpumpiad's arrays (:func:`gpumpiad.torch.device`).
 
     Examples
     --------
@@ -94,15 +94,22 @@ def network(hidden=32, seed=0, kappa_guess=1.0, kappa_bounds=(0.2, 2.5)):
                     / np.sqrt(p.shape[-1]))
         net[-1].weight.mul_(0.1)
         net[-1].bias.fill_(float(np.log((kappa_guess - lo) / (hi - kappa_guess))))
-    return net
+    # Drawn on the CPU so that every device holds the same bits.
+    return net.to(_device())
 
 
 def points(problem):
-    """This rank's cell centres as a ``(cells, 2)`` float64 torch tensor, in patch order."""
+    """This rank's cell centres as a ``(cells, 2)`` float64 torch tensor, in patch order, on
+    the device of gpumpiad's arrays."""
     import torch
     x, y = problem.grid.coordinates()
     X, Y = np.meshgrid(x, y, indexing="ij")
-    return torch.from_numpy(np.stack([X.reshape(-1), Y.reshape(-1)], axis=1))
+    return torch.from_numpy(np.stack([X.reshape(-1), Y.reshape(-1)], axis=1)).to(_device())
+
+
+def _device():
+    import gpumpiad.torch as gt
+    return gt.device()
 
 
 def kappa(net, xy, shape, kappa_bounds=(0.2, 2.5)):
@@ -143,7 +150,7 @@ def train(problem, net, steps, lr=0.01, progress=None, kappa_bounds=(0.2, 2.5)):
     replicated = gt.replicate(net, comm=cart)
     J = objective(problem)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    true = torch.from_numpy(gm.backend.to_numpy(problem.kappa_true))
+    true = torch.from_numpy(gm.backend.to_numpy(problem.kappa_true)).to(xy.device)
     true_norm = control.allreduce(cart, float((true ** 2).sum()), MPI.SUM,
                                   "heat-learn κ norm") ** 0.5
     history = {"loss": [], "kappa_error": [], "seconds": []}
@@ -208,7 +215,7 @@ def run(args):
     history = train(problem, net, args.steps, args.lr, progress, settings.kappa_bounds)
     with torch.no_grad():
         learned = kappa(net, points(problem), grid.local_shape, settings.kappa_bounds)
-    learned = grid.gather(learned.numpy())
+    learned = grid.gather(learned.cpu().numpy())
     true = grid.gather(problem.kappa_true)
     if comm.rank == 0:
         title = (f"heat-learn: grid {settings.n}×{settings.n} on {comm.size} rank(s), MLP "
