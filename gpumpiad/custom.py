@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import asarray, operand
+from .backend import asarray, is_device_array, operand
 from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
@@ -107,7 +107,9 @@ def _cotangent(name, k, c, arg):
         return None
     expected = f"expected an array of real numbers of its shape {tuple(arg.shape)}, or None"
     try:
-        g = asarray(c)
+        # Checked before it moves to the backend, whose conversion refuses strings in words
+        # of its own.
+        g = c if is_device_array(c) else np.asarray(c)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"rank {_rank()}: vjp of custom_op {name!r} returned a "
                         f"{type(c).__name__} for argument {k} ({exc}); {expected}") from None
@@ -120,7 +122,7 @@ def _cotangent(name, k, c, arg):
         raise ValueError(f"rank {_rank()}: vjp of custom_op {name!r} returned a cotangent of "
                          f"shape {tuple(g.shape)} for argument {k}, expected its shape "
                          f"{tuple(arg.shape)}")
-    return g
+    return asarray(g)
 
 
 def custom_op(forward=None, vjp=None, *, name=None, layout=None):
