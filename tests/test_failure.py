@@ -30,6 +30,9 @@ PROLOGUE = textwrap.dedent("""\
 """)
 
 RAISE_ON_RANK_2 = PROLOGUE + textwrap.dedent("""\
+    gm.tensor(np.ones(1))   # the backend and its device ready on every rank before the clocks
+    from mpi4py import MPI
+    MPI.COMM_WORLD.Barrier()
     if r == 2:
         time.sleep(0.5)
         raise ValueError("boom from rank 2: the original message")

@@ -11,11 +11,12 @@ from pytest_mpi import parallel_assert
 
 import gpumpiad as gp
 from gpumpiad import mpi_rank, mpi_size, trace
+from gpumpiad.backend import to_numpy
 from gpumpiad.primitive import primitive
 
 
 def _close(a, b):
-    return bool(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14))
+    return bool(np.allclose(to_numpy(a), to_numpy(b), rtol=1e-12, atol=1e-14))
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])

@@ -10,6 +10,7 @@ from pytest_mpi import parallel_assert
 import gpumpiad as gm
 import gpumpiad.heat
 import gpumpiad.heat.grid
+from gpumpiad.backend import to_numpy
 
 SHAPES = {1: (7,), 2: (7, 5), 3: (5, 6, 7)}
 
@@ -32,12 +33,12 @@ def check_decomposition(grid, field):
     comm = MPI.COMM_WORLD
     d, where = grid.ndim, f"shape {grid.shape}, dims {grid.dims}, periodic {grid.periodic}"
     bad = []
-    patch = grid.scatter(field if comm.rank == 0 else None)
+    patch = to_numpy(grid.scatter(field if comm.rank == 0 else None))
     if not np.array_equal(patch, field[grid.slices()]) or patch.shape != grid.local_shape:
         bad.append(f"{where}: scatter gave another patch")
     if not np.array_equal(grid.local(field), patch):
         bad.append(f"{where}: local differs from scatter")
-    whole = grid.gather(patch, root=None)
+    whole = to_numpy(grid.gather(patch, root=None))
     if whole.dtype != field.dtype or not np.array_equal(whole, field):
         bad.append(f"{where}: gather(scatter(field)) is not the field")
     on_root = grid.gather(patch, root=comm.size - 1)

@@ -477,6 +477,7 @@ def _mixed_float32_and_float64_are_an_error():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(HOST_MISSING is not None, reason=str(HOST_MISSING))
+@pytest.mark.skipif(gpumpiad.backend_name() == "cupy", reason="host kernels take NumPy arrays")
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_host_kernels_agree_with_the_numpy_kernels():
     """Values and gradients of the "host" kernels, and of the default choice (which is the
