@@ -394,7 +394,9 @@ class DeviceExchange:
     communication stream and orders the current stream after it. Kernels queued between the two
     calls that read no exchanged ghost run while the halos travel; nothing waits on the host
     for them. Staged (MPI not CUDA-aware), the packed cells are copied to pinned host buffers
-    and the received ones back, on the communication stream too.
+    and the received ones back, on the communication stream too. A side whose neighbour is this
+    rank itself (a periodic axis of one patch) takes the cells packed for the opposite side
+    straight from device memory: no MPI, no staging, no host wait.
 
     Every rank of ``grid`` posts and finishes in step. Unverified by default: the caller has
     agreed dtypes and shapes across ranks (``finish(..., verify=True)`` checks each message's
@@ -411,23 +413,32 @@ class DeviceExchange:
         array slicing).
     """
 
-    __slots__ = ("_grid", "_links", "_kernels", "_send", "_recv", "_staged_send",
-                 "_staged_recv", "_packed", "_filled", "_keep", "nbytes")
+    __slots__ = ("_grid", "_links", "_local", "_remote", "_kernels", "_send", "_recv",
+                 "_staged_send", "_staged_recv", "_packed", "_filled", "_keep", "nbytes")
 
     def __init__(self, grid, shape, dtype, kernels=None):
         if kernels is None:
             kernels = _Sliced
         self._grid, self._kernels = grid, kernels
+        # Sides facing this rank send no message that would fail on a freed grid.
+        check_grid(grid, "halo exchange")
         self._links = _links(grid)
+        # For a side facing this rank: the index of the opposite side, whose packed cells it
+        # receives; None for a side facing another rank.
+        index = {side: k for k, (side, _) in enumerate(self._links)}
+        self._local = [index[_OPPOSITE[side]] if peer == grid.cart.rank else None
+                       for side, peer in self._links]
+        self._remote = [k for k, source in enumerate(self._local) if source is None]
         nx, ny = shape[0] - 2, shape[1] - 2
         sizes = [ny if side < 2 else nx for side, _ in self._links]
+        remote = [n if source is None else 0 for n, source in zip(sizes, self._local)]
         # Made on the communication stream, the only one that touches them.
         with streams.comm_stream():
             self._send = [streams.device_empty(n, dtype) for n in sizes]
-            self._recv = [streams.device_empty(n, dtype) for n in sizes]
+            self._recv = [streams.device_empty(n, dtype) for n in remote]
         staged = not transport.cuda_aware()
-        self._staged_send = [streams.pinned_empty(n, dtype) for n in sizes] if staged else None
-        self._staged_recv = [streams.pinned_empty(n, dtype) for n in sizes] if staged else None
+        self._staged_send = [streams.pinned_empty(n, dtype) for n in remote] if staged else None
+        self._staged_recv = [streams.pinned_empty(n, dtype) for n in remote] if staged else None
         self._packed, self._filled = streams.new_event(), streams.new_event()
         self._keep = None
         #: Bytes one exchange sends from this rank.
@@ -444,7 +455,7 @@ class DeviceExchange:
         with trace.span("halo_exchange.pack", trace.COMMUNICATION, payload=self.nbytes), stream:
             for k, (side, _) in enumerate(self._links):
                 self._kernels.pack(a, self._send[k], side, ghost)
-                if self._staged_send is not None:
+                if self._staged_send is not None and self._local[k] is None:
                     self._send[k].get(stream=stream, out=self._staged_send[k], blocking=False)
             if adjoint:
                 # Ghost copies go to their owners: their cotangent lives there from now on.
@@ -462,26 +473,35 @@ class DeviceExchange:
         tag0 = _ADJOINT_TAG if adjoint else 0
         mpi = self._grid.cart.mpi
         requests, received = [], []
-        with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
-            # MPI reads the packed cells and writes buffers the last unpack read: both are
-            # queued before the packing's event.
-            self._packed.synchronize()
-            try:
-                for (side, peer), buf in zip(self._links, into):
-                    tag = tag0 + _OPPOSITE[side]
-                    requests.append(mpi.Irecv([buf, MPI.BYTE], source=peer, tag=tag))
-                    received.append((buf, peer, tag))
-                for (side, peer), buf in zip(self._links, sent):
-                    requests.append(mpi.Isend([buf, MPI.BYTE], dest=peer, tag=tag0 + side))
-            except MPI.Exception:
-                check_grid(self._grid, "halo exchange")
-                raise
-            _complete(requests, received, self, adjoint, verify)
+        if self._remote:
+            with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
+                # MPI reads the packed cells and writes buffers the last unpack read: both are
+                # queued before the packing's event.
+                self._packed.synchronize()
+                try:
+                    for k in self._remote:
+                        side, peer = self._links[k]
+                        tag = tag0 + _OPPOSITE[side]
+                        requests.append(mpi.Irecv([into[k], MPI.BYTE], source=peer, tag=tag))
+                        received.append((into[k], peer, tag))
+                    for k in self._remote:
+                        side, peer = self._links[k]
+                        requests.append(mpi.Isend([sent[k], MPI.BYTE], dest=peer,
+                                                  tag=tag0 + side))
+                except MPI.Exception:
+                    check_grid(self._grid, "halo exchange")
+                    raise
+                _complete(requests, received, self, adjoint, verify)
         stream = streams.comm_stream()
         ghost, add = (0, 1) if adjoint else (1, 0)
         with trace.span("halo_exchange.unpack", trace.COMMUNICATION, payload=self.nbytes), \
                 stream:
             for k, (side, _) in enumerate(self._links):
+                source = self._local[k]
+                if source is not None:
+                    # Packed on this stream, earlier: what an MPI message to itself would carry.
+                    self._kernels.unpack(a, self._send[source], side, ghost, add)
+                    continue
                 if self._staged_recv is not None:
                     self._recv[k].set(self._staged_recv[k], stream=stream)
                 self._kernels.unpack(a, self._recv[k], side, ghost, add)
