@@ -14,7 +14,8 @@
 # dependencies) and, first, any wheels in .whl/ (an MPI runtime such as the mpich wheel, mpi4py,
 # nvtx, mpi-pytest) for machines that cannot reach a package index. Logs and result tables go to
 # $OUT (default ./gpu-out), the results also to $RESULTS (default bench/results); BUDGET
-# (seconds, default 480) bounds the validation stages.
+# (seconds, default 480) bounds the validation stages; PYTEST_ARGS (test files, options) and
+# XDIST (workers, default the CPUs less two) shape the tests stage.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"

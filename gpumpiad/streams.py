@@ -26,7 +26,7 @@ from . import backend, trace
 
 _pairs = {}   # device id -> (compute stream, communication stream)
 _pairs_lock = threading.Lock()
-# Below every device's range (CUDA's is [-5, 0] on current GPUs); CuPy has no call for the range.
+# Below any device's range (a few values at and below 0); CuPy has no call that reads the range.
 _HIGHEST_PRIORITY = -(1 << 20)
 
 
