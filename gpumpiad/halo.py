@@ -987,30 +987,42 @@ class _Round:
     CUDA-aware). ``post_*`` packs and starts the messages, ``finish_*`` completes them and
     unpacks, in either direction; ``tag0`` is the first forward tag, the adjoint's follow
     ``_ND_ADJOINT_TAG`` later. ``persistent`` (host): MPI requests made on first use in each
-    direction and restarted by every post."""
+    direction and restarted by every post. A plan whose peer is this rank (a periodic axis of
+    one patch) sends no message: it unpacks the cells packed for the opposite side, in place,
+    so that on a device they never leave it."""
 
-    __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "sends", "recvs",
+    __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "remote", "sends", "recvs",
                  "staged_sends", "staged_recvs", "send_views", "recv_views", "packed",
                  "filled", "persistent", "requests", "received")
 
     def __init__(self, grid, plans, device, tag0, persistent=False):
         self.grid, self.plans, self.device, self.tag0 = grid, plans, device, tag0
         self.nbytes = sum(plan.nbytes for plan in plans)
+        # Rounds facing only this rank send no message that would fail on a freed grid.
+        check_grid(grid, "halo exchange")
+        # Indices of the plans that exchange with another rank, which alone have messages.
+        self.remote = [k for k, p in enumerate(plans) if p.peer != grid.cart.rank]
+        remote = [plans[k] for k in self.remote]
         self.staged_sends = self.staged_recvs = self.packed = self.filled = None
         if device:
             # Made on the communication stream, the only one that touches them.
             with streams.comm_stream():
                 self.sends = [streams.device_empty(p.nbytes, np.uint8) for p in plans]
-                self.recvs = [streams.device_empty(p.nbytes, np.uint8) for p in plans]
+                self.recvs = [streams.device_empty(p.nbytes, np.uint8) for p in remote]
             if not transport.cuda_aware():
-                self.staged_sends = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans]
-                self.staged_recvs = [streams.pinned_empty(p.nbytes, np.uint8) for p in plans]
+                self.staged_sends = [streams.pinned_empty(p.nbytes, np.uint8) for p in remote]
+                self.staged_recvs = [streams.pinned_empty(p.nbytes, np.uint8) for p in remote]
             self.packed, self.filled = streams.new_event(), streams.new_event()
         else:
             self.sends = [np.empty(p.nbytes, np.uint8) for p in plans]
-            self.recvs = [np.empty(p.nbytes, np.uint8) for p in plans]
+            self.recvs = [np.empty(p.nbytes, np.uint8) for p in remote]
         self.send_views = [p.views(buf) for p, buf in zip(plans, self.sends)]
-        self.recv_views = [p.views(buf) for p, buf in zip(plans, self.recvs)]
+        # A plan facing this rank reads what its opposite side packed: the two slabs have one
+        # shape, so their messages one layout.
+        received = iter(self.recvs)
+        opposite = {p.side ^ 1: k for k, p in enumerate(plans)}
+        self.recv_views = [p.views(next(received)) if p.peer != grid.cart.rank
+                           else self.send_views[opposite[p.side]] for p in plans]
         self.persistent = {} if persistent else None
         self.requests = self.received = None
 
@@ -1026,22 +1038,29 @@ class _Round:
     def post_host(self, fields, adjoint):
         for plan, views in zip(self.plans, self.send_views):
             plan.pack(views, fields, adjoint)
-        if self.persistent is None:
-            self.requests, self.received = _post(self.grid, self.plans, self.recvs,
-                                                 self.sends, self._tag0(adjoint))
+        if not self.remote:
+            pass
+        elif self.persistent is None:
+            self.requests, self.received = self._post(self.recvs, adjoint)
         else:
             made = self.persistent.get(adjoint)
             if made is None:
-                made = self.persistent[adjoint] = _post(
-                    self.grid, self.plans, self.recvs, self.sends, self._tag0(adjoint), True)
+                made = self.persistent[adjoint] = self._post(self.recvs, adjoint, True)
             self.requests, self.received = made
             MPI.Prequest.Startall(self.requests)
         if adjoint:
             self._zero_ghosts(fields)
 
+    def _post(self, recvs, adjoint, persistent=False, staged=False):
+        """The remote plans' messages (``staged``: from and into the pinned buffers)."""
+        sends = self.staged_sends if staged else [self.sends[k] for k in self.remote]
+        return _post(self.grid, [self.plans[k] for k in self.remote], recvs, sends,
+                     self._tag0(adjoint), persistent)
+
     def finish_host(self, fields, adjoint, verify):
         requests, received, self.requests = self.requests, self.received, None
-        _complete(requests, received, self, adjoint, verify)
+        if requests:
+            _complete(requests, received, self, adjoint, verify)
         for plan, views in zip(self.plans, self.recv_views):
             plan.unpack(views, fields, adjoint)
 
@@ -1053,8 +1072,8 @@ class _Round:
                 stream:
             for k, plan in enumerate(self.plans):
                 plan.pack(self.send_views[k], fields, adjoint)
-                if self.staged_sends is not None:
-                    self.sends[k].get(stream=stream, out=self.staged_sends[k], blocking=False)
+            for j, k in enumerate(self.remote if self.staged_sends is not None else ()):
+                self.sends[k].get(stream=stream, out=self.staged_sends[j], blocking=False)
             if adjoint:
                 self._zero_ghosts(fields)
         self.packed.record(stream)
@@ -1063,22 +1082,21 @@ class _Round:
         """Wait on the host for the packing, exchange, queue the unpacking on the
         communication stream and order the current stream after it."""
         staged = self.staged_sends is not None
-        with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
-            # MPI reads the packed cells and writes buffers the last unpacking read: both are
-            # queued before the packing's event.
-            self.packed.synchronize()
-            requests, received = _post(self.grid, self.plans,
-                                       self.staged_recvs if staged else self.recvs,
-                                       self.staged_sends if staged else self.sends,
-                                       self._tag0(adjoint))
-            _complete(requests, received, self, adjoint, verify)
+        if self.remote:
+            with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
+                # MPI reads the packed cells and writes buffers the last unpacking read: both
+                # are queued before the packing's event.
+                self.packed.synchronize()
+                requests, received = self._post(self.staged_recvs if staged else self.recvs,
+                                                adjoint, staged=staged)
+                _complete(requests, received, self, adjoint, verify)
         stream = streams.comm_stream()
         with trace.span("halo_exchange.unpack", trace.COMMUNICATION, payload=self.nbytes), \
                 stream:
-            for k, plan in enumerate(self.plans):
-                if staged:
-                    self.recvs[k].set(self.staged_recvs[k], stream=stream)
-                plan.unpack(self.recv_views[k], fields, adjoint)
+            for recv, staged_recv in zip(self.recvs, self.staged_recvs if staged else ()):
+                recv.set(staged_recv, stream=stream)
+            for plan, views in zip(self.plans, self.recv_views):
+                plan.unpack(views, fields, adjoint)
         self.filled.record(stream)
         streams.current_stream().wait_event(self.filled)
 

@@ -578,6 +578,61 @@ def test_no_host_wait_comes_before_a_steps_interior_kernel(nprocs, cuda_aware, p
             assert "forward 0.00 / 0.00, adjoint (whole gradient) 0.00 / 0.00" in row, row
 
 
+PERIODIC_3D_RUN = """
+import sys
+import numpy as np
+sys.path.insert(0, {model!r})
+import cupy, heat_kernels, mpi_check
+from cupy import MODEL
+heat_kernels.register()
+import gpumpiad as gm
+from gpumpiad import heat
+mpi_check.install()
+grid = gm.Grid((8, 6, 4), dims=(gm.mpi_size(), 1, 1), periodic=True)
+rng = np.random.default_rng(gm.mpi_rank())
+u0, kappa, f = (cupy.asarray(rng.random(grid.local_shape) + 0.5) for _ in range(3))
+
+def loop(run, kernel):
+    # Host waits and host copies from the time loop's first ``kernel`` launch to its last.
+    start = len(MODEL.log)
+    run()
+    log = MODEL.log[start:]
+    kernels = [k for k, e in enumerate(log) if e[0] == "op" and e[2].startswith(kernel)]
+    assert len(kernels) > 4, (kernel, len(kernels))
+    log = log[kernels[0]:kernels[-1] + 1]
+    return (sum(e[0] == "sync" and e[1] != "Event.done" for e in log),
+            sum(e[0] == "op" and e[2].startswith("copy") and "host" in e[2] for e in log))
+
+def objective(k):
+    return gm.mpi_sum(gm.sum(heat.solve(u0, k, f, dt=1e-4, h=0.1, steps=4, grid=grid) ** 2))
+
+forward = loop(lambda: heat.solve(u0, kappa, f, dt=1e-4, h=0.1, steps=4, grid=grid),
+               "heat3d_step")
+reverse = loop(lambda: gm.value_and_grad(objective)(gm.tensor(kappa)), "heat3d_adjoint")
+print("waits, host copies", gm.mpi_rank(), forward, reverse)
+"""
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_3d_halos_facing_the_rank_itself_stay_on_the_device(nprocs):
+    """The 3-D solver on a periodic grid, staged MPI: a face whose neighbour is the rank itself
+    is filled on the device, so one patch's time loops, forward and reverse, make no host wait
+    and no host copy; with two patches along one axis, that axis's faces still stage."""
+    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE="0",
+               GPUMPIAD_STAGE_HOST_ARRAYS="0")
+    proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
+                           PERIODIC_3D_RUN.format(model=MODEL_PATH)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("waits, host copies")]
+    assert len(rows) == nprocs, proc.stdout
+    for row in rows:
+        if nprocs == 1:
+            assert row.endswith("(0, 0) (0, 0)"), row
+        else:
+            assert "(0, 0)" not in row, row
+
+
 # What the model adds for its own bookkeeping; every other public name must be CuPy's.
 MODEL_ONLY = {"cupy": {"MODEL", "KERNELS", "DEVICE_POOL", "PINNED_POOL", "Hazard",
                        "current_agent"},
