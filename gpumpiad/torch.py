@@ -201,8 +201,12 @@ def _stream(t):
         return _NoStream
     import cupy
     stream = torch.cuda.current_stream(t.device)
-    return _CudaStream(cupy.cuda.Device(t.device.index),
-                       cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index))
+    device = cupy.cuda.Device(t.device.index)
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+        # The CUDA stream protocol (CuPy 14 deprecates ExternalStream for it).
+        with device:
+            return _CudaStream(device, cupy.cuda.Stream.from_external(stream))
+    return _CudaStream(device, cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index))
 
 
 class _NoStreamType:

@@ -195,6 +195,27 @@ def test_a_value_that_aliases_an_argument_is_copied():
     assert x.grad.tolist() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.skipif(gt.device().type != "cuda", reason="needs a CUDA device")
+def test_on_cuda_the_function_runs_on_torchs_current_stream():
+    import warnings
+
+    import cupy
+    seen = {}
+
+    def fn(v):
+        seen["stream"] = cupy.cuda.get_current_stream().ptr
+        return (v * 2).sum()
+
+    x = torch.ones(3, dtype=torch.float64)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gt.function(fn, "serial")(x)
+    assert seen["stream"] == side.cuda_stream
+    assert float(out) == 6.0
+    assert not [w for w in caught if "ExternalStream" in str(w.message)], caught
+
+
 def test_without_gradients_nothing_is_recorded_and_float32_stays():
     x = torch.ones(3, dtype=torch.float32)
     out = gt.function(lambda v: (v * 2).sum(), "serial")(x)
