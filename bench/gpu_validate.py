@@ -54,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("probe", "kernels", "bandwidth", "heat3d", "halo", "tests")
 # Seconds each stage may take at most (the tests take what the budget leaves).
-STAGE_LIMIT = {"probe": 90, "kernels": 120, "bandwidth": 120, "heat3d": 90, "halo": 180,
+STAGE_LIMIT = {"probe": 90, "kernels": 120, "bandwidth": 120, "heat3d": 90, "halo": 240,
                "tests": 300}
 SIZES = {
     "full": {"n": 4096, "steps": 50, "repeats": 5, "inner": 10,
@@ -562,13 +562,16 @@ def heat3d(opts):
 
 
 def halo(opts):
-    """Runs the three cases as their own jobs (the 2-rank one under mpiexec)."""
-    cases = [("1 rank", 1, False), ("1 rank, periodic", 1, True), ("2 ranks, one GPU", 2, False)]
+    """Runs the cases as their own jobs (the 2-rank one under mpiexec)."""
+    cases = [("1 rank", 1, False, 2), ("1 rank, periodic", 1, True, 2),
+             ("2 ranks, one GPU", 2, False, 2), ("3-D, 1 rank", 1, False, 3),
+             ("3-D, 1 rank, periodic", 1, True, 3)]
     rows, data, ok = [], [], True
-    for label, ranks, periodic in cases:
-        result = Path(opts.out) / f"halo-{ranks}{'p' if periodic else ''}.json"
+    for label, ranks, periodic, ndim in cases:
+        result = Path(opts.out) / f"halo-{ndim}d-{ranks}{'p' if periodic else ''}.json"
         result.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, "--halo-case", str(result), "--sizes", opts.sizes]
+        cmd = [sys.executable, __file__, "--halo-case", str(result), "--sizes", opts.sizes,
+               "--ndim", str(ndim)]
         if periodic:
             cmd.append("--periodic")
         if ranks > 1:
@@ -585,14 +588,22 @@ def halo(opts):
         rows.append((label, ranks, ms(case["kernel_min_s"]), ms(case["solver_min_s"]),
                      case["solver_over_kernel"], case["solver_over_kernel_median"],
                      ms(case["exchange_step_min_s"]), case["exchange_step_over_kernel"]))
-    lines = [f"{opts.n}x{opts.n} cells per rank, {opts.steps} steps, {opts.repeats} repeats, "
-             "wall time to device completion, slowest rank; solver step = (solve of N steps - "
-             "solve of 0 steps) / N; kernel step = the step kernel alone on the whole patch.", ""]
+    n3 = halo_n3(opts)
+    lines = [f"{opts.n}x{opts.n} cells per rank (3-D: {n3}^3), {opts.steps} steps, "
+             f"{opts.repeats} repeats, wall time to device completion, slowest rank; solver "
+             "step = (solve of N steps - solve of 0 steps) / N; kernel step = the step kernel "
+             "alone on the whole patch; exchange = halo.exchange (3-D: a device "
+             "PaddedExchange's post and finish).", ""]
     lines += table(["case", "ranks", "kernel step [ms]", "solver step [ms]",
                     "solver / kernel (min)", "solver / kernel (median)",
-                    "halo.exchange + kernel [ms]", "(halo.exchange + kernel) / kernel"], rows)
+                    "exchange + kernel [ms]", "(exchange + kernel) / kernel"], rows)
     print("\n".join(lines))
     return ok, lines, data
+
+
+def halo_n3(opts):
+    """Cells per axis of a rank's patch in the 3-D halo cases."""
+    return max(opts.n3 // 2, 4)
 
 
 def halo_case(opts, path):
@@ -600,32 +611,51 @@ def halo_case(opts, path):
     from mpi4py import MPI
 
     from gpumpiad import halo as halo_mod
-    from gpumpiad.heat import cudakernels
-    from gpumpiad.heat import Grid, solve
+    from gpumpiad.grid import Grid
+    from gpumpiad.heat import cudakernels, cudakernels3d, solve
 
     cp = device()
     comm = MPI.COMM_WORLD
-    n, steps = opts.n, opts.steps
-    grid = Grid((comm.size * n, n), dims=(comm.size, 1), periodic=opts.periodic)
+    steps = opts.steps
+    if opts.ndim == 2:
+        n = opts.n
+        grid = Grid((comm.size * n, n), dims=(comm.size, 1), periodic=opts.periodic)
+    else:
+        n = halo_n3(opts)
+        grid = Grid((comm.size * n, n, n), dims=(comm.size, 1, 1), periodic=opts.periodic)
     h = grid.h[0]
-    dt = 0.2 * h * h
+    dt = 0.4 * h * h / opts.ndim
     r = dt / (h * h)
     rng = np.random.default_rng(comm.rank)
     u0, kappa, f = (cp.asarray(rng.random(grid.local_shape)) for _ in range(3))
     pu, pk, pf, pout = (cp.asarray(rng.random(grid.padded_shape)) for _ in range(4))
-    full = (1, n + 1, 1, n + 1)
+    if opts.ndim == 2:
+        def kernel(a, b):
+            cudakernels.launch_step(a, pk, pf, b, r, dt, 1, n + 1, 1, n + 1)
+        padded = None
+
+        def exchange(a):
+            halo_mod.exchange(a, grid)
+    else:
+        def kernel(a, b):
+            cudakernels3d.step(a, pk, pf, b, r, dt)
+        padded = halo_mod.PaddedExchange(grid, pu.shape, pu.dtype, device=True)
+
+        def exchange(a):
+            padded.post(a)
+            padded.finish(a)
 
     def kernel_steps():
         a, b = pu, pout
         for _ in range(steps):
-            cudakernels.launch_step(a, pk, pf, b, r, dt, *full)
+            kernel(a, b)
             a, b = b, a
 
     def exchange_steps():
         a, b = pu, pout
         for _ in range(steps):
-            halo_mod.exchange(a, grid)
-            cudakernels.launch_step(a, pk, pf, b, r, dt, *full)
+            exchange(a)
+            kernel(a, b)
             a, b = b, a
 
     def solver(count):
@@ -639,10 +669,13 @@ def halo_case(opts, path):
     zero_min, zero_med = min_median(wall_seconds(cp, comm, solver(0), opts.repeats))
     s_min = max(full_min - zero_min, 0.0) / steps
     s_med = max(full_med - zero_med, 0.0) / steps
+    if padded is not None:
+        padded.free()
     grid.free()
     if comm.rank == 0:
         Path(path).write_text(json.dumps({
-            "ranks": comm.size, "periodic": opts.periodic, "n": n, "steps": steps,
+            "ranks": comm.size, "periodic": opts.periodic, "ndim": opts.ndim, "n": n,
+            "steps": steps,
             "kernel_min_s": k_min, "kernel_median_s": k_med,
             "solver_min_s": s_min, "solver_median_s": s_med,
             "solve_fixed_min_s": zero_min,
@@ -814,6 +847,7 @@ def main(argv=None):
     parser.add_argument("--limit", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--halo-case", help=argparse.SUPPRESS)
     parser.add_argument("--periodic", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ndim", type=int, choices=(2, 3), default=2, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     unknown = [s for s in opts.stages if s not in STAGES]
     if unknown:

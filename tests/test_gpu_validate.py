@@ -68,7 +68,8 @@ def test_every_stage_runs_on_the_model_and_writes_its_table(tmp_path):
     assert all(row["t_eff_over_copy"] is None and row["target_met"] == "n/a"
                for row in heat3d["bandwidth"])
     halo = json.loads((out / "halo.json").read_text())["data"]
-    assert [(c["ranks"], c["periodic"]) for c in halo] == [(1, False), (1, True), (2, False)]
+    assert [(c["ndim"], c["ranks"], c["periodic"]) for c in halo] == [
+        (2, 1, False), (2, 1, True), (2, 2, False), (3, 1, False), (3, 1, True)]
     assert all(c["solver_over_kernel"] is not None for c in halo)
 
     written = sorted(p.name for p in results.iterdir())
