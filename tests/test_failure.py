@@ -8,6 +8,7 @@ Whole jobs run under ``mpiexec`` in a subprocess with a hard ``timeout=``, so a 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ PROLOGUE = textwrap.dedent("""\
     import numpy as np
     import gpumpiad as gm
     r, P = gm.mpi_rank(), gm.mpi_size()
+    print(f"rank {r} started at {time.time():.3f}", flush=True)
 """)
 
 RAISE_ON_RANK_2 = PROLOGUE + textwrap.dedent("""\
@@ -147,14 +149,18 @@ WAITING_FOR_CTRL_C = PROLOGUE + textwrap.dedent("""\
 
 
 def _mpiexec(tmp_path, source, nprocs, **env_extra):
-    """Run ``source`` under ``mpiexec -n nprocs``; ``(returncode, output, seconds)``."""
+    """Run ``source`` under ``mpiexec -n nprocs``; ``(returncode, output, seconds)``, the
+    seconds from the last rank's start (its imports done, which a loaded machine or a GPU's
+    start-up can stretch) to the job's end."""
     script = tmp_path / "job.py"
     script.write_text(source)
-    start = time.monotonic()
+    start = time.time()
     proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, str(script)],
                           capture_output=True, text=True, env=_job_env(**env_extra),
                           timeout=HARD_TIMEOUT)
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    started = [float(t) for t in re.findall(r"started at ([\d.]+)", out)]
+    return proc.returncode, out, time.time() - max(started, default=start)
 
 
 def _job_env(**env_extra):
