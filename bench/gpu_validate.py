@@ -20,9 +20,12 @@ process under a time limit, with its log ``STAGE.log`` and its result ``STAGE.js
   512³ (float32 and float64, smaller when the GPU's free memory is short); targets: forward
   ≥ 0.93, adjoint ≥ 0.90 of the copy, reported, not enforced;
 * ``halo``: a solver step with halo exchange over a kernel-only step, at 1 rank, 1 rank on a
-  periodic grid (exchanging with itself) and 2 ranks sharing the GPU (``mpiexec``);
+  periodic grid (exchanging with itself) and 2 ranks sharing the GPU (``mpiexec``); 3-D at 1
+  rank, without and with periodic axes;
 * ``tests``: the test suite on the CuPy backend at 1 and 2 ranks, under the time left
-  (``PYTEST_ARGS``: files or options instead of the whole suite; ``XDIST``: workers).
+  (``PYTEST_ARGS``: files or options instead of the whole suite; ``XDIST``: workers;
+  ``GPUMPIAD_VALIDATE_MIN_RANKS`` / ``GPUMPIAD_VALIDATE_MAX_RANKS``: the parallel tests' ranks
+  kept, 1 and 2 by default, a test that is not parallel counting as 1).
 
 At the end it prints a summary table, writes the results (Markdown and JSON, named after the
 GPU and the date) to ``--results`` (default ``bench/results``) and to ``--out``, and exits
@@ -72,6 +75,7 @@ TARGETS3D = {"step": 0.93, "adjoint": 0.90}
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 SELFTEST_ENV = "GPUMPIAD_VALIDATE_SELFTEST"
 MAX_RANKS_ENV = "GPUMPIAD_VALIDATE_MAX_RANKS"
+MIN_RANKS_ENV = "GPUMPIAD_VALIDATE_MIN_RANKS"
 
 
 # ---------------------------------------------------------------------------
@@ -690,7 +694,7 @@ def tests(opts):
     limit = max(int(opts.limit) - 40, 10)
     env = child_env(GPUMPIAD_TEST_BACKEND="cupy", GPUMPIAD_BACKEND="cupy",
                     MPIEXEC_TIMEOUT=os.environ.get("MPIEXEC_TIMEOUT", "60"),
-                    **{MAX_RANKS_ENV: "2"})
+                    **{MAX_RANKS_ENV: os.environ.get(MAX_RANKS_ENV, "2")})
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "gpu_validate", "-q",
            "--tb=short", "-rfE"]
     if importlib.util.find_spec("xdist") is not None:
@@ -707,7 +711,8 @@ def tests(opts):
     line = summary[-1] if summary else "no summary line (see pytest-cupy.log)"
     capped = rc == 124
     failures = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    lines = [f"`{' '.join(cmd[1:])}` at 1 and 2 ranks, time cap {limit} s: exit {rc}"
+    ranks = f"{os.environ.get(MIN_RANKS_ENV) or 1} to {env[MAX_RANKS_ENV]} ranks"
+    lines = [f"`{' '.join(cmd[1:])}` at {ranks}, time cap {limit} s: exit {rc}"
              + (" (time cap reached)" if capped else ""), "", f"    {line}"]
     if failures:
         lines += ["", *(f"    {f}" for f in failures[:40])]
@@ -718,15 +723,14 @@ def tests(opts):
 
 def pytest_collection_modifyitems(config, items):
     """As a pytest plugin (``-p gpu_validate``): deselect parallel tests of more ranks than
-    ``GPUMPIAD_VALIDATE_MAX_RANKS``."""
-    limit = os.environ.get(MAX_RANKS_ENV)
-    if not limit:
-        return
+    ``GPUMPIAD_VALIDATE_MAX_RANKS`` or fewer than ``GPUMPIAD_VALIDATE_MIN_RANKS``."""
+    high = int(os.environ.get(MAX_RANKS_ENV) or 1 << 30)
+    low = int(os.environ.get(MIN_RANKS_ENV) or 1)
     keep, drop = [], []
     for item in items:
         found = re.search(r"nprocs=(\d+)", item.name)
         ranks = int(found.group(1)) if found else 1
-        (drop if ranks > int(limit) else keep).append(item)
+        (keep if low <= ranks <= high else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -14,8 +14,9 @@
 # dependencies) and, first, any wheels in .whl/ (an MPI runtime such as the mpich wheel, mpi4py,
 # nvtx, mpi-pytest) for machines that cannot reach a package index. Logs and result tables go to
 # $OUT (default ./gpu-out), the results also to $RESULTS (default bench/results); BUDGET
-# (seconds, default 480) bounds the validation stages; PYTEST_ARGS (test files, options) and
-# XDIST (workers, default the CPUs less two) shape the tests stage.
+# (seconds, default 480) bounds the validation stages; PYTEST_ARGS (test files, options), XDIST
+# (workers, default the CPUs less two) and GPUMPIAD_VALIDATE_MIN_RANKS / _MAX_RANKS (the
+# parallel tests' ranks, default 1 and 2) shape the tests stage.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -35,11 +36,18 @@ for stage in "$@"; do
 done
 
 if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
+    $PY -m pip install -q --no-index --no-deps --no-compile --force-reinstall .whl/*.whl || exit 1
 fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-PATH="$($PY -c 'import sys; print(sys.prefix)')/bin:$PATH"
+PREFIX=$($PY -c 'import sys; print(sys.prefix)')
+PATH="$PREFIX/bin:$PATH"
 export PATH
+if compgen -G ".whl/mpich-*.whl" >/dev/null && [ -e "$PREFIX/lib/libmpi.so.12" ]; then
+    # The carried MPICH, not an MPI the image may have (mpi4py would load that one, and
+    # MPICH's mpiexec would then start ranks that each see a world of one).
+    export MPI4PY_MPIABI=mpich MPI4PY_LIBMPI=$PREFIX/lib/libmpi.so.12 \
+        LD_PRELOAD=$PREFIX/lib/libmpi.so.12
+fi
 
 rc=0
 if [ $# -eq 0 ] || [ ${#validate[@]} -gt 0 ]; then

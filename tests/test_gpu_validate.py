@@ -101,7 +101,7 @@ def test_unknown_stage_is_refused(tmp_path):
     assert "unknown stage(s) kernel" in proc.stderr
 
 
-def test_tests_stage_deselects_parallel_tests_of_more_than_two_ranks(monkeypatch):
+def test_tests_stage_keeps_the_parallel_tests_of_the_ranks_asked_for(monkeypatch):
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_validate", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -120,7 +120,16 @@ def test_tests_stage_deselects_parallel_tests_of_more_than_two_ranks(monkeypatch
 
     items = [Item(n) for n in ("test_a", "test_b[nprocs=1]", "test_b[nprocs=2]",
                                "test_b[nprocs=3]", "test_c[float32-nprocs=4]")]
+    names = [i.name for i in items]
     monkeypatch.setenv(module.MAX_RANKS_ENV, "2")
     module.pytest_collection_modifyitems(Config, items)
     assert [i.name for i in items] == ["test_a", "test_b[nprocs=1]", "test_b[nprocs=2]"]
     assert Config.hook.deselected == ["test_b[nprocs=3]", "test_c[float32-nprocs=4]"]
+
+    # 3 and 4 ranks only: a test that is not parallel counts as one rank.
+    items = [Item(n) for n in names]
+    monkeypatch.setenv(module.MAX_RANKS_ENV, "4")
+    monkeypatch.setenv(module.MIN_RANKS_ENV, "3")
+    module.pytest_collection_modifyitems(Config, items)
+    assert [i.name for i in items] == ["test_b[nprocs=3]", "test_c[float32-nprocs=4]"]
+    assert Config.hook.deselected == ["test_a", "test_b[nprocs=1]", "test_b[nprocs=2]"]
