@@ -44,9 +44,9 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     ``u^{n+1} = u^n + r * kappa * L(u^n) + dt * f`` with ``r = dt / h**2`` and ``L`` the
     5-point (2-D) or 7-point (3-D) Laplacian numerator; ghost cells come from the neighbouring
     patches (halo exchange) or, on the physical boundary, from the Dirichlet values
-    ``boundary``. Where kernels run asynchronously (a GPU), each step overlaps the exchange with
-    the interior cells: start the exchange, update the cells that read no ghost, finish, update
-    the boundary layer. Collective over ``grid``.
+    ``boundary``. Where kernels run asynchronously (a GPU) and the patch borders another rank,
+    each step overlaps the exchange with the interior cells: start the exchange, update the
+    cells that read no ghost, finish, update the boundary layer. Collective over ``grid``.
 
     Parameters
     ----------
@@ -302,10 +302,14 @@ class _Heat:
         # run again (a vjp's pullback), so it keeps the states.
         self.wants, self.keep_states, self.retain = wants, keep_states, retain
         shape = grid.local_shape
+        rank = grid.cart.rank
+        self.local = all(n in (MPI.PROC_NULL, rank) for n in grid.neighbours)
         # Overlapping the exchange with the interior pays where kernels run asynchronously (a
-        # GPU). On the CPU, MPI makes no progress while a kernel runs, and the thin boundary
-        # slabs cost more than the exchange hides: exchange, then one sweep.
-        self.overlap = getattr(kernels, "ASYNCHRONOUS", False)
+        # GPU) and halos travel between ranks. On the CPU, MPI makes no progress while a kernel
+        # runs, and the thin boundary slabs cost more than the exchange hides; a patch that
+        # borders no other rank keeps its halos on the device, with nothing to hide: exchange,
+        # then one sweep.
+        self.overlap = getattr(kernels, "ASYNCHRONOUS", False) and not self.local
         self.whole = tuple(b for n in shape for b in (1, n + 1))
         self.inner, self.ring = _inner_and_ring(shape, [n != MPI.PROC_NULL
                                                         for n in grid.neighbours])
@@ -325,8 +329,6 @@ class _Heat:
         self.host = kernels is hostkernels and not self.overlap
         self.recorded, self.pads = recorded, pads
         self.loop = self.halo = None
-        rank = grid.cart.rank
-        self.local = all(n in (MPI.PROC_NULL, rank) for n in grid.neighbours)
         self.wrap = ((grid.neighbours[0] == rank, grid.neighbours[2] == rank) if self.local
                      else (False, False))
         # A device solve runs on the library's compute stream; its halos move on the
