@@ -988,8 +988,8 @@ class _Round:
     unpacks, in either direction; ``tag0`` is the first forward tag, the adjoint's follow
     ``_ND_ADJOINT_TAG`` later. ``persistent`` (host): MPI requests made on first use in each
     direction and restarted by every post. A plan whose peer is this rank (a periodic axis of
-    one patch) sends no message: it unpacks the cells packed for the opposite side, in place,
-    so that on a device they never leave it."""
+    one patch) sends no message: it unpacks straight from the opposite side's send buffer, so
+    that on a device the cells never leave it."""
 
     __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "remote", "sends", "recvs",
                  "staged_sends", "staged_recvs", "send_views", "recv_views", "packed",
@@ -1038,11 +1038,9 @@ class _Round:
     def post_host(self, fields, adjoint):
         for plan, views in zip(self.plans, self.send_views):
             plan.pack(views, fields, adjoint)
-        if not self.remote:
-            pass
-        elif self.persistent is None:
+        if self.remote and self.persistent is None:
             self.requests, self.received = self._post(self.recvs, adjoint)
-        else:
+        elif self.remote:
             made = self.persistent.get(adjoint)
             if made is None:
                 made = self.persistent[adjoint] = self._post(self.recvs, adjoint, True)
