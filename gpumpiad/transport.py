@@ -161,6 +161,17 @@ _pool = {}
 _pool_lock = threading.Lock()
 
 
+def _reference_counts(bucket):
+    """Each buffer's reference count as seen from here."""
+    return [sys.getrefcount(base) for base in bucket]
+
+
+# What _reference_counts sees of a buffer that only its bucket references (no array or view
+# made from it is alive), measured: the interpreter's own references to a local and a call's
+# argument differ between versions (Python 3.14 borrows some that 3.13 counted).
+_UNREFERENCED = _reference_counts([numpy.empty(1, numpy.uint8)])[0]
+
+
 def host_empty(shape, dtype):
     """An uninitialised host array for a result handed out: a communication's, or a solve's
     output.
@@ -179,9 +190,8 @@ def host_empty(shape, dtype):
         return numpy.empty(shape, dtype)
     with _pool_lock:
         bucket = _pool.setdefault(nbytes, [])
-        for base in bucket:
-            # Referenced only by the bucket, this loop and getrefcount's argument: free.
-            if sys.getrefcount(base) == 3:
+        for base, count in zip(bucket, _reference_counts(bucket)):
+            if count == _UNREFERENCED:
                 break
         else:
             base = numpy.empty(nbytes, numpy.uint8)

@@ -218,3 +218,22 @@ def test_large_elementwise_results_come_from_the_pool_and_keep_their_values(monk
         np.testing.assert_array_equal(got, want)
     # Anything but NumPy arrays and Python numbers goes to the ufunc as it is.
     assert transport.pooled(np.add)(x, [1.0] * BIG).shape == (BIG,)
+
+
+def test_the_host_pool_reuses_a_buffer_no_array_holds_and_never_one_a_view_holds(monkeypatch):
+    """The pool tells free buffers by reference count, as this interpreter counts them: a
+    buffer whose arrays are all gone comes back; one a view still holds never does."""
+    monkeypatch.setattr(transport, "_pool", {})
+    first = transport.host_empty((BIG,), np.float64)
+    address = first.ctypes.data
+    del first
+    again = transport.host_empty((BIG,), np.float64)
+    assert again.ctypes.data == address
+    view = again[::2]
+    view[:] = 1.0
+    del again
+    for _ in range(2 * transport._POOL_PER_SIZE):
+        later = transport.host_empty((BIG,), np.float64)
+        assert not np.shares_memory(later, view)
+        later[:] = 2.0
+    assert (view == 1.0).all()
