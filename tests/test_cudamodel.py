@@ -610,7 +610,10 @@ def objective(k):
 forward = loop(lambda: heat.solve(u0, kappa, f, dt=1e-4, h=0.1, steps=4, grid=grid),
                "heat3d_step")
 reverse = loop(lambda: gm.value_and_grad(objective)(gm.tensor(kappa)), "heat3d_adjoint")
-print("waits, host copies, launches", gm.mpi_rank(), forward, reverse)
+# One printer: lines the ranks print at once can interleave.
+from mpi4py import MPI
+for rank, forward, reverse in MPI.COMM_WORLD.gather((gm.mpi_rank(), forward, reverse)) or ():
+    print("waits, host copies, launches", rank, forward, reverse)
 """
 
 
