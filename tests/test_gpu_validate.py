@@ -70,7 +70,11 @@ def test_every_stage_runs_on_the_model_and_writes_its_table(tmp_path):
     halo = json.loads((out / "halo.json").read_text())["data"]
     assert [(c["ndim"], c["ranks"], c["periodic"]) for c in halo] == [
         (2, 1, False), (2, 1, True), (2, 2, False), (3, 1, False), (3, 1, True)]
-    assert all(c["solver_over_kernel"] is not None for c in halo)
+    # The model's wall times are its Python's: a kernel step takes time, but a solve of N steps
+    # need not measure longer than one of none, so the solver ratio may be n/a (None).
+    assert all(c["kernel_min_s"] > 0 and c["exchange_step_over_kernel"] is not None
+               and (c["solver_over_kernel"] is None or c["solver_over_kernel"] > 0)
+               for c in halo)
 
     written = sorted(p.name for p in results.iterdir())
     assert len(written) == 2 and written[0].startswith("gpu-validate-cpu-model"), written
