@@ -991,8 +991,8 @@ class _Round:
     one patch) sends no message: it unpacks straight from the opposite side's send buffer, so
     that on a device the cells never leave it."""
 
-    __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "remote", "sends", "recvs",
-                 "staged_sends", "staged_recvs", "send_views", "recv_views", "packed",
+    __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "remote", "remote_plans",
+                 "remote_sends", "sends", "recvs", "staged_sends", "staged_recvs", "send_views", "recv_views", "packed",
                  "filled", "persistent", "requests", "received")
 
     def __init__(self, grid, plans, device, tag0, persistent=False):
@@ -1002,7 +1002,7 @@ class _Round:
         check_grid(grid, "halo exchange")
         # Indices of the plans that exchange with another rank, which alone have messages.
         self.remote = [k for k, p in enumerate(plans) if p.peer != grid.cart.rank]
-        remote = [plans[k] for k in self.remote]
+        self.remote_plans = remote = [plans[k] for k in self.remote]
         self.staged_sends = self.staged_recvs = self.packed = self.filled = None
         if device:
             # Made on the communication stream, the only one that touches them.
@@ -1016,6 +1016,7 @@ class _Round:
         else:
             self.sends = [np.empty(p.nbytes, np.uint8) for p in plans]
             self.recvs = [np.empty(p.nbytes, np.uint8) for p in remote]
+        self.remote_sends = [self.sends[k] for k in self.remote]
         self.send_views = [p.views(buf) for p, buf in zip(plans, self.sends)]
         # A plan facing this rank reads what its opposite side packed: the two slabs have one
         # shape, so their messages one layout.
@@ -1051,9 +1052,8 @@ class _Round:
 
     def _post(self, recvs, adjoint, persistent=False, staged=False):
         """The remote plans' messages (``staged``: from and into the pinned buffers)."""
-        sends = self.staged_sends if staged else [self.sends[k] for k in self.remote]
-        return _post(self.grid, [self.plans[k] for k in self.remote], recvs, sends,
-                     self._tag0(adjoint), persistent)
+        sends = self.staged_sends if staged else self.remote_sends
+        return _post(self.grid, self.remote_plans, recvs, sends, self._tag0(adjoint), persistent)
 
     def finish_host(self, fields, adjoint, verify):
         requests, received, self.requests = self.requests, self.received, None
