@@ -885,7 +885,9 @@ def _exchange_nd(fields, grid, widths, corners, adjoint):
             messages.finish_device(fields, adjoint, verify=True)
             # The pinned pool hands a freed block out again at once: keep them until the
             # copies ran.
-            streams._keep_until_done(messages.filled, (messages.recvs, messages.staged_recvs))
+            if messages.remote or adjoint:
+                streams._keep_until_done(messages.filled,
+                                         (messages.recvs, messages.staged_recvs))
         else:
             with trace.span("halo_exchange", trace.COMMUNICATION, payload=messages.nbytes):
                 messages.post_host(fields, adjoint)
@@ -988,11 +990,13 @@ class _Round:
     unpacks, in either direction; ``tag0`` is the first forward tag, the adjoint's follow
     ``_ND_ADJOINT_TAG`` later. ``persistent`` (host): MPI requests made on first use in each
     direction and restarted by every post. A plan whose peer is this rank (a periodic axis of
-    one patch) sends no message: it unpacks straight from the opposite side's send buffer, so
-    that on a device the cells never leave it."""
+    one patch) sends no message: forward, ``post_*`` copies the opposite side's boundary cells
+    straight into its ghosts (one copy per side, on a device on the current stream when the
+    round has no message at all); adjoint, it unpacks from the opposite side's send buffer. On
+    a device those cells never leave it."""
 
     __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "remote", "remote_plans",
-                 "remote_sends", "sends", "recvs", "staged_sends", "staged_recvs", "send_views", "recv_views", "packed",
+                 "remote_sends", "across", "sends", "recvs", "staged_sends", "staged_recvs", "send_views", "recv_views", "packed",
                  "filled", "persistent", "requests", "received")
 
     def __init__(self, grid, plans, device, tag0, persistent=False):
@@ -1024,6 +1028,9 @@ class _Round:
         opposite = {p.side ^ 1: k for k, p in enumerate(plans)}
         self.recv_views = [p.views(next(received)) if p.peer != grid.cart.rank
                            else self.send_views[opposite[p.side]] for p in plans]
+        # The forward copies of the plans facing this rank: (ghost slab, opposite edge slab).
+        self.across = [(p.ghost, plans[opposite[p.side]].edge) for p in plans
+                       if p.peer == grid.cart.rank]
         self.persistent = {} if persistent else None
         self.requests = self.received = None
 
@@ -1036,9 +1043,20 @@ class _Round:
             for field in fields:
                 field[plan.ghost].fill(0)
 
+    def _copy_across(self, fields):
+        for ghost, edge in self.across:
+            for field in fields:
+                field[ghost] = field[edge]
+
+    def _packed_plans(self, adjoint):
+        """Indices of the plans whose cells go through their send buffer."""
+        return range(len(self.plans)) if adjoint else self.remote
+
     def post_host(self, fields, adjoint):
-        for plan, views in zip(self.plans, self.send_views):
-            plan.pack(views, fields, adjoint)
+        for k in self._packed_plans(adjoint):
+            self.plans[k].pack(self.send_views[k], fields, adjoint)
+        if not adjoint:
+            self._copy_across(fields)
         if self.remote and self.persistent is None:
             self.requests, self.received = self._post(self.recvs, adjoint)
         elif self.remote:
@@ -1059,17 +1077,23 @@ class _Round:
         requests, received, self.requests = self.requests, self.received, None
         if requests:
             _complete(requests, received, self, adjoint, verify)
-        for plan, views in zip(self.plans, self.recv_views):
-            plan.unpack(views, fields, adjoint)
+        for k in self._packed_plans(adjoint):
+            self.plans[k].unpack(self.recv_views[k], fields, adjoint)
 
     def post_device(self, fields, adjoint):
         """Queue the packing on the communication stream after the current stream's work."""
+        if not adjoint and not self.remote:
+            with trace.span("halo_exchange.copy", trace.COMMUNICATION, payload=self.nbytes):
+                self._copy_across(fields)
+            return
         stream = streams.comm_stream()
         streams.order(stream, streams.current_stream())
         with trace.span("halo_exchange.pack", trace.COMMUNICATION, payload=self.nbytes), \
                 stream:
-            for k, plan in enumerate(self.plans):
-                plan.pack(self.send_views[k], fields, adjoint)
+            for k in self._packed_plans(adjoint):
+                self.plans[k].pack(self.send_views[k], fields, adjoint)
+            if not adjoint:
+                self._copy_across(fields)
             for j, k in enumerate(self.remote if self.staged_sends is not None else ()):
                 self.sends[k].get(stream=stream, out=self.staged_sends[j], blocking=False)
             if adjoint:
@@ -1079,6 +1103,8 @@ class _Round:
     def finish_device(self, fields, adjoint, verify):
         """Wait on the host for the packing, exchange, queue the unpacking on the
         communication stream and order the current stream after it."""
+        if not adjoint and not self.remote:
+            return
         staged = self.staged_sends is not None
         if self.remote:
             with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
@@ -1093,8 +1119,8 @@ class _Round:
                 stream:
             for recv, staged_recv in zip(self.recvs, self.staged_recvs if staged else ()):
                 recv.set(staged_recv, stream=stream)
-            for plan, views in zip(self.plans, self.recv_views):
-                plan.unpack(views, fields, adjoint)
+            for k in self._packed_plans(adjoint):
+                self.plans[k].unpack(self.recv_views[k], fields, adjoint)
         self.filled.record(stream)
         streams.current_stream().wait_event(self.filled)
 
