@@ -522,7 +522,8 @@ class PaddedExchange:
     for the packing alone, exchanges the cells through MPI (staged through pinned host buffers
     unless MPI is CUDA-aware), queues the unpacking on the communication stream and orders
     the current stream after it. Work queued between the two calls that reads no ghost runs
-    while the halos travel.
+    while the halos travel. Ghosts facing this rank itself (a periodic axis of one patch) are
+    filled by ``post``, by one copy each.
 
     Every rank of ``grid`` makes one and posts and finishes in step. What travels is what the
     array holds at :meth:`post`; the buffers are the exchange's own, never shared with an
@@ -996,8 +997,9 @@ class _Round:
     a device those cells never leave it."""
 
     __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "remote", "remote_plans",
-                 "remote_sends", "across", "sends", "recvs", "staged_sends", "staged_recvs", "send_views", "recv_views", "packed",
-                 "filled", "persistent", "requests", "received")
+                 "remote_sends", "across", "sends", "recvs", "staged_sends", "staged_recvs",
+                 "send_views", "recv_views", "packed", "filled", "persistent", "requests",
+                 "received")
 
     def __init__(self, grid, plans, device, tag0, persistent=False):
         self.grid, self.plans, self.device, self.tag0 = grid, plans, device, tag0
@@ -1081,7 +1083,9 @@ class _Round:
             self.plans[k].unpack(self.recv_views[k], fields, adjoint)
 
     def post_device(self, fields, adjoint):
-        """Queue the packing on the communication stream after the current stream's work."""
+        """Queue the packing (forward: and the copies across) on the communication stream
+        after the current stream's work; a forward round with no message copies on the
+        current stream."""
         if not adjoint and not self.remote:
             with trace.span("halo_exchange.copy", trace.COMMUNICATION, payload=self.nbytes):
                 self._copy_across(fields)
