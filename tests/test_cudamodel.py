@@ -1,7 +1,9 @@
 """The CPU model of CUDA streams (tests/cudamodel): each ordering rule it enforces, shown to
 catch the missing edge and to accept the edge CUDA provides. Runs in a subprocess so that the
 model's ``cupy`` never meets a real one."""
+import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -593,7 +595,8 @@ rng = np.random.default_rng(gm.mpi_rank())
 u0, kappa, f = (cupy.asarray(rng.random(grid.local_shape) + 0.5) for _ in range(3))
 
 def loop(run, kernel):
-    # Host waits and host copies from the time loop's first ``kernel`` launch to its last.
+    # Host waits, host copies, ``kernel`` launches and device operations from the time loop's
+    # first ``kernel`` launch to its last.
     start = len(MODEL.log)
     run()
     log = MODEL.log[start:]
@@ -602,7 +605,7 @@ def loop(run, kernel):
     log = log[kernels[0]:kernels[-1] + 1]
     return (sum(e[0] == "sync" and e[1] != "Event.done" for e in log),
             sum(e[0] == "op" and e[2].startswith("copy") and "host" in e[2] for e in log),
-            len(kernels))
+            len(kernels), sum(e[0] == "op" for e in log))
 
 def objective(k):
     return gm.mpi_sum(gm.sum(heat.solve(u0, k, f, dt=1e-4, h=0.1, steps=4, grid=grid) ** 2))
@@ -613,7 +616,7 @@ reverse = loop(lambda: gm.value_and_grad(objective)(gm.tensor(kappa)), "heat3d_a
 # One printer: lines the ranks print at once can interleave.
 from mpi4py import MPI
 for rank, forward, reverse in MPI.COMM_WORLD.gather((gm.mpi_rank(), forward, reverse)) or ():
-    print("waits, host copies, launches", rank, forward, reverse)
+    print("waits, host copies, launches, ops", rank, forward, reverse)
 """
 
 
@@ -621,8 +624,9 @@ for rank, forward, reverse in MPI.COMM_WORLD.gather((gm.mpi_rank(), forward, rev
 def test_3d_halos_facing_the_rank_itself_stay_on_the_device(nprocs):
     """The 3-D solver on a periodic grid, staged MPI: a face whose neighbour is the rank itself
     is filled on the device, so one patch's time loops, forward and reverse, make no host wait
-    and no host copy, and with nothing to hide launch one kernel per step (4 steps); with two
-    patches along one axis, that axis's faces still stage, behind the interior's kernel."""
+    and no host copy, and with nothing to hide launch one kernel per step (4 steps) and one copy
+    per face between steps; with two patches along one axis, that axis's faces still stage,
+    behind the interior's kernel."""
     env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE="0",
                GPUMPIAD_STAGE_HOST_ARRAYS="0")
     proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
@@ -632,10 +636,14 @@ def test_3d_halos_facing_the_rank_itself_stay_on_the_device(nprocs):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("waits, host copies")]
     assert len(rows) == nprocs, proc.stdout
     for row in rows:
-        if nprocs == 1:
-            assert row.endswith("(0, 0, 4) (0, 0, 4)"), row
-        else:
-            assert "(0, 0" not in row and ", 4)" not in row, row
+        loops = [ast.literal_eval(t) for t in re.findall(r"\([^)]*\)", row)]
+        assert len(loops) == 2, row
+        for waits, copies, launches, ops in loops:
+            if nprocs == 1:
+                assert (waits, copies, launches) == (0, 0, 4), row
+                assert ops == launches + (launches - 1) * 6, row
+            else:
+                assert waits > 0 and copies > 0 and launches > 4, row
 
 
 # What the model adds for its own bookkeeping; every other public name must be CuPy's.
