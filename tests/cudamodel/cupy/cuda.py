@@ -161,6 +161,10 @@ class runtime:
     def driverGetVersion():
         return 12080
 
+    @staticmethod
+    def getDeviceProperties(device):
+        return {"name": b"CPU model of CuPy (tests/cudamodel)"}
+
 
 class MemoryPool:
     def used_bytes(self):
