@@ -312,7 +312,8 @@ class _Heat:
         self.overlap = getattr(kernels, "ASYNCHRONOUS", False) and not self.local
         self.whole = tuple(b for n in shape for b in (1, n + 1))
         self.inner, self.ring = _inner_and_ring(shape, [n != MPI.PROC_NULL
-                                                        for n in grid.neighbours])
+                                                        for n in grid.neighbours]) \
+            if self.overlap else (None, None)
         self.core = (slice(1, -1),) * len(shape)
         self.states = {}
         self.spare = None
