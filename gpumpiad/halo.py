@@ -886,7 +886,7 @@ def _exchange_nd(fields, grid, widths, corners, adjoint):
             messages.finish_device(fields, adjoint, verify=True)
             # The pinned pool hands a freed block out again at once: keep them until the
             # copies ran.
-            if messages.remote or adjoint:
+            if messages.remote:
                 streams._keep_until_done(messages.filled,
                                          (messages.recvs, messages.staged_recvs))
         else:
@@ -1098,8 +1098,8 @@ class _Round:
                 self.plans[k].pack(self.send_views[k], fields, adjoint)
             if not adjoint:
                 self._copy_across(fields)
-            for j, k in enumerate(self.remote if self.staged_sends is not None else ()):
-                self.sends[k].get(stream=stream, out=self.staged_sends[j], blocking=False)
+            for send, staged in zip(self.remote_sends, self.staged_sends or ()):
+                send.get(stream=stream, out=staged, blocking=False)
             if adjoint:
                 self._zero_ghosts(fields)
         self.packed.record(stream)

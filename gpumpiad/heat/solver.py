@@ -311,9 +311,10 @@ class _Heat:
         # then one sweep.
         self.overlap = getattr(kernels, "ASYNCHRONOUS", False) and not self.local
         self.whole = tuple(b for n in shape for b in (1, n + 1))
-        self.inner, self.ring = _inner_and_ring(shape, [n != MPI.PROC_NULL
-                                                        for n in grid.neighbours]) \
-            if self.overlap else (None, None)
+        self.inner = self.ring = None
+        if self.overlap:
+            self.inner, self.ring = _inner_and_ring(shape, [n != MPI.PROC_NULL
+                                                            for n in grid.neighbours])
         self.core = (slice(1, -1),) * len(shape)
         self.states = {}
         self.spare = None
