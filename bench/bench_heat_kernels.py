@@ -29,6 +29,12 @@ the grid is split P x 1.
 besides lam (kappa_bar and f_bar, kappa_bar, f_bar, neither) against forward steps, many steps in
 one call as the solver runs them, alternating batches, at ``--sizes``, and appends its table to
 ``--out``: what each cotangent costs, against the bytes it moves.
+
+``--layouts`` times the step and adjoint kernels over fields in NumPy's arrays (which start at
+one offset within a page) and in the solver's host buffers (``solver._host_buffer``: staggered
+offsets), and the forward and gradient of ``bench_peers.py``'s problem with the solver's buffers
+staggered and not (the buffer cache emptied before each), alternating, the bits compared first;
+under ``mpiexec`` the grid is split P x 1. Appends its table to ``--out``.
 """
 
 from __future__ import annotations
@@ -112,6 +118,79 @@ def bench(n, dtype=np.float64):
         rows.append(dict(n=n, op=op, impl=impl, ms=t * 1e3, teff=teff / 1e9,
                          ratio=teff / bw_copy4))
     return rows, bw_copy4 / 1e9, 4 * itemsize * cells / t_copy4_np / 1e9
+
+
+def layouts(sizes, repeats=9):
+    """Rows of (n, steps, {what: {layout: (min, median) seconds}}): the step and adjoint kernels
+    (one call, n² cells) and the solve's forward and gradient (the world's ranks), over NumPy's
+    arrays ("plain") and the solver's staggered host buffers ("staggered"), alternating."""
+    import gpumpiad as gm
+    from mpi4py import MPI
+    from gpumpiad.heat import Grid, set_buffer_cache, solve, solver
+    from bench_peers import problem, steps_for
+
+    comm = MPI.COMM_WORLD
+    threshold = solver._STAGGER_MIN_BYTES
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        shape = (n + 2, n + 2)
+        fields = {}
+        for layout, make in (("plain", lambda: np.empty(shape)),
+                             ("staggered", lambda: solver._host_buffer(shape, np.float64))):
+            arrays = [make() for _ in range(8)]
+            for a in arrays:
+                a[...] = rng.random(shape)
+            fields[layout] = arrays
+        rect = (1, n + 1, 1, n + 1)
+
+        def kernel(what, layout):
+            u, kappa, f, lam_next, u_new, lam, kb, fb = fields[layout]
+            if what == "step kernel":
+                return lambda: hostkernels.step(u, kappa, f, u_new, 0.2, 1e-3, *rect)
+            return lambda: hostkernels.adjoint(lam_next, kappa, u, lam, kb, fb, 0.2, 1e-3, *rect)
+
+        steps = steps_for(n)
+        u0, kappa, f, dt, h = problem(n)
+        grid = Grid((n, n), dims=(comm.size, 1))
+        args = [gm.tensor(grid.local(a), distributed=True) for a in (u0, kappa, f)]
+
+        def forward(*a):
+            return solve(*a, dt, h, steps, grid=grid, backend="host")
+        gradient = gm.value_and_grad(lambda *a: gm.mpi_sum(gm.sum(forward(*a) ** 2)),
+                                     argnums=(0, 1, 2))
+
+        def solve_call(fn, layout):
+            """Seconds of ``fn(*args)`` on the slowest rank, and its result, with new buffers
+            in ``layout``."""
+            solver._STAGGER_MIN_BYTES = threshold if layout == "staggered" else 1 << 62
+            try:
+                set_buffer_cache(set_buffer_cache(0))
+                fn(*args)
+                comm.Barrier()
+                t0 = time.perf_counter()
+                out = fn(*args)
+                return comm.allreduce(time.perf_counter() - t0, op=MPI.MAX), out
+            finally:
+                solver._STAGGER_MIN_BYTES = threshold
+
+        flat = [[np.asarray(value.data)] + [np.asarray(g.data) for g in grads]
+                for value, grads in (solve_call(gradient, layout)[1]
+                                     for layout in ("plain", "staggered"))]
+        if not all(np.array_equal(a, b) for a, b in zip(*flat)):
+            raise AssertionError(f"{n}²: the gradient differs between layouts")
+        times = {}
+        for _ in range(repeats):
+            for what in ("step kernel", "adjoint kernel", "forward", "gradient"):
+                for layout in ("plain", "staggered"):
+                    if what.endswith("kernel"):
+                        t = _time(kernel(what, layout), 0.05, 1)
+                    else:
+                        t = solve_call(forward if what == "forward" else gradient, layout)[0]
+                    times.setdefault(what, {}).setdefault(layout, []).append(t)
+        rows.append((n, steps, {what: {k: (min(v), float(np.median(v))) for k, v in t.items()}
+                                for what, t in times.items()}))
+    return rows
 
 
 def _library(march):
@@ -294,6 +373,8 @@ def main():
                     help="the host forward loop in one call against one call per step")
     ap.add_argument("--segments", action="store_true",
                     help="a gradient's reverse pass from kept states against segments made again")
+    ap.add_argument("--layouts", action="store_true",
+                    help="the solver's staggered host buffers against NumPy's arrays")
     ap.add_argument("--cotangents", action="store_true",
                     help="the adjoint kernel for each choice of cotangents against the step")
     args = ap.parse_args()
@@ -324,6 +405,33 @@ def main():
                 return f"{1e3 * t[k][0]:.2f} ({1e3 * t[k][1]:.2f})"
             fixed = "; ".join(f"{k}: {cell(k)}" for k in t if k not in (0, None))
             lines.append(f"| {n} | {steps} | {chosen} | {cell(0)} | {cell(None)} | {fixed} |")
+        _append(args.out, lines)
+        return
+    if args.layouts:
+        from mpi4py import MPI
+        rows = layouts(args.sizes)
+        if MPI.COMM_WORLD.rank:
+            return
+        model, cores, caches = _machine()
+        ranks = MPI.COMM_WORLD.size
+        lines = [
+            "## Host buffers at staggered offsets within a page against NumPy's arrays (float64)",
+            "",
+            f"- CPU: {model} ({cores}){'; ' + caches if caches else ''}; load average (1 min) at "
+            f"the end: {os.getloadavg()[0]:.1f}",
+            f"- kernels: one call over n² cells per process; forward and gradient (J w.r.t. u0, "
+            f"kappa, f, `bench_peers.py`'s problem): {ranks} rank{'s' if ranks > 1 else ''}, "
+            "timed on the slowest; ms, min (median) of 9 alternating rounds; same bits",
+            "",
+            "| n | steps | what | NumPy's arrays | staggered | staggered / NumPy's |",
+            "|---:|---:|---|---:|---:|---:|",
+        ]
+        for n, steps, t in rows:
+            for what, by in t.items():
+                (plo, pmid), (slo, smid) = by["plain"], by["staggered"]
+                lines.append(f"| {n} | {steps} | {what} | {1e3 * plo:.3f} ({1e3 * pmid:.3f}) | "
+                             f"{1e3 * slo:.3f} ({1e3 * smid:.3f}) | {slo / plo:.2f} "
+                             f"({smid / pmid:.2f}) |")
         _append(args.out, lines)
         return
     if args.cotangents:

@@ -970,15 +970,74 @@ def test_repeated_gradients_make_no_new_padded_buffers(monkeypatch):
     gradient = gpumpiad.grad(objective)
     gradient(kappa)
     made = []
-    empty_like = np.empty_like
+    host_buffer = solver._host_buffer
 
-    def counting(a, *args, **kwargs):
-        made.append(np.shape(a))
-        return empty_like(a, *args, **kwargs)
+    def counting(shape, dtype, count=None):
+        made.append(tuple(shape))
+        return host_buffer(shape, dtype, count)
 
-    monkeypatch.setattr(np, "empty_like", counting)
+    monkeypatch.setattr(solver, "_host_buffer", counting)
     want = to_numpy(gradient(kappa))
     padded = (NX + 2, NY + 2)
     assert padded not in made, f"{made.count(padded)} new padded buffer(s)"
-    monkeypatch.setattr(np, "empty_like", empty_like)
+    solver.set_buffer_cache(solver.set_buffer_cache(0))
+    gradient(kappa)
+    assert padded in made, "the count misses the buffers a gradient makes"
+    monkeypatch.undo()
     assert np.array_equal(to_numpy(gradient(kappa)), want)
+
+
+def test_large_host_buffers_start_at_staggered_offsets_and_go_back_to_the_cache():
+    """Host buffers of 128 KiB and more (each of a block too) start on a cache line at offsets
+    from a page boundary that differ between consecutive buffers; they own their memory for the
+    buffer cache, which keeps them and hands them out again, while their views stay out."""
+    shape = (130, 130)
+    ones = [solver._host_buffer(shape, np.float64) for _ in range(3)]
+    block = solver._host_buffer(shape, np.float64, 4)
+    buffers = ones + list(block)
+    offsets = [b.ctypes.data % 4096 for b in buffers]
+    assert all(b.shape == shape and b.flags.c_contiguous for b in buffers)
+    assert all(o % 64 == 0 for o in offsets) and len(set(offsets)) == len(offsets), offsets
+    assert block.strides[0] >= block[0].nbytes
+    for k, b in enumerate(block):
+        b[...] = k
+    assert [float(b.min()) for b in block] == [float(b.max()) for b in block] == [0, 1, 2, 3]
+    small = solver._host_buffer((10, 10), np.float64)
+    assert small.base is None and small.flags.c_contiguous
+    previous = solver.set_buffer_cache(0)
+    try:
+        solver.set_buffer_cache(1 << 30)
+        for a in (ones[0][1:-1], block[0]):
+            solver._recycle(a, None)
+        assert solver._free_bytes["n"] == 0, "a view went to the buffer cache"
+        solver._recycle(ones[0], None)
+        solver._recycle(block, None)
+        assert solver._take(solver._kind(ones[0]))[0] is ones[0]
+        assert solver._take(solver._kind(block))[0] is block
+    finally:
+        solver.set_buffer_cache(0)
+        solver.set_buffer_cache(previous)
+
+
+@pytest.mark.skipif(not hostkernels.available(), reason="no C++ compiler")
+@pytest.mark.skipif(gpumpiad.backend_name() == "cupy", reason="host kernels take NumPy arrays")
+@pytest.mark.parametrize("segment", [0, 3])
+def test_staggered_state_blocks_give_the_bits_of_plain_arrays(monkeypatch, segment):
+    """A one-rank gradient whose kept states (segment 0) or states made again (segments of 3)
+    lie in one block of staggered buffers, each state's ghost ring from a non-zero boundary,
+    gives the bits of the same gradient over NumPy's arrays."""
+    n, steps, h = 180, 7, 1.0 / 181
+    u0, kappa, f = global_problem(15, n, n)
+    dt = 0.1 * h * h
+    monkeypatch.setattr(solver, "_segment_length", lambda nbytes, steps: segment)
+
+    def gradient():
+        solver.set_buffer_cache(solver.set_buffer_cache(0))
+        _, pullback = gpumpiad.vjp(
+            lambda k: solve(u0, k, f, dt, h, steps, boundary=0.75), kappa)
+        return to_numpy(pullback(np.ones((n, n))))
+
+    staggered = gradient()
+    monkeypatch.setattr(solver, "_STAGGER_MIN_BYTES", 1 << 62)
+    plain = gradient()
+    assert np.isfinite(staggered).all() and np.array_equal(staggered, plain)
