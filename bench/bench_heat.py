@@ -15,8 +15,8 @@ Measured, float64, times are the maximum over ranks of the best of ``--repeats``
 * ``copy4``: bandwidth of ``d = a + b + c`` over ``n^2`` cells (3 reads + 1 write), the same
   kernel build as the solver's (``copy4`` in ``kernels/heat.cu``), all ranks at once;
 * T_eff of the step kernel alone and of a solver step (halo exchange included; overlapped on a
-  GPU) at 32 B/cell, of the fused adjoint kernel at 64 B/cell (all cotangents) and at 48 B/cell (kappa's
-  alone: what a gradient with respect to kappa runs), each as a ratio to ``copy4``;
+  GPU) at 32 B/cell, of the fused adjoint kernel at 64 B/cell (all cotangents) and at 48 B/cell
+  (kappa's alone: what a gradient with respect to kappa runs), each as a ratio to ``copy4``;
 * solver step time with halo exchange over kernel step time without it; the solver step is the
   marginal one, ``(t(N steps) - t(0 steps)) / N``, so that a solve's fixed cost (checks,
   padded copies of the inputs, the result's copy) is reported apart. With few steps of a large
@@ -384,7 +384,8 @@ def main(argv=None):
     # A solve's fixed cost (argument checks, padded copies of u0, kappa and f, the result's
     # copy) is not a step's: it is the time of a solve of 0 steps, and a step's is the rest.
     t_setup = forward_time(0)
-    t_step = (t_fwd - t_setup) / steps
+    # A noisy run can time the solve of 0 steps above the full one: then no step time (n/a).
+    t_step = max(t_fwd - t_setup, 0.0) / steps
 
     def grad_time(checkpoints, argnums=1):
         def objective(*a):
@@ -406,7 +407,8 @@ def main(argv=None):
     rows = [
         ("copy4 (3 reads + 1 write)", t_copy4, 32, bw_copy4),
         ("step kernel, no halo", t_kstep, 32, 32 * cells / t_kstep),
-        ("solver step with halo exchange (marginal)", t_step, 32, 32 * cells / t_step),
+        ("solver step with halo exchange (marginal)", t_step, 32,
+         32 * cells / t_step if t_step else None),
         ("blocking halo exchange + step kernel", t_kstep_halo, 32, 32 * cells / t_kstep_halo),
         ("adjoint kernel, no halo", t_kadj, 64, 64 * cells / t_kadj),
         ("adjoint kernel, kappa_bar only, no halo", t_kadj_k, 48, 48 * cells / t_kadj_k),
@@ -434,13 +436,13 @@ def main(argv=None):
         "|---|---:|---:|---:|---:|",
     ]
     lines += [f"| {name} | {t * 1e3:.3f} | {bpc} | {bw / gb:.2f} | {bw / bw_copy4:.2f} |"
-              for name, t, bpc, bw in rows]
+              if bw else f"| {name} | n/a | {bpc} | n/a | n/a |" for name, t, bpc, bw in rows]
     lines += [
         "",
         "| ratio | value |",
         "|---|---:|",
-        f"| solver step with halo exchange / kernel step without halo | "
-        f"{t_step / t_kstep:.3f} |",
+        "| solver step with halo exchange / kernel step without halo | "
+        + (f"{t_step / t_kstep:.3f} |" if t_step else "n/a |"),
         f"| blocking halo exchange + step kernel / kernel step without halo | "
         f"{t_kstep_halo / t_kstep:.3f} |",
         f"| blocking halo exchange alone / kernel step | {t_halo / t_kstep:.3f} |",
