@@ -864,12 +864,14 @@ def _exchange_nd(fields, grid, widths, corners, adjoint):
     axis with ``corners`` (reverse order for the adjoint), all axes in one round without."""
     if _abandoned:
         _release_finished()
+    # A reverse pass may run after its grid was freed; rounds facing only this rank send no
+    # message that would fail on it.
+    check_grid(grid, "halo exchange")
     shape = tuple(fields[0].shape)
     axes = [a for a, w in enumerate(widths)
             if w and (grid.neighbours[2 * a] != MPI.PROC_NULL
                       or grid.neighbours[2 * a + 1] != MPI.PROC_NULL)]
     if not axes:
-        check_grid(grid, "halo exchange")
         return fields
     rounds = [[a] for a in axes] if corners else [axes]
     if adjoint:
@@ -1004,8 +1006,6 @@ class _Round:
     def __init__(self, grid, plans, device, tag0, persistent=False):
         self.grid, self.plans, self.device, self.tag0 = grid, plans, device, tag0
         self.nbytes = sum(plan.nbytes for plan in plans)
-        # Rounds facing only this rank send no message that would fail on a freed grid.
-        check_grid(grid, "halo exchange")
         # Indices of the plans that exchange with another rank, which alone have messages.
         self.remote = [k for k, p in enumerate(plans) if p.peer != grid.cart.rank]
         self.remote_plans = remote = [plans[k] for k in self.remote]

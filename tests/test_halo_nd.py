@@ -291,6 +291,21 @@ def test_errors_name_rank_argument_expected_and_actual():
             gm.halo_exchange(np.zeros(17), own, width=6)
 
 
+@pytest.mark.parallel(nprocs=[1, 2])
+@pytest.mark.parametrize("periodic", [True, False], ids=["periodic", "bounded"])
+def test_reverse_pass_after_its_grid_was_freed_is_an_error_on_every_rank(periodic):
+    """A pullback of halo_exchange run after its grid was freed names the freed grid, also on
+    one periodic rank, whose exchange faces only itself and sends no message."""
+    rank = MPI.COMM_WORLD.rank
+    grid = gm.Grid((6, 4, 4), periodic=periodic)
+    padded = tuple(n + 2 for n in grid.local_shape)
+    u = gm.tensor(np.ones(padded), distributed=True)
+    _, pullback = gm.vjp(lambda t: gm.halo_exchange(t, grid), u)
+    grid.free()
+    with pytest.raises(ValueError, match=rf"rank {rank}: halo exchange's grid was freed"):
+        pullback(np.ones(padded))
+
+
 MODEL_RUN = """
 import sys
 import numpy as np
