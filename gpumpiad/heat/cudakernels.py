@@ -146,14 +146,22 @@ def _check_fields(fields, inputs):
             raise ValueError(f"{name} has shape {a.shape}, expected {first.shape}")
         if not a.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
+    check_outputs_apart(fields, inputs)
+    return np.dtype(first.dtype), first.shape[0] - 2, first.shape[1] - 2
+
+
+def check_outputs_apart(fields, inputs):
+    """Raise ``ValueError`` where an output (a field after the first ``inputs`` of the
+    ``(name, array)`` pairs) overlaps another field; all are contiguous device arrays of one
+    size."""
     # Equal-sized contiguous arrays overlap exactly when their starts are closer than their
     # size.
     starts = [a.data.ptr for _, a in fields]
+    size = fields[0][1].nbytes
     for k in range(inputs, len(fields)):
         for m in range(len(fields)):
-            if m != k and abs(starts[m] - starts[k]) < first.nbytes:
+            if m != k and abs(starts[m] - starts[k]) < size:
                 raise ValueError(f"{fields[k][0]} must not overlap {fields[m][0]}")
-    return np.dtype(first.dtype), first.shape[0] - 2, first.shape[1] - 2
 
 
 def _grid2d(i0, i1, j0, j1):

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import kernelbuild
 from ..backend import _rank
+from .cudakernels import check_outputs_apart
 from .stencil import grads
 from .stencil3d import check_box
 
@@ -120,13 +121,7 @@ def _check(fields, box, inputs):
                 raise ValueError(f"{name} has shape {a.shape}, expected {first.shape}")
             if not a.flags.c_contiguous:
                 raise ValueError(f"{name} must be C-contiguous")
-        # Equal-sized contiguous arrays overlap exactly when their starts are closer than
-        # their size.
-        starts = [a.data.ptr for _, a in fields]
-        for k in range(inputs, len(fields)):
-            for m in range(len(fields)):
-                if m != k and abs(starts[m] - starts[k]) < first.nbytes:
-                    raise ValueError(f"{fields[k][0]} must not overlap {fields[m][0]}")
+        check_outputs_apart(fields, inputs)
         box = check_box(first.shape, *box)
         nx, ny, nz = (n - 2 for n in first.shape)
         i0, i1, j0, j1, k0, k1 = box
