@@ -395,8 +395,10 @@ class DeviceExchange:
     calls that read no exchanged ghost run while the halos travel; nothing waits on the host
     for them. Staged (MPI not CUDA-aware), the packed cells are copied to pinned host buffers
     and the received ones back, on the communication stream too. A side whose neighbour is this
-    rank itself (a periodic axis of one patch) takes the cells packed for the opposite side
-    straight from device memory: no MPI, no staging, no host wait.
+    rank itself (a periodic axis of one patch) involves no MPI, no staging and no host wait:
+    forward, ``post`` copies the opposite boundary cells into its ghosts (on the current stream
+    when no side faces another rank, and ``finish`` then has nothing to do); the adjoint adds
+    the ghosts packed for the opposite side.
 
     Every rank of ``grid`` posts and finishes in step. Unverified by default: the caller has
     agreed dtypes and shapes across ranks (``finish(..., verify=True)`` checks each message's
@@ -446,27 +448,44 @@ class DeviceExchange:
 
     def post(self, a, adjoint=False):
         """Queue the packing of ``a``'s boundary cells (``adjoint``: its ghosts facing a
-        neighbour, then zero them) after the current stream's work so far."""
+        neighbour, then zero them) after the current stream's work so far; forward, the ghosts
+        facing this rank are copied from the opposite boundary cells, on the current stream
+        when no side faces another rank."""
         if not self._links:
+            return
+        if not adjoint and not self._remote:
+            with trace.span("halo_exchange.copy", trace.COMMUNICATION, payload=self.nbytes):
+                self._copy_across(a)
             return
         stream = streams.comm_stream()
         streams.order(stream, streams.current_stream())
         ghost = 1 if adjoint else 0
+        # Forward, only the sides facing another rank go through a buffer.
+        packed = range(len(self._links)) if adjoint else self._remote
         with trace.span("halo_exchange.pack", trace.COMMUNICATION, payload=self.nbytes), stream:
-            for k, (side, _) in enumerate(self._links):
-                self._kernels.pack(a, self._send[k], side, ghost)
+            for k in packed:
+                self._kernels.pack(a, self._send[k], self._links[k][0], ghost)
                 if self._staged_send is not None and self._local[k] is None:
                     self._send[k].get(stream=stream, out=self._staged_send[k], blocking=False)
+            if not adjoint:
+                self._copy_across(a)
             if adjoint:
                 # Ghost copies go to their owners: their cotangent lives there from now on.
                 for side, _ in self._links:
                     _ghost(a, side).fill(0)
         self._packed.record(stream)
 
+    def _copy_across(self, a):
+        """The ghosts facing this rank, from the opposite sides' boundary cells."""
+        for k, source in enumerate(self._local):
+            if source is not None:
+                side = self._links[k][0]
+                _edge(a, side, 1)[...] = _edge(a, _OPPOSITE[side], 0)
+
     def finish(self, a, adjoint=False, verify=False):
         """Exchange the posted cells and write what arrives into ``a`` (ghosts; ``adjoint``:
         added into the boundary cells); the current stream is ordered after the writes."""
-        if not self._links:
+        if not self._links or not adjoint and not self._remote:
             return a
         sent = self._staged_send if self._staged_send is not None else self._send
         into = self._staged_recv if self._staged_recv is not None else self._recv
@@ -499,8 +518,10 @@ class DeviceExchange:
             for k, (side, _) in enumerate(self._links):
                 source = self._local[k]
                 if source is not None:
-                    # Packed on this stream, earlier: what an MPI message to itself would carry.
-                    self._kernels.unpack(a, self._send[source], side, ghost, add)
+                    if adjoint:
+                        # Packed on this stream, earlier: what an MPI message to itself would
+                        # carry. (Forward, post copied these ghosts.)
+                        self._kernels.unpack(a, self._send[source], side, ghost, add)
                     continue
                 if self._staged_recv is not None:
                     self._recv[k].set(self._staged_recv[k], stream=stream)

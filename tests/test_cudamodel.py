@@ -580,7 +580,7 @@ def test_no_host_wait_comes_before_a_steps_interior_kernel(nprocs, cuda_aware, p
             assert "forward 0.00 / 0.00, adjoint (whole gradient) 0.00 / 0.00" in row, row
 
 
-PERIODIC_3D_RUN = """
+PERIODIC_RUN = """
 import sys
 import numpy as np
 sys.path.insert(0, {model!r})
@@ -590,7 +590,7 @@ heat_kernels.register()
 import gpumpiad as gm
 from gpumpiad import heat
 mpi_check.install()
-grid = gm.Grid((8, 6, 4), dims=(gm.mpi_size(), 1, 1), periodic=True)
+grid = gm.Grid({shape}, dims=(gm.mpi_size(),) + (1,) * ({ndim} - 1), periodic=True)
 rng = np.random.default_rng(gm.mpi_rank())
 u0, kappa, f = (cupy.asarray(rng.random(grid.local_shape) + 0.5) for _ in range(3))
 
@@ -611,8 +611,8 @@ def objective(k):
     return gm.mpi_sum(gm.sum(heat.solve(u0, k, f, dt=1e-4, h=0.1, steps=4, grid=grid) ** 2))
 
 forward = loop(lambda: heat.solve(u0, kappa, f, dt=1e-4, h=0.1, steps=4, grid=grid),
-               "heat3d_step")
-reverse = loop(lambda: gm.value_and_grad(objective)(gm.tensor(kappa)), "heat3d_adjoint")
+               "{kernel}_step")
+reverse = loop(lambda: gm.value_and_grad(objective)(gm.tensor(kappa)), "{kernel}_adjoint")
 # One printer: lines the ranks print at once can interleave.
 from mpi4py import MPI
 for rank, forward, reverse in MPI.COMM_WORLD.gather((gm.mpi_rank(), forward, reverse)) or ():
@@ -621,16 +621,19 @@ for rank, forward, reverse in MPI.COMM_WORLD.gather((gm.mpi_rank(), forward, rev
 
 
 @pytest.mark.parametrize("nprocs", [1, 2])
-def test_3d_halos_facing_the_rank_itself_stay_on_the_device(nprocs):
-    """The 3-D solver on a periodic grid, staged MPI: a face whose neighbour is the rank itself
-    is filled on the device, so one patch's time loops, forward and reverse, make no host wait
-    and no host copy, and with nothing to hide launch one kernel per step (4 steps) and one copy
-    per face between steps; with two patches along one axis, that axis's faces still stage,
-    behind the interior's kernel."""
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_halos_facing_the_rank_itself_stay_on_the_device(nprocs, ndim):
+    """The 2-D and 3-D solvers on a periodic grid, staged MPI: a side whose neighbour is the
+    rank itself is filled on the device, so one patch's time loops, forward and reverse, make no
+    host wait and no host copy, and with nothing to hide launch one kernel per step (4 steps)
+    and one copy per side between steps; with two patches along one axis, that axis's sides
+    still stage, behind the interior's kernel."""
     env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE="0",
                GPUMPIAD_STAGE_HOST_ARRAYS="0")
     proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
-                           PERIODIC_3D_RUN.format(model=MODEL_PATH)],
+                           PERIODIC_RUN.format(model=MODEL_PATH, ndim=ndim,
+                                               shape=(8, 6, 4)[:ndim],
+                                               kernel="heat3d" if ndim == 3 else "heat")],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("waits, host copies")]
@@ -641,7 +644,7 @@ def test_3d_halos_facing_the_rank_itself_stay_on_the_device(nprocs):
         for waits, copies, launches, ops in loops:
             if nprocs == 1:
                 assert (waits, copies, launches) == (0, 0, 4), row
-                assert ops == launches + (launches - 1) * 6, row
+                assert ops == launches + (launches - 1) * 2 * ndim, row
             else:
                 assert waits > 0 and copies > 0 and launches > 4, row
 
