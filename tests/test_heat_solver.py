@@ -20,6 +20,8 @@
   Grid takes NumPy integers and refuses floats and bools; a grid that is no Grid, or a freed
   one, is named as such.
 """
+import math
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -422,6 +424,71 @@ def test_segment_length_keeps_every_state_that_the_caches_hold(monkeypatch):
     monkeypatch.undo()
     cache = solver._l2_cache()
     assert isinstance(cache, int) and cache >= 32 << 10
+
+
+def test_available_memory_is_read_from_the_host_and_the_device():
+    """What the checkpointing policy asks: the host's available memory, and on the CuPy
+    backend the device's free memory and its pool's cached blocks."""
+    host = solver._available_memory(False)
+    assert isinstance(host, int) and 0 < host <= os.sysconf("SC_PHYS_PAGES") * \
+        os.sysconf("SC_PAGE_SIZE")
+    if gpumpiad.backend_name() == "cupy":
+        import cupy
+        device = solver._available_memory(True)
+        assert device >= cupy.cuda.runtime.memGetInfo()[0] > 0
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_ranks_that_share_a_memory_divide_it():
+    """The ranks of one host name the same memory, and each may keep its share of the states
+    that memory holds; ranks of different memories keep what their own holds."""
+    names = MPI.COMM_WORLD.allgather(solver._memory_name(False, None))
+    parallel_assert(len(set(names)) == 1, f"one host, memory names {names}")
+    w = solver._WORKING_FIELDS
+
+    def report(capacity, where):
+        return dict(capacity=capacity, where=where)
+
+    parallel_assert(solver._states_that_fit([report(30, 1), report(30, 1)]) == [11, 11])
+    parallel_assert(solver._states_that_fit([report(30, 1), report(30, 2)]) == [30, 30])
+    parallel_assert(solver._states_that_fit([report(-1, 1), report(w, 1)]) ==
+                    [1 << 62, 0])
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_states_that_outgrow_memory_are_checkpointed_on_every_rank(monkeypatch, ndim):
+    """Where a gradient's states would fill more than half the memory some rank has left,
+    every rank stores as many as the tightest one holds (binomial checkpointing): the same
+    bits as every state kept, and no rank waits on another's halos. The ranks share this
+    host's memory; rank 0's share holds the fewest states."""
+    comm = MPI.COMM_WORLD
+    shape = (7, 6, 5)[:ndim]
+    grid = Grid(shape, dims=(comm.size,) + (1,) * (ndim - 1))
+    rng = np.random.default_rng(50)
+    u0, kappa, f = (grid.local(rng.random(shape) + 0.5) for _ in range(3))
+    h, steps = 0.1, 12
+    dt = 0.1 * h * h
+    state = math.prod(n + 2 for n in grid.local_shape) * 8
+
+    def gradient():
+        return to_numpy(gpumpiad.grad(lambda k: gpumpiad.mpi_sum(gpumpiad.sum(
+            solve(u0, k, f, dt, h, steps, grid=grid, boundary=0.5) ** 2)))(dist(kappa)))
+
+    kept = kept_states(monkeypatch)
+    want = gradient()
+    parallel_assert(kept == [steps], f"unlimited memory: states kept {kept}")
+    monkeypatch.setattr(solver, "_MEMORY_CHECK_BYTES", 0)
+    monkeypatch.setattr(solver, "_available_memory", lambda device: 2 * comm.size * (
+        solver._WORKING_FIELDS + 4 + comm.rank) * state)
+    kept.clear()
+    got = gradient()
+    parallel_assert(kept == [4], f"room for 4 states on rank 0: states kept {kept}")
+    parallel_assert(np.array_equal(got, want), "checkpointed gradient differs in its bits")
+    monkeypatch.setattr(solver, "_available_memory", lambda device: None)
+    kept.clear()
+    parallel_assert(np.array_equal(gradient(), want) and kept == [steps],
+                    f"memory unknown: states kept {kept}")
 
 
 @pytest.mark.skipif(not hostkernels.available(), reason="no C++ compiler")

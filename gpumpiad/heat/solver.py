@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import threading
 import weakref
+import zlib
 from functools import lru_cache
 from numbers import Real
 
@@ -76,7 +78,10 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         store the first state of each segment of steps whose states fill about twice the L2
         cache (the shortest segment any rank picks), and make the others again a segment at
         a time in the reverse pass (one more forward sweep and its halo exchanges instead of
-        the states' trips to memory; the same bits). ``k >= 1``:
+        the states' trips to memory; the same bits); and where the states would fill more
+        than half the memory available at the call (the host's, or the GPU's for device
+        arrays, shared by the grid's ranks on it) on some rank, store as many as fit there on
+        every rank, as ``k`` below (the same bits, more steps). ``k >= 1``:
         store at most ``k`` states (the initial one included) and recompute the others with
         binomial checkpointing; see :func:`recompute_steps`. Only kappa's cotangent reads
         the states: a gradient with respect to ``u0`` and ``f`` alone stores none.
@@ -164,7 +169,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     if problem is None:
         problem = _check_arrays(grid, raws)
     kmin = kmax = settings = pads = None
-    nonfinite, segment = (), 0
+    nonfinite, segment, capacity, where = (), 0, -1, 0
     if problem is None:
         dt, h, steps = float(dt), float(h), int(steps)
         checkpoints = None if checkpoints is None else int(checkpoints)
@@ -178,6 +183,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
         if problem is None and kernels is hostkernels and grid.ndim == 2 and \
                 checkpoints is None and not getattr(kernels, "ASYNCHRONOUS", False):
             segment = _segment_length(frame.nbytes, steps)
+        if problem is None and checkpoints is None and active_tape() is not None:
+            capacity, where = _state_capacity(frame, steps)
         if problem is None and kernels is hostkernels and \
                 all(a.flags.c_contiguous for a in raws):
             # The padded copies the time loop needs, and the check's statistics, in one pass.
@@ -195,7 +202,7 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     wants = tuple(tape is not None and isinstance(a, Tensor) and a._tape is tape for a in args)
     reports = _reports(grid.cart, dict(problem=problem, kmin=kmin, kmax=kmax, kappa=wants[1],
                                        settings=settings, nonfinite=nonfinite,
-                                       segment=segment))
+                                       segment=segment, capacity=capacity, where=where))
     problems = [r["problem"] for r in reports if r["problem"] is not None]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
@@ -232,6 +239,10 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     keep_states = any(r["kappa"] for r in reports)
     # Making states again exchanges halos too: one segment length, or none, on every rank.
     segment = min(r["segment"] for r in reports) if keep_states else 0
+    # States that some rank cannot hold: as many checkpoints as the tightest rank holds.
+    fits = _states_that_fit(reports)
+    if keep_states and not segment and checkpoints is None and min(fits) < steps:
+        checkpoints = max(min(fits), 1)
     run = _Heat(grid, kernels, frame, ghosts, dt, h, steps, checkpoints, trajectory, wants,
                 keep_states, retain=getattr(tape, "retain", False), recorded=tape is not None,
                 pads=pads, segment=segment)
@@ -253,7 +264,7 @@ def _reports(cart, report):
     settings = report["settings"]
     numbers = [report["problem"] is not None, math.nan, math.nan, report["kappa"],
                sum(1 << k for k, name in enumerate(_ARGUMENTS) if name in report["nonfinite"]),
-               report["segment"]]
+               report["segment"], report["capacity"], report["where"]]
     if settings is not None and report["problem"] is None:
         dt, h, steps, checkpoints, trajectory, dtype = settings
         numbers[1:3] = report["kmin"], report["kmax"]
@@ -262,13 +273,13 @@ def _reports(cart, report):
     else:
         numbers += [math.nan] * 6
     table = control.allgather_floats(cart, numbers, call)
-    agreed = table[:, 6:] == table[0, 6:]
+    agreed = table[:, 8:] == table[0, 8:]
     if table[:, 0].any() or not agreed.all():
         return control.allgather(cart, report, call)
     return [dict(problem=None, kmin=float(row[1]), kmax=float(row[2]), kappa=bool(row[3]),
                  settings=settings, nonfinite=tuple(
                      name for k, name in enumerate(_ARGUMENTS) if int(row[4]) >> k & 1),
-                 segment=int(row[5]))
+                 segment=int(row[5]), capacity=int(row[6]), where=int(row[7]))
             for row in table]
 
 
@@ -849,6 +860,79 @@ def _segment_length(state_bytes, steps):
         return 0
     length = round(2 * l2 / state_bytes)
     return length if length >= 2 else 0
+
+
+# A reverse pass holds besides its states a few fields (lam, its spare, the cotangents, the
+# padded kappa and f, states being made again): kept free of the states' share of memory.
+_WORKING_FIELDS = 8
+# Smaller reverse passes do not ask how much memory is left (a read of /proc per solve).
+_MEMORY_CHECK_BYTES = 64 << 20
+
+
+def _state_capacity(frame, steps):
+    """``(states, where)``: how many states like ``frame`` besides the working fields fit in
+    half the memory available now (the host's, or the device's for a device frame), or -1
+    where the reverse pass is too small to ask or the memory cannot be told; and a number
+    naming that memory (host, or host and device), equal on the ranks that share it."""
+    device = is_device_array(frame)
+    where = _memory_name(device, _current_device(device))
+    if (steps + 1 + _WORKING_FIELDS) * frame.nbytes < _MEMORY_CHECK_BYTES:
+        return -1, where
+    available = _available_memory(device)
+    if available is None:
+        return -1, where
+    return max(available // 2 // frame.nbytes - _WORKING_FIELDS, 0), where
+
+
+def _states_that_fit(reports):
+    """Per rank of ``reports``, the states it may keep with its memory's share among the ranks
+    that report the same memory (a large number where it did not ask)."""
+    sharing = {}
+    for r in reports:
+        sharing[r["where"]] = sharing.get(r["where"], 0) + 1
+    return [(r["capacity"] + _WORKING_FIELDS) // sharing[r["where"]] - _WORKING_FIELDS
+            if r["capacity"] >= 0 else 1 << 62 for r in reports]
+
+
+def _current_device(device):
+    if not device:
+        return None
+    import cupy
+    return cupy.cuda.runtime.getDevice()
+
+
+@lru_cache(maxsize=None)
+def _memory_name(device, ordinal):
+    """A 32-bit number for this host, or for this host's GPU ``ordinal`` (its PCI bus id where
+    CuPy tells it: ranks that see one GPU under different ordinals share it)."""
+    name = socket.gethostname()
+    if device:
+        import cupy
+        try:
+            name += "/" + cupy.cuda.Device(ordinal).pci_bus_id
+        except (AttributeError, RuntimeError):
+            name += f"/{ordinal}"
+    return zlib.crc32(name.encode())
+
+
+def _available_memory(device):
+    """Bytes this process may still allocate: the current device's free memory and its
+    CuPy pool's cached blocks, or the host's available memory; None where unknown."""
+    if device:
+        import cupy
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        return free + cupy.get_default_memory_pool().free_bytes()
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
 
 
 @lru_cache(maxsize=None)

@@ -45,6 +45,13 @@ def asnumpy(a, stream=None, order="C", out=None, blocking=True):
     return _np.asarray(a, order=order)
 
 
+_memory_pool = cuda.MemoryPool()
+
+
+def get_default_memory_pool():
+    return _memory_pool
+
+
 def get_array_module(*args):
     import sys
     return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else _np

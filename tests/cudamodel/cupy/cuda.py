@@ -165,9 +165,18 @@ class runtime:
     def getDeviceProperties(device):
         return {"name": b"CPU model of CuPy (tests/cudamodel)"}
 
+    @staticmethod
+    def memGetInfo():
+        """(free, total) bytes: ``CUPY_MODEL_FREE_BYTES`` free (1 TiB by default)."""
+        free = int(os.environ.get("CUPY_MODEL_FREE_BYTES", 1 << 40))
+        return free, max(free, 1 << 40)
+
 
 class MemoryPool:
     def used_bytes(self):
+        return 0
+
+    def free_bytes(self):
         return 0
 
     def free_all_blocks(self):
