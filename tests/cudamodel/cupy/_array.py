@@ -94,6 +94,11 @@ class ndarray(_np.ndarray):
             raise TypeError("Unsupported type <class 'numpy.ndarray'>")
         key = _unwrap(key)
         target = _np.ndarray.__getitem__(self, key)
+        if isinstance(value, ndarray) and isinstance(target, ndarray) and \
+                _np.may_share_memory(_raw(target), _raw(value)):
+            # CuPy's kernels copy an input whose memory bounds overlap the output's first
+            # (one more kernel and a temporary array).
+            value = value.copy()
         stream = current_agent()
         reads = [value] if allocation_of(value) is not None else []
         if isinstance(target, ndarray):
