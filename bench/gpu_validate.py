@@ -301,6 +301,12 @@ def kernels(opts):
                         want = u.copy()
                         stencil.unpack(want, src, side, ghost, add)
                         record("halo_unpack", name, _error(got.get(), want))
+            for wraps in ((True, False), (False, True), (True, True)):
+                got = cp.asarray(u)
+                cudakernels.launch_wrap(got, *wraps)
+                want = u.copy()
+                stencil.wrap(want, *wraps)
+                record("halo_wrap", name, _error(got.get(), want))
 
         for size in (1, 257, 5000):
             a, b, c, d = (rng.standard_normal(size).astype(dtype) for _ in range(4))
@@ -462,6 +468,14 @@ def _check3d(cp, opts, worst):
                         err = max(err, _error(d_lam_next.get(), lam_next))
                         record(f"heat3d_adjoint (kappa_bar {'on' if kb_on else 'None'}, "
                                f"f_bar {'on' if fb_on else 'None'})", err)
+
+            (u,) = fields(1)
+            for flags in ((True, False, False), (False, True, True), (True, True, True)):
+                got = cp.asarray(u)
+                cudakernels3d.wrap(got, *flags)
+                want = u.copy()
+                stencil3d.wrap(want, *flags)
+                record("heat3d_wrap", _error(got.get(), want))
 
 
 def _bandwidth3d(cp, opts):

@@ -396,9 +396,10 @@ class DeviceExchange:
     for them. Staged (MPI not CUDA-aware), the packed cells are copied to pinned host buffers
     and the received ones back, on the communication stream too. A side whose neighbour is this
     rank itself (a periodic axis of one patch) involves no MPI, no staging and no host wait:
-    forward, ``post`` copies the opposite boundary cells into its ghosts (on the current stream
-    when no side faces another rank, and ``finish`` then has nothing to do); the adjoint adds
-    the ghosts packed for the opposite side.
+    forward, ``post`` copies the opposite boundary cells into its ghosts (the kernels'
+    ``wrap``, one launch for all such sides; on the current stream when no side faces another
+    rank, and ``finish`` then has nothing to do); the adjoint adds the ghosts packed for the
+    opposite side.
 
     Every rank of ``grid`` posts and finishes in step. Unverified by default: the caller has
     agreed dtypes and shapes across ranks (``finish(..., verify=True)`` checks each message's
@@ -411,12 +412,14 @@ class DeviceExchange:
         ``grid.padded_shape``.
     dtype : numpy dtype
     kernels : module, optional
-        Device kernels with ``pack`` and ``unpack`` (``gpumpiad.heat.cudakernels``; default:
-        array slicing).
+        Device kernels with ``pack``, ``unpack`` and optionally ``wrap``
+        (``gpumpiad.heat.cudakernels``, whose ``wrap`` fills every ghost facing this rank in
+        one launch; default: array slicing).
     """
 
-    __slots__ = ("_grid", "_links", "_local", "_remote", "_kernels", "_send", "_recv",
-                 "_staged_send", "_staged_recv", "_packed", "_filled", "_keep", "nbytes")
+    __slots__ = ("_grid", "_links", "_local", "_remote", "_kernels", "_wrap", "_wraps",
+                 "_send", "_recv", "_staged_send", "_staged_recv", "_packed", "_filled",
+                 "_keep", "nbytes")
 
     def __init__(self, grid, shape, dtype, kernels=None):
         if kernels is None:
@@ -431,6 +434,11 @@ class DeviceExchange:
         self._local = [index[_OPPOSITE[side]] if peer == grid.cart.rank else None
                        for side, peer in self._links]
         self._remote = [k for k, source in enumerate(self._local) if source is None]
+        # A periodic axis of one patch faces this rank on both sides.
+        facing = {self._links[k][0] for k, source in enumerate(self._local)
+                  if source is not None}
+        self._wraps = (NORTH in facing, WEST in facing)
+        self._wrap = getattr(kernels, "wrap", _Sliced.wrap)
         nx, ny = shape[0] - 2, shape[1] - 2
         sizes = [ny if side < 2 else nx for side, _ in self._links]
         remote = [n if source is None else 0 for n, source in zip(sizes, self._local)]
@@ -467,20 +475,18 @@ class DeviceExchange:
                 self._kernels.pack(a, self._send[k], self._links[k][0], ghost)
                 if self._staged_send is not None and self._local[k] is None:
                     self._send[k].get(stream=stream, out=self._staged_send[k], blocking=False)
-            if not adjoint:
-                self._copy_across(a)
             if adjoint:
                 # Ghost copies go to their owners: their cotangent lives there from now on.
                 for side, _ in self._links:
                     _ghost(a, side).fill(0)
+            else:
+                self._copy_across(a)
         self._packed.record(stream)
 
     def _copy_across(self, a):
         """The ghosts facing this rank, from the opposite sides' boundary cells."""
-        for k, source in enumerate(self._local):
-            if source is not None:
-                side = self._links[k][0]
-                _edge(a, side, 1)[...] = _edge(a, _OPPOSITE[side], 0)
+        if any(self._wraps):
+            self._wrap(a, *self._wraps)
 
     def finish(self, a, adjoint=False, verify=False):
         """Exchange the posted cells and write what arrives into ``a`` (ghosts; ``adjoint``:
@@ -544,7 +550,7 @@ class PaddedExchange:
     unless MPI is CUDA-aware), queues the unpacking on the communication stream and orders
     the current stream after it. Work queued between the two calls that reads no ghost runs
     while the halos travel. Ghosts facing this rank itself (a periodic axis of one patch) are
-    filled by ``post``, by one copy each.
+    filled by ``post``: by the ``wrap`` of ``kernels`` in one launch, or by one copy each.
 
     Every rank of ``grid`` makes one and posts and finishes in step. What travels is what the
     array holds at :meth:`post`; the buffers are the exchange's own, never shared with an
@@ -560,6 +566,10 @@ class PaddedExchange:
         The arrays' dtype.
     device : bool, optional
         Whether the arrays are device (CuPy) arrays.
+    kernels : module, optional
+        Kernels whose ``wrap(a, *flags)`` (one flag per axis) fills the ghosts of ``a``
+        along the flagged axes from the opposite boundary cells, e.g.
+        ``gpumpiad.heat.cudakernels3d`` for 3-D device arrays; default: array slicing.
 
     Raises
     ------
@@ -589,10 +599,10 @@ class PaddedExchange:
     True
     """
 
-    __slots__ = ("_grid", "_shape", "_dtype", "_device", "_plans", "_round", "_posted",
-                 "nbytes")
+    __slots__ = ("_grid", "_shape", "_dtype", "_device", "_plans", "_wrap", "_round",
+                 "_posted", "nbytes")
 
-    def __init__(self, grid, shape, dtype, device=False):
+    def __init__(self, grid, shape, dtype, device=False, kernels=None):
         check_grid(grid, "PaddedExchange")
         rank = MPI.COMM_WORLD.Get_rank()
         if not isinstance(device, (bool, np.bool_)):
@@ -615,6 +625,9 @@ class PaddedExchange:
         self._device = bool(device)
         self._plans = [_Plan((self._dtype,), padded, (1,) * grid.ndim, side, peer, False)
                        for side, peer in enumerate(grid.neighbours) if peer != MPI.PROC_NULL]
+        wrap = getattr(kernels, "wrap", None)
+        flags = [grid.neighbours[2 * axis] == grid.cart.rank for axis in range(grid.ndim)]
+        self._wrap = None if wrap is None or not any(flags) else (lambda a: wrap(a, *flags))
         self._round = None
         self._posted = None
         #: Bytes one exchange sends from this rank.
@@ -642,7 +655,7 @@ class PaddedExchange:
         if self._plans:
             if self._round is None:
                 self._round = _Round(self._grid, self._plans, self._device, _PADDED_TAG,
-                                     persistent=not self._device)
+                                     persistent=not self._device, wrap=self._wrap)
             if self._device:
                 self._round.post_device((a,), adjoint)
             else:
@@ -846,6 +859,12 @@ class _Sliced:
         buf[...] = _edge(a, side, ghost)
 
     @staticmethod
+    def wrap(a, wrap_i, wrap_j):
+        sides = ((NORTH, SOUTH) if wrap_i else ()) + ((WEST, EAST) if wrap_j else ())
+        for side in sides:
+            _edge(a, side, 1)[...] = _edge(a, _OPPOSITE[side], 0)
+
+    @staticmethod
     def unpack(a, buf, side, ghost, add):
         edge = _edge(a, side, ghost)
         if add:
@@ -1015,17 +1034,19 @@ class _Round:
     ``_ND_ADJOINT_TAG`` later. ``persistent`` (host): MPI requests made on first use in each
     direction and restarted by every post. A plan whose peer is this rank (a periodic axis of
     one patch) sends no message: forward, ``post_*`` copies the opposite side's boundary cells
-    straight into its ghosts (one copy per side, on a device on the current stream when the
-    round has no message at all); adjoint, it unpacks from the opposite side's send buffer. On
-    a device those cells never leave it."""
+    straight into its ghosts (one copy per side, or one ``wrap`` call per field for them all;
+    on a device on the current stream when the round has no message at all); adjoint, it
+    unpacks from the opposite side's send buffer. On a device those cells never leave it."""
 
-    __slots__ = ("grid", "plans", "device", "tag0", "nbytes", "remote", "remote_plans",
+    __slots__ = ("grid", "plans", "device", "tag0", "wrap", "nbytes", "remote", "remote_plans",
                  "remote_sends", "across", "sends", "recvs", "staged_sends", "staged_recvs",
                  "send_views", "recv_views", "packed", "filled", "persistent", "requests",
                  "received")
 
-    def __init__(self, grid, plans, device, tag0, persistent=False):
+    def __init__(self, grid, plans, device, tag0, persistent=False, wrap=None):
         self.grid, self.plans, self.device, self.tag0 = grid, plans, device, tag0
+        # Fills every ghost facing this rank of a field at once, or None: one copy each.
+        self.wrap = wrap
         self.nbytes = sum(plan.nbytes for plan in plans)
         # Indices of the plans that exchange with another rank, which alone have messages.
         self.remote = [k for k, p in enumerate(plans) if p.peer != grid.cart.rank]
@@ -1067,6 +1088,10 @@ class _Round:
                 field[plan.ghost].fill(0)
 
     def _copy_across(self, fields):
+        if self.wrap is not None and self.across:
+            for field in fields:
+                self.wrap(field)
+            return
         for ghost, edge in self.across:
             for field in fields:
                 field[ghost] = field[edge]

@@ -116,6 +116,32 @@ __device__ __forceinline__ gpumpiad_idx halo_length(int nx, int ny, int side)
     return side < 2 ? (gpumpiad_idx)ny : (gpumpiad_idx)nx;
 }
 
+// Ghost cells a patch that is its own neighbour fills without MPI (a periodic axis of one
+// patch): with wrap_i the 2 ny cells of ghost rows 0 and nx+1, then with wrap_j the 2 nx cells
+// of ghost columns 0 and ny+1, interior extent (no corner), each from the opposite side's
+// boundary cell: what an exchange with itself would write.
+__device__ __forceinline__ gpumpiad_idx halo_wrap_length(int nx, int ny, int wrap_i,
+                                                         int wrap_j)
+{
+    return (wrap_i ? 2 * (gpumpiad_idx)ny : 0) + (wrap_j ? 2 * (gpumpiad_idx)nx : 0);
+}
+
+template <typename T>
+__device__ __forceinline__ void halo_wrap_cell(T* u, int nx, int ny, int wrap_i, gpumpiad_idx k)
+{
+    const gpumpiad_idx rows = wrap_i ? 2 * (gpumpiad_idx)ny : 0;
+    int side;
+    if (k < rows) {
+        side = k < ny ? 0 : 1;
+        k -= side ? ny : 0;
+    } else {
+        k -= rows;
+        side = k < nx ? 2 : 3;
+        k -= side == 3 ? nx : 0;
+    }
+    u[halo_offset(nx, ny, side, 1, k)] = u[halo_offset(nx, ny, side ^ 1, 0, k)];
+}
+
 template <typename T>
 __device__ __forceinline__ void halo_pack_cell(const T* __restrict__ u, T* __restrict__ buf,
                                                int nx, int ny, int side, int ghost, gpumpiad_idx k)
@@ -236,6 +262,15 @@ __device__ __forceinline__ void halo_unpack_body(T* __restrict__ u, const T* __r
 }
 
 template <typename T>
+__device__ __forceinline__ void halo_wrap_body(T* u, int nx, int ny, int wrap_i, int wrap_j)
+{
+    const gpumpiad_idx n = halo_wrap_length(nx, ny, wrap_i, wrap_j);
+    for (gpumpiad_idx k = (gpumpiad_idx)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (gpumpiad_idx)blockDim.x * gridDim.x)
+        halo_wrap_cell(u, nx, ny, wrap_i, k);
+}
+
+template <typename T>
 __device__ __forceinline__ void copy4_body(const T* __restrict__ a, const T* __restrict__ b,
                                            const T* __restrict__ c, T* __restrict__ d,
                                            gpumpiad_idx n)
@@ -275,6 +310,10 @@ __device__ __forceinline__ void copy4_body(const T* __restrict__ a, const T* __r
                                                  int nx, int ny, int side, int ghost, int add) \
     {                                                                                          \
         halo_unpack_body<T>(u, buf, nx, ny, side, ghost, add);                                 \
+    }                                                                                          \
+    extern "C" __global__ void halo_wrap_##SUF(T* u, int nx, int ny, int wrap_i, int wrap_j)  \
+    {                                                                                          \
+        halo_wrap_body<T>(u, nx, ny, wrap_i, wrap_j);                                          \
     }                                                                                          \
     extern "C" __global__ void copy4_##SUF(const T* __restrict__ a, const T* __restrict__ b,   \
                                            const T* __restrict__ c, T* __restrict__ d,         \
@@ -525,22 +564,12 @@ static void host_heat_adjoint_grads(const T* lam_next, const T* kappa, const T* 
 }
 
 // Ghosts of a patch that is its own neighbour along a periodic axis (one patch along it):
-// what the halo exchange with itself would write, without MPI.
+// what the halo exchange with itself would write, without MPI (halo_wrap_cell).
 template <typename T>
-static void host_wrap(T* __restrict__ u, int nx, int ny, int wrap_i, int wrap_j)
+static void host_wrap(T* u, int nx, int ny, int wrap_i, int wrap_j)
 {
-    const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
-    if (wrap_i)
-        for (int j = 1; j <= ny; ++j) {
-            u[j] = u[(gpumpiad_idx)nx * s + j];
-            u[(gpumpiad_idx)(nx + 1) * s + j] = u[s + j];
-        }
-    if (wrap_j)
-        for (int i = 1; i <= nx; ++i) {
-            const gpumpiad_idx row = (gpumpiad_idx)i * s;
-            u[row] = u[row + ny];
-            u[row + ny + 1] = u[row + 1];
-        }
+    const gpumpiad_idx n = halo_wrap_length(nx, ny, wrap_i, wrap_j);
+    for (gpumpiad_idx k = 0; k < n; ++k) halo_wrap_cell(u, nx, ny, wrap_i, k);
 }
 
 // Two forward steps in one sweep over the rows: row i of the middle state, then row i - 1 of

@@ -205,6 +205,61 @@ __device__ __forceinline__ void heat3d_adjoint_grads(
     }
 }
 
+// Ghost cells a patch that is its own neighbour fills without MPI (a periodic axis of one
+// patch): with wrap_i the 2 ny nz cells of the faces i = 0 and nx + 1, then with wrap_j the
+// 2 nx nz cells of j = 0 and ny + 1, then with wrap_k the 2 nx ny cells of k = 0 and nz + 1,
+// interior extent (no edge or corner), each from the opposite face's boundary cell: what an
+// exchange with itself would write.
+__device__ __forceinline__ gpumpiad_idx heat3d_wrap_length(int nx, int ny, int nz, int wrap_i,
+                                                           int wrap_j, int wrap_k)
+{
+    return 2 * ((wrap_i ? (gpumpiad_idx)ny * nz : 0) + (wrap_j ? (gpumpiad_idx)nx * nz : 0) +
+                (wrap_k ? (gpumpiad_idx)nx * ny : 0));
+}
+
+template <typename T>
+__device__ __forceinline__ void heat3d_wrap_cell(T* u, int nx, int ny, int nz, int wrap_i,
+                                                 int wrap_j, gpumpiad_idx k)
+{
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
+    const gpumpiad_idx fi = wrap_i ? (gpumpiad_idx)ny * nz : 0;
+    const gpumpiad_idx fj = wrap_j ? (gpumpiad_idx)nx * nz : 0;
+    const gpumpiad_idx fk = (gpumpiad_idx)nx * ny;
+    gpumpiad_idx ghost, from;
+    if (k < 2 * fi) {
+        const bool far = k >= fi;
+        const gpumpiad_idx m = far ? k - fi : k;
+        const gpumpiad_idx c = (1 + m / nz) * sj + 1 + m % nz;  // on the face i = 0
+        ghost = c + (far ? (gpumpiad_idx)(nx + 1) * si : 0);
+        from = c + (far ? si : (gpumpiad_idx)nx * si);
+    } else if (k - 2 * fi < 2 * fj) {
+        k -= 2 * fi;
+        const bool far = k >= fj;
+        const gpumpiad_idx m = far ? k - fj : k;
+        const gpumpiad_idx c = (1 + m / nz) * si + 1 + m % nz;  // on the face j = 0
+        ghost = c + (far ? (gpumpiad_idx)(ny + 1) * sj : 0);
+        from = c + (far ? sj : (gpumpiad_idx)ny * sj);
+    } else {
+        k -= 2 * (fi + fj);
+        const bool far = k >= fk;
+        const gpumpiad_idx m = far ? k - fk : k;
+        const gpumpiad_idx c = (1 + m / ny) * si + (1 + m % ny) * sj;  // on the face k = 0
+        ghost = c + (far ? nz + 1 : 0);
+        from = c + (far ? 1 : nz);
+    }
+    u[ghost] = u[from];
+}
+
+template <typename T>
+__device__ __forceinline__ void heat3d_wrap_body(T* u, int nx, int ny, int nz, int wrap_i,
+                                                 int wrap_j, int wrap_k)
+{
+    const gpumpiad_idx n = heat3d_wrap_length(nx, ny, nz, wrap_i, wrap_j, wrap_k);
+    for (gpumpiad_idx k = (gpumpiad_idx)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (gpumpiad_idx)blockDim.x * gridDim.x)
+        heat3d_wrap_cell(u, nx, ny, nz, wrap_i, wrap_j, k);
+}
+
 // ---------------------------------------------------------------------------
 // extern "C" kernels, one per op and dtype
 // ---------------------------------------------------------------------------
@@ -228,6 +283,11 @@ __device__ __forceinline__ void heat3d_adjoint_grads(
         (void)nx;                                                                               \
         heat3d_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r, dt, i0,   \
                                 i1, j0, j1, k0, k1, grads);                                     \
+    }                                                                                           \
+    extern "C" __global__ void heat3d_wrap_##SUF(T* u, int nx, int ny, int nz, int wrap_i,      \
+                                                 int wrap_j, int wrap_k)                        \
+    {                                                                                           \
+        heat3d_wrap_body<T>(u, nx, ny, nz, wrap_i, wrap_j, wrap_k);                             \
     }
 
 GPUMPIAD_HEAT3D_KERNELS(float, float32)

@@ -47,12 +47,35 @@ def reference(u, grid, adjoint=False):
     return halo._exchange_nd([u.copy()], grid, (1,) * grid.ndim, False, adjoint)[0]
 
 
+class Wrapping:
+    """Kernels whose ``wrap`` fills the ghosts along the flagged axes by slicing, and counts
+    its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wrap(self, a, *flags):
+        self.calls.append(flags)
+        for axis, on in enumerate(flags):
+            if on:
+                for ghost, edge in ((0, -2), (-1, 1)):
+                    index = [slice(1, -1)] * a.ndim
+                    index[axis] = ghost
+                    source = list(index)
+                    source[axis] = edge
+                    a[tuple(index)] = a[tuple(source)]
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
-def test_ghosts_equal_halo_exchange_and_follow_the_data_of_each_post():
+@pytest.mark.parametrize("wrapping", [False, True], ids=["copies", "wrap"])
+def test_ghosts_equal_halo_exchange_and_follow_the_data_of_each_post(wrapping):
+    """Also with kernels whose ``wrap`` fills the ghosts facing the rank itself: called once
+    per post exactly where an axis has one periodic patch."""
     for shape, dims, periodic in grids(MPI.COMM_WORLD.size):
         label = f"shape {shape}, dims {dims}, periodic {periodic}"
         with gm.Grid(shape, dims=dims, periodic=periodic) as grid:
-            ex = halo.PaddedExchange(grid, grid.padded_shape, np.float64)
+            kernels = Wrapping() if wrapping else None
+            ex = halo.PaddedExchange(grid, grid.padded_shape, np.float64, kernels=kernels)
             for step in range(3):
                 u = field(grid, step)
                 expected = gm.halo_exchange(gm.tensor(u, distributed=True), grid).numpy()
@@ -65,6 +88,10 @@ def test_ghosts_equal_halo_exchange_and_follow_the_data_of_each_post():
                                 f"{label}, exchange {step}: {int((u != expected).sum())} cells "
                                 "differ from halo_exchange's")
             ex.free()
+            if wrapping:
+                own = tuple(d == 1 and p for d, p in zip(dims, periodic))
+                parallel_assert(kernels.calls == ([own] * 3 if any(own) else []),
+                                f"{label}: wrap calls {kernels.calls}")
 
 
 def dot_test(grid, ex, label):

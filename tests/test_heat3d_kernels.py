@@ -19,6 +19,7 @@ and 13: tests/test_nvrtc.py).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import importlib.util
 import os
 import shutil
@@ -206,7 +207,8 @@ def _device(a):
 def test_cudakernels3d_imports_without_cupy_and_names_its_kernels():
     assert cudakernels3d.ASYNCHRONOUS is True
     assert cudakernels3d.KERNEL_NAMES == ("heat3d_step_float32", "heat3d_step_float64",
-                                          "heat3d_adjoint_float32", "heat3d_adjoint_float64")
+                                          "heat3d_adjoint_float32", "heat3d_adjoint_float64",
+                                          "heat3d_wrap_float32", "heat3d_wrap_float64")
     text = cudakernels3d.source()
     for name in cudakernels3d.KERNEL_NAMES:
         assert f"{name.rsplit('_', 1)[0]}_##SUF(" in text
@@ -236,7 +238,8 @@ def _launcher(monkeypatch, lib, grid=None, block=None):
         fn = lib[name]
 
         def launch(asked_grid, asked_block, args):
-            assert asked_block == (cudakernels3d.BLOCK_X, cudakernels3d.BLOCK_Y, 1)
+            assert asked_block in ((cudakernels3d.BLOCK_X, cudakernels3d.BLOCK_Y, 1),
+                                   (cudakernels3d.WRAP_BLOCK, 1, 1))
             fn.argtypes = [ctypes.c_void_p if isinstance(a, np.ndarray) else scalars[type(a)]
                            for a in args]
             values = [a.ctypes.data if isinstance(a, np.ndarray) else a for a in args]
@@ -290,6 +293,13 @@ def _check_launchers(rng, shape, boxes, dtype):
                                                                     f"{kb_on} {fb_on}")
                 # lam_next stands in for the pointers the kernel must not touch.
                 np.testing.assert_array_equal(lam_next, keep)
+    u = _fields(rng, shape, dtype, 1)[0]
+    for flags in itertools.product((False, True), repeat=3):
+        got, want = _device(u.copy()), u.copy()
+        cudakernels3d.wrap(got, *flags)
+        stencil3d.wrap(want, *flags)
+        np.testing.assert_array_equal(got, want, err_msg=f"wrap {flags}")
+        assert np.array_equal(want, u) == (not any(flags))
 
 
 @needs_host

@@ -392,6 +392,12 @@ def test_cuda_launchers_drive_their_kernels_correctly(monkeypatch, dtype):
                 cudakernels.launch_unpack(v_g, buf_g, side, ghost, add)
                 stencil.unpack(v_w, buf_w, side, ghost, add)
                 np.testing.assert_array_equal(v_g, v_w)
+    for wraps in ((True, False), (False, True), (True, True)):
+        v_g, v_w = u.copy(), u.copy()
+        cudakernels.launch_wrap(v_g, *wraps)
+        stencil.wrap(v_w, *wraps)
+        np.testing.assert_array_equal(v_g, v_w)
+        assert not np.array_equal(v_w, u), wraps
     a, b, c, d = (_device(x.ravel()) for x in _rand_fields(rng, nx, ny, dtype, 4))
     cudakernels.launch_copy4(a, b, c, d)
     np.testing.assert_array_equal(d, a + b + c)
@@ -448,6 +454,11 @@ def test_cudakernels_grid_stride_loops_cover_each_cell_once(monkeypatch, dtype):
                 for a, b in zip(g, w):
                     if b is not None:
                         _assert_close(a, b, dtype)
+        # 2 (ny + nx) = 30 ghost cells: more than the launch's 12 threads, which loop.
+        got, want = u.copy(), u.copy()
+        cudakernels.launch_wrap(got, True, True)
+        stencil.wrap(want, True, True)
+        np.testing.assert_array_equal(got, want)
     finally:
         lib.gpumpiad_host_thread(0, 0, 0, 0, 1, 1, 1, 1)
 

@@ -34,6 +34,7 @@ __all__ = [
     "adjoint",
     "pack",
     "unpack",
+    "wrap",
     "copy4",
 ]
 
@@ -46,7 +47,7 @@ HALO_BLOCK = 256
 _MAX_GRID_Y = 65535
 _MAX_GRID_X = 1 << 20
 
-_OPS = ("heat_step", "heat_adjoint", "halo_pack", "halo_unpack", "copy4")
+_OPS = ("heat_step", "heat_adjoint", "halo_pack", "halo_unpack", "halo_wrap", "copy4")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 #: Every extern "C" kernel in heat.cu.
 KERNEL_NAMES = tuple(f"{op}_{d}" for op in _OPS for d in ("float32", "float64"))
@@ -295,6 +296,26 @@ def launch_unpack(u, buf, side, ghost, add):
     )
 
 
+def launch_wrap(u, wrap_i, wrap_j):
+    """Launch ``halo_wrap``: one kernel for the ghost rows (``wrap_i``) and columns
+    (``wrap_j``) of a patch that is its own neighbour; see :func:`gpumpiad.heat.stencil.wrap`.
+
+    Parameters
+    ----------
+    u : cupy.ndarray, shape (nx+2, ny+2)
+        C-contiguous field, its ghosts written in place.
+    wrap_i, wrap_j : bool
+    """
+    dtype, nx, ny = _check_fields([("u", u)], 1)
+    n = (2 * ny if wrap_i else 0) + (2 * nx if wrap_j else 0)
+    if n == 0:
+        return
+    grid, block = _grid1d(n)
+    i32 = np.int32
+    get_kernel(f"halo_wrap_{_DTYPES[dtype]}")(
+        grid, block, (u, i32(nx), i32(ny), i32(bool(wrap_i)), i32(bool(wrap_j))))
+
+
 def launch_copy4(a, b, c, d):
     """Launch ``copy4``: ``d = a + b + c`` (3 reads + 1 write bandwidth reference).
 
@@ -320,4 +341,5 @@ step = launch_step
 adjoint = launch_adjoint
 pack = launch_pack
 unpack = launch_unpack
+wrap = launch_wrap
 copy4 = launch_copy4

@@ -31,7 +31,7 @@ from .stencil3d import check_box
 ASYNCHRONOUS = True
 
 __all__ = ["ASYNCHRONOUS", "BLOCK_X", "BLOCK_Y", "MARCH", "KERNEL_NAMES", "source",
-           "get_kernel", "step", "adjoint"]
+           "get_kernel", "step", "adjoint", "wrap"]
 
 #: Threads of a block along k (the contiguous axis) and along j.
 BLOCK_X = 32
@@ -43,8 +43,10 @@ _MAX_GRID_YZ = 65535
 
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 #: Every extern "C" kernel in heat3d.cu.
-KERNEL_NAMES = tuple(f"{op}_{d}" for op in ("heat3d_step", "heat3d_adjoint")
+KERNEL_NAMES = tuple(f"{op}_{d}" for op in ("heat3d_step", "heat3d_adjoint", "heat3d_wrap")
                      for d in ("float32", "float64"))
+#: Threads per block of the 1-D wrap kernel.
+WRAP_BLOCK = 256
 
 _OPTIONS = (
     "-std=c++17",
@@ -239,3 +241,40 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt,
         _grid(*box), (BLOCK_X, BLOCK_Y, 1),
         (lam_next, kappa, u, lam, kappa_bar, f_bar, i32(nx), i32(ny), i32(nz), t(r), t(dt),
          *(i32(b) for b in box), i32(mask)))
+
+
+def wrap(u, wrap_i, wrap_j, wrap_k):
+    """Queue ``heat3d_wrap`` on the current stream: one kernel for the ghost faces of a patch
+    that is its own neighbour along each axis flagged, each from the opposite boundary face
+    (interior extent): what a halo exchange with itself writes.
+
+    Parameters
+    ----------
+    u : cupy.ndarray, shape (nx+2, ny+2, nz+2)
+        C-contiguous float32 or float64 field, its ghosts written in place.
+    wrap_i, wrap_j, wrap_k : bool
+
+    Raises
+    ------
+    ValueError
+        On a wrong dtype, layout or shape (naming the rank).
+
+    Examples
+    --------
+    >>> import cupy as cp                                          # doctest: +SKIP
+    >>> from gpumpiad.heat import cudakernels3d
+    >>> u = cp.arange(64.0).reshape(4, 4, 4)                       # doctest: +SKIP
+    >>> cudakernels3d.wrap(u, True, False, False)                  # doctest: +SKIP
+    >>> bool((u[0, 1:-1, 1:-1] == u[2, 1:-1, 1:-1]).all())         # doctest: +SKIP
+    True
+    """
+    dtype, (nx, ny, nz), _ = _check([("u", u)], (1, None, 1, None, 1, None), 1)
+    n = 2 * ((ny * nz if wrap_i else 0) + (nx * nz if wrap_j else 0) +
+             (nx * ny if wrap_k else 0))
+    if n == 0:
+        return
+    i32 = np.int32
+    get_kernel(f"heat3d_wrap_{_DTYPES[dtype]}")(
+        (min(-(-n // WRAP_BLOCK), _MAX_GRID_X), 1, 1), (WRAP_BLOCK, 1, 1),
+        (u, i32(nx), i32(ny), i32(nz), i32(bool(wrap_i)), i32(bool(wrap_j)),
+         i32(bool(wrap_k))))

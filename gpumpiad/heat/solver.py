@@ -350,7 +350,8 @@ class _Heat:
         self.device = is_device_array(frame)
         self.exchange = None
         if grid.ndim != 2:
-            self.exchange = halo.PaddedExchange(grid, frame.shape, frame.dtype, self.device)
+            self.exchange = halo.PaddedExchange(grid, frame.shape, frame.dtype, self.device,
+                                                kernels=kernels if self.device else None)
         elif self.device:
             self.exchange = halo.DeviceExchange(grid, frame.shape, frame.dtype, kernels)
 

@@ -9,7 +9,7 @@ sub-rectangle ``[i0, i1) x [j0, j1)`` (``1 <= i0 <= i1 <= nx+1``, same for
 
 from __future__ import annotations
 
-__all__ = ["interior", "step", "adjoint", "grads", "pack", "unpack", "halo_length"]
+__all__ = ["interior", "step", "adjoint", "grads", "pack", "unpack", "wrap", "halo_length"]
 
 #: Index of the interior cells of a padded array.
 interior = (slice(1, -1), slice(1, -1))
@@ -147,6 +147,24 @@ def pack(u, buf, side, ghost):
     """
     e = _edge(u, side, ghost)
     buf[: e.shape[0]] = e
+
+
+def wrap(u, wrap_i, wrap_j):
+    """Fill the ghost rows (``wrap_i``) and columns (``wrap_j``) of a patch that is its own
+    neighbour along that axis from its opposite boundary rows and columns, interior extent:
+    what a halo exchange with itself writes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = np.arange(20.0).reshape(4, 5)
+    >>> wrap(u, True, False)
+    >>> u[0, 1:-1].tolist() == u[2, 1:-1].tolist() and u[3, 1:-1].tolist() == u[1, 1:-1].tolist()
+    True
+    """
+    sides = ((NORTH, SOUTH) if wrap_i else ()) + ((WEST, EAST) if wrap_j else ())
+    for side in sides:
+        _edge(u, side, 1)[...] = _edge(u, side ^ 1, 0)
 
 
 def unpack(u, buf, side, ghost, add):

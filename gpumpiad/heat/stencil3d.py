@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .stencil import grads
 
-__all__ = ["interior", "step", "adjoint", "check_box"]
+__all__ = ["interior", "step", "adjoint", "wrap", "check_box"]
 
 #: Index of the interior cells of a padded array.
 interior = (slice(1, -1), slice(1, -1), slice(1, -1))
@@ -151,3 +151,34 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt,
         kappa_bar[s] += r * ln * _lap(u, i0, i1, j0, j1, k0, k1)
     if f_bar is not None:
         f_bar[s] += dt * ln
+
+
+def wrap_faces(shape, flags):
+    """``(ghost, boundary)`` index pairs of the faces :func:`wrap` fills, interior extent: for
+    each flagged axis, the face at 0 from the one at ``n``, the face at ``n + 1`` from 1."""
+    pairs = []
+    for axis, on in enumerate(flags):
+        if on:
+            for ghost, boundary in ((0, shape[axis] - 2), (shape[axis] - 1, 1)):
+                index = [slice(1, -1)] * len(shape)
+                index[axis] = ghost
+                source = list(index)
+                source[axis] = boundary
+                pairs.append((tuple(index), tuple(source)))
+    return pairs
+
+
+def wrap(u, wrap_i, wrap_j, wrap_k):
+    """Fill the ghost faces of a patch that is its own neighbour along each flagged axis from
+    its opposite boundary faces, interior extent: what a halo exchange with itself writes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = np.arange(60.0).reshape(3, 4, 5)
+    >>> wrap(u, False, False, True)
+    >>> bool((u[1:-1, 1:-1, 0] == u[1:-1, 1:-1, 3]).all())
+    True
+    """
+    for ghost, boundary in wrap_faces(u.shape, (wrap_i, wrap_j, wrap_k)):
+        u[ghost] = u[boundary]

@@ -72,6 +72,17 @@ def _unpack(args):
     return reads, [edge], run
 
 
+def _wrap(args):
+    u, nx, ny, wrap_i, wrap_j = args
+    sides = ((0, 1) if int(wrap_i) else ()) + ((2, 3) if int(wrap_j) else ())
+    reads = [stencil._edge(u, side ^ 1, 0) for side in sides]
+    writes = [stencil._edge(u, side, 1) for side in sides]
+
+    def run():
+        stencil.wrap(_raw(u), int(wrap_i), int(wrap_j))
+    return reads, writes, run
+
+
 def _copy4(args):
     a, b, c, d, n = args
 
@@ -119,10 +130,21 @@ def _adjoint3d(args):
     return reads, writes, run
 
 
+def _wrap3d(args):
+    u, nx, ny, nz, *flags = args
+    faces = stencil3d.wrap_faces(u.shape, [int(f) for f in flags])
+
+    def run():
+        stencil3d.wrap(_raw(u), *(int(f) for f in flags))
+    return [u[b] for _, b in faces], [u[g] for g, _ in faces], run
+
+
 def register():
     """Put the heat kernels, every dtype, into ``cupy.KERNELS``."""
     for dtype in ("float32", "float64"):
         for op, handler in (("heat_step", _step), ("heat_adjoint", _adjoint),
-                            ("halo_pack", _pack), ("halo_unpack", _unpack), ("copy4", _copy4),
-                            ("heat3d_step", _step3d), ("heat3d_adjoint", _adjoint3d)):
+                            ("halo_pack", _pack), ("halo_unpack", _unpack), ("halo_wrap", _wrap),
+                            ("copy4", _copy4),
+                            ("heat3d_step", _step3d), ("heat3d_adjoint", _adjoint3d),
+                            ("heat3d_wrap", _wrap3d)):
             cupy.KERNELS[f"{op}_{dtype}"] = handler
