@@ -14,6 +14,7 @@ from pytest_mpi import parallel_assert
 import gpumpiad as gm
 from gpumpiad import halo
 from gpumpiad.debug import CommunicationMismatch
+from gpumpiad.heat import stencil3d
 
 SHAPES = {1: (7,), 2: (7, 6), 3: (7, 6, 5)}
 PERIODIC = {1: ((False,), (True,)),
@@ -56,14 +57,8 @@ class Wrapping:
 
     def wrap(self, a, *flags):
         self.calls.append(flags)
-        for axis, on in enumerate(flags):
-            if on:
-                for ghost, edge in ((0, -2), (-1, 1)):
-                    index = [slice(1, -1)] * a.ndim
-                    index[axis] = ghost
-                    source = list(index)
-                    source[axis] = edge
-                    a[tuple(index)] = a[tuple(source)]
+        for ghost, boundary in stencil3d.wrap_faces(a.shape, flags):
+            a[ghost] = a[boundary]
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])

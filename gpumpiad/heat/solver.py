@@ -240,9 +240,10 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
     # Making states again exchanges halos too: one segment length, or none, on every rank.
     segment = min(r["segment"] for r in reports) if keep_states else 0
     # States that some rank cannot hold: as many checkpoints as the tightest rank holds.
-    fits = _states_that_fit(reports)
-    if keep_states and not segment and checkpoints is None and min(fits) < steps:
-        checkpoints = max(min(fits), 1)
+    if keep_states and not segment and checkpoints is None:
+        fit = min(_states_that_fit(reports))
+        if fit < steps:
+            checkpoints = max(fit, 1)
     run = _Heat(grid, kernels, frame, ghosts, dt, h, steps, checkpoints, trajectory, wants,
                 keep_states, retain=getattr(tape, "retain", False), recorded=tape is not None,
                 pads=pads, segment=segment)

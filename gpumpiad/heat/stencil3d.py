@@ -155,7 +155,8 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt,
 
 def wrap_faces(shape, flags):
     """``(ghost, boundary)`` index pairs of the faces :func:`wrap` fills, interior extent: for
-    each flagged axis, the face at 0 from the one at ``n``, the face at ``n + 1`` from 1."""
+    each flagged axis, the face at 0 from the one at ``n``, the face at ``n + 1`` from 1 (any
+    number of axes)."""
     pairs = []
     for axis, on in enumerate(flags):
         if on:
