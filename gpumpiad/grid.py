@@ -148,6 +148,9 @@ class Grid(FreedOnExit):
         self.offset = self.patch_offset(self.coords)
         self.neighbours = tuple(side for axis in range(self.ndim)
                                 for side in self.cart.shift(axis, 1))
+        # Idle device halo exchanges (buffers, events) that blocking exchanges over this grid
+        # reuse, by array shape, dtype, kernels, device and MPI path (gpumpiad.halo.start).
+        self._exchanges = {}
         self.h = tuple(1.0 / (n if wraps else n + 1)
                        for n, wraps in zip(self.shape, self.periodic))
 
@@ -157,6 +160,7 @@ class Grid(FreedOnExit):
         answers questions about its shape (:attr:`local_shape`, :meth:`local`, ...); what
         communicates over it (:meth:`gather`, :meth:`scatter`, :func:`gpumpiad.heat.solve`,
         :func:`gpumpiad.halo_exchange`, ...) raises ``ValueError`` saying it was freed."""
+        self._exchanges.clear()
         self.cart.free()
 
     @property

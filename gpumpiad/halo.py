@@ -292,7 +292,9 @@ class Exchange:
 def start(a, grid, adjoint=False, kernels=None, verify=True):
     """Start filling the ghosts of padded ``a`` in place; returns an :class:`Exchange`.
 
-    Compute whatever does not read the ghosts, then call ``.wait()``.
+    Compute whatever does not read the ghosts, then call ``.wait()``. A device array's exchange
+    goes through a :class:`DeviceExchange` that an earlier one over ``grid`` made for arrays of
+    its shape and dtype and has finished with (buffers and events made once, not per call).
 
     Parameters
     ----------
@@ -320,9 +322,14 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
     if _abandoned:
         _release_finished()
     if is_device_array(a):
-        exchange = DeviceExchange(grid, a.shape, a.dtype, kernels)
+        idle = grid._exchanges.setdefault((a.shape, a.dtype, kernels, streams.current_device(),
+                                           transport.cuda_aware()), [])
+        try:
+            exchange = idle.pop()
+        except IndexError:
+            exchange = DeviceExchange(grid, a.shape, a.dtype, kernels)
         exchange.post(a, adjoint)
-        return Posted(exchange, a, adjoint, verify)
+        return Posted(exchange, a, adjoint, verify, idle)
     xp = get_array_module(a)
     mpi = grid.cart.mpi
     nx, ny = a.shape[0] - 2, a.shape[1] - 2
@@ -369,19 +376,27 @@ def _links(grid):
 
 class Posted:
     """A :class:`DeviceExchange` or :class:`PaddedExchange` posted for ``array``: :meth:`wait`
-    finishes it (once)."""
+    finishes it (once), then puts it back into ``idle``, if given, for a later exchange."""
 
-    __slots__ = ("_exchange", "_array", "_adjoint", "_verify", "_done")
+    __slots__ = ("_exchange", "_array", "_adjoint", "_verify", "_done", "_idle")
 
-    def __init__(self, exchange, array, adjoint=False, verify=False):
+    def __init__(self, exchange, array, adjoint=False, verify=False, idle=None):
         self._exchange, self._array = exchange, array
         self._adjoint, self._verify, self._done = adjoint, verify, False
+        self._idle = idle
 
     def wait(self):
         if not self._done:
             self._done = True
             self._exchange.finish(self._array, self._adjoint, self._verify)
+            # Finished without error: no MPI call holds its buffers any more. (Exchanges
+            # posted together each have their own; more than a few idle ones are dropped.)
+            if self._idle is not None and len(self._idle) < _IDLE_EXCHANGES:
+                self._idle.append(self._exchange)
         return self._array
+
+
+_IDLE_EXCHANGES = 4
 
 
 class DeviceExchange:

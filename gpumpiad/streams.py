@@ -30,11 +30,17 @@ _pairs_lock = threading.Lock()
 _HIGHEST_PRIORITY = -(1 << 20)
 
 
-def _streams():
+def current_device():
+    """The id of this thread's current CUDA device."""
     import cupy
-    device = cupy.cuda.runtime.getDevice()
+    return cupy.cuda.runtime.getDevice()
+
+
+def _streams():
+    device = current_device()
     pair = _pairs.get(device)
     if pair is None:
+        import cupy
         with _pairs_lock:
             pair = _pairs.get(device)
             if pair is None:

@@ -462,6 +462,76 @@ def test_padded_exchange_on_the_device_gives_the_host_result(nprocs, cuda_aware)
     assert f"padded ok {nprocs}" in proc.stdout, proc.stdout
 
 
+BLOCKING_ROUNDS = """
+import heat_kernels
+heat_kernels.register()
+from gpumpiad.heat import cudakernels
+made = []
+
+class Counted(halo.DeviceExchange):
+    __slots__ = ()
+
+    def __init__(self, *args):
+        made.append(args)
+        super().__init__(*args)
+
+halo.DeviceExchange = Counted
+streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(2)]
+rng = np.random.default_rng(comm.rank)
+for dims, periodic in (((P, 1), (True, False)), ((1, P), True), ((P, 1), False)):
+    grid = gm.Grid((7, 6), dims=dims, periodic=periodic)
+    before = len(made)
+    for kernels in (None, cudakernels):
+        for step, adjoint in enumerate((False, True, True, False)):
+            exchange = halo.exchange_adjoint if adjoint else halo.exchange
+            x = rng.standard_normal(grid.padded_shape)
+            with streams[step // 2]:       # the caller's stream changes between calls
+                a = cupy.asarray(x)
+                exchange(a, grid, kernels)
+                got = a.get()
+            assert np.array_equal(got, exchange(x.copy(), grid)), (dims, periodic, step)
+        # Two in flight at once: each has its own buffers, and both are reused afterwards.
+        xs = [rng.standard_normal(grid.padded_shape) for _ in range(3)]
+        with streams[0]:
+            arrays = [cupy.asarray(x) for x in xs]
+            posted = [halo.start(b, grid, kernels=kernels) for b in arrays[:2]]
+            for p in posted:
+                p.wait()
+            halo.exchange(arrays[2], grid, kernels)
+            got = [b.get() for b in arrays]
+        for x, g in zip(xs, got):
+            assert np.array_equal(g, halo.exchange(x.copy(), grid)), (dims, periodic)
+    halo.exchange(cupy.zeros(grid.padded_shape, np.float32), grid)
+    assert len(made) - before == 5, (dims, periodic, len(made) - before)
+    grid.free()
+    assert not grid._exchanges
+    try:
+        halo.exchange(cupy.zeros(grid.padded_shape), grid)
+    except ValueError as exc:
+        assert "halo exchange's grid was freed" in str(exc), exc
+    else:
+        raise AssertionError("an exchange over a freed grid ran")
+if comm.rank == 0:
+    print("blocking ok", P)
+"""
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
+@pytest.mark.parametrize("cuda_aware", ["0", "1"], ids=["staged", "cuda-aware"])
+def test_blocking_device_exchanges_reuse_their_buffers(nprocs, cuda_aware):
+    """Blocking 2-D exchanges of device arrays, forward and adjoint, with and without the CUDA
+    kernels, from two producing streams, two at once: the host path's values, no unordered
+    access, one DeviceExchange made per shape, dtype and kernels and one more for the second
+    exchange in flight; none after the grid is freed."""
+    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE=cuda_aware,
+               GPUMPIAD_STAGE_HOST_ARRAYS="0")
+    proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
+                           PADDED_RUN.format(model=MODEL_PATH) + BLOCKING_ROUNDS],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"blocking ok {nprocs}" in proc.stdout, proc.stdout
+
+
 # Drops one ordering edge of the library: ``function`` does nothing when called from a
 # function named ``caller``.
 DROP_EDGE = """
