@@ -186,6 +186,39 @@ def test_model_catches_the_missing_edge_and_accepts_cudas(case):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_model_copies_an_input_overlapping_the_output_as_cupy_does():
+    """CuPy's kernels copy an input whose memory bounds overlap an output's first, unless it is
+    that output itself: the model logs that copy for a setitem and for a ufunc with ``out``
+    (the device operations the op-count tests count)."""
+    proc = run_model("""
+def ops(fn):
+    start = len(MODEL.log)
+    fn()
+    return [e[2] for e in MODEL.log[start:] if e[0] == "op"]
+
+a = cupy.arange(10.0)
+def setitem():
+    a[1:] = a[:-1]
+def ufunc_out():
+    cupy.add(a[1:], a[:-1], out=a[1:])
+def in_place():
+    a[2:5] += 1
+def apart():
+    cupy.add(a[:5], 1, out=a[5:])
+assert ops(setitem) == ["copy", "setitem"], ops(setitem)
+assert ops(ufunc_out) == ["copy", "copy", "add"], ops(ufunc_out)
+assert ops(apart) == ["add"], ops(apart)
+assert ops(in_place)[0] == "add", ops(in_place)
+expected = np.arange(10.0)
+expected[1:] = expected[:-1].copy()
+np.add(expected[1:], expected[:-1].copy(), out=expected[1:])
+np.add(expected[:5], 1, out=expected[5:])
+expected[2:5] += 1
+assert np.array_equal(a.get(), expected), a.get()
+""")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_model_values_and_host_syncs():
     proc = run_model("""
 a = cupy.arange(6.0).reshape(2, 3)

@@ -33,6 +33,12 @@ class ndarray(_np.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _refuse_host(inputs, ufunc.__name__)
+        if out is not None:
+            # As in setitem: an input whose memory bounds overlap an output's (and that is not
+            # that output itself) is copied first.
+            inputs = tuple(x.copy() if isinstance(x, ndarray) and any(
+                x is not o and _np.may_share_memory(_raw(x), _raw(o)) for o in out) else x
+                for x in inputs)
         raw_inputs = [_raw(x) for x in inputs]
         if out is not None:
             raw_out = tuple(_raw(o) for o in out)
