@@ -148,8 +148,8 @@ class Grid(FreedOnExit):
         self.offset = self.patch_offset(self.coords)
         self.neighbours = tuple(side for axis in range(self.ndim)
                                 for side in self.cart.shift(axis, 1))
-        # Idle device halo exchanges (buffers, events) that blocking exchanges over this grid
-        # reuse, by array shape, dtype, kernels, device and MPI path (gpumpiad.halo.start).
+        # Idle halo exchanges (buffers, events) that blocking exchanges over this grid reuse,
+        # in lists by what they were made for (gpumpiad.halo); free() frees them.
         self._exchanges = {}
         self.h = tuple(1.0 / (n if wraps else n + 1)
                        for n, wraps in zip(self.shape, self.periodic))
@@ -160,6 +160,9 @@ class Grid(FreedOnExit):
         answers questions about its shape (:attr:`local_shape`, :meth:`local`, ...); what
         communicates over it (:meth:`gather`, :meth:`scatter`, :func:`gpumpiad.heat.solve`,
         :func:`gpumpiad.halo_exchange`, ...) raises ``ValueError`` saying it was freed."""
+        for idle in list(self._exchanges.values()):
+            for exchange in idle:
+                exchange.free()
         self._exchanges.clear()
         self.cart.free()
 

@@ -391,8 +391,11 @@ class Posted:
             self._exchange.finish(self._array, self._adjoint, self._verify)
             # Finished without error: no MPI call holds its buffers any more. (Exchanges
             # posted together each have their own; more than a few idle ones are dropped.)
-            if self._idle is not None and len(self._idle) < _IDLE_EXCHANGES:
-                self._idle.append(self._exchange)
+            if self._idle is not None:
+                if len(self._idle) < _IDLE_EXCHANGES:
+                    self._idle.append(self._exchange)
+                else:
+                    self._exchange.free()
         return self._array
 
 
@@ -497,6 +500,13 @@ class DeviceExchange:
             else:
                 self._copy_across(a)
         self._packed.record(stream)
+
+    def free(self):
+        """Done with this exchange: its buffers stay until the work queued on the communication
+        stream so far has run (the pinned pool hands a freed block out again at once, and an
+        unpacking may still read one)."""
+        streams._keep_until_done(streams.record(streams.comm_stream()),
+                                 (self._send, self._recv, self._staged_send, self._staged_recv))
 
     def _copy_across(self, a):
         """The ghosts facing this rank, from the opposite sides' boundary cells."""
