@@ -18,8 +18,9 @@ Each entry is ``min / median`` over the repeats; ratios are of the minima, again
 A second table compares, at width 1 without corners and patches of ``--sizes`` cells per
 axis, one round of ``gpumpiad.halo.PaddedExchange`` (``post`` then ``finish`` on an array,
 its buffers and persistent requests made once) with the same round through the N-D
-exchange's in-place form (its buffers and requests made on every call) and with
-``halo_exchange`` (which copies the field first), all against a copy of the padded field:
+exchange's in-place form (its buffers made at the grid's first exchange of such fields and
+reused, its requests made per call) and with ``halo_exchange`` (which copies the field first),
+all against a copy of the padded field:
 the four alternate within each repeat, so that every ratio compares runs made under the same
 load. Entries are ``min / median``; ratios are of the minima and of the medians.
 
@@ -83,12 +84,12 @@ def padded_rows(sizes, repeats, comm=MPI.COMM_WORLD):
                 ex.post(work)
                 ex.finish(work)
 
-            copy, round_, per_call, exchange = alternating(
+            copy, round_, nd_round, exchange = alternating(
                 [lambda: u.copy(), padded,
                  lambda: halo._exchange_nd((again,), grid, (1, 1, 1), False, False),
                  lambda: gm.halo_exchange(u, grid)], repeats, comm)
             ex.free()
-            rows.append((n, copy, round_, per_call, exchange))
+            rows.append((n, copy, round_, nd_round, exchange))
     return rows
 
 
@@ -135,14 +136,13 @@ def main():
         print()
         print(f"ranks {P}, width 1, no corners, dims {grid.dims}, periodic, float64, load "
               f"average {os.getloadavg()[0]:.1f}; ratios: of the minima / of the medians")
-        print("| patch | copy (ms) | PaddedExchange round (ms) | / copy | in-place N-D round, "
-              "buffers per call (ms) | / copy | halo_exchange (ms) | / copy | "
-              "PaddedExchange / per call |")
+        print("| patch | copy (ms) | PaddedExchange round (ms) | / copy | in-place N-D round "
+              "(ms) | / copy | halo_exchange (ms) | / copy | PaddedExchange / N-D round |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for n, copy, rnd, per_call, ex in padded:
+        for n, copy, rnd, nd_round, ex in padded:
             print(f"| {n}³ | {cell(copy)} | {cell(rnd)} | {ratio(rnd, copy)} | "
-                  f"{cell(per_call)} | {ratio(per_call, copy)} | {cell(ex)} | "
-                  f"{ratio(ex, copy)} | {ratio(rnd, per_call)} |")
+                  f"{cell(nd_round)} | {ratio(nd_round, copy)} | {cell(ex)} | "
+                  f"{ratio(ex, copy)} | {ratio(rnd, nd_round)} |")
 
 
 if __name__ == "__main__":

@@ -938,29 +938,48 @@ def _exchange_nd(fields, grid, widths, corners, adjoint):
                       or grid.neighbours[2 * a + 1] != MPI.PROC_NULL)]
     if not axes:
         return fields
-    rounds = [[a] for a in axes] if corners else [axes]
-    if adjoint:
-        rounds.reverse()
     device = is_device_array(fields[0])
-    dtypes = [field.dtype for field in fields]
-    for round_axes in rounds:
-        plans = [_Plan(dtypes, shape, widths, side, grid.neighbours[side], corners)
-                 for a in round_axes for side in (2 * a, 2 * a + 1)
-                 if grid.neighbours[side] != MPI.PROC_NULL]
-        messages = _Round(grid, plans, device, 0)
+    dtypes = tuple(field.dtype for field in fields)
+    idle = grid._exchanges.setdefault(
+        ("rounds", shape, dtypes, tuple(widths), corners, device)
+        + ((streams.current_device(), transport.cuda_aware()) if device else ()), [])
+    try:
+        rounds = idle.pop()
+    except IndexError:
+        rounds = _Rounds(grid, shape, dtypes, widths, corners, axes, device)
+    for messages in reversed(rounds) if adjoint else rounds:
         if device:
             messages.post_device(fields, adjoint)
             messages.finish_device(fields, adjoint, verify=True)
-            # The pinned pool hands a freed block out again at once: keep them until the
-            # copies ran.
-            if messages.remote:
-                streams._keep_until_done(messages.filled,
-                                         (messages.recvs, messages.staged_recvs))
         else:
             with trace.span("halo_exchange", trace.COMMUNICATION, payload=messages.nbytes):
                 messages.post_host(fields, adjoint)
                 messages.finish_host(fields, adjoint, verify=True)
+    # Completed without error: no MPI call holds the buffers; the next exchange of fields of
+    # this shape and these dtypes over the grid reuses them.
+    if len(idle) < _IDLE_EXCHANGES:
+        idle.append(rounds)
+    else:
+        rounds.free()
     return fields
+
+
+class _Rounds(tuple):
+    """The rounds of an N-D exchange of fields of ``dtypes`` and padded ``shape`` over ``axes``:
+    one per axis with ``corners``, else one; made together, reused together."""
+
+    __slots__ = ()
+
+    def __new__(cls, grid, shape, dtypes, widths, corners, axes, device):
+        return super().__new__(cls, (
+            _Round(grid, [_Plan(dtypes, shape, widths, side, grid.neighbours[side], corners)
+                          for a in round_axes for side in (2 * a, 2 * a + 1)
+                          if grid.neighbours[side] != MPI.PROC_NULL], device, 0)
+            for round_axes in ([[a] for a in axes] if corners else [axes])))
+
+    def free(self):
+        for messages in self:
+            messages.free()
 
 
 class _Plan:

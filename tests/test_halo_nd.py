@@ -291,6 +291,52 @@ def test_errors_name_rank_argument_expected_and_actual():
             gm.halo_exchange(np.zeros(17), own, width=6)
 
 
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_exchanges_reuse_the_rounds_the_first_one_made(monkeypatch):
+    """A grid's first exchange of fields of one padded shape and dtype makes its rounds (message
+    buffers); later ones, forward and adjoint, reuse them: the global field's ghosts, and the
+    first adjoint's values; another dtype makes its own; Grid.free drops them."""
+    made = []
+
+    class Counted(halo._Round):
+        __slots__ = ()
+
+        def __init__(self, *args, **kwargs):
+            made.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(halo, "_Round", Counted)
+    size = MPI.COMM_WORLD.size
+    # Axes 0 and 2 exchange (periodic), axis 1 faces the boundary on both sides: corners take
+    # a round per exchanging axis.
+    grid = gm.Grid((9, 8, 10), dims=(size, 1, 1), periodic=(True, False, True))
+    rng = np.random.default_rng(MPI.COMM_WORLD.rank)
+    for widths, corners, rounds in (((1, 1, 1), False, 1), ((2, 1, 1), True, 2)):
+        label = f"widths {widths}, corners {corners}"
+        u, y = (rng.standard_normal(tuple(n + 2 * w for n, w in zip(grid.local_shape, widths)))
+                for _ in range(2))
+        before = len(made)
+        pulled = []
+        for _ in range(3):
+            check_forward(grid, widths, corners, label)
+            _, pullback = gm.vjp(lambda t: gm.halo_exchange(t, grid, width=widths,
+                                                            corners=corners),
+                                 gm.tensor(u, distributed=True))
+            pulled.append(to_numpy(pullback(y)))
+        parallel_assert(all(np.array_equal(p, pulled[0]) for p in pulled),
+                        f"{label}: a later adjoint differs from the first")
+        parallel_assert(len(made) - before == rounds,
+                        f"{label}: {len(made) - before} rounds made, expected {rounds}")
+        exchange = [gm.halo_exchange(gm.tensor(u.astype(dtype), distributed=True), grid,
+                                     width=widths, corners=corners).numpy()
+                    for dtype in (np.float64, np.float32)]
+        parallel_assert(np.array_equal(exchange[0].astype(np.float32), exchange[1]),
+                        f"{label}: float32 values differ")
+        parallel_assert(len(made) - before == 2 * rounds, f"{label}: float32 reused float64's")
+    grid.free()
+    parallel_assert(not grid._exchanges, "the freed grid keeps its rounds")
+
+
 @pytest.mark.parallel(nprocs=[1, 2])
 @pytest.mark.parametrize("periodic", [True, False], ids=["periodic", "bounded"])
 def test_reverse_pass_after_its_grid_was_freed_is_an_error_on_every_rank(periodic):
@@ -346,6 +392,24 @@ reference = [np.array(v) for v in x]     # the host path on plain NumPy arrays
 halo._exchange_nd(reference, grid, widths, True, False)
 assert all(np.array_equal(e.data.get(), r) for e, r in zip(ex, reference))
 assert abs(lhs - rhs) <= 1e-13 * abs(lhs), (lhs, rhs)
+rounds = [id(r) for idle in grid._exchanges.values() for r in idle]
+with s:    # again: the rounds of the first exchange and its adjoint, the same values
+    again = gm.halo_exchange((gm.tensor(dx[0], distributed=True, stream=s),
+                              gm.tensor(dx[1], distributed=True, stream=s)),
+                             grid, width=widths, corners=True)
+    grads_again = gm.grad(objective, argnums=(0, 1))(
+        gm.tensor(dx[0], distributed=True, stream=s), gm.tensor(dx[1], distributed=True, stream=s))
+    assert all(bool((a.data == e.data).all()) for a, e in zip(again, ex))
+    assert all(bool((a == g).all()) for a, g in zip(grads_again, grads))
+assert rounds and [id(r) for idle in grid._exchanges.values() for r in idle] == rounds
+import cupyx
+from cupy import MODEL
+with s:    # its unpacking left queued
+    gm.halo_exchange(gm.tensor(dx[0], distributed=True, stream=s), grid, width=widths,
+                     corners=True)
+grid.free()     # the pinned buffers of its rounds, handed out again at once, meet MPI next
+blocks = [cupyx.empty_pinned(n, np.uint8) for n in range(8, 8192, 512) for _ in range(4)]
+MODEL.host_op("MPI receive", writes=blocks)
 if comm.rank == 0:
     print("ok", comm.size, repr(lhs))
 """
@@ -354,8 +418,9 @@ if comm.rank == 0:
 @pytest.mark.parametrize("cuda_aware", ["0", "1"], ids=["staged", "cuda-aware"])
 def test_device_path_on_the_stream_model_has_no_hazard(cuda_aware):
     """Two fields, width 2 along x, corners, on the modelled device at 2 ranks from a producing
-    stream: the same values as the host path, forward and adjoint agree (dot-product test), and
-    no access is unordered."""
+    stream: the same values as the host path, forward and adjoint agree (dot-product test), a
+    second exchange and adjoint reuse the first's rounds, Grid.free keeps their buffers until
+    the queued copies ran, and no access is unordered."""
     env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE=cuda_aware,
                GPUMPIAD_STAGE_HOST_ARRAYS="0",
                PYTHONPATH=MODEL_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""))
