@@ -87,7 +87,9 @@ def halo_exchange(u, grid, width=1, corners=False):
     -----
     The axes are exchanged one after another. With ``corners``, the faces of axis ``a`` span
     the ghost layers of the axes before it, so edge and corner ghosts arrive in two or three
-    hops and no diagonal message is needed; without, all axes go in one round.
+    hops and no diagonal message is needed; without, all axes go in one round. The message
+    buffers of a grid's first exchange of fields of one shape and dtype serve its later ones
+    (forward and adjoint) until :meth:`Grid.free`.
 
     The exchange is linear, ``v = E u``. Its adjoint sends the cotangent of every ghost filled
     from a neighbour back to the rank that owns the cell and adds it there (axes in reverse
