@@ -877,7 +877,7 @@ def _state_capacity(frame, steps):
     where the reverse pass is too small to ask or the memory cannot be told; and a number
     naming that memory (host, or host and device), equal on the ranks that share it."""
     device = is_device_array(frame)
-    where = _memory_name(device, _current_device(device))
+    where = _memory_name(device, streams.current_device() if device else None)
     if (steps + 1 + _WORKING_FIELDS) * frame.nbytes < _MEMORY_CHECK_BYTES:
         return -1, where
     available = _available_memory(device)
@@ -894,13 +894,6 @@ def _states_that_fit(reports):
         sharing[r["where"]] = sharing.get(r["where"], 0) + 1
     return [(r["capacity"] + _WORKING_FIELDS) // sharing[r["where"]] - _WORKING_FIELDS
             if r["capacity"] >= 0 else 1 << 62 for r in reports]
-
-
-def _current_device(device):
-    if not device:
-        return None
-    import cupy
-    return cupy.cuda.runtime.getDevice()
 
 
 @lru_cache(maxsize=None)
