@@ -849,20 +849,23 @@ static inline long long host_pad_row(const T* __restrict__ in, T* __restrict__ o
     return bad;
 }
 
-// Interior of an nx x ny C-contiguous field copied into padded dst; stats = {min, max,
-// non-finite count} of the values (min and max over the finite ones): the solver's argument
-// check and its padded copy in one pass.
+// Interior of a planes x nx x ny C-contiguous field copied into planes consecutive padded
+// (nx + 2) x (ny + 2) planes from dst on (a 2-D field: one plane; a 3-D one: the planes of its
+// padded array after the first); stats = {min, max, non-finite count} of the values (min and
+// max over the finite ones): the solver's argument check and its padded copy in one pass.
 template <typename T>
-static void host_pad(const T* __restrict__ src, T* __restrict__ dst, int nx, int ny,
+static void host_pad(const T* __restrict__ src, T* __restrict__ dst, int planes, int nx, int ny,
                      double* stats)
 {
     const gpumpiad_idx s = (gpumpiad_idx)ny + 2;
+    const gpumpiad_idx plane = ((gpumpiad_idx)nx + 2) * s;
     T lo = (T)0, hi = (T)0;
     long long bad = 0;
     bool any = false;
-    for (int i = 0; i < nx; ++i) {
-        const T* __restrict__ in = src + (gpumpiad_idx)i * ny;
-        T* __restrict__ out = dst + (gpumpiad_idx)(i + 1) * s + 1;
+    for (gpumpiad_idx row = 0; row < (gpumpiad_idx)planes * nx; ++row) {
+        const gpumpiad_idx i = row % nx;
+        const T* __restrict__ in = src + row * ny;
+        T* __restrict__ out = dst + (row / nx) * plane + (i + 1) * s + 1;
         T rlo, rhi;
         const long long rbad = host_pad_row(in, out, ny, rlo, rhi);
         if (rbad) {
@@ -950,10 +953,10 @@ static void host_copy4(const T* __restrict__ a, const T* __restrict__ b, const T
     {                                                                                           \
         host_wrap<T>(u, nx, ny, wrap_i, wrap_j);                                                \
     }                                                                                           \
-    extern "C" GPUMPIAD_EXPORT void host_pad_##SUF(const T* src, T* dst, int nx, int ny,        \
-                                                   double* stats)                               \
+    extern "C" GPUMPIAD_EXPORT void host_pad_##SUF(const T* src, T* dst, int planes, int nx,    \
+                                                   int ny, double* stats)                       \
     {                                                                                           \
-        host_pad<T>(src, dst, nx, ny, stats);                                                   \
+        host_pad<T>(src, dst, planes, nx, ny, stats);                                           \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_halo_pack_##SUF(const T* u, T* buf, int nx, int ny,    \
                                                          int side, int ghost)                   \

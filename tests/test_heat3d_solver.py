@@ -21,7 +21,7 @@ from pytest_mpi import parallel_assert
 
 import gpumpiad
 from gpumpiad.backend import to_numpy
-from gpumpiad.heat import solve, stencil3d
+from gpumpiad.heat import hostkernels, solve, stencil3d
 from gpumpiad.heat.kernels import kernels_for
 
 SHAPE = (7, 6, 5)
@@ -391,6 +391,7 @@ def test_bad_arguments_raise_on_every_rank():
     _a_2d_u0_on_a_3d_grid_is_a_shape_error()
     _nan_boundary_on_a_physical_side_is_an_error()
     _mixed_float32_and_float64_are_an_error()
+    _nonfinite_and_negative_arguments_name_their_ranks()
 
 
 def _unstable_dt_names_the_3d_limit():
@@ -428,6 +429,28 @@ def _a_2d_u0_on_a_3d_grid_is_a_shape_error():
             parallel_assert(str(expected) in text and str(expected[:2]) in text,
                             f"the message does not name the expected shape {expected} and "
                             f"the actual one {expected[:2]}: {text}")
+
+
+def _nonfinite_and_negative_arguments_name_their_ranks():
+    """NaN in u0 on the first rank, Inf in f and a negative kappa on the last: found where
+    solve pads the arguments (one pass with their statistics, host kernels) or by NumPy."""
+    comm = MPI.COMM_WORLD
+    last = comm.size - 1
+    with gpumpiad.Grid(SHAPE) as grid:
+        u0, kappa, f = (grid.local(a) for a in problem(16))
+        bad_u0, bad_kappa, bad_f = u0.copy(), kappa.copy(), f.copy()
+        if comm.rank == 0:
+            bad_u0[-1, -1, -1] = np.nan
+        if comm.rank == last:
+            bad_f[0, 1, 2], bad_kappa[1, 0, 0] = np.inf, -0.5
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: u0 holds NaN or Inf on "
+                                             rf"rank\(s\) \[0\]; f holds NaN or Inf on "
+                                             rf"rank\(s\) \[{last}\]: expected finite"):
+            solve(bad_u0, kappa, bad_f, DT, H, 1, grid=grid)
+        with pytest.raises(ValueError, match=rf"rank {comm.rank}: kappa holds negative values "
+                                             rf"on rank\(s\) \[{last}\] \(min kappa = -0.5 "
+                                             rf"on rank {last}\)"):
+            solve(u0, bad_kappa, f, DT, H, 1, grid=grid)
 
 
 def _nan_boundary_on_a_physical_side_is_an_error():
@@ -479,9 +502,14 @@ def _mixed_float32_and_float64_are_an_error():
 @pytest.mark.skipif(HOST_MISSING is not None, reason=str(HOST_MISSING))
 @pytest.mark.skipif(gpumpiad.backend_name() == "cupy", reason="host kernels take NumPy arrays")
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
-def test_host_kernels_agree_with_the_numpy_kernels():
+def test_host_kernels_agree_with_the_numpy_kernels(monkeypatch):
     """Values and gradients of the "host" kernels, and of the default choice (which is the
-    host build when it builds), equal those of the "numpy" kernels."""
+    host build when it builds), equal those of the "numpy" kernels; the host solves pad their
+    arguments in the pass that checks them."""
+    padded = []
+    pad = hostkernels.pad
+    monkeypatch.setattr(hostkernels, "pad", lambda src, dst: padded.append(src.ndim) or
+                        pad(src, dst))
     comm = MPI.COMM_WORLD
     u0, kappa, f = problem(18)
     w = np.random.default_rng(19).standard_normal(SHAPE)
@@ -505,3 +533,7 @@ def test_host_kernels_agree_with_the_numpy_kernels():
                                             f"{dims}: {name} differs from numpy's by "
                                             f"{relative(a, b):.2e}")
     parallel_assert(not failures, "\n".join(failures))
+    # Per grid, "host" and the default each solve twice (a solve, a gradient's): 4 x 3.
+    grids = len(PERIODICS[:2]) * len(factorings(comm.size)[:2])
+    parallel_assert(padded == [3] * 12 * grids,
+                    f"the host solves padded {padded}, expected 3-D arguments {12 * grids} times")

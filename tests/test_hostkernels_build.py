@@ -2,7 +2,6 @@
 loops the solver runs (many steps per call, persistent halo requests)."""
 import ctypes
 import gc
-import os
 import stat
 import weakref
 
@@ -137,6 +136,29 @@ def test_pad_of_rows_in_vector_lanes_and_tails_matches_numpy(dtype):
             got = hostkernels.pad(src, dst)
             assert got == (*want, int(src.size - finite.size)), (nx, ny, count)
             assert np.array_equal(dst[1:-1, 1:-1], src, equal_nan=True)
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pad_of_a_3d_field_fills_every_interior_plane_and_no_ghost(dtype):
+    """A 3-D field's planes each into their padded plane, rows below, at and past a vector
+    register, non-finite values in any plane: NumPy's copy and statistics; every ghost cell
+    (the first and last planes, each plane's ring) keeps its value."""
+    rng = np.random.default_rng(9)
+    for shape in ((1, 1, 1), (2, 3, 7), (3, 1, 8), (4, 5, 17), (6, 7, 40)):
+        for count in (0, 1, 3):
+            src = rng.standard_normal(shape).astype(dtype)
+            for _ in range(count):
+                src[tuple(rng.integers(n) for n in shape)] = rng.choice([np.nan, np.inf])
+            dst = np.full(tuple(n + 2 for n in shape), 7, dtype)
+            finite = src[np.isfinite(src)]
+            want = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            assert hostkernels.pad(src, dst) == (*want, int(src.size - finite.size)), shape
+            expected = np.full(dst.shape, 7, dtype)
+            expected[1:-1, 1:-1, 1:-1] = src
+            assert np.array_equal(dst, expected, equal_nan=True), (shape, count)
+    with pytest.raises(ValueError, match="does not fill the interior"):
+        hostkernels.pad(np.zeros((3, 3, 3)), np.zeros((5, 5, 6)))
 
 
 def wrapped(a, wrap):

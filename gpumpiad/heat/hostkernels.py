@@ -98,7 +98,7 @@ def _declare(lib) -> None:
             "host_heat_steps": [p, p, p, i, i, real, real, i, i, i, i],
             "host_heat_adjoint_wrapped": [p, p, p, p, p, p, i, i, real, real, i, i, i],
             "host_wrap": [p, i, i, i, i],
-            "host_pad": [p, p, i, i, p],
+            "host_pad": [p, p, i, i, i, p],
             "host_halo_pack": [p, p, i, i, i, i],
             "host_halo_unpack": [p, p, i, i, i, i, i],
             "host_copy4": [p, p, p, p, ctypes.c_longlong],
@@ -541,8 +541,9 @@ class Loop:
 
 
 def pad(src, dst):
-    """Copy ``src`` (``nx x ny``, C-contiguous) into the interior of padded ``dst`` and return
-    ``(min, max, count of NaN and Inf)`` of its values (min and max over the finite ones).
+    """Copy ``src`` (``nx x ny`` or ``nx x ny x nz``, C-contiguous) into the interior of padded
+    ``dst`` and return ``(min, max, count of NaN and Inf)`` of its values (min and max over
+    the finite ones).
 
     One pass: the solver's padded copy of an argument and its check together.
 
@@ -561,12 +562,14 @@ def pad(src, dst):
     """
     _check_array("dst", dst, writable=True)
     _check_array("src", src, dst.dtype)
-    if dst.ndim != 2 or src.shape != (dst.shape[0] - 2, dst.shape[1] - 2) or src.size == 0:
+    if dst.ndim not in (2, 3) or src.shape != tuple(n - 2 for n in dst.shape) or src.size == 0:
         raise ValueError(f"src of shape {src.shape} does not fill the interior of dst of "
                          f"shape {dst.shape}")
     if np.may_share_memory(src, dst):
         raise ValueError("src must not overlap dst")
     stats = np.empty(3)
-    _fn("host_pad", dst.dtype)(_address(src, src.flags.writeable), _address(dst, True),
-                              src.shape[0], src.shape[1], _address(stats, True))
+    # A 3-D field: its planes, each into a padded plane of dst from dst[1] on.
+    planes, first = (1, dst) if dst.ndim == 2 else (src.shape[0], dst[1])
+    _fn("host_pad", dst.dtype)(_address(src, src.flags.writeable), _address(first, True),
+                              planes, *src.shape[-2:], _address(stats, True))
     return float(stats[0]), float(stats[1]), int(stats[2])

@@ -28,7 +28,7 @@ from ..comm import Comm, world
 from ..custom import CustomOp
 from ..tape import active_tape
 from ..tensor import DISTRIBUTED, Tensor
-from . import hostkernels
+from . import hostkernels, hostkernels3d
 from .grid import Grid, check_grid
 from .kernels import kernels_for
 
@@ -185,7 +185,8 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
             segment = _segment_length(frame.nbytes, steps)
         if problem is None and checkpoints is None and active_tape() is not None:
             capacity, where = _state_capacity(frame, steps)
-        if problem is None and kernels is hostkernels and \
+        if problem is None and (kernels is hostkernels or kernels is hostkernels3d
+                                and hostkernels.available()) and \
                 all(a.flags.c_contiguous for a in raws):
             # The padded copies the time loop needs, and the check's statistics, in one pass.
             pads = (_state_buffer(frame, ghosts), _pad_buffer(frame), _pad_buffer(frame))
@@ -404,15 +405,21 @@ class _Heat:
     def _forward(self, u0, kappa, f, traj):
         """The forward time loop; returns the last padded state (``traj``: every state's
         interior but the last's, written on the way)."""
-        xp = get_array_module(u0)
-        self.kappa = self._padded(kappa, self._field_buffer(xp))
-        self._exchange(self.kappa).wait()
-        self.f = self._padded(f, self._field_buffer(xp))
+        if self.pads is not None:
+            # The padded copies solve made while it checked the arguments (host, 3-D).
+            u, self.kappa, self.f = self.pads
+            self.pads = None
+            self._exchange(self.kappa).wait()
+        else:
+            xp = get_array_module(u0)
+            self.kappa = self._padded(kappa, self._field_buffer(xp))
+            self._exchange(self.kappa).wait()
+            self.f = self._padded(f, self._field_buffer(xp))
+            u = self._padded(u0, self._buffer())
         keep = set()
         if self.keep_states:
             keep = (set(range(self.steps)) if self.checkpoints is None
                     else set(_spine(self.steps, self.checkpoints)))
-        u = self._padded(u0, self._buffer())
         for n in range(self.steps):
             if traj is not None:
                 traj[n] = u[self.core]
