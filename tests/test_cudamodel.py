@@ -486,13 +486,19 @@ if comm.rank == 0:
 def test_padded_exchange_on_the_device_gives_the_host_result(nprocs, cuda_aware):
     """PaddedExchange rounds of device arrays on 1-, 2- and 3-D grids, forward and adjoint, its
     buffers reused, from a producing stream: the host path's values, no unordered access."""
+    _run_exchanges(nprocs, cuda_aware, PADDED_ROUNDS, f"padded ok {nprocs}")
+
+
+def _run_exchanges(nprocs, cuda_aware, rounds, done):
+    """``PADDED_RUN`` then ``rounds`` on ``nprocs`` ranks of the modelled device; rank 0
+    prints ``done`` at the end."""
     env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE=cuda_aware,
                GPUMPIAD_STAGE_HOST_ARRAYS="0")
     proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
-                           PADDED_RUN.format(model=MODEL_PATH) + PADDED_ROUNDS],
+                           PADDED_RUN.format(model=MODEL_PATH) + rounds],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"padded ok {nprocs}" in proc.stdout, proc.stdout
+    assert done in proc.stdout, proc.stdout
 
 
 BLOCKING_ROUNDS = """
@@ -562,13 +568,7 @@ def test_blocking_device_exchanges_reuse_their_buffers(nprocs, cuda_aware):
     access, one DeviceExchange made per shape, dtype and kernels and one more for the second
     exchange in flight; Grid.free drops them, their buffers kept until the queued unpacking
     ran."""
-    env = dict(os.environ, GPUMPIAD_BACKEND="cupy", GPUMPIAD_CUDA_AWARE=cuda_aware,
-               GPUMPIAD_STAGE_HOST_ARRAYS="0")
-    proc = subprocess.run(["mpiexec", "-n", str(nprocs), sys.executable, "-c",
-                           PADDED_RUN.format(model=MODEL_PATH) + BLOCKING_ROUNDS],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"blocking ok {nprocs}" in proc.stdout, proc.stdout
+    _run_exchanges(nprocs, cuda_aware, BLOCKING_ROUNDS, f"blocking ok {nprocs}")
 
 
 # Drops one ordering edge of the library: ``function`` does nothing when called from a
