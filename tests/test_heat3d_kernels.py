@@ -120,6 +120,36 @@ def test_host_adjoint_gives_the_references_bits_for_every_choice_of_cotangents(d
 
 
 @needs_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_a_loop_bound_to_kappa_and_f_gives_the_references_bits(dtype, shape):
+    """Loop's step and adjoint (every choice of cotangents), its buffers' addresses made once
+    and reused as the buffers alternate: the NumPy reference's bits on the whole interior."""
+    rng = np.random.default_rng(sum(shape) * 7 + 4)
+    r, dt = 0.12, 0.015
+    u, kappa, f, lam_next, kb0, fb0 = _fields(rng, shape, dtype, 6)
+    loop = hostkernels3d.Loop(kappa, f, r, dt)
+    a, b = u.copy(), np.zeros_like(u)
+    want_a, want_b = u.copy(), np.zeros_like(u)
+    for _ in range(3):
+        loop.step(a, b)
+        stencil3d.step(want_a, kappa, f, want_b, r, dt)
+        np.testing.assert_array_equal(b, want_b)
+        a, b, want_a, want_b = b, a, want_b, want_a
+    for kb_on, fb_on in itertools.product((True, False), (True, False)):
+        got = [np.zeros_like(u), kb0.copy() if kb_on else None, fb0.copy() if fb_on else None]
+        want = [np.zeros_like(u), kb0.copy() if kb_on else None, fb0.copy() if fb_on else None]
+        loop.adjoint(lam_next, u if kb_on else None, *got)
+        stencil3d.adjoint(lam_next, kappa, u if kb_on else None, *want, r, dt)
+        for g, w in zip(got, want):
+            if w is not None:
+                np.testing.assert_array_equal(g, w, err_msg=f"kappa_bar {kb_on}, f_bar {fb_on}")
+    with pytest.raises(ValueError, match="f has dtype"):
+        hostkernels3d.Loop(kappa, f.astype(np.float32 if dtype == np.float64 else np.float64),
+                           r, dt)
+
+
+@needs_host
 def test_host_defaults_are_the_whole_interior_and_inputs_may_be_read_only():
     rng = np.random.default_rng(3)
     u, kappa, f, lam_next, kb = _fields(rng, (3, 4, 5), np.float64, 5)

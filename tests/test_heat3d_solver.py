@@ -21,7 +21,7 @@ from pytest_mpi import parallel_assert
 
 import gpumpiad
 from gpumpiad.backend import to_numpy
-from gpumpiad.heat import hostkernels, solve, stencil3d
+from gpumpiad.heat import hostkernels, hostkernels3d, solve, stencil3d
 from gpumpiad.heat.kernels import kernels_for
 
 SHAPE = (7, 6, 5)
@@ -505,11 +505,12 @@ def _mixed_float32_and_float64_are_an_error():
 def test_host_kernels_agree_with_the_numpy_kernels(monkeypatch):
     """Values and gradients of the "host" kernels, and of the default choice (which is the
     host build when it builds), equal those of the "numpy" kernels; the host solves pad their
-    arguments in the pass that checks them."""
-    padded = []
-    pad = hostkernels.pad
+    arguments in the pass that checks them and bind the kernels to kappa and f once."""
+    padded, bound = [], []
+    pad, loop = hostkernels.pad, hostkernels3d.Loop
     monkeypatch.setattr(hostkernels, "pad", lambda src, dst: padded.append(src.ndim) or
                         pad(src, dst))
+    monkeypatch.setattr(hostkernels3d, "Loop", lambda *args: bound.append(args) or loop(*args))
     comm = MPI.COMM_WORLD
     u0, kappa, f = problem(18)
     w = np.random.default_rng(19).standard_normal(SHAPE)
@@ -537,3 +538,6 @@ def test_host_kernels_agree_with_the_numpy_kernels(monkeypatch):
     grids = len(PERIODICS[:2]) * len(factorings(comm.size)[:2])
     parallel_assert(padded == [3] * 12 * grids,
                     f"the host solves padded {padded}, expected 3-D arguments {12 * grids} times")
+    parallel_assert(len(bound) == 4 * grids,
+                    f"the host solves bound their kernels {len(bound)} times, expected "
+                    f"{4 * grids}")

@@ -232,13 +232,14 @@ def _fn(name, dtype):
 _bare_functions = {}
 
 
-def _bare(name, restype=None):
+def _bare(name, restype=None, load=None):
     """Library function ``name`` without declared argtypes, for calls with ready ctypes values
     (no conversion per call): a handle of its own (``lib[name]``), so that the one
-    :func:`_fn` declares keeps its argtypes; made once."""
+    :func:`_fn` declares keeps its argtypes; made once. ``load``: the library's loader
+    (default this module's)."""
     fn = _bare_functions.get(name)
     if fn is None:
-        fn = _load()[name]
+        fn = (load or _load)()[name]
         fn.restype = restype
         _bare_functions[name] = fn
     return fn
@@ -378,6 +379,29 @@ def copy4(a, b, c, d):
     _fn("host_copy4", a.dtype)(a.ctypes.data, b.ctypes.data, c.ctypes.data, d.ctypes.data, a.size)
 
 
+class Addresses:
+    """Arrays' data addresses as ``c_void_p``, each made once per buffer (the buffer kept alive
+    with it, so that the address stays valid); at most 16 (stored states pass once each, the
+    ping-pong buffers stay)."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self):
+        self._entries = {}
+
+    def __call__(self, a):
+        entry = self._entries.get(id(a))
+        if entry is None or entry[0] is not a:
+            if len(self._entries) >= 16:
+                self._entries.clear()
+            entry = self._entries[id(a)] = (a, ctypes.c_void_p(_address(a, a.flags.writeable)))
+        return entry[1]
+
+    def forget(self, a):
+        """Drop ``a``'s address (and the reference to ``a``)."""
+        self._entries.pop(id(a), None)
+
+
 class Loop:
     """The host kernels of one solve's time loops, their arguments checked and converted once.
 
@@ -410,7 +434,7 @@ class Loop:
     """
 
     __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fixed", "_dims",
-                 "_scalars", "_wraps", "_pointers", "_kappa", "_whole", "_dtype", "_interior",
+                 "_scalars", "_wraps", "_pointer", "_kappa", "_whole", "_dtype", "_interior",
                  "_fields", "depths")
 
     def __init__(self, kappa, f, r, dt, wrap=(False, False), depths=None):
@@ -441,18 +465,7 @@ class Loop:
         self._wraps = (ctypes.c_int(int(bool(wrap[0]))), ctypes.c_int(int(bool(wrap[1]))))
         self._whole = (ctypes.c_int(1), ctypes.c_int(nx + 1), ctypes.c_int(1),
                        ctypes.c_int(ny + 1))
-        self._pointers = {}
-
-    def _pointer(self, a):
-        """``a``'s data address as a ``c_void_p``, made once per buffer (and the buffer kept
-        alive with it, so that the address stays valid)."""
-        entry = self._pointers.get(id(a))
-        if entry is None or entry[0] is not a:
-            if len(self._pointers) >= 16:
-                # Bounded: stored states pass once each; the ping-pong buffers stay.
-                self._pointers.clear()
-            entry = self._pointers[id(a)] = (a, ctypes.c_void_p(_address(a, a.flags.writeable)))
-        return entry[1]
+        self._pointer = Addresses()
 
     def step(self, u, u_new):
         """``u_new = step(u)`` on the whole interior (``u``'s ghosts already filled)."""
@@ -537,7 +550,7 @@ class Loop:
 
     def forget(self, a):
         """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
-        self._pointers.pop(id(a), None)
+        self._pointer.forget(a)
 
 
 def pad(src, dst):

@@ -22,15 +22,18 @@ True
 
 from __future__ import annotations
 
+import ctypes
 import threading
+
+import numpy as np
 
 from .. import kernelbuild
 from ..backend import _rank
-from .hostkernels import _DTYPES, _address, _check_fields
+from .hostkernels import _DTYPES, Addresses, _address, _bare, _check_fields
 from .stencil import grads
 from .stencil3d import check_box
 
-__all__ = ["available", "build_info", "step", "adjoint"]
+__all__ = ["available", "build_info", "step", "adjoint", "Loop"]
 
 _lock = threading.Lock()
 _lib = None
@@ -61,7 +64,6 @@ def _load():
 
 
 def _declare(lib) -> None:
-    import ctypes
     p, i = ctypes.c_void_p, ctypes.c_int
     for suffix, real in (("float32", ctypes.c_float), ("float64", ctypes.c_double)):
         sigs = {
@@ -221,3 +223,64 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt,
         address["lam_next"], address["kappa"], address.get("u"), address["lam"],
         address.get("kappa_bar"), address.get("f_bar"), nx, ny, nz, float(r), float(dt),
         *box, mask)
+
+
+class Loop:
+    """The 3-D host kernels of one solve, bound to its padded ``kappa`` and ``f`` (held on to)
+    with their arguments checked and converted once; :meth:`step` and :meth:`adjoint` then
+    work on the whole interior, as :func:`step` and :func:`adjoint` do, with their bits.
+
+    Every state and cotangent buffer the loop is given must be a C-contiguous array of
+    ``kappa``'s shape and dtype that the solver owns: they are not checked again (the checks
+    cost as much as the step of a 24³ patch).
+
+    Raises
+    ------
+    ValueError
+        On a wrong dtype, layout or shape of ``kappa`` or ``f``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpumpiad.heat import hostkernels3d
+    >>> rng = np.random.default_rng(0)
+    >>> u, kappa, f = (rng.random((6, 5, 7)) for _ in range(3))
+    >>> got, want = np.zeros_like(u), np.zeros_like(u)
+    >>> hostkernels3d.Loop(kappa, f, r=0.1, dt=1e-3).step(u, got)
+    >>> hostkernels3d.step(u, kappa, f, want, 0.1, 1e-3)
+    >>> bool((got == want).all())
+    True
+    """
+
+    __slots__ = ("_step", "_adjoint", "_fields", "_kappa", "_f", "_tail", "_pointer")
+
+    def __init__(self, kappa, f, r, dt):
+        dtype, dims, box, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [],
+                                             (1, None, 1, None, 1, None))
+        suffix = _DTYPES[dtype]
+        self._step = _bare(f"host_heat3d_step_{suffix}", load=_load)
+        self._adjoint = _bare(f"host_heat3d_adjoint_{suffix}", load=_load)
+        real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+        self._fields = (kappa, f)
+        self._kappa, self._f = ctypes.c_void_p(ka), ctypes.c_void_p(fa)
+        # The arguments after the arrays: interior size, r, dt, the whole interior's box.
+        self._tail = (*(ctypes.c_int(n) for n in dims), real(r), real(dt),
+                      *(ctypes.c_int(b) for b in box))
+        self._pointer = Addresses()
+
+    def step(self, u, u_new):
+        """``u_new = step(u)`` on the whole interior (``u``'s ghosts filled)."""
+        self._step(self._pointer(u), self._kappa, self._f, self._pointer(u_new), *self._tail)
+
+    def adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
+        """The fused adjoint on the whole interior; ``u``, ``kappa_bar``, ``f_bar`` may be None
+        as in :func:`adjoint`."""
+        mask = grads(u, kappa_bar, f_bar)
+        pointer = self._pointer
+        self._adjoint(pointer(lam_next), self._kappa, None if u is None else pointer(u),
+                      pointer(lam), None if kappa_bar is None else pointer(kappa_bar),
+                      None if f_bar is None else pointer(f_bar), *self._tail, ctypes.c_int(mask))
+
+    def forget(self, a):
+        """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
+        self._pointer.forget(a)

@@ -345,6 +345,8 @@ class _Heat:
         self.host = kernels is hostkernels and not self.overlap
         self.recorded, self.pads = recorded, pads
         self.loop = self.halo = None
+        # The 3-D host kernels bound to this solve's padded kappa and f (checked once).
+        self.bound = None
         self.wrap = ((grid.neighbours[0] == rank, grid.neighbours[2] == rank) if self.local
                      else (False, False))
         # A device solve runs on the library's compute stream; its halos move on the
@@ -385,7 +387,7 @@ class _Heat:
         if not self.device:
             for buf in (self.kappa, self.f):
                 _recycle(buf, None)
-        self.kappa = self.f = None
+        self.kappa = self.f = self.bound = None
 
     @staticmethod
     def _handed_out(compute):
@@ -416,6 +418,8 @@ class _Heat:
             self._exchange(self.kappa).wait()
             self.f = self._padded(f, self._field_buffer(xp))
             u = self._padded(u0, self._buffer())
+        if self.kernels is hostkernels3d:
+            self.bound = hostkernels3d.Loop(self.kappa, self.f, self.r, self.dt)
         keep = set()
         if self.keep_states:
             keep = (set(range(self.steps)) if self.checkpoints is None
@@ -504,11 +508,20 @@ class _Heat:
     def _step(self, u, u_new, exchange=True):
         """``u_new = step(u)`` on the interior; fills ``u``'s ghosts first unless told not to."""
         with trace.span("heat.step", trace.COMPUTE, payload=self.cells):
+            if self.bound is not None:
+                if exchange:
+                    self._exchange(u).wait()
+                self.bound.step(u, u_new)
+                return
             self._sweep(self.kernels.step, u, (self.kappa, self.f, u_new, self.r, self.dt),
                         exchange)
 
     def _adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
         with trace.span("heat.adjoint_step", trace.ADJOINT, payload=self.cells):
+            if self.bound is not None:
+                self._exchange(lam_next).wait()
+                self.bound.adjoint(lam_next, u, lam, kappa_bar, f_bar)
+                return
             self._sweep(self.kernels.adjoint, lam_next,
                         (self.kappa, u, lam, kappa_bar, f_bar, self.r, self.dt))
 
