@@ -27,6 +27,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,12 @@ def test_a_loop_bound_to_kappa_and_f_gives_the_references_bits(dtype, shape):
         for g, w in zip(got, want):
             if w is not None:
                 np.testing.assert_array_equal(g, w, err_msg=f"kappa_bar {kb_on}, f_bar {fb_on}")
+    once = u.copy()     # a state the solver hands over once, then recycles
+    ref = weakref.ref(once)
+    loop.step(once, b)
+    loop.forget(once)
+    del once
+    assert ref() is None, "the loop keeps a buffer it was told to forget"
     with pytest.raises(ValueError, match="f has dtype"):
         hostkernels3d.Loop(kappa, f.astype(np.float32 if dtype == np.float64 else np.float64),
                            r, dt)

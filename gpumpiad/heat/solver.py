@@ -477,6 +477,8 @@ class _Heat:
             lam_prev, spare = spare, None
             self._adjoint(lam, u, lam_prev, kappa_bar, f_bar)
             if u is not None and id(u) not in kept:
+                if self.bound is not None:
+                    self.bound.forget(u)    # its cached address would keep it alive
                 _recycle(u, self.ghosts)
             if g_traj is not None:
                 lam_prev[self.core] += g_traj[n]
