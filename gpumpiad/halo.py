@@ -324,11 +324,9 @@ def start(a, grid, adjoint=False, kernels=None, verify=True):
     if _abandoned:
         _release_finished()
     if is_device_array(a):
-        idle = grid._exchanges.setdefault((a.shape, a.dtype, kernels, streams.current_device(),
-                                           transport.cuda_aware()), [])
-        try:
-            exchange = idle.pop()
-        except IndexError:
+        idle, exchange = _take_idle(grid, (a.shape, a.dtype, kernels,
+                                           streams.current_device(), transport.cuda_aware()))
+        if exchange is None:
             exchange = DeviceExchange(grid, a.shape, a.dtype, kernels)
         exchange.post(a, adjoint)
         return Posted(exchange, a, adjoint, verify, idle)
@@ -391,17 +389,32 @@ class Posted:
         if not self._done:
             self._done = True
             self._exchange.finish(self._array, self._adjoint, self._verify)
-            # Finished without error: no MPI call holds its buffers any more. (Exchanges
-            # posted together each have their own; more than a few idle ones are dropped.)
             if self._idle is not None:
-                if len(self._idle) < _IDLE_EXCHANGES:
-                    self._idle.append(self._exchange)
-                else:
-                    self._exchange.free()
+                _put_back(self._idle, self._exchange)
         return self._array
 
 
 _IDLE_EXCHANGES = 4
+
+
+def _take_idle(grid, key):
+    """``(idle, exchange)``: the list of ``grid``'s idle exchanges made for ``key``, and one
+    taken from it, or None when it has none (exchanges in flight together each have their
+    own)."""
+    idle = grid._exchanges.setdefault(key, [])
+    try:
+        return idle, idle.pop()
+    except IndexError:
+        return idle, None
+
+
+def _put_back(idle, exchange):
+    """An exchange that finished without error (no MPI call holds its buffers any more): into
+    ``idle`` for a later exchange, or freed where a few wait there already."""
+    if len(idle) < _IDLE_EXCHANGES:
+        idle.append(exchange)
+    else:
+        exchange.free()
 
 
 class DeviceExchange:
@@ -942,12 +955,10 @@ def _exchange_nd(fields, grid, widths, corners, adjoint):
         return fields
     device = is_device_array(fields[0])
     dtypes = tuple(field.dtype for field in fields)
-    idle = grid._exchanges.setdefault(
-        ("rounds", shape, dtypes, tuple(widths), corners, device)
-        + ((streams.current_device(), transport.cuda_aware()) if device else ()), [])
-    try:
-        rounds = idle.pop()
-    except IndexError:
+    idle, rounds = _take_idle(grid, ("rounds", shape, dtypes, tuple(widths), corners, device)
+                              + ((streams.current_device(), transport.cuda_aware()) if device
+                                 else ()))
+    if rounds is None:
         rounds = _Rounds(grid, shape, dtypes, widths, corners, axes, device)
     for messages in reversed(rounds) if adjoint else rounds:
         if device:
@@ -957,12 +968,8 @@ def _exchange_nd(fields, grid, widths, corners, adjoint):
             with trace.span("halo_exchange", trace.COMMUNICATION, payload=messages.nbytes):
                 messages.post_host(fields, adjoint)
                 messages.finish_host(fields, adjoint, verify=True)
-    # Completed without error: no MPI call holds the buffers; the next exchange of fields of
-    # this shape and these dtypes over the grid reuses them.
-    if len(idle) < _IDLE_EXCHANGES:
-        idle.append(rounds)
-    else:
-        rounds.free()
+    # The next exchange of fields of this shape and these dtypes over the grid reuses them.
+    _put_back(idle, rounds)
     return fields
 
 

@@ -171,8 +171,9 @@ def _grid2d(i0, i1, j0, j1):
     return (gx, gy, 1), (BLOCK_X, BLOCK_Y, 1)
 
 
-def _grid1d(n):
-    return (min((n + HALO_BLOCK - 1) // HALO_BLOCK, _MAX_GRID_X), 1, 1), (HALO_BLOCK, 1, 1)
+def _grid1d(n, block=HALO_BLOCK):
+    """Grid and block of a 1-D grid-stride launch over ``n`` items."""
+    return (min((n + block - 1) // block, _MAX_GRID_X), 1, 1), (block, 1, 1)
 
 
 def launch_step(u, kappa, f, u_new, r, dt, i0, i1, j0, j1):

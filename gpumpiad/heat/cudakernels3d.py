@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import kernelbuild
 from ..backend import _rank
-from .cudakernels import check_outputs_apart
+from .cudakernels import _grid1d, check_outputs_apart
 from .stencil import grads
 from .stencil3d import check_box
 
@@ -38,7 +38,6 @@ BLOCK_X = 32
 BLOCK_Y = 8
 #: Cells along i each thread marches through.
 MARCH = 16
-_MAX_GRID_X = (1 << 31) - 1
 _MAX_GRID_YZ = 65535
 
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
@@ -275,6 +274,5 @@ def wrap(u, wrap_i, wrap_j, wrap_k):
         return
     i32 = np.int32
     get_kernel(f"heat3d_wrap_{_DTYPES[dtype]}")(
-        (min(-(-n // WRAP_BLOCK), _MAX_GRID_X), 1, 1), (WRAP_BLOCK, 1, 1),
-        (u, i32(nx), i32(ny), i32(nz), i32(bool(wrap_i)), i32(bool(wrap_j)),
-         i32(bool(wrap_k))))
+        *_grid1d(n, WRAP_BLOCK), (u, i32(nx), i32(ny), i32(nz), i32(bool(wrap_i)),
+                                  i32(bool(wrap_j)), i32(bool(wrap_k))))

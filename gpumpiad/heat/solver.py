@@ -411,13 +411,12 @@ class _Heat:
             # The padded copies solve made while it checked the arguments (host, 3-D).
             u, self.kappa, self.f = self.pads
             self.pads = None
-            self._exchange(self.kappa).wait()
         else:
             xp = get_array_module(u0)
             self.kappa = self._padded(kappa, self._field_buffer(xp))
-            self._exchange(self.kappa).wait()
             self.f = self._padded(f, self._field_buffer(xp))
             u = self._padded(u0, self._buffer())
+        self._exchange(self.kappa).wait()
         if self.kernels is hostkernels3d:
             self.bound = hostkernels3d.Loop(self.kappa, self.f, self.r, self.dt)
         keep = set()
