@@ -734,6 +734,12 @@ class PaddedExchange:
             raise
         return a
 
+    def exchange(self, a):
+        """Fill padded ``a``'s ghosts from the neighbours and return ``a``: :meth:`post`, then
+        :meth:`finish` (a time loop with nothing to do while the halos travel)."""
+        self.post(a)
+        return self.finish(a)
+
     def free(self):
         """Release the MPI requests (those of an exchange still in flight once it completes).
         Idempotent; the next :meth:`post` makes new ones."""

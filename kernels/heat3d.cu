@@ -392,6 +392,110 @@ static void host_heat3d_adjoint_grads(const T* lam_next, const T* kappa, const T
     }
 }
 
+// Ghosts of a patch that is its own neighbour (heat3d_wrap_cell's cells and values), by faces:
+// the host has no threads to spread the cells over, and plain loops need no division per cell.
+template <typename T>
+static void host_heat3d_wrap(T* u, int nx, int ny, int nz, int wrap_i, int wrap_j, int wrap_k)
+{
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
+    if (wrap_i)
+        for (int j = 1; j <= ny; ++j)
+            for (int k = 1; k <= nz; ++k) {
+                const gpumpiad_idx c = j * sj + k;
+                u[c] = u[c + nx * si];
+                u[c + (nx + 1) * si] = u[c + si];
+            }
+    if (wrap_j)
+        for (int i = 1; i <= nx; ++i)
+            for (int k = 1; k <= nz; ++k) {
+                const gpumpiad_idx c = i * si + k;
+                u[c] = u[c + ny * sj];
+                u[c + (ny + 1) * sj] = u[c + sj];
+            }
+    if (wrap_k)
+        for (int i = 1; i <= nx; ++i)
+            for (int j = 1; j <= ny; ++j) {
+                const gpumpiad_idx c = i * si + j * sj;
+                u[c] = u[c + nz];
+                u[c + nz + 1] = u[c + 1];
+            }
+}
+
+// K forward steps in one sweep over the planes, states[t] = step(states[t - 1]) for t = 1 .. K:
+// level t makes plane i - t + 1 while level 1 makes plane i, from three planes of the state
+// before it that are still in cache, so that u, kappa and f pass through memory once per K
+// steps. As heat.cu's host_heat_steps_deep along rows: a buffer may appear at levels t and
+// t + 2 or further apart, and the ghosts of states[1 .. K] must not depend on their interior.
+template <typename T>
+static void host_heat3d_steps_deep(T* const* states, const T* kappa, const T* f, int K, int nx,
+                                   int ny, int nz, T r, T dt)
+{
+    for (int i = 1; i <= nx + K - 1; ++i)
+        for (int t = 1; t <= K && i - t + 1 >= 1; ++t) {
+            const int m = i - t + 1;
+            if (m <= nx)
+                host_heat3d_step<T>(states[t - 1], kappa, f, states[t], ny, nz, r, dt, m, m + 1,
+                                    1, ny + 1, 1, nz + 1);
+        }
+}
+
+// `steps` forward steps in one call, state n+1 written to states[n+1] (states[0] holds the
+// first), for a patch whose ghosts come from no other rank: each state's wrapped ghosts filled
+// before it is read, the last one's too. Consecutive states are distinct buffers; a buffer may
+// appear again two or more states later and ends holding its last state. Without wrapped
+// ghosts the steps go `depth` per sweep (host_heat3d_steps_deep): the bits of single steps.
+template <typename T>
+static void host_heat3d_steps(T* const* states, const T* kappa, const T* f, int nx, int ny,
+                              int nz, T r, T dt, int steps, int wrap_i, int wrap_j, int wrap_k,
+                              int depth)
+{
+    if (!wrap_i && !wrap_j && !wrap_k && depth > 1) {
+        for (int n = 0; n < steps; n += depth)
+            host_heat3d_steps_deep<T>(states + n, kappa, f, steps - n < depth ? steps - n : depth,
+                                      nx, ny, nz, r, dt);
+        return;
+    }
+    for (int n = 0; n < steps; ++n) {
+        host_heat3d_wrap(states[n], nx, ny, nz, wrap_i, wrap_j, wrap_k);
+        host_heat3d_step<T>(states[n], kappa, f, states[n + 1], ny, nz, r, dt, 1, nx + 1, 1,
+                            ny + 1, 1, nz + 1);
+    }
+    host_heat3d_wrap(states[steps], nx, ny, nz, wrap_i, wrap_j, wrap_k);
+}
+
+// `steps` adjoint steps in one call, n = steps-1 ... 0: lam^n from lam^(n+1) (its wrapped ghosts
+// filled first), the two buffers lam and spare in turn, starting from lam. states[n] is u^n
+// (states NULL: no kappa_bar); traj, when not NULL, holds steps+1 unpadded nx x ny x nz
+// cotangents of the states, and traj[n] is added to lam^n's interior after its step. Returns
+// the buffer that holds lam^0; the bits of one wrap and host_heat3d_adjoint_grads per step.
+template <typename T>
+static T* host_heat3d_adjoints(T* lam, T* spare, const T* kappa, const T* const* states,
+                               T* kappa_bar, T* f_bar, const T* traj, int nx, int ny, int nz,
+                               T r, T dt, int steps, int grads, int wrap_i, int wrap_j,
+                               int wrap_k)
+{
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
+    for (int n = steps - 1; n >= 0; --n) {
+        host_heat3d_wrap(lam, nx, ny, nz, wrap_i, wrap_j, wrap_k);
+        host_heat3d_adjoint_grads<T>(lam, kappa, states ? states[n] : nullptr, spare, kappa_bar,
+                                     f_bar, ny, nz, r, dt, 1, nx + 1, 1, ny + 1, 1, nz + 1,
+                                     grads);
+        if (traj) {
+            const T* g = traj + (gpumpiad_idx)n * nx * ny * nz;
+            for (int i = 1; i <= nx; ++i)
+                for (int j = 1; j <= ny; ++j) {
+                    T* __restrict__ out = spare + i * si + j * sj + 1;
+                    const T* __restrict__ add = g + ((gpumpiad_idx)(i - 1) * ny + j - 1) * nz;
+                    for (int k = 0; k < nz; ++k) out[k] += add[k];
+                }
+        }
+        T* t = lam;
+        lam = spare;
+        spare = t;
+    }
+    return lam;
+}
+
 // Makes the next kernel calls those of block z-index bz in a launch of gz blocks along z, after
 // host_cuda.h's gpumpiad_host_thread (which sets x and y, and z to one block): a test runs a
 // whole 3-D launch, thread by thread, to check that the loops cover the box exactly once.
@@ -417,6 +521,34 @@ extern "C" GPUMPIAD_EXPORT void host_heat3d_block_z(unsigned int bz, unsigned in
         (void)nx;                                                                               \
         host_heat3d_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r, dt,  \
                                      i0, i1, j0, j1, k0, k1, grads);                            \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT void host_heat3d_steps_##SUF(                                    \
+        T* const* states, const T* kappa, const T* f, int nx, int ny, int nz, T r, T dt,        \
+        int steps, int wrap_i, int wrap_j, int wrap_k, int depth)                               \
+    {                                                                                           \
+        host_heat3d_steps<T>(states, kappa, f, nx, ny, nz, r, dt, steps, wrap_i, wrap_j, wrap_k, \
+                             depth);                                                            \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT void host_heat3d_adjoint_wrapped_##SUF(                          \
+        T* lam_next, const T* kappa, const T* u, T* lam, T* kappa_bar, T* f_bar, int nx,        \
+        int ny, int nz, T r, T dt, int grads, int wrap_i, int wrap_j, int wrap_k)               \
+    {                                                                                           \
+        host_heat3d_wrap(lam_next, nx, ny, nz, wrap_i, wrap_j, wrap_k);                         \
+        host_heat3d_adjoint_grads<T>(lam_next, kappa, u, lam, kappa_bar, f_bar, ny, nz, r, dt,  \
+                                     1, nx + 1, 1, ny + 1, 1, nz + 1, grads);                   \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT T* host_heat3d_adjoints_##SUF(                                   \
+        T* lam, T* spare, const T* kappa, const T* const* states, T* kappa_bar, T* f_bar,       \
+        const T* traj, int nx, int ny, int nz, T r, T dt, int steps, int grads, int wrap_i,     \
+        int wrap_j, int wrap_k)                                                                 \
+    {                                                                                           \
+        return host_heat3d_adjoints<T>(lam, spare, kappa, states, kappa_bar, f_bar, traj, nx,   \
+                                       ny, nz, r, dt, steps, grads, wrap_i, wrap_j, wrap_k);    \
+    }                                                                                           \
+    extern "C" GPUMPIAD_EXPORT void host_heat3d_wrap_##SUF(T* u, int nx, int ny, int nz,        \
+                                                           int wrap_i, int wrap_j, int wrap_k)  \
+    {                                                                                           \
+        host_heat3d_wrap<T>(u, nx, ny, nz, wrap_i, wrap_j, wrap_k);                             \
     }
 
 GPUMPIAD_HEAT3D_HOST(float, float32)

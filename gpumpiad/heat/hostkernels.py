@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import kernelbuild
 from ..arguments import is_int
+from ..backend import _rank
 from ..kernelbuild import CXXFLAGS, NATIVE_FLAGS
 from .stencil import check_rect, grads
 
@@ -520,30 +521,17 @@ class Loop:
         ValueError
             On a ``traj`` of another dtype, shape or layout.
         """
-        if isinstance(states, int):
-            steps, table = states, None
-        else:
-            steps = len(states)
-            table = (ctypes.c_void_p * steps)(*(a if type(a) is int else
-                                                 _address(a, a.flags.writeable)
-                                                 for a in states))
+        steps, table = _table(states)
         mask = grads(None if table is None else lam, kappa_bar, f_bar)
         address = None
         if traj is not None:
-            shape = (steps + 1,) + self._interior
-            if (type(traj) is not np.ndarray or traj.dtype != self._dtype or
-                    traj.shape != shape or not traj.flags.c_contiguous):
-                raise ValueError(f"traj must be a C-contiguous {self._dtype} numpy.ndarray of "
-                                 f"shape {shape}, got {type(traj).__name__} "
-                                 f"{getattr(traj, 'dtype', None)} {getattr(traj, 'shape', None)}")
-            address = traj.ctypes.data
+            address = _trajectory(traj, (steps + 1,) + self._interior, self._dtype)
         if steps <= 0:
             return lam
         first = self._pointer(lam)
         last = self._adjoints(first, self._pointer(spare), self._kappa, table,
                               None if kappa_bar is None else self._pointer(kappa_bar),
-                              None if f_bar is None else self._pointer(f_bar),
-                              None if address is None else ctypes.c_void_p(address),
+                              None if f_bar is None else self._pointer(f_bar), address,
                               *self._dims, *self._scalars, ctypes.c_int(steps),
                               ctypes.c_int(mask), *self._wraps, ctypes.c_int(self.depths[1]))
         return lam if last == first.value else spare
@@ -551,6 +539,26 @@ class Loop:
     def forget(self, a):
         """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
         self._pointer.forget(a)
+
+
+def _table(states):
+    """``(steps, table)``: the number of adjoint steps and a C array of the states' data
+    addresses (ints are taken as addresses), or ``(states, None)`` for a count."""
+    if isinstance(states, int):
+        return states, None
+    return len(states), (ctypes.c_void_p * len(states))(
+        *(a if type(a) is int else _address(a, a.flags.writeable) for a in states))
+
+
+def _trajectory(traj, shape, dtype):
+    """``traj``'s data address as a ``c_void_p`` once it is a C-contiguous ``dtype`` NumPy
+    array of ``shape``; ``ValueError`` naming the rank otherwise."""
+    if (type(traj) is not np.ndarray or traj.dtype != dtype or traj.shape != shape or
+            not traj.flags.c_contiguous):
+        raise ValueError(f"rank {_rank()}: traj must be a C-contiguous {dtype} numpy.ndarray "
+                         f"of shape {shape}, got {type(traj).__name__} "
+                         f"{getattr(traj, 'dtype', None)} {getattr(traj, 'shape', None)}")
+    return ctypes.c_void_p(traj.ctypes.data)
 
 
 def pad(src, dst):

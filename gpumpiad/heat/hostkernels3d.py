@@ -28,12 +28,14 @@ import threading
 import numpy as np
 
 from .. import kernelbuild
+from ..arguments import is_int
 from ..backend import _rank
-from .hostkernels import _DTYPES, Addresses, _address, _bare, _check_fields
+from .hostkernels import (_DTYPES, DEEP_SWEEP_BYTES, Addresses, _address, _bare, _check_fields,
+                          _table, _trajectory)
 from .stencil import grads
 from .stencil3d import check_box
 
-__all__ = ["available", "build_info", "step", "adjoint", "Loop"]
+__all__ = ["available", "build_info", "step", "adjoint", "Loop", "DEEP_DEPTH", "MAX_DEPTH"]
 
 _lock = threading.Lock()
 _lib = None
@@ -225,19 +227,32 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt,
         *box, mask)
 
 
+#: Forward steps per sweep over the planes of a patch no other rank borders (no wrapped
+#: ghosts), for fields of at least :data:`gpumpiad.heat.hostkernels.DEEP_SWEEP_BYTES`
+#: (padded); smaller ones fit the caches and step one at a time. Measured in
+#: ``bench/results/heat3d_solver_cpu.md``; every depth gives the same bits.
+DEEP_DEPTH = 8
+MAX_DEPTH = 64
+
+
 class Loop:
-    """The 3-D host kernels of one solve, bound to its padded ``kappa`` and ``f`` (held on to)
-    with their arguments checked and converted once; :meth:`step` and :meth:`adjoint` then
-    work on the whole interior, as :func:`step` and :func:`adjoint` do, with their bits.
+    """The 3-D host kernels of one solve's time loops, bound to its padded ``kappa`` and ``f``
+    (held on to) with their arguments checked and converted once: the 3-D counterpart of
+    :class:`gpumpiad.heat.hostkernels.Loop`, with its methods and their bits.
 
     Every state and cotangent buffer the loop is given must be a C-contiguous array of
     ``kappa``'s shape and dtype that the solver owns: they are not checked again (the checks
-    cost as much as the step of a 24³ patch).
+    cost as much as the step of a 24³ patch). ``wrap``: ``(along i, along j, along k)``,
+    whether the patch is its own neighbour along that axis (one patch along a periodic axis):
+    those ghosts are then filled by the kernels, not MPI. ``depth``: forward steps per sweep
+    over the planes where no ghost is wrapped; by default :data:`DEEP_DEPTH` or 1 by the
+    fields' size.
 
     Raises
     ------
     ValueError
-        On a wrong dtype, layout or shape of ``kappa`` or ``f``.
+        On a wrong dtype, layout or shape of ``kappa`` or ``f``, or a depth that is not an int
+        from 1 to :data:`MAX_DEPTH`.
 
     Examples
     --------
@@ -246,40 +261,106 @@ class Loop:
     >>> rng = np.random.default_rng(0)
     >>> u, kappa, f = (rng.random((6, 5, 7)) for _ in range(3))
     >>> got, want = np.zeros_like(u), np.zeros_like(u)
-    >>> hostkernels3d.Loop(kappa, f, r=0.1, dt=1e-3).step(u, got)
+    >>> loop = hostkernels3d.Loop(kappa, f, r=0.1, dt=1e-3)
+    >>> loop.step(u, got)
     >>> hostkernels3d.step(u, kappa, f, want, 0.1, 1e-3)
     >>> bool((got == want).all())
     True
+    >>> states = [u, np.zeros_like(u), np.zeros_like(u)]
+    >>> loop.steps(states + [states[1]])          # three steps, two buffers in turn
     """
 
-    __slots__ = ("_step", "_adjoint", "_fields", "_kappa", "_f", "_tail", "_pointer")
+    __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fields", "_kappa",
+                 "_f", "_dims", "_tail", "_wraps", "_pointer", "_dtype", "_interior", "depth")
 
-    def __init__(self, kappa, f, r, dt):
+    def __init__(self, kappa, f, r, dt, wrap=(False, False, False), depth=None):
         dtype, dims, box, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [],
                                              (1, None, 1, None, 1, None))
+        if depth is None:
+            depth = DEEP_DEPTH if kappa.nbytes >= DEEP_SWEEP_BYTES else 1
+        if not (is_int(depth) and 1 <= depth <= MAX_DEPTH):
+            raise ValueError(f"rank {_rank()}: depth must be an int from 1 to {MAX_DEPTH}, got "
+                             f"{depth!r}")
+        #: Forward steps per sweep over the planes without wrapped ghosts.
+        self.depth = int(depth)
         suffix = _DTYPES[dtype]
-        self._step = _bare(f"host_heat3d_step_{suffix}", load=_load)
-        self._adjoint = _bare(f"host_heat3d_adjoint_{suffix}", load=_load)
+        names = ("step", "steps", "adjoint_wrapped", "wrap")
+        self._step, self._steps, self._adjoint, self._wrap = (
+            _bare(f"host_heat3d_{name}_{suffix}", load=_load) for name in names)
+        self._adjoints = _bare(f"host_heat3d_adjoints_{suffix}", ctypes.c_void_p, load=_load)
         real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
         self._fields = (kappa, f)
+        self._dtype, self._interior = dtype, dims
         self._kappa, self._f = ctypes.c_void_p(ka), ctypes.c_void_p(fa)
-        # The arguments after the arrays: interior size, r, dt, the whole interior's box.
-        self._tail = (*(ctypes.c_int(n) for n in dims), real(r), real(dt),
-                      *(ctypes.c_int(b) for b in box))
+        self._dims = tuple(ctypes.c_int(n) for n in dims)
+        # The arguments after the interior size: r, dt, the whole interior's box.
+        self._tail = (real(r), real(dt), *(ctypes.c_int(b) for b in box))
+        self._wraps = tuple(ctypes.c_int(int(bool(w))) for w in wrap)
         self._pointer = Addresses()
 
     def step(self, u, u_new):
-        """``u_new = step(u)`` on the whole interior (``u``'s ghosts filled)."""
-        self._step(self._pointer(u), self._kappa, self._f, self._pointer(u_new), *self._tail)
+        """``u_new = step(u)`` on the whole interior (``u``'s ghosts already filled)."""
+        self._step(self._pointer(u), self._kappa, self._f, self._pointer(u_new), *self._dims,
+                   *self._tail)
+
+    def steps(self, states):
+        """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
+        of each state filled before it is read (the last one's too). Consecutive states must
+        be distinct buffers; a buffer that appears more than once ends holding its last state.
+        Without wrapped ghosts the steps go :attr:`depth` per sweep over the planes: the bits
+        of single steps. A state may be given as its buffer's data address (an int)."""
+        if not states:
+            raise ValueError(f"rank {_rank()}: steps needs the first state, got no states")
+        table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
+                                                  for a in states))
+        self._steps(table, self._kappa, self._f, *self._dims, *self._tail[:2],
+                    ctypes.c_int(len(states) - 1), *self._wraps, ctypes.c_int(self.depth))
+
+    def wrap(self, a):
+        """Fill ``a``'s wrapped ghosts (no-op without any)."""
+        self._wrap(self._pointer(a), *self._dims, *self._wraps)
 
     def adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
-        """The fused adjoint on the whole interior; ``u``, ``kappa_bar``, ``f_bar`` may be None
-        as in :func:`adjoint`."""
+        """The fused adjoint on the whole interior after filling ``lam_next``'s wrapped ghosts
+        (its other ghosts already filled); ``u``, ``kappa_bar``, ``f_bar`` may be None as in
+        :func:`adjoint`."""
         mask = grads(u, kappa_bar, f_bar)
         pointer = self._pointer
         self._adjoint(pointer(lam_next), self._kappa, None if u is None else pointer(u),
                       pointer(lam), None if kappa_bar is None else pointer(kappa_bar),
-                      None if f_bar is None else pointer(f_bar), *self._tail, ctypes.c_int(mask))
+                      None if f_bar is None else pointer(f_bar), *self._dims, *self._tail[:2],
+                      ctypes.c_int(mask), *self._wraps)
+
+    def adjoints(self, lam, spare, states, kappa_bar, f_bar, traj=None):
+        """``len(states)`` adjoint steps in one call, as :meth:`adjoint` once per step from the
+        last state to the first with ``lam`` and ``spare`` in turn (``lam`` holds the first
+        ``lam_next``); returns the one of the two that holds the last ``lam``.
+
+        ``states``: ``u^0 ... u^(n-1)`` (buffers of the loop's shape and dtype, or their data
+        addresses as ints), or ``n``, the number of steps, when no state is read (no
+        ``kappa_bar``). ``traj``: ``None`` or a C-contiguous array of the loop's dtype and shape
+        ``(n + 1, nx, ny, nz)`` whose ``traj[k]`` is added to the interior of ``lam^k`` after
+        its step (k < n). No halo exchange: for a patch no other rank borders.
+
+        Raises
+        ------
+        ValueError
+            On a ``traj`` of another dtype, shape or layout.
+        """
+        steps, table = _table(states)
+        mask = grads(None if table is None else lam, kappa_bar, f_bar)
+        address = None
+        if traj is not None:
+            address = _trajectory(traj, (steps + 1,) + self._interior, self._dtype)
+        if steps <= 0:
+            return lam
+        first, pointer = self._pointer(lam), self._pointer
+        last = self._adjoints(first, pointer(spare), self._kappa, table,
+                              None if kappa_bar is None else pointer(kappa_bar),
+                              None if f_bar is None else pointer(f_bar), address, *self._dims,
+                              *self._tail[:2], ctypes.c_int(steps), ctypes.c_int(mask),
+                              *self._wraps)
+        return lam if last == first.value else spare
 
     def forget(self, a):
         """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
