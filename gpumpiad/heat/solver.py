@@ -342,13 +342,11 @@ class _Heat:
         # The host kernels' loops: arguments checked and converted once per solve, exchanges
         # through preposted persistent requests, and on a patch no other rank borders the
         # whole time loop in one call. recorded: a reverse pass may follow.
-        self.host = kernels is hostkernels and not self.overlap
+        self.host = kernels in (hostkernels, hostkernels3d) and not self.overlap
         self.recorded, self.pads = recorded, pads
         self.loop = self.halo = None
-        # The 3-D host kernels bound to this solve's padded kappa and f (checked once).
-        self.bound = None
-        self.wrap = ((grid.neighbours[0] == rank, grid.neighbours[2] == rank) if self.local
-                     else (False, False))
+        self.wrap = tuple(self.local and grid.neighbours[2 * axis] == rank
+                          for axis in range(grid.ndim))
         # A device solve runs on the library's compute stream; its halos move on the
         # communication stream through buffers made once per solve, as do a 3-D solve's.
         self.device = is_device_array(frame)
@@ -387,7 +385,7 @@ class _Heat:
         if not self.device:
             for buf in (self.kappa, self.f):
                 _recycle(buf, None)
-        self.kappa = self.f = self.bound = None
+        self.kappa = self.f = None
 
     @staticmethod
     def _handed_out(compute):
@@ -417,8 +415,6 @@ class _Heat:
             self.f = self._padded(f, self._field_buffer(xp))
             u = self._padded(u0, self._buffer())
         self._exchange(self.kappa).wait()
-        if self.kernels is hostkernels3d:
-            self.bound = hostkernels3d.Loop(self.kappa, self.f, self.r, self.dt)
         keep = set()
         if self.keep_states:
             keep = (set(range(self.steps)) if self.checkpoints is None
@@ -476,8 +472,6 @@ class _Heat:
             lam_prev, spare = spare, None
             self._adjoint(lam, u, lam_prev, kappa_bar, f_bar)
             if u is not None and id(u) not in kept:
-                if self.bound is not None:
-                    self.bound.forget(u)    # its cached address would keep it alive
                 _recycle(u, self.ghosts)
             if g_traj is not None:
                 lam_prev[self.core] += g_traj[n]
@@ -509,20 +503,11 @@ class _Heat:
     def _step(self, u, u_new, exchange=True):
         """``u_new = step(u)`` on the interior; fills ``u``'s ghosts first unless told not to."""
         with trace.span("heat.step", trace.COMPUTE, payload=self.cells):
-            if self.bound is not None:
-                if exchange:
-                    self._exchange(u).wait()
-                self.bound.step(u, u_new)
-                return
             self._sweep(self.kernels.step, u, (self.kappa, self.f, u_new, self.r, self.dt),
                         exchange)
 
     def _adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
         with trace.span("heat.adjoint_step", trace.ADJOINT, payload=self.cells):
-            if self.bound is not None:
-                self._exchange(lam_next).wait()
-                self.bound.adjoint(lam_next, u, lam, kappa_bar, f_bar)
-                return
             self._sweep(self.kernels.adjoint, lam_next,
                         (self.kappa, u, lam, kappa_bar, f_bar, self.r, self.dt))
 
@@ -536,9 +521,11 @@ class _Heat:
             u = self._padded(u0, _state_buffer(self.frame, self.ghosts))
             self.kappa = self._padded(kappa, _pad_buffer(self.frame))
             self.f = self._padded(f, _pad_buffer(self.frame))
-        self.loop = hostkernels.Loop(self.kappa, self.f, self.r, self.dt, self.wrap)
+        loop = hostkernels.Loop if self.grid.ndim == 2 else hostkernels3d.Loop
+        self.loop = loop(self.kappa, self.f, self.r, self.dt, self.wrap)
         if not self.local:
-            self.halo = halo.Persistent(self.grid, self.frame.dtype)
+            self.halo = (halo.Persistent(self.grid, self.frame.dtype) if self.grid.ndim == 2
+                         else self.exchange)
         self._fill(self.kappa)
         states, free = [u], []
         if self.keep_states and self.checkpoints is None and self.steps and not self.segment:
@@ -597,7 +584,7 @@ class _Heat:
                 if k >= first:
                     exchange(states[k])
                 if traj is not None:
-                    traj[k] = states[k][1:-1, 1:-1]
+                    traj[k] = states[k][self.core]
                 loop.step(states[k], states[k + 1])
             if traj is None:
                 exchange(states[-1])
@@ -625,9 +612,9 @@ class _Heat:
     def _vjp_host(self, g, u0, kappa, f):
         g_out, g_traj = g if self.trajectory else (g, None)
         lam = _pad_buffer(self.frame)
-        lam[1:-1, 1:-1] = g_out
+        lam[self.core] = g_out
         if g_traj is not None:
-            lam[1:-1, 1:-1] += g_traj[self.steps]
+            lam[self.core] += g_traj[self.steps]
         _, want_kappa, want_f = self.wants
         kappa_bar = _zeroed(self.frame) if want_kappa else None
         f_bar = _zeroed(self.frame) if want_f else None
@@ -643,9 +630,10 @@ class _Heat:
                 exchange(lam)
             loop.adjoint(lam, u, lam_prev, kappa_bar, f_bar)
             if u is not None and id(u) not in kept:
+                loop.forget(u)      # its cached address would keep it alive
                 _recycle(u, self.ghosts)
             if g_traj is not None:
-                lam_prev[1:-1, 1:-1] += g_traj[n]
+                lam_prev[self.core] += g_traj[n]
             spare, lam = lam, lam_prev
         if not self.retain:
             self.states.clear()
