@@ -392,6 +392,24 @@ static void host_heat3d_adjoint_grads(const T* lam_next, const T* kappa, const T
     }
 }
 
+// The wrapped ghosts along j and k of plane i (interior extent), from the plane's own cells.
+template <typename T>
+static void host_heat3d_wrap_plane(T* u, int i, int ny, int nz, int wrap_j, int wrap_k)
+{
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
+    T* __restrict__ p = u + i * si;
+    if (wrap_j)
+        for (int k = 1; k <= nz; ++k) {
+            p[k] = p[ny * sj + k];
+            p[(ny + 1) * sj + k] = p[sj + k];
+        }
+    if (wrap_k)
+        for (int j = 1; j <= ny; ++j) {
+            p[j * sj] = p[j * sj + nz];
+            p[j * sj + nz + 1] = p[j * sj + 1];
+        }
+}
+
 // Ghosts of a patch that is its own neighbour (heat3d_wrap_cell's cells and values), by faces:
 // the host has no threads to spread the cells over, and plain loops need no division per cell.
 template <typename T>
@@ -405,54 +423,47 @@ static void host_heat3d_wrap(T* u, int nx, int ny, int nz, int wrap_i, int wrap_
                 u[c] = u[c + nx * si];
                 u[c + (nx + 1) * si] = u[c + si];
             }
-    if (wrap_j)
-        for (int i = 1; i <= nx; ++i)
-            for (int k = 1; k <= nz; ++k) {
-                const gpumpiad_idx c = i * si + k;
-                u[c] = u[c + ny * sj];
-                u[c + (ny + 1) * sj] = u[c + sj];
-            }
-    if (wrap_k)
-        for (int i = 1; i <= nx; ++i)
-            for (int j = 1; j <= ny; ++j) {
-                const gpumpiad_idx c = i * si + j * sj;
-                u[c] = u[c + nz];
-                u[c + nz + 1] = u[c + 1];
-            }
+    if (wrap_j || wrap_k)
+        for (int i = 1; i <= nx; ++i) host_heat3d_wrap_plane(u, i, ny, nz, wrap_j, wrap_k);
 }
 
 // K forward steps in one sweep over the planes, states[t] = step(states[t - 1]) for t = 1 .. K:
 // level t makes plane i - t + 1 while level 1 makes plane i, from three planes of the state
 // before it that are still in cache, so that u, kappa and f pass through memory once per K
 // steps. As heat.cu's host_heat_steps_deep along rows: a buffer may appear at levels t and
-// t + 2 or further apart, and the ghosts of states[1 .. K] must not depend on their interior.
+// t + 2 or further apart. The ghosts along i of states[1 .. K] must not depend on their
+// interior (no wrap along i); those wrapped along j and k are filled plane by plane as the
+// planes are made (states[0]'s must be filled).
 template <typename T>
 static void host_heat3d_steps_deep(T* const* states, const T* kappa, const T* f, int K, int nx,
-                                   int ny, int nz, T r, T dt)
+                                   int ny, int nz, T r, T dt, int wrap_j, int wrap_k)
 {
     for (int i = 1; i <= nx + K - 1; ++i)
         for (int t = 1; t <= K && i - t + 1 >= 1; ++t) {
             const int m = i - t + 1;
-            if (m <= nx)
-                host_heat3d_step<T>(states[t - 1], kappa, f, states[t], ny, nz, r, dt, m, m + 1,
-                                    1, ny + 1, 1, nz + 1);
+            if (m > nx) continue;
+            host_heat3d_step<T>(states[t - 1], kappa, f, states[t], ny, nz, r, dt, m, m + 1, 1,
+                                ny + 1, 1, nz + 1);
+            host_heat3d_wrap_plane(states[t], m, ny, nz, wrap_j, wrap_k);
         }
 }
 
 // `steps` forward steps in one call, state n+1 written to states[n+1] (states[0] holds the
 // first), for a patch whose ghosts come from no other rank: each state's wrapped ghosts filled
 // before it is read, the last one's too. Consecutive states are distinct buffers; a buffer may
-// appear again two or more states later and ends holding its last state. Without wrapped
-// ghosts the steps go `depth` per sweep (host_heat3d_steps_deep): the bits of single steps.
+// appear again two or more states later and ends holding its last state. Without ghosts
+// wrapped along i the steps go `depth` per sweep (host_heat3d_steps_deep): the bits of single
+// steps.
 template <typename T>
 static void host_heat3d_steps(T* const* states, const T* kappa, const T* f, int nx, int ny,
                               int nz, T r, T dt, int steps, int wrap_i, int wrap_j, int wrap_k,
                               int depth)
 {
-    if (!wrap_i && !wrap_j && !wrap_k && depth > 1) {
+    if (!wrap_i && depth > 1) {
+        host_heat3d_wrap(states[0], nx, ny, nz, 0, wrap_j, wrap_k);
         for (int n = 0; n < steps; n += depth)
             host_heat3d_steps_deep<T>(states + n, kappa, f, steps - n < depth ? steps - n : depth,
-                                      nx, ny, nz, r, dt);
+                                      nx, ny, nz, r, dt, wrap_j, wrap_k);
         return;
     }
     for (int n = 0; n < steps; ++n) {

@@ -1,9 +1,10 @@
 """The 3-D host time loops in one call (hostkernels3d.Loop.steps and .adjoints) against one
 host step per call: the same bits in every buffer, ghosts included.
 
-* forward steps several per sweep over the planes (no wrapped ghosts) or one at a time with the
-  ghosts of a patch that is its own neighbour wrapped before each state is read, over the
-  solver's buffer patterns (kept states in their own buffers, the others in two in turn);
+* forward steps several per sweep over the planes (no ghosts wrapped along i; those along j and
+  k wrapped plane by plane) or one at a time, the ghosts of a patch that is its own neighbour
+  wrapped before each state is read, over the solver's buffer patterns (kept states in their
+  own buffers, the others in two in turn);
 * the wrap fills exactly the face ghosts an exchange with itself fills;
 * the adjoint steps, every choice of cotangents, with and without a trajectory's cotangents.
 """
@@ -92,18 +93,21 @@ def test_forward_steps_in_one_call_give_the_bits_of_single_steps(dtype, depth):
 
 @needs_host
 def test_forward_steps_several_per_sweep_on_a_larger_patch():
-    """Planes of more than a page; odd and even step counts; states given as addresses."""
+    """Planes of more than a page; odd and even step counts; ghosts wrapped along j and k or
+    not; states given as addresses."""
     rng = np.random.default_rng(5)
     kappa, f = fields(rng, (13, 24, 40), np.float64)
-    for depth, steps in itertools.product((2, 5, 8), (7, 8, 17)):
-        loop = hostkernels3d.Loop(kappa, f, R, DT, depth=depth)
+    for depth, steps, wrap in itertools.product((2, 5, 8), (7, 8, 17), WRAPS[:4]):
+        loop = hostkernels3d.Loop(kappa, f, R, DT, wrap=wrap, depth=depth)
         states = buffers(steps, {4}, kappa.shape, np.float64, rng)
         want = copied(states)
         for n in range(steps):
+            want[n][...] = wrapped(want[n], wrap)
             hostkernels3d.step(want[n], kappa, f, want[n + 1], R, DT)
+        want[-1][...] = wrapped(want[-1], wrap)
         loop.steps([a.ctypes.data for a in states])
         for got, expected in zip(states, want):
-            np.testing.assert_array_equal(got, expected, err_msg=f"depth {depth}, {steps}")
+            np.testing.assert_array_equal(got, expected, err_msg=f"{depth}, {steps}, {wrap}")
 
 
 @needs_host

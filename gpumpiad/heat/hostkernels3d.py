@@ -227,8 +227,8 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt,
         *box, mask)
 
 
-#: Forward steps per sweep over the planes of a patch no other rank borders (no wrapped
-#: ghosts), for fields of at least :data:`gpumpiad.heat.hostkernels.DEEP_SWEEP_BYTES`
+#: Forward steps per sweep over the planes of a patch no other rank borders (no ghosts
+#: wrapped along i), for fields of at least :data:`gpumpiad.heat.hostkernels.DEEP_SWEEP_BYTES`
 #: (padded); smaller ones fit the caches and step one at a time. Measured in
 #: ``bench/results/heat3d_solver_cpu.md``; every depth gives the same bits.
 DEEP_DEPTH = 8
@@ -245,7 +245,7 @@ class Loop:
     cost as much as the step of a 24³ patch). ``wrap``: ``(along i, along j, along k)``,
     whether the patch is its own neighbour along that axis (one patch along a periodic axis):
     those ghosts are then filled by the kernels, not MPI. ``depth``: forward steps per sweep
-    over the planes where no ghost is wrapped; by default :data:`DEEP_DEPTH` or 1 by the
+    over the planes where no ghost is wrapped along i; by default :data:`DEEP_DEPTH` or 1 by the
     fields' size.
 
     Raises
@@ -307,8 +307,8 @@ class Loop:
         """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
         of each state filled before it is read (the last one's too). Consecutive states must
         be distinct buffers; a buffer that appears more than once ends holding its last state.
-        Without wrapped ghosts the steps go :attr:`depth` per sweep over the planes: the bits
-        of single steps. A state may be given as its buffer's data address (an int)."""
+        Without ghosts wrapped along i the steps go :attr:`depth` per sweep over the planes:
+        the bits of single steps. A state may be given as its buffer's data address (an int)."""
         if not states:
             raise ValueError(f"rank {_rank()}: steps needs the first state, got no states")
         table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
