@@ -392,12 +392,12 @@ static void host_heat3d_adjoint_grads(const T* lam_next, const T* kappa, const T
     }
 }
 
-// The wrapped ghosts along j and k of plane i (interior extent), from the plane's own cells.
+// The wrapped ghosts along j and k of plane p (interior extent), from the plane's own cells.
 template <typename T>
-static void host_heat3d_wrap_plane(T* u, int i, int ny, int nz, int wrap_j, int wrap_k)
+static inline void host_heat3d_wrap_plane(T* __restrict__ p, int ny, int nz, int wrap_j,
+                                          int wrap_k)
 {
-    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
-    T* __restrict__ p = u + i * si;
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2;
     if (wrap_j)
         for (int k = 1; k <= nz; ++k) {
             p[k] = p[ny * sj + k];
@@ -424,7 +424,7 @@ static void host_heat3d_wrap(T* u, int nx, int ny, int nz, int wrap_i, int wrap_
                 u[c + (nx + 1) * si] = u[c + si];
             }
     if (wrap_j || wrap_k)
-        for (int i = 1; i <= nx; ++i) host_heat3d_wrap_plane(u, i, ny, nz, wrap_j, wrap_k);
+        for (int i = 1; i <= nx; ++i) host_heat3d_wrap_plane(u + i * si, ny, nz, wrap_j, wrap_k);
 }
 
 // K forward steps in one sweep over the planes, states[t] = step(states[t - 1]) for t = 1 .. K:
@@ -444,7 +444,8 @@ static void host_heat3d_steps_deep(T* const* states, const T* kappa, const T* f,
             if (m > nx) continue;
             host_heat3d_step<T>(states[t - 1], kappa, f, states[t], ny, nz, r, dt, m, m + 1, 1,
                                 ny + 1, 1, nz + 1);
-            host_heat3d_wrap_plane(states[t], m, ny, nz, wrap_j, wrap_k);
+            host_heat3d_wrap_plane(states[t] + m * (((gpumpiad_idx)ny + 2) * (nz + 2)), ny, nz,
+                                   wrap_j, wrap_k);
         }
 }
 
@@ -474,19 +475,141 @@ static void host_heat3d_steps(T* const* states, const T* kappa, const T* f, int 
     host_heat3d_wrap(states[steps], nx, ny, nz, wrap_i, wrap_j, wrap_k);
 }
 
+// w = kappa * lam over the n values of a plane (ghost ring included), as heat3d_w forms it.
+template <typename T>
+static inline void host_heat3d_w_plane(T* __restrict__ w, const T* __restrict__ lam,
+                                       const T* __restrict__ kappa, gpumpiad_idx n)
+{
+    for (gpumpiad_idx c = 0; c < n; ++c) w[c] = kappa[c] * lam[c];
+}
+
+// The ghost ring of plane `from` (rows j = 0 and ny + 1, columns k = 0 and nz + 1) into `out`.
+template <typename T>
+static inline void host_heat3d_plane_ghosts(T* __restrict__ out, const T* __restrict__ from,
+                                            int ny, int nz)
+{
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, last = (ny + 1) * sj;
+    for (gpumpiad_idx k = 0; k < sj; ++k) {
+        out[k] = from[k];
+        out[last + k] = from[last + k];
+    }
+    for (int j = 1; j <= ny; ++j) {
+        out[j * sj] = from[j * sj];
+        out[j * sj + nz + 1] = from[j * sj + nz + 1];
+    }
+}
+
+// One interior plane of host_heat3d_adjoint from the planes wb, wm, wa of w = kappa * lam_next
+// below, at and above it (whole planes in the fields' layout): the same operations per cell.
+// ln, u, out, kb, fb point at the plane (u's neighbours si away).
+template <typename T, bool KB, bool FB>
+static inline void host_heat3d_adjoint_plane(const T* __restrict__ ln, const T* __restrict__ wb,
+                                             const T* __restrict__ wm, const T* __restrict__ wa,
+                                             const T* __restrict__ u, T* __restrict__ out,
+                                             T* __restrict__ kb, T* __restrict__ fb,
+                                             gpumpiad_idx si, int ny, int nz, T r, T dt)
+{
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2;
+    for (int j = 1; j <= ny; ++j)
+        for (gpumpiad_idx c = j * sj + 1; c <= j * sj + nz; ++c) {
+            const T l = ln[c];
+            const T lapw =
+                heat3d_lap(wa[c], wb[c], wm[c + sj], wm[c - sj], wm[c + 1], wm[c - 1], wm[c]);
+            out[c] = l + r * lapw;
+            if (KB)
+                kb[c] += r * l * heat3d_lap(u[c + si], u[c - si], u[c + sj], u[c - sj], u[c + 1],
+                                            u[c - 1], u[c]);
+            if (FB) fb[c] += dt * l;
+        }
+}
+
+// K adjoint steps in one sweep over the planes, lam^(n+K) in x -> lam^n in x (K even: the buffer
+// the per-step loop leaves it in), the K - 1 lams between only in planes of a ring: heat.cu's
+// host_heat_adjoint_deep with planes for rows. Level t holds lam^(n+K-t) and makes plane
+// i - t + 1 while level 1 makes plane i, from three planes of level t-1's w = kappa * lam:
+// x, kappa, kappa_bar and f_bar pass through memory once per K steps. Each level's ghost ring
+// is that of the buffer the per-step loop would hold it in (y for odd t, x for even t), its
+// ghosts along j and k wrapped instead where flagged, and x's are wrapped as the per-step loop
+// wraps lam^(n+K) and the even levels: the same operations on every cell in the same order,
+// the same bits in x and the cotangents (y is not written). Not for ghosts wrapped along i.
+// ring: 5 * K planes of (ny + 2) * (nz + 2) values.
+template <typename T, bool KB, bool FB>
+static void host_heat3d_adjoint_deep(T* __restrict__ x, const T* __restrict__ y,
+                                     const T* __restrict__ kappa, const T* const* states,
+                                     T* __restrict__ kb, T* __restrict__ fb,
+                                     const T* __restrict__ traj, int n, int K, int nx, int ny,
+                                     int nz, T r, T dt, int wrap_j, int wrap_k,
+                                     T* __restrict__ ring)
+{
+    const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
+    const gpumpiad_idx cells = (gpumpiad_idx)nx * ny * nz;
+    // Level t's w planes at ring planes 5t + plane % 3, its lam planes at 5t + 3 + plane % 2.
+    auto w_of = [&](int t, int p) { return ring + (5 * (gpumpiad_idx)t + p % 3) * si; };
+    auto lam_of = [&](int t, int p) {
+        return t == 0 ? x + p * si : ring + (5 * (gpumpiad_idx)t + 3 + (p & 1)) * si;
+    };
+    auto w_plane = [&](T* w, const T* lam, int p) {
+        host_heat3d_w_plane(w, lam, kappa + p * si, si);
+    };
+    auto wrap = [&](T* p) { host_heat3d_wrap_plane(p, ny, nz, wrap_j, wrap_k); };
+    w_plane(w_of(0, 0), x, 0);
+    wrap(x + si);
+    w_plane(w_of(0, 1), x + si, 1);
+    for (int t = 1; t < K; ++t) w_plane(w_of(t, 0), t & 1 ? y : x, 0);
+    for (int i = 1; i <= nx + K - 1; ++i) {
+        if (i <= nx) {
+            T* next = x + (i + 1) * si;
+            if (i < nx) wrap(next);
+            w_plane(w_of(0, i + 1), next, i + 1);
+        }
+        for (int t = 1; t <= K && i - t + 1 >= 1; ++t) {
+            const int m = i - t + 1;
+            const gpumpiad_idx p = m * si;
+            const T* ghosts = t & 1 ? y : x;
+            if (m > nx) {
+                if (m == nx + 1 && t < K) w_plane(w_of(t, m), ghosts + p, m);
+                continue;
+            }
+            T* out = t == K ? x + p : lam_of(t, m);
+            if (t < K) host_heat3d_plane_ghosts(out, ghosts + p, ny, nz);
+            host_heat3d_adjoint_plane<T, KB, FB>(
+                lam_of(t - 1, m), w_of(t - 1, m - 1), w_of(t - 1, m), w_of(t - 1, m + 1),
+                KB ? states[n + K - t] + p : nullptr, out, KB ? kb + p : nullptr,
+                FB ? fb + p : nullptr, si, ny, nz, r, dt);
+            if (traj) {
+                const T* g = traj + (gpumpiad_idx)(n + K - t) * cells +
+                             (gpumpiad_idx)(m - 1) * ny * nz;
+                for (int j = 1; j <= ny; ++j)
+                    for (int k = 1; k <= nz; ++k) out[j * sj + k] += g[(j - 1) * nz + k - 1];
+            }
+            if (t < K) {
+                wrap(out);
+                // The per-step loop wraps x's ghosts from the even levels.
+                if ((wrap_j || wrap_k) && !(t & 1)) host_heat3d_plane_ghosts(x + p, out, ny, nz);
+                w_plane(w_of(t, m), out, m);
+            }
+        }
+    }
+}
+
 // `steps` adjoint steps in one call, n = steps-1 ... 0: lam^n from lam^(n+1) (its wrapped ghosts
 // filled first), the two buffers lam and spare in turn, starting from lam. states[n] is u^n
 // (states NULL: no kappa_bar); traj, when not NULL, holds steps+1 unpadded nx x ny x nz
 // cotangents of the states, and traj[n] is added to lam^n's interior after its step. Returns
-// the buffer that holds lam^0; the bits of one wrap and host_heat3d_adjoint_grads per step.
+// the buffer that holds lam^0, with the bits of one wrap and host_heat3d_adjoint_grads per step
+// in it and the cotangents (the other buffer's are not kept). Without ghosts wrapped along i and
+// with a depth of 2 or more (even) the steps go `depth` at a time (host_heat3d_adjoint_deep; an
+// odd count's first step alone, a shorter even group last).
 template <typename T>
 static T* host_heat3d_adjoints(T* lam, T* spare, const T* kappa, const T* const* states,
                                T* kappa_bar, T* f_bar, const T* traj, int nx, int ny, int nz,
                                T r, T dt, int steps, int grads, int wrap_i, int wrap_j,
-                               int wrap_k)
+                               int wrap_k, int depth)
 {
     const gpumpiad_idx sj = (gpumpiad_idx)nz + 2, si = ((gpumpiad_idx)ny + 2) * sj;
-    for (int n = steps - 1; n >= 0; --n) {
+    const int single = wrap_i || depth < 2 ? steps : steps % 2;
+    int n = steps - 1;
+    for (; n >= steps - single; --n) {
         host_heat3d_wrap(lam, nx, ny, nz, wrap_i, wrap_j, wrap_k);
         host_heat3d_adjoint_grads<T>(lam, kappa, states ? states[n] : nullptr, spare, kappa_bar,
                                      f_bar, ny, nz, r, dt, 1, nx + 1, 1, ny + 1, 1, nz + 1,
@@ -503,6 +626,33 @@ static T* host_heat3d_adjoints(T* lam, T* spare, const T* kappa, const T* const*
         T* t = lam;
         lam = spare;
         spare = t;
+    }
+    if (n < 1) return lam;
+    std::vector<T> ring(5 * (gpumpiad_idx)depth * si);
+    while (n >= 1) {
+        const int K = n + 1 < depth ? n + 1 : depth;  // even
+        n -= K;
+        switch (grads & (HEAT3D_KAPPA_BAR | HEAT3D_F_BAR)) {
+        case HEAT3D_KAPPA_BAR | HEAT3D_F_BAR:
+            host_heat3d_adjoint_deep<T, true, true>(lam, spare, kappa, states, kappa_bar, f_bar,
+                                                    traj, n + 1, K, nx, ny, nz, r, dt, wrap_j,
+                                                    wrap_k, ring.data());
+            break;
+        case HEAT3D_KAPPA_BAR:
+            host_heat3d_adjoint_deep<T, true, false>(lam, spare, kappa, states, kappa_bar, f_bar,
+                                                     traj, n + 1, K, nx, ny, nz, r, dt, wrap_j,
+                                                     wrap_k, ring.data());
+            break;
+        case HEAT3D_F_BAR:
+            host_heat3d_adjoint_deep<T, false, true>(lam, spare, kappa, states, kappa_bar, f_bar,
+                                                     traj, n + 1, K, nx, ny, nz, r, dt, wrap_j,
+                                                     wrap_k, ring.data());
+            break;
+        default:
+            host_heat3d_adjoint_deep<T, false, false>(lam, spare, kappa, states, kappa_bar,
+                                                      f_bar, traj, n + 1, K, nx, ny, nz, r, dt,
+                                                      wrap_j, wrap_k, ring.data());
+        }
     }
     return lam;
 }
@@ -551,10 +701,11 @@ extern "C" GPUMPIAD_EXPORT void host_heat3d_block_z(unsigned int bz, unsigned in
     extern "C" GPUMPIAD_EXPORT T* host_heat3d_adjoints_##SUF(                                   \
         T* lam, T* spare, const T* kappa, const T* const* states, T* kappa_bar, T* f_bar,       \
         const T* traj, int nx, int ny, int nz, T r, T dt, int steps, int grads, int wrap_i,     \
-        int wrap_j, int wrap_k)                                                                 \
+        int wrap_j, int wrap_k, int depth)                                                      \
     {                                                                                           \
         return host_heat3d_adjoints<T>(lam, spare, kappa, states, kappa_bar, f_bar, traj, nx,   \
-                                       ny, nz, r, dt, steps, grads, wrap_i, wrap_j, wrap_k);    \
+                                       ny, nz, r, dt, steps, grads, wrap_i, wrap_j, wrap_k,     \
+                                       depth);                                                  \
     }                                                                                           \
     extern "C" GPUMPIAD_EXPORT void host_heat3d_wrap_##SUF(T* u, int nx, int ny, int nz,        \
                                                            int wrap_i, int wrap_j, int wrap_k)  \

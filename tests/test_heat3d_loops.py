@@ -75,7 +75,7 @@ def test_forward_steps_in_one_call_give_the_bits_of_single_steps(dtype, depth):
         kappa, f = fields(rng, shape, dtype)
         padded = kappa.shape
         for wrap in (WRAPS[0], WRAPS[3], WRAPS[-1]):
-            loop = hostkernels3d.Loop(kappa, f, R, DT, wrap=wrap, depth=depth)
+            loop = hostkernels3d.Loop(kappa, f, R, DT, wrap=wrap, depths=(depth, 2))
             for steps in (0, 1, 2, 3, 5, 9):
                 for kept in (set(), set(range(steps)), set(range(0, steps, 3))):
                     states = buffers(steps, kept, padded, dtype, rng)
@@ -98,7 +98,7 @@ def test_forward_steps_several_per_sweep_on_a_larger_patch():
     rng = np.random.default_rng(5)
     kappa, f = fields(rng, (13, 24, 40), np.float64)
     for depth, steps, wrap in itertools.product((2, 5, 8), (7, 8, 17), WRAPS[:4]):
-        loop = hostkernels3d.Loop(kappa, f, R, DT, wrap=wrap, depth=depth)
+        loop = hostkernels3d.Loop(kappa, f, R, DT, wrap=wrap, depths=(depth, 2))
         states = buffers(steps, {4}, kappa.shape, np.float64, rng)
         want = copied(states)
         for n in range(steps):
@@ -111,14 +111,15 @@ def test_forward_steps_several_per_sweep_on_a_larger_patch():
 
 
 @needs_host
-def test_the_depth_depends_on_the_fields_size_and_is_checked():
+def test_the_depths_depend_on_the_fields_size_and_are_checked():
     small = np.zeros((10, 10, 10))
-    assert hostkernels3d.Loop(small, small, R, DT).depth == 1
+    assert hostkernels3d.Loop(small, small, R, DT).depths == hostkernels3d.SHALLOW_DEPTHS
     big = np.zeros((66, 66, 130))       # 4.3 MiB
-    assert hostkernels3d.Loop(big, big, R, DT).depth == hostkernels3d.DEEP_DEPTH > 1
-    for bad in (0, hostkernels3d.MAX_DEPTH + 1, 2.0, True):
-        with pytest.raises(ValueError, match=r"rank \d+: depth must be an int from 1"):
-            hostkernels3d.Loop(small, small, R, DT, depth=bad)
+    assert hostkernels3d.Loop(big, big, R, DT).depths == hostkernels3d.DEEP_DEPTHS
+    for bad in ((0, 2), (hostkernels3d.MAX_DEPTH + 1, 2), (2.0, 2), (True, 2), (1, 3), (1, 0),
+                (1, hostkernels3d.MAX_DEPTH + 2)):
+        with pytest.raises(ValueError, match=r"rank \d+: depths must be \(forward 1 .. 64"):
+            hostkernels3d.Loop(small, small, R, DT, depths=bad)
     with pytest.raises(ValueError, match=r"rank \d+: steps needs the first state"):
         hostkernels3d.Loop(small, small, R, DT).steps([])
 
@@ -148,14 +149,17 @@ def test_the_wrap_fills_the_face_ghosts_an_exchange_with_itself_fills(wrap):
 
 @needs_host
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-def test_adjoint_steps_in_one_call_give_the_bits_of_single_steps(dtype):
+@pytest.mark.parametrize("depth", [1, 2, 4, 6])
+def test_adjoint_steps_in_one_call_give_the_bits_of_single_steps(dtype, depth):
+    """Several per sweep over the planes (without ghosts wrapped along i) or one at a time: the
+    bits of single steps in the buffer returned and the cotangents."""
     rng = np.random.default_rng(37)
-    for shape, wrap in itertools.product(SHAPES[::2] + [(7, 4, 6)], WRAPS[::3]):
+    for shape, wrap in itertools.product(SHAPES[::2] + [(7, 4, 6)], WRAPS):
         kappa, f = fields(rng, shape, dtype)
         padded = kappa.shape
-        loop = hostkernels3d.Loop(kappa, f, R, DT, wrap=wrap)
+        loop = hostkernels3d.Loop(kappa, f, R, DT, wrap=wrap, depths=(1, depth))
         for steps, kb_on, fb_on, with_traj in itertools.product(
-                (0, 1, 4), (True, False), (True, False), (True, False)):
+                (0, 1, 4, 7), (True, False), (True, False), (True, False)):
             states = [rng.standard_normal(padded).astype(dtype) for _ in range(steps)]
             lam, spare = (rng.standard_normal(padded).astype(dtype) for _ in range(2))
             kb = rng.standard_normal(padded).astype(dtype) if kb_on else None
@@ -172,9 +176,9 @@ def test_adjoint_steps_in_one_call_give_the_bits_of_single_steps(dtype):
                     other[1:-1, 1:-1, 1:-1] += traj[n]
                 cur, other = other, cur
             last = loop.adjoints(lam, spare, states if kb_on else steps, kb, fb, traj)
-            case = (shape, wrap, steps, kb_on, fb_on, with_traj)
+            case = (shape, wrap, steps, kb_on, fb_on, with_traj, depth)
             assert last is (lam if steps % 2 == 0 else spare), case
-            for got, expected in zip((lam, spare, kb, fb), want):
+            for got, expected in zip((last, kb, fb), (cur, want[2], want[3])):
                 if expected is not None:
                     np.testing.assert_array_equal(got, expected, err_msg=str(case))
 

@@ -35,7 +35,8 @@ from .hostkernels import (_DTYPES, DEEP_SWEEP_BYTES, Addresses, _address, _bare,
 from .stencil import grads
 from .stencil3d import check_box
 
-__all__ = ["available", "build_info", "step", "adjoint", "Loop", "DEEP_DEPTH", "MAX_DEPTH"]
+__all__ = ["available", "build_info", "step", "adjoint", "Loop", "DEEP_DEPTHS", "SHALLOW_DEPTHS",
+           "MAX_DEPTH"]
 
 _lock = threading.Lock()
 _lib = None
@@ -227,11 +228,13 @@ def adjoint(lam_next, kappa, u, lam, kappa_bar, f_bar, r, dt,
         *box, mask)
 
 
-#: Forward steps per sweep over the planes of a patch no other rank borders (no ghosts
-#: wrapped along i), for fields of at least :data:`gpumpiad.heat.hostkernels.DEEP_SWEEP_BYTES`
-#: (padded); smaller ones fit the caches and step one at a time. Measured in
-#: ``bench/results/heat3d_solver_cpu.md``; every depth gives the same bits.
-DEEP_DEPTH = 8
+#: Steps per sweep over the planes of a patch no other rank borders (no ghosts wrapped along
+#: i), ``(forward, reverse)``, for fields of at least
+#: :data:`gpumpiad.heat.hostkernels.DEEP_SWEEP_BYTES` (padded) and for smaller ones, which fit
+#: the caches (1: a step at a time). Measured in ``bench/results/heat3d_solver_cpu.md``; every
+#: depth gives the same bits.
+DEEP_DEPTHS = (8, 4)
+SHALLOW_DEPTHS = (1, 1)
 MAX_DEPTH = 64
 
 
@@ -244,15 +247,15 @@ class Loop:
     ``kappa``'s shape and dtype that the solver owns: they are not checked again (the checks
     cost as much as the step of a 24³ patch). ``wrap``: ``(along i, along j, along k)``,
     whether the patch is its own neighbour along that axis (one patch along a periodic axis):
-    those ghosts are then filled by the kernels, not MPI. ``depth``: forward steps per sweep
-    over the planes where no ghost is wrapped along i; by default :data:`DEEP_DEPTH` or 1 by the
-    fields' size.
+    those ghosts are then filled by the kernels, not MPI. ``depths``: steps per sweep over the
+    planes where no ghost is wrapped along i, ``(forward, reverse)`` (the reverse one 1 or
+    even); by default :data:`DEEP_DEPTHS` or :data:`SHALLOW_DEPTHS` by the fields' size.
 
     Raises
     ------
     ValueError
-        On a wrong dtype, layout or shape of ``kappa`` or ``f``, or a depth that is not an int
-        from 1 to :data:`MAX_DEPTH`.
+        On a wrong dtype, layout or shape of ``kappa`` or ``f``, or on depths that are not ints
+        from 1 to :data:`MAX_DEPTH` (the reverse one 1 or even).
 
     Examples
     --------
@@ -271,18 +274,21 @@ class Loop:
     """
 
     __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fields", "_kappa",
-                 "_f", "_dims", "_tail", "_wraps", "_pointer", "_dtype", "_interior", "depth")
+                 "_f", "_dims", "_tail", "_wraps", "_pointer", "_dtype", "_interior", "depths")
 
-    def __init__(self, kappa, f, r, dt, wrap=(False, False, False), depth=None):
+    def __init__(self, kappa, f, r, dt, wrap=(False, False, False), depths=None):
         dtype, dims, box, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [],
                                              (1, None, 1, None, 1, None))
-        if depth is None:
-            depth = DEEP_DEPTH if kappa.nbytes >= DEEP_SWEEP_BYTES else 1
-        if not (is_int(depth) and 1 <= depth <= MAX_DEPTH):
-            raise ValueError(f"rank {_rank()}: depth must be an int from 1 to {MAX_DEPTH}, got "
-                             f"{depth!r}")
-        #: Forward steps per sweep over the planes without wrapped ghosts.
-        self.depth = int(depth)
+        if depths is None:
+            depths = DEEP_DEPTHS if kappa.nbytes >= DEEP_SWEEP_BYTES else SHALLOW_DEPTHS
+        forward, reverse = depths
+        if not (is_int(forward) and is_int(reverse) and 1 <= forward <= MAX_DEPTH and
+                1 <= reverse <= MAX_DEPTH and (reverse == 1 or reverse % 2 == 0)):
+            raise ValueError(f"rank {_rank()}: depths must be (forward 1 .. {MAX_DEPTH}, reverse "
+                             f"1 or even 2 .. {MAX_DEPTH}), got {depths!r}")
+        #: Steps per sweep over the planes without ghosts wrapped along i, ``(forward,
+        #: reverse)``.
+        self.depths = (int(forward), int(reverse))
         suffix = _DTYPES[dtype]
         names = ("step", "steps", "adjoint_wrapped", "wrap")
         self._step, self._steps, self._adjoint, self._wrap = (
@@ -307,14 +313,14 @@ class Loop:
         """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
         of each state filled before it is read (the last one's too). Consecutive states must
         be distinct buffers; a buffer that appears more than once ends holding its last state.
-        Without ghosts wrapped along i the steps go :attr:`depth` per sweep over the planes:
+        Without ghosts wrapped along i the steps go ``depths[0]`` per sweep over the planes:
         the bits of single steps. A state may be given as its buffer's data address (an int)."""
         if not states:
             raise ValueError(f"rank {_rank()}: steps needs the first state, got no states")
         table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
                                                   for a in states))
         self._steps(table, self._kappa, self._f, *self._dims, *self._tail[:2],
-                    ctypes.c_int(len(states) - 1), *self._wraps, ctypes.c_int(self.depth))
+                    ctypes.c_int(len(states) - 1), *self._wraps, ctypes.c_int(self.depths[0]))
 
     def wrap(self, a):
         """Fill ``a``'s wrapped ghosts (no-op without any)."""
@@ -334,13 +340,16 @@ class Loop:
     def adjoints(self, lam, spare, states, kappa_bar, f_bar, traj=None):
         """``len(states)`` adjoint steps in one call, as :meth:`adjoint` once per step from the
         last state to the first with ``lam`` and ``spare`` in turn (``lam`` holds the first
-        ``lam_next``); returns the one of the two that holds the last ``lam``.
+        ``lam_next``); returns the one of the two that holds the last ``lam`` (the other one's
+        contents are not kept).
 
         ``states``: ``u^0 ... u^(n-1)`` (buffers of the loop's shape and dtype, or their data
         addresses as ints), or ``n``, the number of steps, when no state is read (no
         ``kappa_bar``). ``traj``: ``None`` or a C-contiguous array of the loop's dtype and shape
         ``(n + 1, nx, ny, nz)`` whose ``traj[k]`` is added to the interior of ``lam^k`` after
-        its step (k < n). No halo exchange: for a patch no other rank borders.
+        its step (k < n). No halo exchange: for a patch no other rank borders. Without ghosts
+        wrapped along i the steps go ``depths[1]`` per sweep over the planes: the bits of
+        single steps.
 
         Raises
         ------
@@ -359,7 +368,7 @@ class Loop:
                               None if kappa_bar is None else pointer(kappa_bar),
                               None if f_bar is None else pointer(f_bar), address, *self._dims,
                               *self._tail[:2], ctypes.c_int(steps), ctypes.c_int(mask),
-                              *self._wraps)
+                              *self._wraps, ctypes.c_int(self.depths[1]))
         return lam if last == first.value else spare
 
     def forget(self, a):
