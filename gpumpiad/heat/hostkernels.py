@@ -521,44 +521,42 @@ class Loop:
         ValueError
             On a ``traj`` of another dtype, shape or layout.
         """
-        steps, table = _table(states)
-        mask = grads(None if table is None else lam, kappa_bar, f_bar)
-        address = None
-        if traj is not None:
-            address = _trajectory(traj, (steps + 1,) + self._interior, self._dtype)
-        if steps <= 0:
-            return lam
-        first = self._pointer(lam)
-        last = self._adjoints(first, self._pointer(spare), self._kappa, table,
-                              None if kappa_bar is None else self._pointer(kappa_bar),
-                              None if f_bar is None else self._pointer(f_bar), address,
-                              *self._dims, *self._scalars, ctypes.c_int(steps),
-                              ctypes.c_int(mask), *self._wraps, ctypes.c_int(self.depths[1]))
-        return lam if last == first.value else spare
+        return _adjoints(self, lam, spare, states, kappa_bar, f_bar, traj)
 
     def forget(self, a):
         """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
         self._pointer.forget(a)
 
 
-def _table(states):
-    """``(steps, table)``: the number of adjoint steps and a C array of the states' data
-    addresses (ints are taken as addresses), or ``(states, None)`` for a count."""
+def _adjoints(loop, lam, spare, states, kappa_bar, f_bar, traj):
+    """The ``adjoints`` of a 2-D or 3-D loop (``loop._adjoints`` takes the arrays, the interior
+    size, r and dt, the step count, the cotangents' mask, the wraps and the reverse depth)."""
     if isinstance(states, int):
-        return states, None
-    return len(states), (ctypes.c_void_p * len(states))(
-        *(a if type(a) is int else _address(a, a.flags.writeable) for a in states))
-
-
-def _trajectory(traj, shape, dtype):
-    """``traj``'s data address as a ``c_void_p`` once it is a C-contiguous ``dtype`` NumPy
-    array of ``shape``; ``ValueError`` naming the rank otherwise."""
-    if (type(traj) is not np.ndarray or traj.dtype != dtype or traj.shape != shape or
-            not traj.flags.c_contiguous):
-        raise ValueError(f"rank {_rank()}: traj must be a C-contiguous {dtype} numpy.ndarray "
-                         f"of shape {shape}, got {type(traj).__name__} "
-                         f"{getattr(traj, 'dtype', None)} {getattr(traj, 'shape', None)}")
-    return ctypes.c_void_p(traj.ctypes.data)
+        steps, table = states, None
+    else:
+        steps = len(states)
+        table = (ctypes.c_void_p * steps)(*(a if type(a) is int else
+                                             _address(a, a.flags.writeable) for a in states))
+    mask = grads(None if table is None else lam, kappa_bar, f_bar)
+    address = None
+    if traj is not None:
+        shape, dtype = (steps + 1,) + loop._interior, loop._dtype
+        if (type(traj) is not np.ndarray or traj.dtype != dtype or traj.shape != shape or
+                not traj.flags.c_contiguous):
+            raise ValueError(f"rank {_rank()}: traj must be a C-contiguous {dtype} "
+                             f"numpy.ndarray of shape {shape}, got {type(traj).__name__} "
+                             f"{getattr(traj, 'dtype', None)} {getattr(traj, 'shape', None)}")
+        address = ctypes.c_void_p(traj.ctypes.data)
+    if steps <= 0:
+        return lam
+    pointer = loop._pointer
+    first = pointer(lam)
+    last = loop._adjoints(first, pointer(spare), loop._kappa, table,
+                          None if kappa_bar is None else pointer(kappa_bar),
+                          None if f_bar is None else pointer(f_bar), address, *loop._dims,
+                          *loop._scalars, ctypes.c_int(steps), ctypes.c_int(mask), *loop._wraps,
+                          ctypes.c_int(loop.depths[1]))
+    return lam if last == first.value else spare
 
 
 def pad(src, dst):

@@ -30,8 +30,8 @@ import numpy as np
 from .. import kernelbuild
 from ..arguments import is_int
 from ..backend import _rank
-from .hostkernels import (_DTYPES, DEEP_SWEEP_BYTES, Addresses, _address, _bare, _check_fields,
-                          _table, _trajectory)
+from .hostkernels import (_DTYPES, DEEP_SWEEP_BYTES, Addresses, _address, _adjoints, _bare,
+                          _check_fields)
 from .stencil import grads
 from .stencil3d import check_box
 
@@ -274,7 +274,8 @@ class Loop:
     """
 
     __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fields", "_kappa",
-                 "_f", "_dims", "_tail", "_wraps", "_pointer", "_dtype", "_interior", "depths")
+                 "_f", "_dims", "_scalars", "_box", "_wraps", "_pointer", "_dtype", "_interior",
+                 "depths")
 
     def __init__(self, kappa, f, r, dt, wrap=(False, False, False), depths=None):
         dtype, dims, box, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [],
@@ -299,15 +300,15 @@ class Loop:
         self._dtype, self._interior = dtype, dims
         self._kappa, self._f = ctypes.c_void_p(ka), ctypes.c_void_p(fa)
         self._dims = tuple(ctypes.c_int(n) for n in dims)
-        # The arguments after the interior size: r, dt, the whole interior's box.
-        self._tail = (real(r), real(dt), *(ctypes.c_int(b) for b in box))
+        self._scalars = (real(r), real(dt))
+        self._box = tuple(ctypes.c_int(b) for b in box)    # the whole interior
         self._wraps = tuple(ctypes.c_int(int(bool(w))) for w in wrap)
         self._pointer = Addresses()
 
     def step(self, u, u_new):
         """``u_new = step(u)`` on the whole interior (``u``'s ghosts already filled)."""
         self._step(self._pointer(u), self._kappa, self._f, self._pointer(u_new), *self._dims,
-                   *self._tail)
+                   *self._scalars, *self._box)
 
     def steps(self, states):
         """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
@@ -319,7 +320,7 @@ class Loop:
             raise ValueError(f"rank {_rank()}: steps needs the first state, got no states")
         table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
                                                   for a in states))
-        self._steps(table, self._kappa, self._f, *self._dims, *self._tail[:2],
+        self._steps(table, self._kappa, self._f, *self._dims, *self._scalars,
                     ctypes.c_int(len(states) - 1), *self._wraps, ctypes.c_int(self.depths[0]))
 
     def wrap(self, a):
@@ -334,7 +335,7 @@ class Loop:
         pointer = self._pointer
         self._adjoint(pointer(lam_next), self._kappa, None if u is None else pointer(u),
                       pointer(lam), None if kappa_bar is None else pointer(kappa_bar),
-                      None if f_bar is None else pointer(f_bar), *self._dims, *self._tail[:2],
+                      None if f_bar is None else pointer(f_bar), *self._dims, *self._scalars,
                       ctypes.c_int(mask), *self._wraps)
 
     def adjoints(self, lam, spare, states, kappa_bar, f_bar, traj=None):
@@ -356,20 +357,7 @@ class Loop:
         ValueError
             On a ``traj`` of another dtype, shape or layout.
         """
-        steps, table = _table(states)
-        mask = grads(None if table is None else lam, kappa_bar, f_bar)
-        address = None
-        if traj is not None:
-            address = _trajectory(traj, (steps + 1,) + self._interior, self._dtype)
-        if steps <= 0:
-            return lam
-        first, pointer = self._pointer(lam), self._pointer
-        last = self._adjoints(first, pointer(spare), self._kappa, table,
-                              None if kappa_bar is None else pointer(kappa_bar),
-                              None if f_bar is None else pointer(f_bar), address, *self._dims,
-                              *self._tail[:2], ctypes.c_int(steps), ctypes.c_int(mask),
-                              *self._wraps, ctypes.c_int(self.depths[1]))
-        return lam if last == first.value else spare
+        return _adjoints(self, lam, spare, states, kappa_bar, f_bar, traj)
 
     def forget(self, a):
         """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
