@@ -34,6 +34,7 @@ __all__ = [
     "pack",
     "unpack",
     "copy4",
+    "BoundLoop",
     "Loop",
     "pad",
     "CXXFLAGS",
@@ -403,13 +404,136 @@ class Addresses:
         self._entries.pop(id(a), None)
 
 
-class Loop:
-    """The host kernels of one solve's time loops, their arguments checked and converted once.
+class BoundLoop:
+    """What the 2-D and 3-D host loops share: the kernels of one solve's time loops bound to
+    its padded ``kappa`` and ``f`` (held on to: the kernels read them through their
+    addresses), their arguments checked and converted once. Every state and cotangent buffer
+    a loop is given afterwards must be a C-contiguous array of their shape and dtype that the
+    solver owns (not checked again: the checks cost more than a small patch's step).
 
-    ``kappa`` and ``f`` are the solve's padded fields, which the loop holds on to (the kernels
-    read them through their addresses); every state and cotangent buffer the loop is given
-    afterwards must be a C-contiguous array of their shape and dtype that the solver owns (they
-    are not checked again: the checks cost more than a small patch's step).
+    ``functions``: the library's step, steps, wrapping adjoint, wrap and adjoints functions for
+    the fields' dtype; ``addresses``: kappa's and f's; ``box``: the whole interior's bounds;
+    ``defaults``: the depths of small and of large fields; ``single``: whether the reverse
+    depth may be 1 (one step at a time) besides even.
+    """
+
+    __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fixed", "_dims",
+                 "_scalars", "_wraps", "_pointer", "_kappa", "_whole", "_dtype", "_interior",
+                 "_fields", "depths")
+
+    def __init__(self, kappa, f, r, dt, wrap, depths, *, functions, addresses, dtype, interior,
+                 box, defaults, single):
+        if depths is None:
+            depths = defaults[kappa.nbytes >= DEEP_SWEEP_BYTES]
+        forward, reverse = depths
+        if not (is_int(forward) and is_int(reverse) and 1 <= forward <= MAX_DEPTH and
+                1 <= reverse <= MAX_DEPTH and (reverse % 2 == 0 or single and reverse == 1)):
+            raise ValueError(f"rank {_rank()}: depths must be (forward 1 .. {MAX_DEPTH}, "
+                             f"reverse {'1 or ' if single else ''}even 2 .. {MAX_DEPTH}), got "
+                             f"{depths!r}")
+        #: Steps per sweep over the rows (2-D) or planes (3-D), ``(forward, reverse)``.
+        self.depths = (int(forward), int(reverse))
+        self._step, self._steps, self._adjoint, self._wrap, self._adjoints = functions
+        self._dtype, self._interior = dtype, tuple(interior)
+        real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+        self._kappa = ctypes.c_void_p(addresses[0])
+        self._fixed = (self._kappa, ctypes.c_void_p(addresses[1]))
+        self._fields = (kappa, f)
+        self._dims = tuple(ctypes.c_int(n) for n in interior)
+        self._scalars = (real(r), real(dt))
+        self._wraps = tuple(ctypes.c_int(int(bool(w))) for w in wrap)
+        self._whole = tuple(ctypes.c_int(b) for b in box)
+        self._pointer = Addresses()
+
+    def step(self, u, u_new):
+        """``u_new = step(u)`` on the whole interior (``u``'s ghosts already filled)."""
+        self._step(self._pointer(u), *self._fixed, self._pointer(u_new), *self._dims,
+                   *self._scalars, *self._whole)
+
+    def steps(self, states):
+        """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
+        of each state filled before it is read (the last one's too). Consecutive states must
+        be distinct buffers; a buffer that appears more than once ends holding its last
+        state. Without ghosts wrapped along i the steps go ``depths[0]`` per sweep (2-D, two:
+        the first of a pair in a ring of rows when a later state overwrites its buffer): the
+        bits of single steps. A state may be given as its buffer's data address (an int)
+        instead."""
+        if not states:
+            raise ValueError(f"rank {_rank()}: steps needs the first state, got no states")
+        table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
+                                                  for a in states))
+        self._steps(table, *self._fixed, *self._dims, *self._scalars,
+                    ctypes.c_int(len(states) - 1), *self._wraps, ctypes.c_int(self.depths[0]))
+
+    def wrap(self, a):
+        """Fill ``a``'s wrapped ghosts (no-op without any)."""
+        self._wrap(self._pointer(a), *self._dims, *self._wraps)
+
+    def adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
+        """The fused adjoint on the whole interior after filling ``lam_next``'s wrapped ghosts
+        (its other ghosts already filled); ``u``, ``kappa_bar``, ``f_bar`` may be None as in
+        the module's ``adjoint``."""
+        mask = grads(u, kappa_bar, f_bar)
+        pointer = self._pointer
+        self._adjoint(pointer(lam_next), self._kappa, None if u is None else pointer(u),
+                      pointer(lam), None if kappa_bar is None else pointer(kappa_bar),
+                      None if f_bar is None else pointer(f_bar), *self._dims, *self._scalars,
+                      ctypes.c_int(mask), *self._wraps)
+
+    def adjoints(self, lam, spare, states, kappa_bar, f_bar, traj=None):
+        """``len(states)`` adjoint steps in one call, as :meth:`adjoint` once per step from the
+        last state to the first with ``lam`` and ``spare`` in turn (``lam`` holds the first
+        ``lam_next``); returns the one of the two that holds the last ``lam`` (the other one's
+        contents are not kept).
+
+        ``states``: ``u^0 ... u^(n-1)`` (C-contiguous buffers of the loop's shape and dtype, or
+        their data addresses as ints), or ``n``, the number of steps, when no state is read (no
+        ``kappa_bar``). ``traj``: ``None`` or a C-contiguous array of the loop's dtype and shape
+        ``(n + 1,)`` + the interior's, whose ``traj[k]`` is added to the interior of ``lam^k``
+        after its step (k < n). No halo exchange: for a patch no other rank borders. Without
+        ghosts wrapped along i the steps go ``depths[1]`` per sweep: the bits of single steps.
+
+        Raises
+        ------
+        ValueError
+            On a ``traj`` of another dtype, shape or layout.
+        """
+        if isinstance(states, int):
+            steps, table = states, None
+        else:
+            steps = len(states)
+            table = (ctypes.c_void_p * steps)(*(a if type(a) is int else
+                                                 _address(a, a.flags.writeable) for a in states))
+        mask = grads(None if table is None else lam, kappa_bar, f_bar)
+        address = None
+        if traj is not None:
+            shape, dtype = (steps + 1,) + self._interior, self._dtype
+            if (type(traj) is not np.ndarray or traj.dtype != dtype or traj.shape != shape or
+                    not traj.flags.c_contiguous):
+                raise ValueError(f"rank {_rank()}: traj must be a C-contiguous {dtype} "
+                                 f"numpy.ndarray of shape {shape}, got {type(traj).__name__} "
+                                 f"{getattr(traj, 'dtype', None)} {getattr(traj, 'shape', None)}")
+            address = ctypes.c_void_p(traj.ctypes.data)
+        if steps <= 0:
+            return lam
+        pointer = self._pointer
+        first = pointer(lam)
+        last = self._adjoints(first, pointer(spare), self._kappa, table,
+                              None if kappa_bar is None else pointer(kappa_bar),
+                              None if f_bar is None else pointer(f_bar), address, *self._dims,
+                              *self._scalars, ctypes.c_int(steps), ctypes.c_int(mask),
+                              *self._wraps, ctypes.c_int(self.depths[1]))
+        return lam if last == first.value else spare
+
+    def forget(self, a):
+        """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
+        self._pointer.forget(a)
+
+
+class Loop(BoundLoop):
+    """The host kernels of one 2-D solve's time loops, their arguments checked and converted
+    once (:class:`BoundLoop`'s methods).
+
     ``wrap``: ``(along i, along j)``, whether the patch is its own neighbour along that axis
     (one patch along a periodic axis): those ghosts are then filled by the kernels, not MPI.
     ``depths``: steps per sweep over the rows, ``(forward, reverse)`` (the reverse one even);
@@ -434,129 +558,19 @@ class Loop:
     True
     """
 
-    __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fixed", "_dims",
-                 "_scalars", "_wraps", "_pointer", "_kappa", "_whole", "_dtype", "_interior",
-                 "_fields", "depths")
+    __slots__ = ()
 
     def __init__(self, kappa, f, r, dt, wrap=(False, False), depths=None):
-        dtype, nx, ny, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [])
-        if depths is None:
-            depths = DEEP_DEPTHS if kappa.nbytes >= DEEP_SWEEP_BYTES else SHALLOW_DEPTHS
-        forward, reverse = depths
-        if not (is_int(forward) and is_int(reverse) and 1 <= forward <= MAX_DEPTH and
-                2 <= reverse <= MAX_DEPTH and reverse % 2 == 0):
-            raise ValueError(f"depths must be (forward 1 .. {MAX_DEPTH}, reverse even 2 .. "
-                             f"{MAX_DEPTH}), got {depths!r}")
-        #: Steps per sweep over the rows, ``(forward, reverse)``.
-        self.depths = (int(forward), int(reverse))
+        dtype, nx, ny, addresses = _fields([("kappa", kappa), ("f", f)], [])
         suffix = _DTYPES[dtype]
-        self._step = _bare(f"host_heat_step_{suffix}")
-        self._steps = _bare(f"host_heat_steps_{suffix}")
-        self._adjoint = _bare(f"host_heat_adjoint_wrapped_{suffix}")
-        self._wrap = _bare(f"host_wrap_{suffix}")
-        self._adjoints = _bare(f"host_heat_adjoints_{suffix}", ctypes.c_void_p)
-        self._dtype, self._interior = dtype, (nx, ny)
-        real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
-        n_x, n_y = ctypes.c_int(nx), ctypes.c_int(ny)
-        self._kappa = ctypes.c_void_p(ka)
-        self._fixed = (self._kappa, ctypes.c_void_p(fa))
-        self._fields = (kappa, f)
-        self._dims = (n_x, n_y)
-        self._scalars = (real(r), real(dt))
-        self._wraps = (ctypes.c_int(int(bool(wrap[0]))), ctypes.c_int(int(bool(wrap[1]))))
-        self._whole = (ctypes.c_int(1), ctypes.c_int(nx + 1), ctypes.c_int(1),
-                       ctypes.c_int(ny + 1))
-        self._pointer = Addresses()
-
-    def step(self, u, u_new):
-        """``u_new = step(u)`` on the whole interior (``u``'s ghosts already filled)."""
-        self._step(self._pointer(u), *self._fixed, self._pointer(u_new), *self._dims,
-                   *self._scalars, *self._whole)
-
-    def steps(self, states):
-        """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
-        of each state filled before it is read (the last one's too). Consecutive states must
-        be distinct buffers; a buffer that appears more than once ends holding its last
-        state. Without wrapped ghosts the steps go ``depths[0]`` per sweep over the rows (two:
-        the first of a pair in a ring of rows when a later state overwrites its buffer): the
-        bits of single steps. A state may be given as its buffer's data address (an int)
-        instead."""
-        if not states:
-            raise ValueError("steps needs the first state, got no states")
-        table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
-                                                  for a in states))
-        self._steps(table, *self._fixed, *self._dims, *self._scalars,
-                    ctypes.c_int(len(states) - 1), *self._wraps, ctypes.c_int(self.depths[0]))
-
-    def wrap(self, a):
-        """Fill ``a``'s wrapped ghosts (no-op without any)."""
-        self._wrap(self._pointer(a), *self._dims, *self._wraps)
-
-    def adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
-        """The fused adjoint on the whole interior after filling ``lam_next``'s wrapped ghosts
-        (its other ghosts already filled); ``u``, ``kappa_bar``, ``f_bar`` may be None as in
-        :func:`adjoint`."""
-        mask = grads(u, kappa_bar, f_bar)
-        self._adjoint(self._pointer(lam_next), self._kappa,
-                      None if u is None else self._pointer(u), self._pointer(lam),
-                      None if kappa_bar is None else self._pointer(kappa_bar),
-                      None if f_bar is None else self._pointer(f_bar), *self._dims,
-                      *self._scalars, ctypes.c_int(mask), *self._wraps)
-
-    def adjoints(self, lam, spare, states, kappa_bar, f_bar, traj=None):
-        """``len(states)`` adjoint steps in one call, as :meth:`adjoint` once per step from the
-        last state to the first with ``lam`` and ``spare`` in turn (``lam`` holds the first
-        ``lam_next``); returns the one of the two that holds the last ``lam``.
-
-        ``states``: ``u^0 ... u^(n-1)`` (C-contiguous buffers of the loop's shape and dtype, or
-        their data addresses as ints), or ``n``, the number of steps, when no state is read (no
-        ``kappa_bar``). ``traj``:
-        ``None`` or a C-contiguous array of the loop's dtype and shape ``(n + 1, nx, ny)``
-        whose ``traj[k]`` is added to the interior of ``lam^k`` after its step (k < n). No
-        halo exchange: for a patch no other rank borders. Without wrapped ghosts along i the
-        steps go ``depths[1]`` per sweep over the rows: the bits of single steps.
-
-        Raises
-        ------
-        ValueError
-            On a ``traj`` of another dtype, shape or layout.
-        """
-        return _adjoints(self, lam, spare, states, kappa_bar, f_bar, traj)
-
-    def forget(self, a):
-        """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
-        self._pointer.forget(a)
-
-
-def _adjoints(loop, lam, spare, states, kappa_bar, f_bar, traj):
-    """The ``adjoints`` of a 2-D or 3-D loop (``loop._adjoints`` takes the arrays, the interior
-    size, r and dt, the step count, the cotangents' mask, the wraps and the reverse depth)."""
-    if isinstance(states, int):
-        steps, table = states, None
-    else:
-        steps = len(states)
-        table = (ctypes.c_void_p * steps)(*(a if type(a) is int else
-                                             _address(a, a.flags.writeable) for a in states))
-    mask = grads(None if table is None else lam, kappa_bar, f_bar)
-    address = None
-    if traj is not None:
-        shape, dtype = (steps + 1,) + loop._interior, loop._dtype
-        if (type(traj) is not np.ndarray or traj.dtype != dtype or traj.shape != shape or
-                not traj.flags.c_contiguous):
-            raise ValueError(f"rank {_rank()}: traj must be a C-contiguous {dtype} "
-                             f"numpy.ndarray of shape {shape}, got {type(traj).__name__} "
-                             f"{getattr(traj, 'dtype', None)} {getattr(traj, 'shape', None)}")
-        address = ctypes.c_void_p(traj.ctypes.data)
-    if steps <= 0:
-        return lam
-    pointer = loop._pointer
-    first = pointer(lam)
-    last = loop._adjoints(first, pointer(spare), loop._kappa, table,
-                          None if kappa_bar is None else pointer(kappa_bar),
-                          None if f_bar is None else pointer(f_bar), address, *loop._dims,
-                          *loop._scalars, ctypes.c_int(steps), ctypes.c_int(mask), *loop._wraps,
-                          ctypes.c_int(loop.depths[1]))
-    return lam if last == first.value else spare
+        functions = tuple(_bare(f"{name}_{suffix}") for name in (
+            "host_heat_step", "host_heat_steps", "host_heat_adjoint_wrapped", "host_wrap"))
+        super().__init__(kappa, f, r, dt, wrap, depths,
+                         functions=functions + (_bare(f"host_heat_adjoints_{suffix}",
+                                                      ctypes.c_void_p),),
+                         addresses=addresses, dtype=dtype, interior=(nx, ny),
+                         box=(1, nx + 1, 1, ny + 1), defaults=(SHALLOW_DEPTHS, DEEP_DEPTHS),
+                         single=False)
 
 
 def pad(src, dst):

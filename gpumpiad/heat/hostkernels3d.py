@@ -25,13 +25,9 @@ from __future__ import annotations
 import ctypes
 import threading
 
-import numpy as np
-
 from .. import kernelbuild
-from ..arguments import is_int
 from ..backend import _rank
-from .hostkernels import (_DTYPES, DEEP_SWEEP_BYTES, Addresses, _address, _adjoints, _bare,
-                          _check_fields)
+from .hostkernels import _DTYPES, BoundLoop, _address, _bare, _check_fields
 from .stencil import grads
 from .stencil3d import check_box
 
@@ -238,18 +234,17 @@ SHALLOW_DEPTHS = (1, 1)
 MAX_DEPTH = 64
 
 
-class Loop:
+class Loop(BoundLoop):
     """The 3-D host kernels of one solve's time loops, bound to its padded ``kappa`` and ``f``
-    (held on to) with their arguments checked and converted once: the 3-D counterpart of
-    :class:`gpumpiad.heat.hostkernels.Loop`, with its methods and their bits.
+    with their arguments checked and converted once: the methods of
+    :class:`gpumpiad.heat.hostkernels.BoundLoop`, as the 2-D loop has them (the checks cost as
+    much as the step of a 24³ patch).
 
-    Every state and cotangent buffer the loop is given must be a C-contiguous array of
-    ``kappa``'s shape and dtype that the solver owns: they are not checked again (the checks
-    cost as much as the step of a 24³ patch). ``wrap``: ``(along i, along j, along k)``,
-    whether the patch is its own neighbour along that axis (one patch along a periodic axis):
-    those ghosts are then filled by the kernels, not MPI. ``depths``: steps per sweep over the
-    planes where no ghost is wrapped along i, ``(forward, reverse)`` (the reverse one 1 or
-    even); by default :data:`DEEP_DEPTHS` or :data:`SHALLOW_DEPTHS` by the fields' size.
+    ``wrap``: ``(along i, along j, along k)``, whether the patch is its own neighbour along
+    that axis (one patch along a periodic axis): those ghosts are then filled by the kernels,
+    not MPI. ``depths``: steps per sweep over the planes where no ghost is wrapped along i,
+    ``(forward, reverse)`` (the reverse one 1 or even); by default :data:`DEEP_DEPTHS` or
+    :data:`SHALLOW_DEPTHS` by the fields' size.
 
     Raises
     ------
@@ -273,92 +268,16 @@ class Loop:
     >>> loop.steps(states + [states[1]])          # three steps, two buffers in turn
     """
 
-    __slots__ = ("_step", "_steps", "_adjoint", "_adjoints", "_wrap", "_fields", "_kappa",
-                 "_f", "_dims", "_scalars", "_box", "_wraps", "_pointer", "_dtype", "_interior",
-                 "depths")
+    __slots__ = ()
 
     def __init__(self, kappa, f, r, dt, wrap=(False, False, False), depths=None):
-        dtype, dims, box, (ka, fa) = _fields([("kappa", kappa), ("f", f)], [],
-                                             (1, None, 1, None, 1, None))
-        if depths is None:
-            depths = DEEP_DEPTHS if kappa.nbytes >= DEEP_SWEEP_BYTES else SHALLOW_DEPTHS
-        forward, reverse = depths
-        if not (is_int(forward) and is_int(reverse) and 1 <= forward <= MAX_DEPTH and
-                1 <= reverse <= MAX_DEPTH and (reverse == 1 or reverse % 2 == 0)):
-            raise ValueError(f"rank {_rank()}: depths must be (forward 1 .. {MAX_DEPTH}, reverse "
-                             f"1 or even 2 .. {MAX_DEPTH}), got {depths!r}")
-        #: Steps per sweep over the planes without ghosts wrapped along i, ``(forward,
-        #: reverse)``.
-        self.depths = (int(forward), int(reverse))
+        dtype, dims, box, addresses = _fields([("kappa", kappa), ("f", f)], [],
+                                              (1, None, 1, None, 1, None))
         suffix = _DTYPES[dtype]
-        names = ("step", "steps", "adjoint_wrapped", "wrap")
-        self._step, self._steps, self._adjoint, self._wrap = (
-            _bare(f"host_heat3d_{name}_{suffix}", load=_load) for name in names)
-        self._adjoints = _bare(f"host_heat3d_adjoints_{suffix}", ctypes.c_void_p, load=_load)
-        real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
-        self._fields = (kappa, f)
-        self._dtype, self._interior = dtype, dims
-        self._kappa, self._f = ctypes.c_void_p(ka), ctypes.c_void_p(fa)
-        self._dims = tuple(ctypes.c_int(n) for n in dims)
-        self._scalars = (real(r), real(dt))
-        self._box = tuple(ctypes.c_int(b) for b in box)    # the whole interior
-        self._wraps = tuple(ctypes.c_int(int(bool(w))) for w in wrap)
-        self._pointer = Addresses()
-
-    def step(self, u, u_new):
-        """``u_new = step(u)`` on the whole interior (``u``'s ghosts already filled)."""
-        self._step(self._pointer(u), self._kappa, self._f, self._pointer(u_new), *self._dims,
-                   *self._scalars, *self._box)
-
-    def steps(self, states):
-        """``states[n + 1] = step(states[n])`` for every ``n`` in one call, the wrapped ghosts
-        of each state filled before it is read (the last one's too). Consecutive states must
-        be distinct buffers; a buffer that appears more than once ends holding its last state.
-        Without ghosts wrapped along i the steps go ``depths[0]`` per sweep over the planes:
-        the bits of single steps. A state may be given as its buffer's data address (an int)."""
-        if not states:
-            raise ValueError(f"rank {_rank()}: steps needs the first state, got no states")
-        table = (ctypes.c_void_p * len(states))(*(a if type(a) is int else self._pointer(a)
-                                                  for a in states))
-        self._steps(table, self._kappa, self._f, *self._dims, *self._scalars,
-                    ctypes.c_int(len(states) - 1), *self._wraps, ctypes.c_int(self.depths[0]))
-
-    def wrap(self, a):
-        """Fill ``a``'s wrapped ghosts (no-op without any)."""
-        self._wrap(self._pointer(a), *self._dims, *self._wraps)
-
-    def adjoint(self, lam_next, u, lam, kappa_bar, f_bar):
-        """The fused adjoint on the whole interior after filling ``lam_next``'s wrapped ghosts
-        (its other ghosts already filled); ``u``, ``kappa_bar``, ``f_bar`` may be None as in
-        :func:`adjoint`."""
-        mask = grads(u, kappa_bar, f_bar)
-        pointer = self._pointer
-        self._adjoint(pointer(lam_next), self._kappa, None if u is None else pointer(u),
-                      pointer(lam), None if kappa_bar is None else pointer(kappa_bar),
-                      None if f_bar is None else pointer(f_bar), *self._dims, *self._scalars,
-                      ctypes.c_int(mask), *self._wraps)
-
-    def adjoints(self, lam, spare, states, kappa_bar, f_bar, traj=None):
-        """``len(states)`` adjoint steps in one call, as :meth:`adjoint` once per step from the
-        last state to the first with ``lam`` and ``spare`` in turn (``lam`` holds the first
-        ``lam_next``); returns the one of the two that holds the last ``lam`` (the other one's
-        contents are not kept).
-
-        ``states``: ``u^0 ... u^(n-1)`` (buffers of the loop's shape and dtype, or their data
-        addresses as ints), or ``n``, the number of steps, when no state is read (no
-        ``kappa_bar``). ``traj``: ``None`` or a C-contiguous array of the loop's dtype and shape
-        ``(n + 1, nx, ny, nz)`` whose ``traj[k]`` is added to the interior of ``lam^k`` after
-        its step (k < n). No halo exchange: for a patch no other rank borders. Without ghosts
-        wrapped along i the steps go ``depths[1]`` per sweep over the planes: the bits of
-        single steps.
-
-        Raises
-        ------
-        ValueError
-            On a ``traj`` of another dtype, shape or layout.
-        """
-        return _adjoints(self, lam, spare, states, kappa_bar, f_bar, traj)
-
-    def forget(self, a):
-        """Drop ``a``'s cached address (the solver no longer hands ``a`` to the loop)."""
-        self._pointer.forget(a)
+        functions = tuple(_bare(f"host_heat3d_{name}_{suffix}", load=_load)
+                          for name in ("step", "steps", "adjoint_wrapped", "wrap"))
+        super().__init__(kappa, f, r, dt, wrap, depths,
+                         functions=functions + (_bare(f"host_heat3d_adjoints_{suffix}",
+                                                      ctypes.c_void_p, load=_load),),
+                         addresses=addresses, dtype=dtype, interior=dims, box=box,
+                         defaults=(SHALLOW_DEPTHS, DEEP_DEPTHS), single=True)
