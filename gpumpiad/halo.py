@@ -774,19 +774,21 @@ def exchange_adjoint(a, grid, kernels=None, verify=True):
 
 
 class Persistent:
-    """Preposted halo exchanges of host (NumPy) arrays of one padded shape and dtype over
-    ``grid``: persistent MPI requests made once (``Send_init``/``Recv_init``) and restarted by
-    each :meth:`exchange`, for a time loop that exchanges every step.
+    """Preposted halo exchanges of host (NumPy) arrays of one padded shape and dtype over a
+    1-, 2- or 3-D ``grid``: persistent MPI requests made once (``Send_init``/``Recv_init``)
+    and restarted by each :meth:`exchange`, for a time loop that exchanges every step.
 
-    Each exchange copies the boundary rows/columns of the array it is given into the
-    requests' send buffers, starts every request, waits (bounded by the watchdog, as every
-    wait is) and copies the received rows/columns into the ghosts, as :func:`exchange` does
-    (unverified: the caller has agreed dtypes and shapes across ranks). Every rank of
-    ``grid`` must make one and exchange in step with it. :meth:`free` releases the requests.
+    Each exchange copies the boundary faces of the array it is given into the requests' send
+    buffers, starts every request, waits (bounded by the watchdog, as every wait is) and
+    copies the received faces into the ghosts, as :func:`exchange` does (unverified: the
+    caller has agreed dtypes and shapes across ranks); the ghosts facing this rank itself (a
+    periodic axis the grid does not split) are copied from the opposite boundary, with no
+    message. Width 1, no corners. Every rank of ``grid`` must make one and exchange in step
+    with it. :meth:`free` releases the requests.
 
     Parameters
     ----------
-    grid : gpumpiad.heat.Grid
+    grid : gpumpiad.Grid
     dtype : numpy dtype
         The arrays' dtype; their shape is ``grid.padded_shape``.
 
@@ -808,26 +810,28 @@ class Persistent:
     True
     """
 
-    __slots__ = ("_requests", "_send", "_recv", "_active", "nbytes")
+    __slots__ = ("_requests", "_send", "_recv", "_across", "_active", "nbytes")
 
     def __init__(self, grid, dtype):
         check_grid(grid, "halo exchange")
-        import numpy as np
-        nx, ny = grid.local_shape
+        shape, rank = grid.local_shape, grid.cart.rank
         links = [(side, peer) for side, peer in enumerate(grid.neighbours)
-                 if peer != MPI.PROC_NULL]
+                 if peer != MPI.PROC_NULL and peer != rank]
+        # (ghost face, the opposite boundary face) of each side facing this rank.
+        self._across = [(_face(side, len(shape), True), _face(side ^ 1, len(shape), False))
+                        for side, peer in enumerate(grid.neighbours) if peer == rank]
         mpi = grid.cart.mpi
         self._send, self._recv, self._requests = [], [], []
         self._active = False
         try:
             for side, peer in links:
-                buf = np.empty(ny if side < 2 else nx, dtype)
-                self._recv.append((_ghost_index(side), buf))
+                buf = np.empty(_face_shape(shape, side), dtype)
+                self._recv.append((_face(side, len(shape), True), buf))
                 self._requests.append(mpi.Recv_init([buf, MPI.BYTE], source=peer,
-                                                    tag=_OPPOSITE[side]))
+                                                    tag=side ^ 1))
             for side, peer in links:
-                buf = np.empty(ny if side < 2 else nx, dtype)
-                self._send.append((_edge_index(side), buf))
+                buf = np.empty(_face_shape(shape, side), dtype)
+                self._send.append((_face(side, len(shape), False), buf))
                 self._requests.append(mpi.Send_init([buf, MPI.BYTE], dest=peer, tag=side))
         except MPI.Exception:
             check_grid(grid, "halo exchange")
@@ -853,6 +857,8 @@ class Persistent:
             if requests is None:
                 raise RuntimeError(f"rank {MPI.COMM_WORLD.rank}: halo.Persistent.exchange after "
                                    "free(): its requests are released")
+            for ghost, edge in self._across:
+                a[ghost] = a[edge]
             return a
         with trace.span("halo_exchange", trace.COMMUNICATION, payload=self.nbytes):
             for index, buf in self._send:
@@ -860,6 +866,8 @@ class Persistent:
             try:
                 MPI.Prequest.Startall(requests)
                 self._active = True
+                for ghost, edge in self._across:
+                    a[ghost] = a[edge]
                 wait(requests, call="halo exchange")
             except MPI.Exception as exc:
                 raise transport.mpi_error("halo exchange", exc) from None
@@ -884,16 +892,17 @@ class Persistent:
                 pass
 
 
-def _edge_index(side):
-    """Index of the boundary row/column (interior extent) a side sends."""
-    return ((1, slice(1, -1)), (-2, slice(1, -1)), (slice(1, -1), 1),
-            (slice(1, -1), -2))[side]
+def _face(side, ndim, ghost):
+    """Index of a side's face of a padded array, interior extent: its ghost layer, or (not
+    ``ghost``) the boundary layer it sends. Sides 2a and 2a + 1 are axis a's low and high."""
+    index = [slice(1, -1)] * ndim
+    index[side // 2] = (0 if ghost else 1) if side % 2 == 0 else (-1 if ghost else -2)
+    return tuple(index)
 
 
-def _ghost_index(side):
-    """Index of a side's ghost row/column (interior extent)."""
-    return ((0, slice(1, -1)), (-1, slice(1, -1)), (slice(1, -1), 0),
-            (slice(1, -1), -1))[side]
+def _face_shape(shape, side):
+    """The shape of a side's face of a patch of interior ``shape``."""
+    return tuple(n for axis, n in enumerate(shape) if axis != side // 2)
 
 
 class _Sliced:
@@ -922,7 +931,7 @@ class _Sliced:
 def _edge(a, side, ghost):
     """View of the boundary (``ghost=0``) or ghost (``ghost=1``) row/column of padded ``a``,
     interior extent."""
-    return a[(_ghost_index if ghost else _edge_index)(side)]
+    return a[_face(side, 2, ghost)]
 
 
 def _ghost(a, side):

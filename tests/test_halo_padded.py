@@ -2,7 +2,9 @@
 ghosts equal to halo_exchange's for every split of the ranks into 1, 2 and 3 axes, Dirichlet
 and periodic; repeated exchanges send what the array holds at each post; the adjoint direction
 equals halo_exchange's reverse pass and passes the cross-rank dot-product test; messages of
-other exchanges in flight are never taken for its own; the errors."""
+other exchanges in flight are never taken for its own; the errors. And gpumpiad.halo.Persistent,
+the blocking exchange with persistent requests of the host time loops: ghosts equal to
+halo_exchange's over the same grids."""
 import itertools
 import time
 
@@ -87,6 +89,20 @@ def test_ghosts_equal_halo_exchange_and_follow_the_data_of_each_post(wrapping):
                 own = tuple(d == 1 and p for d, p in zip(dims, periodic))
                 parallel_assert(kernels.calls == ([own] * 3 if any(own) else []),
                                 f"{label}: wrap calls {kernels.calls}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_persistent_exchange_ghosts_equal_halo_exchange():
+    for shape, dims, periodic in grids(MPI.COMM_WORLD.size):
+        label = f"shape {shape}, dims {dims}, periodic {periodic}"
+        with gm.Grid(shape, dims=dims, periodic=periodic) as grid, \
+                halo.Persistent(grid, np.float64) as ex:
+            for step in range(3):
+                u = field(grid, step)
+                expected = gm.halo_exchange(gm.tensor(u, distributed=True), grid).numpy()
+                parallel_assert(ex.exchange(u) is u and np.array_equal(u, expected),
+                                f"{label}, exchange {step}: {int((u != expected).sum())} cells "
+                                "differ from halo_exchange's")
 
 
 def dot_test(grid, ex, label):

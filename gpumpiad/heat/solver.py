@@ -348,10 +348,11 @@ class _Heat:
         self.wrap = tuple(self.local and grid.neighbours[2 * axis] == rank
                           for axis in range(grid.ndim))
         # A device solve runs on the library's compute stream; its halos move on the
-        # communication stream through buffers made once per solve, as do a 3-D solve's.
+        # communication stream through buffers made once per solve, as do those of a 3-D solve
+        # off the host loops (the host loops exchange through halo.Persistent).
         self.device = is_device_array(frame)
         self.exchange = None
-        if grid.ndim != 2:
+        if grid.ndim != 2 and not self.host:
             self.exchange = halo.PaddedExchange(grid, frame.shape, frame.dtype, self.device,
                                                 kernels=kernels if self.device else None)
         elif self.device:
@@ -524,8 +525,7 @@ class _Heat:
         loop = hostkernels.Loop if self.grid.ndim == 2 else hostkernels3d.Loop
         self.loop = loop(self.kappa, self.f, self.r, self.dt, self.wrap)
         if not self.local:
-            self.halo = (halo.Persistent(self.grid, self.frame.dtype) if self.grid.ndim == 2
-                         else self.exchange)
+            self.halo = halo.Persistent(self.grid, self.frame.dtype)
         self._fill(self.kappa)
         states, free = [u], []
         if self.keep_states and self.checkpoints is None and self.steps and not self.segment:
