@@ -92,6 +92,17 @@ class Tensor:
         return f"Tensor({self.data!r}, layout={self.layout!r}, device={self.device!r})"
 
     def __array__(self, dtype=None, copy=None):
+        from .tape import traced_outside
+        if traced_outside(self, None):
+            raise TypeError(
+                f"rank {self.comm.rank}: a Tensor that grad, value_and_grad or vjp is tracing "
+                "was converted to a NumPy array (numpy.asarray, or a NumPy function gpumpiad "
+                "does not provide), which would drop its part of the gradient: use gpumpiad's "
+                "operations, or .numpy() where its value is wanted as a constant")
+        out = self._host(dtype)
+        return out.copy() if copy and out is self._data else out
+
+    def _host(self, dtype=None):
         from .backend import to_numpy
         out = to_numpy(self.data)
         return out if dtype is None else out.astype(dtype)
@@ -109,8 +120,10 @@ class Tensor:
         return self.data.item()
 
     def numpy(self):
-        """A NumPy copy of the data."""
-        return self.__array__()
+        """A NumPy copy of the data (the value now: writing into it leaves the Tensor as it
+        is)."""
+        out = self._host()
+        return out.copy() if out is self._data else out
 
     # +, -, *, /, ** and the comparisons are the primitives of gpumpiad.ops.elementwise,
     # which installs them here (called directly: they are every program's hot path).
@@ -134,12 +147,16 @@ class Tensor:
         from .ops.indexing import getitem
         return getitem(self, index)
 
-    def sum(self, axis=None, keepdims=False):
+    def sum(self, axis=None, keepdims=False, **numpy_keywords):
+        """:func:`gpumpiad.sum`; also what ``numpy.sum(tensor)`` calls."""
         from .ops.reduction import sum as sum_
+        _numpy_defaults(self, "sum", numpy_keywords)
         return sum_(self, axis=axis, keepdims=keepdims)
 
-    def mean(self, axis=None, keepdims=False):
+    def mean(self, axis=None, keepdims=False, **numpy_keywords):
+        """:func:`gpumpiad.mean`; also what ``numpy.mean(tensor)`` calls."""
         from .ops.reduction import mean
+        _numpy_defaults(self, "mean", numpy_keywords)
         return mean(self, axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape):
@@ -149,6 +166,16 @@ class Tensor:
     def transpose(self, *axes):
         from .ops.shape import transpose
         return transpose(self, axes or None)
+
+
+def _numpy_defaults(t, method, keywords):
+    """NumPy's ``numpy.sum(t)`` and ``numpy.mean(t)`` call the method with ``out`` and ``dtype``
+    keywords: their defaults pass, anything else is refused by name."""
+    given = {k: v for k, v in keywords.items() if v is not None or k not in ("out", "dtype")}
+    if given:
+        raise TypeError(f"rank {t.comm.rank}: Tensor.{method} takes axis and keepdims, got "
+                        f"{', '.join(f'{k}={v!r:.40}' for k, v in given.items())}: its result "
+                        "is a new Tensor of the input's dtype")
 
 
 def tensor(data, distributed=False, dtype=None, comm=None, stream=None):

@@ -1,6 +1,8 @@
 """The entry points of autodiff.py at their edges: an argument differentiated twice, nested
 differentiation (refused), pullback cotangents that are not arrays, a pullback whose tape was
-released, and debug mode's cross-rank check of a serial value's cotangent."""
+released, debug mode's cross-rank check of a serial value's cotangent, and NumPy's functions on
+Tensors (numpy.sum and numpy.mean differentiate; a traced Tensor converted to an array is an
+error, not a gradient with a part missing; .numpy() is a copy)."""
 from __future__ import annotations
 
 import copy
@@ -141,3 +143,30 @@ def test_debug_mode_compares_a_serial_cotangent_across_ranks():
         parallel_assert(_close(serial(np.ones(2)), np.full(2, total)), "after the errors")
     finally:
         gp.set_debug(False)
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_numpy_functions_on_tensors_differentiate_or_refuse():
+    x = np.array([0.5, -2.0, 3.0]) + mpi_rank()
+    w = gp.tensor(x.copy(), distributed=True)
+    loss = lambda a: mpi_sum(np.sum(a * a) + np.mean(a, axis=0, keepdims=True)[0])  # noqa: E731
+    value, g = gp.value_and_grad(loss)(w)
+    expected = 2 * x + 1 / 3
+    parallel_assert(_close(g, expected) and _close(value, mpi_sum(gp.tensor(
+        (x * x).sum() + x.mean(), distributed=True))), f"numpy.sum/mean: gradient {g}")
+    with pytest.raises(TypeError, match=rf"rank {mpi_rank()}: Tensor.sum takes axis and "
+                                        "keepdims, got out="):
+        np.sum(w, out=np.empty(()))
+    with pytest.raises(TypeError, match="Tensor.mean takes axis and keepdims, got dtype="):
+        np.mean(w, dtype=np.float32)
+    dropped = lambda a: mpi_sum(gp.sum(gp.tensor(np.reshape(a * a, (3,)),  # noqa: E731
+                                                 distributed=True)))
+    with pytest.raises(TypeError, match=rf"rank {mpi_rank()}: a Tensor that grad, "
+                                        "value_and_grad or vjp is tracing was converted"):
+        gp.grad(dropped)(w)
+    # Outside a differentiation a Tensor is an array like any other; .numpy() is the value now.
+    parallel_assert(np.array_equal(np.reshape(w, (3, 1)), x.reshape(3, 1)), "numpy.reshape")
+    copied = w.numpy()
+    copied[0] = 99.0
+    parallel_assert(w.data[0] == x[0] and not np.shares_memory(np.array(w), w.data),
+                    "writing into .numpy()'s array changed the Tensor")
