@@ -150,13 +150,15 @@ class Tensor:
     def sum(self, axis=None, keepdims=False, **numpy_keywords):
         """:func:`gpumpiad.sum`; also what ``numpy.sum(tensor)`` calls."""
         from .ops.reduction import sum as sum_
-        _numpy_defaults(self, "sum", numpy_keywords)
+        if numpy_keywords:
+            _numpy_defaults(self, "sum", numpy_keywords)
         return sum_(self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis=None, keepdims=False, **numpy_keywords):
         """:func:`gpumpiad.mean`; also what ``numpy.mean(tensor)`` calls."""
         from .ops.reduction import mean
-        _numpy_defaults(self, "mean", numpy_keywords)
+        if numpy_keywords:
+            _numpy_defaults(self, "mean", numpy_keywords)
         return mean(self, axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape):
