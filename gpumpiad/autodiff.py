@@ -13,7 +13,7 @@ from .backend import (all_finite, array_module, asarray, get_array_module, is_de
 from .comm import resolve
 from .debug import CommunicationMismatch, debug_enabled
 from .tape import Tape, nested_error, recording, shares_memory, traced_outside
-from .tensor import DISTRIBUTED, SERIAL, Tensor, tensor
+from .tensor import DISTRIBUTED, SERIAL, Tensor, wrap
 
 
 class LossError(ValueError):
@@ -24,9 +24,9 @@ def _leaf(x):
     if isinstance(x, Tensor):
         return Tensor(x.data, x.layout, x.comm)
     if type(x) is np.ndarray and array_module() is np:
-        # What tensor(x) makes of a NumPy array on the NumPy backend (its dtype was checked).
+        # What wrap(x) makes of a NumPy array on the NumPy backend (its dtype was checked).
         return Tensor(x, SERIAL, resolve(None))
-    return tensor(x)
+    return wrap(x)
 
 
 def _like_input(g, x):

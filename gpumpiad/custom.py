@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import asarray, is_device_array, operand
+from .primitive import unshared
 from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
@@ -52,6 +53,10 @@ class CustomOp:
         ans = self.forward(*raws, **kwargs)
         multi = isinstance(ans, tuple)
         answers = tuple(self._output(a, k, multi) for k, a in enumerate(ans if multi else (ans,)))
+        given = [a for a in args if type(a) is np.ndarray or is_device_array(a)]
+        if given:
+            # An output that is (a view of) an array the caller gave would change with it.
+            answers = tuple(unshared(a, given) for a in answers)
         ans = answers if multi else answers[0]
         layouts = self._layouts(len(answers), any(t.distributed for t in tensors))
         outs = [Tensor(a, lay, comm) for a, lay in zip(answers, layouts)]

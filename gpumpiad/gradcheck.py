@@ -7,7 +7,7 @@ from . import control
 from .autodiff import value_and_grad
 from .backend import asarray, to_numpy
 from .comm import world
-from .tensor import Tensor, tensor
+from .tensor import Tensor, wrap
 
 
 class GradientCheckError(AssertionError):
@@ -25,7 +25,7 @@ def _with(args, i, data):
     old = args[i]
     # fn sees a Tensor, as under value_and_grad (a raw CuPy array would refuse RankInt).
     args[i] = Tensor(asarray(data), old.layout, old.comm) if isinstance(old, Tensor) else \
-        tensor(data)
+        wrap(data)
     return args
 
 

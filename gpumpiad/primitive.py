@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from numpy import ndarray
 
-from .backend import operand
+from .backend import is_device_array, operand
 from .comm import RANK_DEPENDENT, world
-from .tape import active_tape, nested_error, traced_outside
+from .tape import active_tape, nested_error, shares_memory, traced_outside
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
 
@@ -43,7 +43,7 @@ class Primitive:
         serial_comm = any_comm = None
         distributed = False
         tape = active_tape()
-        first = traced = None
+        first = traced = given = None
         only = 0
         for k, a in enumerate(args):
             t = type(a)
@@ -74,12 +74,15 @@ class Primitive:
                 raws.append(a)
             elif t is ndarray:
                 raws.append(operand(a))
+                given = [a] if given is None else given + [a]
             elif isinstance(a, RANK_DEPENDENT):
                 # Array libraries other than NumPy refuse int/float subclasses as scalars.
                 raws.append(int(a) if isinstance(a, int) else float(a))
                 distributed = True
             else:
                 raws.append(a)
+                if is_device_array(a):
+                    given = [a] if given is None else given + [a]
         try:
             ans = self.forward(*raws, **kwargs)
         except (ValueError, TypeError, IndexError) as exc:
@@ -87,6 +90,9 @@ class Primitive:
             if named is exc:
                 raise
             raise named from exc
+        if given is not None and getattr(ans, "base", None) is not None:
+            # A view of an array the caller gave, which it may write into after the call.
+            ans = unshared(ans, given)
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if first is not None:
             vjps = self.vjps or ()
@@ -120,6 +126,11 @@ class Primitive:
                 out[i] = vjps[i](gs[0], ans, *raws, **kwargs)
             return out
         return vjp
+
+
+def unshared(ans, arrays):
+    """``ans``, copied where it shares memory with one of ``arrays``."""
+    return ans.copy() if any(shares_memory(ans, a) for a in arrays) else ans
 
 
 def _on_this_rank(exc, name):

@@ -181,7 +181,10 @@ def _numpy_defaults(t, method, keywords):
 
 
 def tensor(data, distributed=False, dtype=None, comm=None, stream=None):
-    """Make a Tensor on the process's backend.
+    """Make a Tensor on the process's backend holding a copy of ``data``.
+
+    The Tensor holds ``data``'s value at the time of the call, as ``numpy.array`` and
+    ``torch.tensor`` do: writing into ``data`` afterwards leaves the Tensor alone.
 
     Parameters
     ----------
@@ -201,10 +204,19 @@ def tensor(data, distributed=False, dtype=None, comm=None, stream=None):
 
     Examples
     --------
-    >>> import gpumpiad
-    >>> gpumpiad.tensor([1.0, 2.0]).shape
-    (2,)
+    >>> import numpy as np, gpumpiad
+    >>> a = np.array([1.0, 2.0])
+    >>> t = gpumpiad.tensor(a)
+    >>> a[0] = 5.0
+    >>> t.numpy()
+    array([1., 2.])
     """
+    return wrap(data, distributed, dtype, comm, stream, copy=True)
+
+
+def wrap(data, distributed=False, dtype=None, comm=None, stream=None, copy=False):
+    """:func:`tensor` for the library's own calls: an array of the backend's kind is held as
+    is (no copy) unless ``copy``; the caller does not write into it while the Tensor lives."""
     from .comm import resolve
     comm = resolve(comm)
     if isinstance(data, Tensor):
@@ -225,6 +237,8 @@ def tensor(data, distributed=False, dtype=None, comm=None, stream=None):
         raise TypeError(f"rank {comm.rank}: tensor's data must have a numeric dtype (bool, int, "
                         f"float or complex), got dtype {array.dtype} from "
                         f"{type(data).__name__}{hint}")
+    if copy and (array is data or array.base is not None):
+        array = array.copy()
     out = Tensor(array, DISTRIBUTED if distributed else SERIAL, comm)
     if stream is not None:
         if out._stream is None:

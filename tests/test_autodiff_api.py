@@ -170,3 +170,21 @@ def test_numpy_functions_on_tensors_differentiate_or_refuse():
     copied[0] = 99.0
     parallel_assert(w.data[0] == x[0] and not np.shares_memory(np.array(w), w.data),
                     "writing into .numpy()'s array changed the Tensor")
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_results_hold_the_value_at_the_time_of_the_call():
+    a = np.arange(6.0) + mpi_rank()
+    ring = ((mpi_rank() + 1) % mpi_size(), (mpi_rank() - 1) % mpi_size())
+    made = {"tensor": gp.tensor(a), "tensor of a view": gp.tensor(a[::2], distributed=True),
+            "tensor of a Tensor": gp.tensor(gp.tensor(a)), "reshape": gp.reshape(a, (2, 3)),
+            "transpose": gp.transpose(a), "getitem": gp.getitem(a, slice(1, 4)),
+            "mpi_sum": gp.mpi_sum(a), "mpi_send": gp.mpi_send(a, dest=ring[0]),
+            "mpi_sendrecv": gp.mpi_sendrecv(a, 0, mpi_size() - 1),
+            "custom_op": gp.custom_op(lambda x: x[1:], lambda g, ans, x: None)(a)}
+    received = gp.mpi_recv(a, source=ring[1])
+    before = {name: t.numpy() for name, t in made.items()}
+    a[:] = -1.0
+    parallel_assert(np.array_equal(received.numpy(), np.arange(6.0) + ring[1]), "mpi_recv")
+    changed = [name for name, t in made.items() if not np.array_equal(t.data, before[name])]
+    parallel_assert(not changed, f"writing into the array given changed the result of {changed}")

@@ -8,7 +8,7 @@ from ..arguments import as_int, is_int
 from ..backend import get_array_module, is_device_array
 from ..comm import resolve
 from ..tape import active_tape
-from ..tensor import Tensor, tensor
+from ..tensor import Tensor, wrap
 
 # User tags lie below REVERSE_TAG; reverse-mode point-to-point messages use tags above it.
 REVERSE_TAG = 1 << 14
@@ -16,7 +16,13 @@ REVERSE_TAG = 1 << 14
 
 def as_tensor(x, comm):
     """``x`` as a Tensor (arrays and scalars become serial Tensors on ``comm``)."""
-    return x if isinstance(x, Tensor) else tensor(x, comm=comm)
+    return x if isinstance(x, Tensor) else wrap(x, comm=comm)
+
+
+def passed_on(x, given):
+    """The data of a result that passes input ``x`` on unchanged: ``x``'s own for a Tensor, a
+    copy when the caller ``given`` an array, which it may write into after the call."""
+    return x.data if isinstance(given, Tensor) else x.data.copy()
 
 
 def pending_tensor(pending, layout, comm):
@@ -129,5 +135,5 @@ def zeros_like(array):
 
 
 __all__ = ["REVERSE_TAG", "agreed_rows", "as_tensor", "check_root", "check_rows",
-           "exchange_pieces", "is_device_array", "offsets", "pending_tensor", "piece",
+           "exchange_pieces", "is_device_array", "offsets", "passed_on", "pending_tensor", "piece",
            "problem_of", "record", "resolve", "row_counts", "split_rows", "zeros_like"]

@@ -18,8 +18,8 @@ from ..debug import CommunicationMismatch, debug_enabled
 from ..tape import Deferred
 from ..tensor import DISTRIBUTED, Tensor
 from ..transport import is_device, start_recv, start_send
-from ._record import (REVERSE_TAG, as_tensor, check_root, pending_tensor, record, resolve,
-                      zeros_like)
+from ._record import (REVERSE_TAG, as_tensor, check_root, passed_on, pending_tensor, record,
+                      resolve, zeros_like)
 
 
 def _check_tag(tag, comm):
@@ -79,12 +79,12 @@ def mpi_send(x, dest, tag=0, comm=None):
     comm = resolve(comm)
     dest = check_root(dest, comm, "dest")
     tag = _check_tag(tag, comm)
-    x = as_tensor(x, comm)
+    given, x = x, as_tensor(x, comm)
     _post_send(comm, x.data, dest, tag, "mpi_send")
     back_tag = _reverse_tag(comm, "send", dest, tag)
     # Distributed even for a serial x: the returned value's cotangent is this rank's own, so it
     # joins the received one as a share (a serial result would count its total once per rank).
-    out = Tensor(x.data, DISTRIBUTED, comm)
+    out = Tensor(passed_on(x, given), DISTRIBUTED, comm)
 
     def vjp(gs):
         return [Deferred(_recv_now(comm, x, dest, back_tag, "mpi_send (reverse: recv)"),
@@ -151,7 +151,7 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
     dest = check_root(dest, comm, "dest")
     source = check_root(source, comm, "source")
     tag = _check_tag(tag, comm)
-    x = as_tensor(x, comm)
+    given, x = x, as_tensor(x, comm)
     try:
         comm.agree("mpi_sendrecv", f"dest={dest}, source={source}, tag={tag}")
     except CommunicationMismatch as exc:
@@ -162,18 +162,15 @@ def mpi_sendrecv(x, dest, source, tag=0, comm=None):
     # everywhere: ranks then agree on the reverse allreduce of a serial x's shares (a send on
     # one rank and a receive on another would disagree and mix the reverse allreduces).
     back_tag = None
-    if dest == source:
-        out = Tensor(x.data, DISTRIBUTED, comm)
-    elif comm.rank == source:
-        _post_send(comm, x.data, dest, tag, "mpi_sendrecv (send)")
-        back_tag = _reverse_tag(comm, "send", dest, tag)
-        out = Tensor(x.data, DISTRIBUTED, comm)
-    elif comm.rank == dest:
+    if comm.rank == dest != source:
         out = pending_tensor(_recv_now(comm, x, source, tag, "mpi_sendrecv (recv)"),
                              DISTRIBUTED, comm)
         back_tag = _reverse_tag(comm, "recv", source, tag)
     else:
-        out = Tensor(x.data, DISTRIBUTED, comm)
+        if comm.rank == source != dest:
+            _post_send(comm, x.data, dest, tag, "mpi_sendrecv (send)")
+            back_tag = _reverse_tag(comm, "send", dest, tag)
+        out = Tensor(passed_on(x, given), DISTRIBUTED, comm)
 
     def vjp(gs):
         g = gs[0]
