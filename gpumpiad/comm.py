@@ -266,8 +266,8 @@ class Comm(FreedOnExit):
 
     def allreduce_sum(self, array):
         """Allreduce-sum of a NumPy or CuPy array, waited for; returns a new array."""
-        return self.issue("allreduce of serial cotangent shares",
-                          lambda: transport.start_allreduce(self.mpi, array, MPI.SUM),
+        call = "allreduce of serial cotangent shares"
+        return self.issue(call, lambda: transport.start_allreduce(self.mpi, array, MPI.SUM, call),
                           array=array).wait()
 
 

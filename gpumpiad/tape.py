@@ -341,9 +341,10 @@ class Tape:
                 agreed.update(k for k in origins if k in marked)
                 continue
             bits = np.array([k in marked for k in origins], dtype=np.uint8)
+            call = "agreement on reverse-mode allreduces"
             pending.append((origins, comm.issue(
-                "agreement on reverse-mode allreduces",
-                lambda c=comm, b=bits: start_allreduce(c.mpi, b, MPI.MAX), array=bits)))
+                call, lambda c=comm, b=bits: start_allreduce(c.mpi, b, MPI.MAX, call),
+                array=bits)))
         for origins, p in pending:
             bits = p.wait().tolist()
             agreed.update(k for k, b in zip(origins, bits) if b)

@@ -466,16 +466,23 @@ def _settle_at_exit():
 atexit.register(_settle_at_exit)
 
 
-def start_allreduce(mpi_comm, array, op):
-    """Post a non-blocking allreduce; return ``(requests, finish)``."""
+def start_allreduce(mpi_comm, array, op, call="allreduce"):
+    """Post a non-blocking allreduce; return ``(requests, finish)``. A host array's reduction
+    is checked by :func:`reduction_signature` (``call`` names it in the error)."""
     if type(array) is numpy.ndarray and not backend.stage_host_arrays():
         # The common case, a host array: its copy is the result, reduced in place.
+        size = mpi_comm.Get_size()
+        signature = reduction_signature(array, op, size) if size > 1 else None
+        if signature is not None:
+            buf, out = _signed_copy(array, signature[0])
+            request = mpi_comm.Iallreduce(MPI.IN_PLACE, buf, op=op)
+            return [request], _Checked(buf, out, signature[1], call)
         if array.nbytes < _POOL_MIN_BYTES:
             out = array.copy()
         else:
             out = host_empty(array.shape, array.dtype)
             numpy.copyto(out, array)
-        if mpi_comm.Get_size() == 1:
+        if size == 1:
             # The reduction of one term is the term: no MPI call, whose code would be one more
             # thing for the caches to hold.
             return [], _Result(out)
@@ -485,6 +492,83 @@ def start_allreduce(mpi_comm, array, op):
     out = send_buffer(array, device=device)
     request = mpi_comm.Iallreduce(MPI.IN_PLACE, out, op=op)
     return [request], lambda: deliver(out, device)
+
+
+def reduction_signature(array, op, size):
+    """``(head, combined)`` for a reduction of ``array`` with ``op`` over ``size`` ranks, or
+    None where no exact check exists (PROD; a dtype too narrow for the sum).
+
+    ``head``, an array of ``array``'s dtype, goes before the data in the reduced buffer and is
+    combined like the data: its first two elements, numbers from the array's shape and dtype,
+    combine to ``combined`` when every rank passed an array of this shape and dtype, and then
+    only (a signature s and s² for a sum, whose totals P s and P s² only equal signatures give;
+    s and limit - s for MAX and MIN), so every rank finds out (MPI itself reduces buffers of
+    different sizes without a word). Arrays that differ yet hash alike pass: about one chance
+    in ``2**20`` for float64. The rest of ``head`` is zeros that keep a large array's data at
+    the buffer's 64-byte alignment.
+    """
+    kind = ("sum" if op is MPI.SUM or op == MPI.SUM
+            else "order" if op == MPI.MAX or op == MPI.MIN else None)
+    return None if kind is None else _reduction_head(array.shape, array.dtype, kind, size)
+
+
+@functools.lru_cache(maxsize=256)
+def _reduction_head(shape, dtype, kind, size):
+    factor = size if kind == "sum" else 1
+    if dtype.kind not in "fciu":
+        return None
+    # Sums of `factor` squares of signatures below `limit` are exact in the dtype.
+    bits = (numpy.finfo(dtype).nmant + 1 if dtype.kind in "fc"
+            else dtype.itemsize * 8 - (dtype.kind == "i"))
+    limit = min(1 << 20, math.isqrt((1 << bits) // factor))
+    if limit < 3:
+        return None
+    # A hash of ints only: the same in every process (a str's is salted per process).
+    s = 1 + hash((shape, dtype.num, dtype.itemsize)) % (limit - 2)
+    pair = (s, s * s) if kind == "sum" else (s, limit - s)
+    large = _prod(shape) * dtype.itemsize >= _POOL_MIN_BYTES
+    head = numpy.zeros(max(2, 64 // dtype.itemsize) if large else 2, dtype)
+    head[:2] = pair
+    head.flags.writeable = False
+    return head, [factor * pair[0], factor * pair[1]] if kind == "sum" else list(pair)
+
+
+def _sign(buf, head, data):
+    """Write ``head`` then ``data`` into flat ``buf``; return the data's view in ``buf``."""
+    buf[:head.size] = head
+    out = buf[head.size:].reshape(data.shape)
+    numpy.copyto(out, data)
+    return out
+
+
+def _signed_copy(array, head):
+    """``(buf, out)``: a new host buffer holding ``head`` and a copy of ``array``, and the
+    copy's view ``out``."""
+    if array.nbytes < _POOL_MIN_BYTES:
+        buf = numpy.concatenate((head, array.reshape(-1)))
+        return buf, buf[head.size:].reshape(array.shape)
+    buf = host_empty((head.size + array.size,), array.dtype)
+    return buf, _sign(buf, head, array)
+
+
+class _Checked:
+    """A signed host reduction's ``finish``: its data, once the combined signature is the one
+    every rank's matching array gives."""
+
+    __slots__ = ("buf", "out", "combined", "call", "shape", "keep")
+
+    def __init__(self, buf, out, combined, call, shape=None, keep=None):
+        self.buf, self.out, self.combined, self.call = buf, out, combined, call
+        self.shape = out.shape if shape is None else shape  # of the array this rank passed
+        self.keep = keep  # a send buffer MPI reads until the reduction completes
+
+    def __call__(self):
+        if self.buf[:2].tolist() != self.combined:
+            raise CommunicationMismatch(
+                f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call}: the ranks passed arrays of "
+                f"different shapes or dtypes (this rank: {self.out.dtype} {self.shape}); "
+                "GPUMPIAD_DEBUG=1 names the ranks that differ")
+        return self.out
 
 
 class _Result:
@@ -510,9 +594,21 @@ def start_bcast(mpi_comm, array, root):
     return [request], lambda: deliver(buf, device)
 
 
-def start_reduce(mpi_comm, array, root, op):
-    """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage)."""
+def start_reduce(mpi_comm, array, root, op, call="reduce"):
+    """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage).
+    A host array's reduction is checked at the root by :func:`reduction_signature`."""
     device = is_device(array)
+    size = mpi_comm.Get_size()
+    signature = None if device or size == 1 else reduction_signature(numpy.asarray(array), op,
+                                                                        size)
+    if signature is not None:
+        buf, data = _signed_copy(numpy.asarray(array), signature[0])
+        if mpi_comm.Get_rank() == root:
+            request = mpi_comm.Ireduce(MPI.IN_PLACE, buf, op=op, root=root)
+            return [request], _Checked(buf, data, signature[1], call)
+        out = numpy.zeros(data.shape, data.dtype)
+        request = mpi_comm.Ireduce(buf, None, op=op, root=root)
+        return [request], lambda keep=buf: out
     send = send_buffer(array, device=device)
     if mpi_comm.Get_rank() != root:
         out = recv_buffer(send.shape, send.dtype, device)
@@ -560,9 +656,27 @@ def start_scatterv(mpi_comm, array, rows, root, trailing, dtype, device):
     return [request], lambda keep=send: deliver(out, device)
 
 
-def start_reduce_scatter(mpi_comm, array, rows, op):
-    """Post a reduce-scatter: rank p gets rows ``rows[p]`` of the sum over ranks."""
+def start_reduce_scatter(mpi_comm, array, rows, op, call="reduce-scatter"):
+    """Post a reduce-scatter: rank p gets rows ``rows[p]`` of the sum over ranks. A host
+    array's blocks each carry the :func:`reduction_signature` checked by their rank."""
     device = is_device(array)
+    size = mpi_comm.Get_size()
+    signature = None if device or size == 1 else reduction_signature(numpy.asarray(array), op,
+                                                                        size)
+    if signature is not None:
+        array = numpy.asarray(array)
+        start, unit = signature[0].size, _prod(array.shape[1:])
+        counts = [start + n * unit for n in rows]
+        send = host_empty((sum(counts),), array.dtype)
+        offset = row = 0
+        for n, count in zip(rows, counts):
+            _sign(send[offset:offset + count], signature[0], array[row:row + n])
+            offset, row = offset + count, row + n
+        me = mpi_comm.Get_rank()
+        out = host_empty((counts[me],), array.dtype)
+        request = mpi_comm.Ireduce_scatter(send, out, counts, op=op)
+        return [request], _Checked(out, out[start:].reshape((rows[me],) + array.shape[1:]),
+                                   signature[1], call, array.shape, keep=send)
     send = send_buffer(array, device=device)
     trailing = tuple(array.shape[1:])
     out = recv_buffer((rows[mpi_comm.Get_rank()],) + trailing, send.dtype, device)

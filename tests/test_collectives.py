@@ -620,6 +620,42 @@ def test_debug_mode_reports_mismatched_calls():
     parallel_assert(not failures, "\n".join(failures))
 
 
+_MISMATCHED_REDUCTIONS = {
+    "mpi_sum(SUM)": lambda a: gp.mpi_sum(a),
+    "mpi_allreduce(MAX)": lambda a: gp.mpi_allreduce(a, op=gp.MAX),
+    "mpi_allreduce(MIN)": lambda a: gp.mpi_allreduce(a.astype(np.int32), op=gp.MIN),
+    "mpi_reduce": lambda a: gp.mpi_reduce(a, root=0),
+    "mpi_reduce_scatter": lambda a: gp.mpi_reduce_scatter(a),
+    # A serial argument of another shape on one rank: the forward sum is of scalars, and its
+    # gradient's allreduce of per-rank shares is where the shapes meet.
+    "allreduce of serial cotangent shares":
+        lambda a: gp.grad(lambda x: gp.mpi_sum(gp.sum(x * x)))(a),
+}
+
+
+@pytest.mark.parametrize("call", _MISMATCHED_REDUCTIONS)
+@pytest.mark.parallel(nprocs=[2, 3, 4])
+def test_a_reduction_of_arrays_of_different_shapes_is_an_error_not_a_number(call):
+    """Outside debug mode too: MPI reduces buffers of different sizes without a word (the
+    results were sums of whatever lay in the buffers), so a host reduction carries a
+    signature of the array's shape and dtype and every rank that checks it (all, for a reduce
+    its root) raises CommunicationMismatch naming the call and its own array."""
+    r, P = gp.mpi_rank(), gp.mpi_size()
+    shape = (2 * P + (r == P - 1), 2)
+    try:
+        got = to_numpy(gp.backend.asarray(_MISMATCHED_REDUCTIONS[call](np.ones(shape))))
+        outcome = f"no error, a result {got.ravel()[:4]}"
+    except gp.CommunicationMismatch as exc:
+        outcome = str(exc)
+    except RuntimeError as exc:  # MPI itself refused the buffers' sizes
+        outcome = str(exc) if "failed in MPI" in str(exc) else f"{exc!r}"
+    expected = (f"rank {r}: {call}: the ranks passed arrays of different shapes or dtypes "
+                f"(this rank: ")
+    checks = call != "mpi_reduce" or r == 0
+    parallel_assert(not checks or outcome.startswith(expected) or "failed in MPI" in outcome,
+                    f"rank {r}, {call}: {outcome}")
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 3])
 def test_debug_mode_checks_what_a_receive_gets():
     """In debug mode a message carries its dtype and shape: a receive expecting another dtype

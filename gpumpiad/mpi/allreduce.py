@@ -59,7 +59,7 @@ def mpi_allreduce(x, op=SUM, comm=None):
         raise TypeError(f"rank {comm.rank}: {name}'s x must have a dtype that {op_name} is "
                         f"defined on ({allowed}), got {data.dtype}")
     mpi = comm.mpi
-    pending = comm.issue(_CALLS[op_name], lambda: start_allreduce(mpi, data, op),
+    pending = comm.issue(_CALLS[op_name], lambda: start_allreduce(mpi, data, op, _CALLS[op_name]),
                          array=data, layout=x.layout, serial_value=x.layout != DISTRIBUTED)
     out = pending_tensor(pending, SERIAL, comm)
 
@@ -109,8 +109,9 @@ def _holds_extremum(comm, x, extremum):
     from ..backend import get_array_module
     xp = get_array_module(x)
     mine = xp.where(x == extremum, comm.rank, comm.size).astype(xp.int32)
-    owner = comm.issue("mpi_allreduce(MIN) of extremum owners",
-                       lambda: start_allreduce(comm.mpi, mine, MIN), array=mine).wait()
+    call = "mpi_allreduce(MIN) of extremum owners"
+    owner = comm.issue(call, lambda: start_allreduce(comm.mpi, mine, MIN, call),
+                       array=mine).wait()
     return (owner == comm.rank).astype(x.dtype)
 
 

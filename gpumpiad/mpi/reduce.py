@@ -30,7 +30,8 @@ def mpi_reduce(x, root=0, comm=None):
     root = check_root(root, comm, "root")
     x = as_tensor(x, comm)
     data = x.data
-    pending = comm.issue("mpi_reduce", lambda: start_reduce(comm.mpi, data, root, MPI.SUM),
+    pending = comm.issue("mpi_reduce",
+                         lambda: start_reduce(comm.mpi, data, root, MPI.SUM, "mpi_reduce"),
                          root=root, array=data)
     out = pending_tensor(pending, DISTRIBUTED, comm)
 

@@ -39,7 +39,8 @@ def mpi_reduce_scatter(x, rows=None, comm=None):
         raise ValueError(f"rank {comm.rank}: {problem}")
     data = x.data
     pending = comm.issue("mpi_reduce_scatter",
-                         lambda: start_reduce_scatter(comm.mpi, data, rows, MPI.SUM),
+                         lambda: start_reduce_scatter(comm.mpi, data, rows, MPI.SUM,
+                                                      "mpi_reduce_scatter"),
                          array=data)
     out = pending_tensor(pending, DISTRIBUTED, comm)
 
