@@ -17,7 +17,7 @@ The raw floor is the communication raw mpi4py needs for the same value and gradi
 more: blocking ``Allreduce`` calls on preallocated buffers that the loop reuses (cache-hot, no
 copy of its own). gpumpiad's figure also holds what the library guarantees and raw code does
 not: the copy that gives value semantics (the reduction copies into its result and reduces in
-place) and the signature of the array's shape and dtype reduced with it and checked. The reverse pass makes the same round trips as raw code: the ranks' agreement on which
+place) and the signature of the array's size and dtype reduced with it and checked. The reverse pass makes the same round trips as raw code: the ranks' agreement on which
 serial values receive per-rank shares needs no message for these programs (the sum is the last
 collective and the argument is small, see ``gpumpiad/tape.py``).
 

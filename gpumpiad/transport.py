@@ -12,6 +12,11 @@ non-blocking call's send buffer until the request completes, so the library send
 copy (:func:`send_buffer`), never from memory the caller may write next; a reduction copies into
 its result buffer and reduces in place, so the copy costs no extra buffer.
 
+A reduction of host arrays reduces a signature of the array's size and dtype ahead of the data
+and checks what it combined to (:func:`reduction_signature`): MPI reduces buffers of different
+sizes without an error, so ranks that pass arrays of different sizes would otherwise get
+numbers.
+
 Every issued communication stays registered until it completes, read or not: ``mpi_finalize``
 and the interpreter's exit complete them all. At exit a communication that can no longer
 complete (a send nobody receives, a receive nobody sends to) is reported, naming the call, and
@@ -469,6 +474,8 @@ atexit.register(_settle_at_exit)
 def start_allreduce(mpi_comm, array, op, call="allreduce"):
     """Post a non-blocking allreduce; return ``(requests, finish)``. A host array's reduction
     is checked by :func:`reduction_signature` (``call`` names it in the error)."""
+    if type(array) is not numpy.ndarray and isinstance(array, numpy.generic):
+        array = numpy.asarray(array)  # a NumPy scalar, what a sum returns: a host array too
     if type(array) is numpy.ndarray and not backend.stage_host_arrays():
         # The common case, a host array: its copy is the result, reduced in place.
         size = mpi_comm.Get_size()
@@ -499,21 +506,22 @@ def reduction_signature(array, op, size):
     None where no exact check exists (PROD; a dtype too narrow for the sum).
 
     ``head``, an array of ``array``'s dtype, goes before the data in the reduced buffer and is
-    combined like the data: its first two elements, numbers from the array's shape and dtype,
-    combine to ``combined`` when every rank passed an array of this shape and dtype, and then
-    only (a signature s and s² for a sum, whose totals P s and P s² only equal signatures give;
-    s and limit - s for MAX and MIN), so every rank finds out (MPI itself reduces buffers of
-    different sizes without a word). Arrays that differ yet hash alike pass: about one chance
-    in ``2**20`` for float64. The rest of ``head`` is zeros that keep a large array's data at
-    the buffer's 64-byte alignment.
+    combined like the data. Its first two elements are numbers from the array's size (element
+    count: what MPI reduces; the shape is each rank's view of it) and dtype, a signature s and
+    s² for a sum, s and limit - s for MAX and MIN; they combine to ``combined`` when every rank
+    passed an array of this size and dtype, and then only (totals P s and P s² arise from equal
+    signatures alone), so every rank finds out: MPI itself reduces buffers of different sizes
+    without a word. Arrays that differ yet hash alike pass: about one chance in ``2**20`` for
+    float64. The rest of ``head`` is zeros that keep a large array's data at the buffer's
+    64-byte alignment.
     """
     kind = ("sum" if op is MPI.SUM or op == MPI.SUM
             else "order" if op == MPI.MAX or op == MPI.MIN else None)
-    return None if kind is None else _reduction_head(array.shape, array.dtype, kind, size)
+    return None if kind is None else _reduction_head(array.size, array.dtype, kind, size)
 
 
 @functools.lru_cache(maxsize=256)
-def _reduction_head(shape, dtype, kind, size):
+def _reduction_head(count, dtype, kind, size):
     factor = size if kind == "sum" else 1
     if dtype.kind not in "fciu":
         return None
@@ -524,9 +532,9 @@ def _reduction_head(shape, dtype, kind, size):
     if limit < 3:
         return None
     # A hash of ints only: the same in every process (a str's is salted per process).
-    s = 1 + hash((shape, dtype.num, dtype.itemsize)) % (limit - 2)
+    s = 1 + hash((count, dtype.num, dtype.itemsize)) % (limit - 2)
     pair = (s, s * s) if kind == "sum" else (s, limit - s)
-    large = _prod(shape) * dtype.itemsize >= _POOL_MIN_BYTES
+    large = count * dtype.itemsize >= _POOL_MIN_BYTES
     head = numpy.zeros(max(2, 64 // dtype.itemsize) if large else 2, dtype)
     head[:2] = pair
     head.flags.writeable = False
@@ -566,7 +574,7 @@ class _Checked:
         if self.buf[:2].tolist() != self.combined:
             raise CommunicationMismatch(
                 f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call}: the ranks passed arrays of "
-                f"different shapes or dtypes (this rank: {self.out.dtype} {self.shape}); "
+                f"different sizes or dtypes (this rank: {self.out.dtype} {self.shape}); "
                 "GPUMPIAD_DEBUG=1 names the ranks that differ")
         return self.out
 

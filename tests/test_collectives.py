@@ -620,40 +620,46 @@ def test_debug_mode_reports_mismatched_calls():
     parallel_assert(not failures, "\n".join(failures))
 
 
+# {case: (the call the error names, the program)}; the last rank's array has one row more.
 _MISMATCHED_REDUCTIONS = {
-    "mpi_sum(SUM)": lambda a: gp.mpi_sum(a),
-    "mpi_allreduce(MAX)": lambda a: gp.mpi_allreduce(a, op=gp.MAX),
-    "mpi_allreduce(MIN)": lambda a: gp.mpi_allreduce(a.astype(np.int32), op=gp.MIN),
-    "mpi_reduce": lambda a: gp.mpi_reduce(a, root=0),
-    "mpi_reduce_scatter": lambda a: gp.mpi_reduce_scatter(a),
-    # A serial argument of another shape on one rank: the forward sum is of scalars, and its
-    # gradient's allreduce of per-rank shares is where the shapes meet.
-    "allreduce of serial cotangent shares":
-        lambda a: gp.grad(lambda x: gp.mpi_sum(gp.sum(x * x)))(a),
+    "mpi_sum": ("mpi_sum(SUM)", lambda a: gp.mpi_sum(a)),
+    # What a local sum returns is a NumPy scalar, not an array: on the last rank, a row on
+    # the others.
+    "mpi_sum of a scalar": ("mpi_sum(SUM)",
+                            lambda a: gp.mpi_sum(gp.sum(a) if len(a) % 2 else a[0])),
+    "mpi_allreduce(MAX)": ("mpi_allreduce(MAX)", lambda a: gp.mpi_allreduce(a, op=gp.MAX)),
+    "mpi_allreduce(MIN) of int32": ("mpi_allreduce(MIN)",
+                                    lambda a: gp.mpi_allreduce(a.astype(np.int32), op=gp.MIN)),
+    "mpi_reduce": ("mpi_reduce", lambda a: gp.mpi_reduce(a, root=0)),
+    "mpi_reduce_scatter": ("mpi_reduce_scatter", lambda a: gp.mpi_reduce_scatter(a)),
+    # A serial argument of another size on one rank: the forward sum is of scalars, and its
+    # gradient's allreduce of per-rank shares is where the sizes meet.
+    "reverse pass": ("allreduce of serial cotangent shares",
+                     lambda a: gp.grad(lambda x: gp.mpi_sum(gp.sum(x * x)))(a)),
 }
 
 
-@pytest.mark.parametrize("call", _MISMATCHED_REDUCTIONS)
+@pytest.mark.parametrize("case", _MISMATCHED_REDUCTIONS)
 @pytest.mark.parallel(nprocs=[2, 3, 4])
-def test_a_reduction_of_arrays_of_different_shapes_is_an_error_not_a_number(call):
+def test_a_reduction_of_arrays_of_different_sizes_is_an_error_not_a_number(case):
     """Outside debug mode too: MPI reduces buffers of different sizes without a word (the
     results were sums of whatever lay in the buffers), so a host reduction carries a
-    signature of the array's shape and dtype and every rank that checks it (all, for a reduce
+    signature of the array's size and dtype and every rank that checks it (all, for a reduce
     its root) raises CommunicationMismatch naming the call and its own array."""
     r, P = gp.mpi_rank(), gp.mpi_size()
-    shape = (2 * P + (r == P - 1), 2)
+    call, program = _MISMATCHED_REDUCTIONS[case]
     try:
-        got = to_numpy(gp.backend.asarray(_MISMATCHED_REDUCTIONS[call](np.ones(shape))))
+        got = to_numpy(gp.backend.asarray(program(np.ones((2 * P + (r == P - 1), 2)))))
         outcome = f"no error, a result {got.ravel()[:4]}"
     except gp.CommunicationMismatch as exc:
         outcome = str(exc)
     except RuntimeError as exc:  # MPI itself refused the buffers' sizes
         outcome = str(exc) if "failed in MPI" in str(exc) else f"{exc!r}"
-    expected = (f"rank {r}: {call}: the ranks passed arrays of different shapes or dtypes "
+    expected = (f"rank {r}: {call}: the ranks passed arrays of different sizes or dtypes "
                 f"(this rank: ")
     checks = call != "mpi_reduce" or r == 0
     parallel_assert(not checks or outcome.startswith(expected) or "failed in MPI" in outcome,
-                    f"rank {r}, {call}: {outcome}")
+                    f"rank {r}, {case}: {outcome}")
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3])
