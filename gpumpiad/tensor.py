@@ -221,6 +221,10 @@ def wrap(data, distributed=False, dtype=None, comm=None, stream=None, copy=False
     comm = resolve(comm)
     if isinstance(data, Tensor):
         data = data.data
+    if copy and stream is not None and is_device_array(data):
+        # The copy, on the current stream, reads what ``stream`` makes: it waits for it.
+        streams.order(streams.current_stream(), stream)
+        stream = None
     if not isinstance(distributed, (bool, _np.bool_)):
         raise TypeError(f"rank {comm.rank}: tensor's distributed must be True or False, got "
                         f"{distributed!r}")
