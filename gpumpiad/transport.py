@@ -472,8 +472,9 @@ atexit.register(_settle_at_exit)
 
 
 def start_allreduce(mpi_comm, array, op, call="allreduce"):
-    """Post a non-blocking allreduce; return ``(requests, finish)``. A host array's reduction
-    is checked by :func:`reduction_signature` (``call`` names it in the error)."""
+    """Post a non-blocking allreduce; return ``(requests, finish)``. A reduction of a host
+    array, or of a device array staged through host memory, is checked by
+    :func:`reduction_signature` (``call`` names it in the error)."""
     if type(array) is not numpy.ndarray and isinstance(array, numpy.generic):
         array = numpy.asarray(array)  # a NumPy scalar, what a sum returns: a host array too
     if type(array) is numpy.ndarray and not backend.stage_host_arrays():
@@ -496,6 +497,17 @@ def start_allreduce(mpi_comm, array, op, call="allreduce"):
         request = mpi_comm.Iallreduce(MPI.IN_PLACE, out, op=op)
         return [request], _Result(out)
     device = is_device(array)
+    size = mpi_comm.Get_size()
+    signature = (reduction_signature(array, op, size)
+                 if device and size > 1 and not cuda_aware() else None)
+    if signature is not None:
+        # Staged through pinned host memory: signed there, as a host array is.
+        head = signature[0]
+        pinned = streams.pinned_empty((head.size + array.size,), array.dtype)
+        pinned[:head.size] = head
+        data = streams.device_to_host(array, pinned[head.size:].reshape(array.shape))
+        request = mpi_comm.Iallreduce(MPI.IN_PLACE, pinned, op=op)
+        return [request], _Checked(pinned, data, signature[1], call, device=True)
     out = send_buffer(array, device=device)
     request = mpi_comm.Iallreduce(MPI.IN_PLACE, out, op=op)
     return [request], lambda: deliver(out, device)
@@ -561,14 +573,15 @@ def _signed_copy(array, head):
 
 class _Checked:
     """A signed host reduction's ``finish``: its data, once the combined signature is the one
-    every rank's matching array gives."""
+    every rank's matching array gives (``device``: copied to the device, for a staged one)."""
 
-    __slots__ = ("buf", "out", "combined", "call", "shape", "keep")
+    __slots__ = ("buf", "out", "combined", "call", "shape", "keep", "device")
 
-    def __init__(self, buf, out, combined, call, shape=None, keep=None):
+    def __init__(self, buf, out, combined, call, shape=None, keep=None, device=False):
         self.buf, self.out, self.combined, self.call = buf, out, combined, call
         self.shape = out.shape if shape is None else shape  # of the array this rank passed
         self.keep = keep  # a send buffer MPI reads until the reduction completes
+        self.device = device
 
     def __call__(self):
         if self.buf[:2].tolist() != self.combined:
@@ -576,7 +589,7 @@ class _Checked:
                 f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call}: the ranks passed arrays of "
                 f"different sizes or dtypes (this rank: {self.out.dtype} {self.shape}); "
                 "GPUMPIAD_DEBUG=1 names the ranks that differ")
-        return self.out
+        return deliver(self.out, True) if self.device else self.out
 
 
 class _Result:

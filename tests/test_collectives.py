@@ -639,15 +639,29 @@ _MISMATCHED_REDUCTIONS = {
 }
 
 
-@pytest.mark.parametrize("case", _MISMATCHED_REDUCTIONS)
+@pytest.mark.parametrize("case, staged", [
+    pytest.param(case, staged, id=f"{case}-{'staged' if staged else 'host'}")
+    for staged in (False, True) for case, (call, _) in _MISMATCHED_REDUCTIONS.items()
+    # A staged reduce or reduce-scatter is checked in debug mode only.
+    if not staged or call not in ("mpi_reduce", "mpi_reduce_scatter")])
 @pytest.mark.parallel(nprocs=[2, 3, 4])
-def test_a_reduction_of_arrays_of_different_sizes_is_an_error_not_a_number(case):
+def test_a_reduction_of_arrays_of_different_sizes_is_an_error_not_a_number(case, staged,
+                                                                            monkeypatch):
     """Outside debug mode too: MPI reduces buffers of different sizes without a word (the
     results were sums of whatever lay in the buffers), so a host reduction carries a
     signature of the array's size and dtype and every rank that checks it (all, for a reduce
-    its root) raises CommunicationMismatch naming the call and its own array."""
+    its root) raises CommunicationMismatch naming the call and its own array; so does an
+    allreduce staged through host memory (a device array's without CUDA-aware MPI, here NumPy
+    arrays down that path: GPUMPIAD_STAGE_HOST_ARRAYS=1)."""
     r, P = gp.mpi_rank(), gp.mpi_size()
     call, program = _MISMATCHED_REDUCTIONS[case]
+    if staged:
+        from gpumpiad import backend, transport
+        monkeypatch.setenv("GPUMPIAD_STAGE_HOST_ARRAYS", "1")
+        monkeypatch.setenv("GPUMPIAD_CUDA_AWARE", "0")
+        # Both variables are read once: forget what was read.
+        monkeypatch.setattr(backend, "_stage", {})
+        monkeypatch.setattr(transport, "_aware", {})
     try:
         got = to_numpy(gp.backend.asarray(program(np.ones((2 * P + (r == P - 1), 2)))))
         outcome = f"no error, a result {got.ravel()[:4]}"

@@ -260,7 +260,7 @@ def objective(k, u0, f):
     return gm.sum(gm.mpi_sum(gm.sum(u * u)))
 
 value, grads = gm.value_and_grad(objective, argnums=(0, 1, 2))(
-    gm.tensor(kappa), gm.tensor(u0), gm.tensor(f))
+    *(gm.tensor(a, distributed=True) for a in (kappa, u0, f)))  # each rank's own patch
 assert all(isinstance(g, cupy.ndarray) for g in grads)
 theta = gm.tensor(cupy.asarray([0.3]))
 v, g = gm.value_and_grad(lambda t: gm.sum(gm.mpi_sum(gm.mpi_bcast(t) * (gm.mpi_rank() + 1))))(theta)
