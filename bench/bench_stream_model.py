@@ -104,7 +104,7 @@ def main():
     forward = waits_before_each_step(MODEL.log[start:], "heat_step")
     forward_compute = waits_for_compute(MODEL.log[start:], "heat_step", compute)
     start = len(MODEL.log)
-    gm.value_and_grad(objective)(gm.tensor(kappa))
+    gm.value_and_grad(objective)(gm.tensor(kappa, distributed=True))  # this rank's patch
     adjoint = waits_before_each_step(MODEL.log[start:], "heat_adjoint")
     adjoint_compute = waits_for_compute(MODEL.log[start:], "heat_adjoint", compute)
     from mpi4py import MPI

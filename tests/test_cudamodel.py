@@ -721,7 +721,8 @@ def objective(k):
 
 forward = loop(lambda: heat.solve(u0, kappa, f, dt=1e-4, h=0.1, steps=4, grid=grid),
                "{kernel}_step")
-reverse = loop(lambda: gm.value_and_grad(objective)(gm.tensor(kappa)), "{kernel}_adjoint")
+reverse = loop(lambda: gm.value_and_grad(objective)(gm.tensor(kappa, distributed=True)),
+               "{kernel}_adjoint")
 # One printer: lines the ranks print at once can interleave.
 from mpi4py import MPI
 for rank, forward, reverse in MPI.COMM_WORLD.gather((gm.mpi_rank(), forward, reverse)) or ():
