@@ -501,11 +501,7 @@ def start_allreduce(mpi_comm, array, op, call="allreduce"):
     signature = (reduction_signature(array, op, size)
                  if device and size > 1 and not cuda_aware() else None)
     if signature is not None:
-        # Staged through pinned host memory: signed there, as a host array is.
-        head = signature[0]
-        pinned = streams.pinned_empty((head.size + array.size,), array.dtype)
-        pinned[:head.size] = head
-        data = streams.device_to_host(array, pinned[head.size:].reshape(array.shape))
+        pinned, data = _signed_pinned(array, signature[0])
         request = mpi_comm.Iallreduce(MPI.IN_PLACE, pinned, op=op)
         return [request], _Checked(pinned, data, signature[1], call, device=True)
     out = send_buffer(array, device=device)
@@ -571,6 +567,14 @@ def _signed_copy(array, head):
     return buf, _sign(buf, head, array)
 
 
+def _signed_pinned(array, head):
+    """:func:`_signed_copy` of a device array staged through a pinned host buffer (signed
+    there, as a host array is)."""
+    buf = streams.pinned_empty((head.size + array.size,), array.dtype)
+    buf[:head.size] = head
+    return buf, streams.device_to_host(array, buf[head.size:].reshape(array.shape))
+
+
 class _Checked:
     """A signed host reduction's ``finish``: its data, once the combined signature is the one
     every rank's matching array gives (``device``: copied to the device, for a staged one)."""
@@ -617,19 +621,23 @@ def start_bcast(mpi_comm, array, root):
 
 def start_reduce(mpi_comm, array, root, op, call="reduce"):
     """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage).
-    A host array's reduction is checked at the root by :func:`reduction_signature`."""
+    A reduction of a host array, or of a device array staged through host memory, is checked
+    at the root by :func:`reduction_signature`."""
     device = is_device(array)
     size = mpi_comm.Get_size()
-    signature = None if device or size == 1 else reduction_signature(numpy.asarray(array), op,
-                                                                        size)
+    if not device:
+        array = numpy.asarray(array)
+    signature = (None if size == 1 or (device and cuda_aware())
+                 else reduction_signature(array, op, size))
     if signature is not None:
-        buf, data = _signed_copy(numpy.asarray(array), signature[0])
+        buf, data = (_signed_pinned if device else _signed_copy)(array, signature[0])
         if mpi_comm.Get_rank() == root:
             request = mpi_comm.Ireduce(MPI.IN_PLACE, buf, op=op, root=root)
-            return [request], _Checked(buf, data, signature[1], call)
-        out = numpy.zeros(data.shape, data.dtype)
+            return [request], _Checked(buf, data, signature[1], call, device=device)
+        out = recv_buffer(data.shape, data.dtype, device)
+        out[...] = 0
         request = mpi_comm.Ireduce(buf, None, op=op, root=root)
-        return [request], lambda keep=buf: out
+        return [request], lambda keep=buf: deliver(out, device)
     send = send_buffer(array, device=device)
     if mpi_comm.Get_rank() != root:
         out = recv_buffer(send.shape, send.dtype, device)
