@@ -687,25 +687,30 @@ def start_scatterv(mpi_comm, array, rows, root, trailing, dtype, device):
 
 def start_reduce_scatter(mpi_comm, array, rows, op, call="reduce-scatter"):
     """Post a reduce-scatter: rank p gets rows ``rows[p]`` of the sum over ranks. A host
-    array's blocks each carry the :func:`reduction_signature` checked by their rank."""
+    array's blocks, or a device array's staged through host memory, each carry the
+    :func:`reduction_signature` checked by their rank."""
     device = is_device(array)
     size = mpi_comm.Get_size()
-    signature = None if device or size == 1 else reduction_signature(numpy.asarray(array), op,
-                                                                        size)
-    if signature is not None:
+    if not device:
         array = numpy.asarray(array)
+    signature = (None if size == 1 or (device and cuda_aware())
+                 else reduction_signature(array, op, size))
+    if signature is not None:
+        # Staged: the device array comes to the host once, then its blocks are signed there.
+        host = (streams.device_to_host(array, streams.pinned_empty(array.shape, array.dtype))
+                if device else array)
         start, unit = signature[0].size, _prod(array.shape[1:])
         counts = [start + n * unit for n in rows]
-        send = host_empty((sum(counts),), array.dtype)
+        send = (streams.pinned_empty if device else host_empty)((sum(counts),), array.dtype)
         offset = row = 0
         for n, count in zip(rows, counts):
-            _sign(send[offset:offset + count], signature[0], array[row:row + n])
+            _sign(send[offset:offset + count], signature[0], host[row:row + n])
             offset, row = offset + count, row + n
         me = mpi_comm.Get_rank()
-        out = host_empty((counts[me],), array.dtype)
+        out = recv_buffer((counts[me],), array.dtype, device)
         request = mpi_comm.Ireduce_scatter(send, out, counts, op=op)
         return [request], _Checked(out, out[start:].reshape((rows[me],) + array.shape[1:]),
-                                   signature[1], call, array.shape, keep=send)
+                                   signature[1], call, array.shape, keep=send, device=device)
     send = send_buffer(array, device=device)
     trailing = tuple(array.shape[1:])
     out = recv_buffer((rows[mpi_comm.Get_rank()],) + trailing, send.dtype, device)
