@@ -619,16 +619,24 @@ def start_bcast(mpi_comm, array, root):
     return [request], lambda: deliver(buf, device)
 
 
-def start_reduce(mpi_comm, array, root, op, call="reduce"):
-    """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage).
-    A reduction of a host array, or of a device array staged through host memory, is checked
-    at the root by :func:`reduction_signature`."""
+def _signed_operands(mpi_comm, array, op):
+    """``(device, array, signature)`` of a reduction: whether ``array`` takes the device paths,
+    the array (a host one as NumPy), and its :func:`reduction_signature`, None where the
+    reduction goes unsigned (one rank, CUDA-aware device buffers, no exact check)."""
     device = is_device(array)
     size = mpi_comm.Get_size()
     if not device:
         array = numpy.asarray(array)
     signature = (None if size == 1 or (device and cuda_aware())
                  else reduction_signature(array, op, size))
+    return device, array, signature
+
+
+def start_reduce(mpi_comm, array, root, op, call="reduce"):
+    """Post a non-blocking reduce to ``root``; the others' result is zeros (never garbage).
+    A reduction of a host array, or of a device array staged through host memory, is checked
+    at the root by :func:`reduction_signature`."""
+    device, array, signature = _signed_operands(mpi_comm, array, op)
     if signature is not None:
         buf, data = (_signed_pinned if device else _signed_copy)(array, signature[0])
         if mpi_comm.Get_rank() == root:
@@ -689,12 +697,7 @@ def start_reduce_scatter(mpi_comm, array, rows, op, call="reduce-scatter"):
     """Post a reduce-scatter: rank p gets rows ``rows[p]`` of the sum over ranks. A host
     array's blocks, or a device array's staged through host memory, each carry the
     :func:`reduction_signature` checked by their rank."""
-    device = is_device(array)
-    size = mpi_comm.Get_size()
-    if not device:
-        array = numpy.asarray(array)
-    signature = (None if size == 1 or (device and cuda_aware())
-                 else reduction_signature(array, op, size))
+    device, array, signature = _signed_operands(mpi_comm, array, op)
     if signature is not None:
         # Staged: the device array comes to the host once, then its blocks are signed there.
         host = (streams.device_to_host(array, streams.pinned_empty(array.shape, array.dtype))
