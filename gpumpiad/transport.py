@@ -12,10 +12,11 @@ non-blocking call's send buffer until the request completes, so the library send
 copy (:func:`send_buffer`), never from memory the caller may write next; a reduction copies into
 its result buffer and reduces in place, so the copy costs no extra buffer.
 
-A reduction of host arrays reduces a signature of the array's size and dtype ahead of the data
-and checks what it combined to (:func:`reduction_signature`): MPI reduces buffers of different
-sizes without an error, so ranks that pass arrays of different sizes would otherwise get
-numbers.
+A reduction of host arrays reduces a signature of the array's size and dtype (and a
+reduce-scatter's row split) ahead of the data and checks what it combined to
+(:func:`reduction_signature`): MPI reduces buffers of different sizes, or splits them by
+different counts, without an error, so ranks that pass arrays of different sizes would
+otherwise get numbers.
 
 Every issued communication stays registered until it completes, read or not: ``mpi_finalize``
 and the interpreter's exit complete them all. At exit a communication that can no longer
@@ -509,9 +510,10 @@ def start_allreduce(mpi_comm, array, op, call="allreduce"):
     return [request], lambda: deliver(out, device)
 
 
-def reduction_signature(array, op, size):
+def reduction_signature(array, op, size, blocks=()):
     """``(head, combined)`` for a reduction of ``array`` with ``op`` over ``size`` ranks, or
-    None where no exact check exists (PROD; a dtype too narrow for the sum).
+    None where no exact check exists (PROD; a dtype too narrow for the sum). ``blocks``: a
+    reduce-scatter's rows per rank, which every rank must pass alike too.
 
     ``head``, an array of ``array``'s dtype, goes before the data in the reduced buffer and is
     combined like the data. Its first two elements are numbers from the array's size (element
@@ -525,11 +527,12 @@ def reduction_signature(array, op, size):
     """
     kind = ("sum" if op is MPI.SUM or op == MPI.SUM
             else "order" if op == MPI.MAX or op == MPI.MIN else None)
-    return None if kind is None else _reduction_head(array.size, array.dtype, kind, size)
+    return (None if kind is None
+            else _reduction_head(array.size, array.dtype, kind, size, tuple(blocks)))
 
 
 @functools.lru_cache(maxsize=256)
-def _reduction_head(count, dtype, kind, size):
+def _reduction_head(count, dtype, kind, size, blocks):
     factor = size if kind == "sum" else 1
     if dtype.kind not in "fciu":
         return None
@@ -540,7 +543,7 @@ def _reduction_head(count, dtype, kind, size):
     if limit < 3:
         return None
     # A hash of ints only: the same in every process (a str's is salted per process).
-    s = 1 + hash((count, dtype.num, dtype.itemsize)) % (limit - 2)
+    s = 1 + hash((count, dtype.num, dtype.itemsize, blocks)) % (limit - 2)
     pair = (s, s * s) if kind == "sum" else (s, limit - s)
     large = count * dtype.itemsize >= _POOL_MIN_BYTES
     head = numpy.zeros(max(2, 64 // dtype.itemsize) if large else 2, dtype)
@@ -579,20 +582,24 @@ class _Checked:
     """A signed host reduction's ``finish``: its data, once the combined signature is the one
     every rank's matching array gives (``device``: copied to the device, for a staged one)."""
 
-    __slots__ = ("buf", "out", "combined", "call", "shape", "keep", "device")
+    __slots__ = ("buf", "out", "combined", "call", "shape", "keep", "device", "rows")
 
-    def __init__(self, buf, out, combined, call, shape=None, keep=None, device=False):
+    def __init__(self, buf, out, combined, call, shape=None, keep=None, device=False,
+                 rows=None):
         self.buf, self.out, self.combined, self.call = buf, out, combined, call
         self.shape = out.shape if shape is None else shape  # of the array this rank passed
         self.keep = keep  # a send buffer MPI reads until the reduction completes
         self.device = device
+        self.rows = rows  # a reduce-scatter's rows per rank
 
     def __call__(self):
         if self.buf[:2].tolist() != self.combined:
+            split = (("", "") if self.rows is None
+                     else (" or row splits", f", rows {list(self.rows)}"))
             raise CommunicationMismatch(
                 f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call}: the ranks passed arrays of "
-                f"different sizes or dtypes (this rank: {self.out.dtype} {self.shape}); "
-                "GPUMPIAD_DEBUG=1 names the ranks that differ")
+                f"different sizes or dtypes{split[0]} (this rank: {self.out.dtype} "
+                f"{self.shape}{split[1]}); GPUMPIAD_DEBUG=1 names the ranks that differ")
         return deliver(self.out, True) if self.device else self.out
 
 
@@ -619,16 +626,17 @@ def start_bcast(mpi_comm, array, root):
     return [request], lambda: deliver(buf, device)
 
 
-def _signed_operands(mpi_comm, array, op):
+def _signed_operands(mpi_comm, array, op, blocks=()):
     """``(device, array, signature)`` of a reduction: whether ``array`` takes the device paths,
-    the array (a host one as NumPy), and its :func:`reduction_signature`, None where the
-    reduction goes unsigned (one rank, CUDA-aware device buffers, no exact check)."""
+    the array (a host one as NumPy), and its :func:`reduction_signature` (of ``blocks`` too),
+    None where the reduction goes unsigned (one rank, CUDA-aware device buffers, no exact
+    check)."""
     device = is_device(array)
     size = mpi_comm.Get_size()
     if not device:
         array = numpy.asarray(array)
     signature = (None if size == 1 or (device and cuda_aware())
-                 else reduction_signature(array, op, size))
+                 else reduction_signature(array, op, size, blocks))
     return device, array, signature
 
 
@@ -696,8 +704,8 @@ def start_scatterv(mpi_comm, array, rows, root, trailing, dtype, device):
 def start_reduce_scatter(mpi_comm, array, rows, op, call="reduce-scatter"):
     """Post a reduce-scatter: rank p gets rows ``rows[p]`` of the sum over ranks. A host
     array's blocks, or a device array's staged through host memory, each carry the
-    :func:`reduction_signature` checked by their rank."""
-    device, array, signature = _signed_operands(mpi_comm, array, op)
+    :func:`reduction_signature` (of the row split too) checked by their rank."""
+    device, array, signature = _signed_operands(mpi_comm, array, op, rows)
     if signature is not None:
         # Staged: the device array comes to the host once, then its blocks are signed there.
         host = (streams.device_to_host(array, streams.pinned_empty(array.shape, array.dtype))
@@ -713,7 +721,8 @@ def start_reduce_scatter(mpi_comm, array, rows, op, call="reduce-scatter"):
         out = recv_buffer((counts[me],), array.dtype, device)
         request = mpi_comm.Ireduce_scatter(send, out, counts, op=op)
         return [request], _Checked(out, out[start:].reshape((rows[me],) + array.shape[1:]),
-                                   signature[1], call, array.shape, keep=send, device=device)
+                                   signature[1], call, array.shape, keep=send, device=device,
+                                   rows=rows)
     send = send_buffer(array, device=device)
     trailing = tuple(array.shape[1:])
     out = recv_buffer((rows[mpi_comm.Get_rank()],) + trailing, send.dtype, device)

@@ -632,6 +632,11 @@ _MISMATCHED_REDUCTIONS = {
                                     lambda a: gp.mpi_allreduce(a.astype(np.int32), op=gp.MIN)),
     "mpi_reduce": ("mpi_reduce", lambda a: gp.mpi_reduce(a, root=0)),
     "mpi_reduce_scatter": ("mpi_reduce_scatter", lambda a: gp.mpi_reduce_scatter(a)),
+    # Arrays of one size, the last rank splitting their rows otherwise: the blocks' sums mixed
+    # rows of different blocks (a garbage result on every rank at 2 ranks).
+    "mpi_reduce_scatter of another row split": (
+        "mpi_reduce_scatter", lambda a: gp.mpi_reduce_scatter(a[:2 * (len(a) // 2)], rows=(
+            [2] * (len(a) // 2) if len(a) % 2 == 0 else [3] + [2] * (len(a) // 2 - 2) + [1]))),
     # A serial argument of another size on one rank: the forward sum is of scalars, and its
     # gradient's allreduce of per-rank shares is where the sizes meet.
     "reverse pass": ("allreduce of serial cotangent shares",
@@ -668,7 +673,7 @@ def test_a_reduction_of_arrays_of_different_sizes_is_an_error_not_a_number(case,
     except RuntimeError as exc:  # MPI itself refused the buffers' sizes
         outcome = str(exc) if "failed in MPI" in str(exc) else f"{exc!r}"
     expected = (f"rank {r}: {call}: the ranks passed arrays of different sizes or dtypes "
-                f"(this rank: ")
+                + ("or row splits " if call == "mpi_reduce_scatter" else "") + "(this rank: ")
     checks = call != "mpi_reduce" or r == 0
     parallel_assert(not checks or outcome.startswith(expected) or "failed in MPI" in outcome,
                     f"rank {r}, {case}: {outcome}")
