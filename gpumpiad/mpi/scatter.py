@@ -16,7 +16,8 @@ def mpi_scatter(x, root=0, rows=None, comm=None):
         The data on the root; ignored elsewhere (may be ``None`` there).
     root : int
     rows : list of int, optional
-        Rows per rank (default: an even split, first blocks one longer).
+        Rows per rank (default: an even split, first blocks one longer); read on the root,
+        like ``x``: every rank gets its block of the root's split.
     comm : gpumpiad.Comm, optional
 
     Returns
