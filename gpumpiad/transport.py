@@ -751,26 +751,77 @@ def _signature(shape, dtype):
     return numpy.frombuffer(text.ljust(_SIGNATURE_BYTES), numpy.uint8)
 
 
+_DTYPE_BYTES = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_trailer(dtype):
+    """A message's last bytes outside debug mode: the sender's dtype, as text (``<f8``)."""
+    return dtype.str.encode()[:_DTYPE_BYTES].ljust(_DTYPE_BYTES)
+
+
+def _dtype_name(trailer):
+    text = trailer.decode(errors="replace").strip()
+    try:
+        return numpy.dtype(text).name
+    except TypeError:
+        return repr(text)
+
+
+def _typed(array, device):
+    """Whether a message of ``array`` ends with its dtype: whenever MPI reads or writes host
+    memory (a host array, or a device one staged through pinned memory), so that both ends
+    decide alike; a device buffer handed to CUDA-aware MPI goes as it is."""
+    return not device or not cuda_aware()
+
+
 def start_send(mpi_comm, array, dest, tag, signed=False):
     """Post a non-blocking send; ``finish`` returns nothing. ``signed`` (debug mode, at both
-    ends): the message carries the array's dtype and shape for the receive to check."""
-    send = send_buffer(array)
+    ends): the message carries the array's dtype and shape for the receive to check; outside
+    debug mode a message through host memory carries the dtype (:func:`_dtype_trailer`): one
+    of the same size (float64 against int64) would arrive as reinterpreted bytes."""
+    device = is_device(array)
     if signed:
+        send = send_buffer(array, device=device)
         xp = get_array_module(send)
         send = xp.concatenate([send.reshape(-1).view(xp.uint8),
                                xp.asarray(_signature(array.shape, array.dtype))])
         streams.ready_for_mpi(send)
+    elif _typed(array, device):
+        if not device:
+            array = numpy.asarray(array)
+        nbytes = array.nbytes
+        if not device and nbytes < _POOL_MIN_BYTES:
+            # Immutable bytes: the cheapest copy of a small array, and MPI only reads it.
+            send = array.tobytes() + _dtype_trailer(array.dtype)
+        else:
+            send = (streams.pinned_empty if device else host_empty)((nbytes + _DTYPE_BYTES,),
+                                                                    numpy.uint8)
+            send[nbytes:] = numpy.frombuffer(_dtype_trailer(array.dtype), numpy.uint8)
+            data = send[:nbytes].view(array.dtype).reshape(array.shape)
+            if device:
+                streams.device_to_host(array, data)
+            else:
+                numpy.copyto(data, array)
+    else:
+        send = send_buffer(array, device=device)
     request = mpi_comm.Isend([send, MPI.BYTE], dest=dest, tag=tag)
     return [request], lambda keep=send: None
 
 
 def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive", signed=False):
     """Post a non-blocking receive into a new buffer; ``finish`` checks the message's size
-    and, ``signed``, the sender's dtype and shape."""
+    and the sender's dtype (and, ``signed``, its shape)."""
+    dtype = numpy.dtype(dtype)
     if signed:
-        nbytes = _prod(shape) * numpy.dtype(dtype).itemsize
+        nbytes = _prod(shape) * dtype.itemsize
         out = recv_buffer((nbytes + _SIGNATURE_BYTES,), numpy.uint8, device)
         finish = _SignedReceived(out, device, source, tag, call, shape, dtype)
+    elif _typed(None, device):
+        nbytes = _prod(shape) * dtype.itemsize
+        out = (streams.pinned_empty if device else host_empty)((nbytes + _DTYPE_BYTES,),
+                                                               numpy.uint8)
+        finish = _TypedReceived(out, device, source, tag, call, shape, dtype)
     else:
         out = recv_buffer(shape, dtype, device)
         finish = _Received(out, device, source, tag, call)
@@ -778,6 +829,31 @@ def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive", sign
     # MPI may fail an internal assertion on.
     request = mpi_comm.Irecv([out, MPI.BYTE], source=source, tag=tag)
     return [request], finish
+
+
+class _TypedReceived(_Received):
+    """A receive's ``finish`` outside debug mode, for a message through host memory: the
+    message must fill the buffer and end with the receiver's dtype."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, out, device, source, tag, call, shape, dtype):
+        super().__init__(out, device, source, tag, call)
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def __call__(self):
+        got = self.statuses[0].Get_count(MPI.BYTE)
+        nbytes = self.out.nbytes - _DTYPE_BYTES
+        sent = self.out[nbytes:].tobytes() if got == self.out.nbytes else None
+        if sent != _dtype_trailer(self.dtype):
+            what = (f"{got - _DTYPE_BYTES} bytes, expected {nbytes}" if sent is None
+                    else f"{_dtype_name(sent)} data, expected {self.dtype.name}")
+            raise CommunicationMismatch(
+                f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call} from rank {self.source} (tag "
+                f"{self.tag}) got a message of {what} (shape {self.shape}, {self.dtype}): the "
+                "sender's array differs from the receiver's")
+        data = self.out[:nbytes].view(self.dtype).reshape(self.shape)
+        return deliver(data, self.device)
 
 
 class _SignedReceived(_Received):

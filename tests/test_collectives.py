@@ -347,6 +347,52 @@ def test_ring_shift_sends_before_receives(n):
                     f"rank {r}: the gradient is not the right neighbour's weight")
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_a_message_of_another_dtype_of_one_size_is_an_error_not_a_number(staged, monkeypatch):
+    """Outside debug mode too: a float64 message received as int64 (or complex64), the same
+    bytes, arrived as reinterpreted bytes; a message through host memory ends with the
+    sender's dtype, so the receive raises CommunicationMismatch naming both dtypes (mpi_recv,
+    mpi_exchange), and a matching message still arrives intact (also staged: a device array's message through pinned host memory, here
+    NumPy arrays down that path)."""
+    if staged:
+        from gpumpiad import backend, transport
+        monkeypatch.setenv("GPUMPIAD_STAGE_HOST_ARRAYS", "1")
+        monkeypatch.setenv("GPUMPIAD_CUDA_AWARE", "0")
+        monkeypatch.setattr(backend, "_stage", {})
+        monkeypatch.setattr(transport, "_aware", {})
+    r, P = gp.mpi_rank(), gp.mpi_size()
+    dest, source = (r + 1) % P, (r - 1) % P
+    failures = []
+
+    def expect_mismatch(what, read, sent, expected):
+        try:
+            got = to_numpy(gp.backend.asarray(read()))
+            failures.append(f"{what}: no error, a result {got.ravel()[:3]}")
+        except gp.CommunicationMismatch as exc:
+            text = str(exc)
+            if not (text.startswith(f"rank {r}: {what} from rank {source}")
+                    and f"got a message of {sent} data, expected {expected}" in text):
+                failures.append(f"{what}: message {text!r}")
+
+    gp.mpi_send(np.arange(4.0), dest=dest, tag=1)
+    expect_mismatch("mpi_recv", lambda: gp.mpi_recv(np.zeros(4, np.int64), source=source,
+                                                    tag=1).numpy(), "float64", "int64")
+    gp.mpi_send(np.arange(4.0), dest=dest, tag=2)
+    expect_mismatch("mpi_recv", lambda: gp.mpi_recv(np.zeros(2, np.complex128), source=source,
+                                                    tag=2).numpy(), "float64", "complex128")
+    mine = np.arange(3, dtype=np.int64 if r == 0 else np.float64)
+    if P == 2:  # a pairwise swap: each rank receives the other's dtype
+        expect_mismatch("mpi_exchange (recv)",
+                        lambda: gp.mpi_exchange(mine, dest=dest, source=source).numpy(),
+                        "float64" if r == 0 else "int64", "int64" if r == 0 else "float64")
+    gp.mpi_send(np.arange(3.0) + r, dest=dest, tag=3)
+    got = gp.mpi_recv(np.zeros(3), source=source, tag=3).numpy()
+    if not np.array_equal(to_numpy(gp.backend.asarray(got)), np.arange(3.0) + source):
+        failures.append(f"a matching message: {got}")
+    parallel_assert(not failures, "\n".join(failures))
+
+
 @pytest.mark.parallel(nprocs=[2])
 def test_receive_of_another_size_names_both_sizes():
     """A message shorter than the receive's ``like`` would leave the rest of the buffer
