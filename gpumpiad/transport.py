@@ -615,15 +615,43 @@ class _Result:
         return self.out
 
 
-def start_bcast(mpi_comm, array, root):
-    """Post a non-blocking broadcast of the root's ``array``."""
+def start_bcast(mpi_comm, array, root, call="broadcast"):
+    """Post a non-blocking broadcast of the root's ``array`` (elsewhere ``array`` gives the
+    shape and dtype). Through host memory the message ends with the root's dtype, which every
+    other rank checks (:func:`_typed_message`)."""
     device = is_device(array)
+    if not _typed(array, device):
+        if mpi_comm.Get_rank() == root:
+            buf = send_buffer(array, device=device)
+        else:
+            buf = recv_buffer(array.shape, array.dtype, device)
+        request = mpi_comm.Ibcast(buf, root=root)
+        return [request], lambda: deliver(buf, device)
     if mpi_comm.Get_rank() == root:
-        buf = send_buffer(array, device=device)
+        buf = _typed_message(array, device, writable=True)
     else:
-        buf = recv_buffer(array.shape, array.dtype, device)
-    request = mpi_comm.Ibcast(buf, root=root)
-    return [request], lambda: deliver(buf, device)
+        buf = _typed_buffer(_prod(array.shape) * array.dtype.itemsize, device)
+    request = mpi_comm.Ibcast([buf, MPI.BYTE], root=root)
+    return [request], _Broadcast(buf, device, tuple(array.shape), array.dtype, root, call)
+
+
+class _Broadcast:
+    """A typed broadcast's ``finish``: the data, once its trailer is this rank's dtype."""
+
+    __slots__ = ("buf", "device", "shape", "dtype", "root", "call")
+
+    def __init__(self, buf, device, shape, dtype, root, call):
+        self.buf, self.device, self.shape, self.dtype = buf, device, shape, dtype
+        self.root, self.call = root, call
+
+    def __call__(self):
+        data, what = _typed_data(self.buf, self.shape, self.dtype)
+        if data is None:
+            raise CommunicationMismatch(
+                f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call} from root {self.root} got a "
+                f"message of {what} (shape {self.shape}, {self.dtype}): the root's array "
+                "differs from this rank's")
+        return deliver(data, self.device)
 
 
 def _signed_operands(mpi_comm, array, op, blocks=()):
@@ -775,6 +803,44 @@ def _typed(array, device):
     return not device or not cuda_aware()
 
 
+def _typed_buffer(nbytes, device):
+    """A host buffer (pinned, for a device array) for ``nbytes`` of data and their trailer."""
+    if not device and nbytes < _POOL_MIN_BYTES:
+        return numpy.empty(nbytes + _DTYPE_BYTES, numpy.uint8)
+    return (streams.pinned_empty if device else host_empty)((nbytes + _DTYPE_BYTES,),
+                                                            numpy.uint8)
+
+
+def _typed_message(array, device, writable=False):
+    """A copy of ``array``'s bytes followed by its dtype's trailer, in host memory: immutable
+    ``bytes`` for a small host array (the cheapest copy; MPI only reads a send), unless
+    ``writable``, else a :func:`_typed_buffer`."""
+    if not device:
+        array = numpy.asarray(array)
+    nbytes = array.nbytes
+    if not device and nbytes < _POOL_MIN_BYTES:
+        message = array.tobytes() + _dtype_trailer(array.dtype)
+        return numpy.frombuffer(bytearray(message), numpy.uint8) if writable else message
+    buf = _typed_buffer(nbytes, device)
+    buf[nbytes:] = numpy.frombuffer(_dtype_trailer(array.dtype), numpy.uint8)
+    data = buf[:nbytes].view(array.dtype).reshape(array.shape)
+    if device:
+        streams.device_to_host(array, data)
+    else:
+        numpy.copyto(data, array)
+    return buf
+
+
+def _typed_data(buf, shape, dtype):
+    """``(data, None)``: the data of a :func:`_typed_buffer` whose trailer is ``dtype``'s, as
+    an array of ``shape``; else ``(None, what)``, ``what`` naming the dtype that came."""
+    nbytes = buf.nbytes - _DTYPE_BYTES
+    sent = buf[nbytes:].tobytes()
+    if sent != _dtype_trailer(dtype):
+        return None, f"{_dtype_name(sent)} data, expected {dtype.name}"
+    return buf[:nbytes].view(dtype).reshape(shape), None
+
+
 def start_send(mpi_comm, array, dest, tag, signed=False):
     """Post a non-blocking send; ``finish`` returns nothing. ``signed`` (debug mode, at both
     ends): the message carries the array's dtype and shape for the receive to check; outside
@@ -788,21 +854,7 @@ def start_send(mpi_comm, array, dest, tag, signed=False):
                                xp.asarray(_signature(array.shape, array.dtype))])
         streams.ready_for_mpi(send)
     elif _typed(array, device):
-        if not device:
-            array = numpy.asarray(array)
-        nbytes = array.nbytes
-        if not device and nbytes < _POOL_MIN_BYTES:
-            # Immutable bytes: the cheapest copy of a small array, and MPI only reads it.
-            send = array.tobytes() + _dtype_trailer(array.dtype)
-        else:
-            send = (streams.pinned_empty if device else host_empty)((nbytes + _DTYPE_BYTES,),
-                                                                    numpy.uint8)
-            send[nbytes:] = numpy.frombuffer(_dtype_trailer(array.dtype), numpy.uint8)
-            data = send[:nbytes].view(array.dtype).reshape(array.shape)
-            if device:
-                streams.device_to_host(array, data)
-            else:
-                numpy.copyto(data, array)
+        send = _typed_message(array, device)
     else:
         send = send_buffer(array, device=device)
     request = mpi_comm.Isend([send, MPI.BYTE], dest=dest, tag=tag)
@@ -818,9 +870,7 @@ def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive", sign
         out = recv_buffer((nbytes + _SIGNATURE_BYTES,), numpy.uint8, device)
         finish = _SignedReceived(out, device, source, tag, call, shape, dtype)
     elif _typed(None, device):
-        nbytes = _prod(shape) * dtype.itemsize
-        out = (streams.pinned_empty if device else host_empty)((nbytes + _DTYPE_BYTES,),
-                                                               numpy.uint8)
+        out = _typed_buffer(_prod(shape) * dtype.itemsize, device)
         finish = _TypedReceived(out, device, source, tag, call, shape, dtype)
     else:
         out = recv_buffer(shape, dtype, device)
@@ -843,17 +893,16 @@ class _TypedReceived(_Received):
 
     def __call__(self):
         got = self.statuses[0].Get_count(MPI.BYTE)
-        nbytes = self.out.nbytes - _DTYPE_BYTES
-        sent = self.out[nbytes:].tobytes() if got == self.out.nbytes else None
-        if sent != _dtype_trailer(self.dtype):
-            what = (f"{got - _DTYPE_BYTES} bytes, expected {nbytes}" if sent is None
-                    else f"{_dtype_name(sent)} data, expected {self.dtype.name}")
-            raise CommunicationMismatch(
-                f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call} from rank {self.source} (tag "
-                f"{self.tag}) got a message of {what} (shape {self.shape}, {self.dtype}): the "
-                "sender's array differs from the receiver's")
-        data = self.out[:nbytes].view(self.dtype).reshape(self.shape)
-        return deliver(data, self.device)
+        if got != self.out.nbytes:
+            what = f"{got - _DTYPE_BYTES} bytes, expected {self.out.nbytes - _DTYPE_BYTES}"
+        else:
+            data, what = _typed_data(self.out, self.shape, self.dtype)
+            if data is not None:
+                return deliver(data, self.device)
+        raise CommunicationMismatch(
+            f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call} from rank {self.source} (tag "
+            f"{self.tag}) got a message of {what} (shape {self.shape}, {self.dtype}): the "
+            "sender's array differs from the receiver's")
 
 
 class _SignedReceived(_Received):

@@ -350,11 +350,11 @@ def test_ring_shift_sends_before_receives(n):
 @pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
 @pytest.mark.parallel(nprocs=[2, 3])
 def test_a_message_of_another_dtype_of_one_size_is_an_error_not_a_number(staged, monkeypatch):
-    """Outside debug mode too: a float64 message received as int64 (or complex64), the same
+    """Outside debug mode too: a float64 message received as int64 (or complex128), the same
     bytes, arrived as reinterpreted bytes; a message through host memory ends with the
     sender's dtype, so the receive raises CommunicationMismatch naming both dtypes (mpi_recv,
-    mpi_exchange), and a matching message still arrives intact (also staged: a device array's message through pinned host memory, here
-    NumPy arrays down that path)."""
+    mpi_exchange, mpi_bcast), and a matching message still arrives intact (also staged: a
+    device array's message through pinned host memory, here NumPy arrays down that path)."""
     if staged:
         from gpumpiad import backend, transport
         monkeypatch.setenv("GPUMPIAD_STAGE_HOST_ARRAYS", "1")
@@ -365,13 +365,13 @@ def test_a_message_of_another_dtype_of_one_size_is_an_error_not_a_number(staged,
     dest, source = (r + 1) % P, (r - 1) % P
     failures = []
 
-    def expect_mismatch(what, read, sent, expected):
+    def expect_mismatch(what, read, sent, expected, sender=f"rank {source}"):
         try:
             got = to_numpy(gp.backend.asarray(read()))
             failures.append(f"{what}: no error, a result {got.ravel()[:3]}")
         except gp.CommunicationMismatch as exc:
             text = str(exc)
-            if not (text.startswith(f"rank {r}: {what} from rank {source}")
+            if not (text.startswith(f"rank {r}: {what} from {sender}")
                     and f"got a message of {sent} data, expected {expected}" in text):
                 failures.append(f"{what}: message {text!r}")
 
@@ -386,10 +386,21 @@ def test_a_message_of_another_dtype_of_one_size_is_an_error_not_a_number(staged,
         expect_mismatch("mpi_exchange (recv)",
                         lambda: gp.mpi_exchange(mine, dest=dest, source=source).numpy(),
                         "float64" if r == 0 else "int64", "int64" if r == 0 else "float64")
+    # The root's float64 against the others' int64; the root's own result is its array.
+    if r == 0:
+        got = gp.mpi_bcast(np.arange(5.0), root=0).numpy()
+        if not np.array_equal(to_numpy(gp.backend.asarray(got)), np.arange(5.0)):
+            failures.append(f"the root's broadcast: {got}")
+    else:
+        expect_mismatch("mpi_bcast", lambda: gp.mpi_bcast(np.zeros(5, np.int64), root=0).numpy(),
+                        "float64", "int64", sender="root 0")
     gp.mpi_send(np.arange(3.0) + r, dest=dest, tag=3)
     got = gp.mpi_recv(np.zeros(3), source=source, tag=3).numpy()
     if not np.array_equal(to_numpy(gp.backend.asarray(got)), np.arange(3.0) + source):
         failures.append(f"a matching message: {got}")
+    got = gp.mpi_bcast(np.arange(4.0) * (r + 1), root=P - 1).numpy()
+    if not np.array_equal(to_numpy(gp.backend.asarray(got)), np.arange(4.0) * P):
+        failures.append(f"a matching broadcast: {got}")
     parallel_assert(not failures, "\n".join(failures))
 
 

@@ -34,8 +34,8 @@ def mpi_bcast(x, root=0, comm=None):
     root = check_root(root, comm, "root")
     x = as_tensor(x, comm)
     data = x.data
-    pending = comm.issue("mpi_bcast", lambda: start_bcast(comm.mpi, data, root), root=root,
-                         array=data)
+    pending = comm.issue("mpi_bcast", lambda: start_bcast(comm.mpi, data, root, "mpi_bcast"),
+                         root=root, array=data)
     out = pending_tensor(pending, SERIAL, comm)
 
     # A serial x of a larger communicator (e.g. the world's, broadcast on a split) is one value

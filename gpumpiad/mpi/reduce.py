@@ -38,7 +38,8 @@ def mpi_reduce(x, root=0, comm=None):
     def vjp(gs):
         g = gs[0]
         return [comm.issue("mpi_reduce (reverse: bcast)",
-                           lambda: start_bcast(comm.mpi, g, root), root=root, array=g).wait()]
+                           lambda: start_bcast(comm.mpi, g, root, "mpi_reduce (reverse: bcast)"),
+                           root=root, array=g).wait()]
 
     record("mpi_reduce", vjp, [x], [out], local=[True])
     return out
