@@ -289,6 +289,16 @@ def cases(r, P, tmp):
         C("mpi_scatter: root out of range on the last rank only",
           lambda: gp.mpi_scatter(x, root=P if r == P - 1 else 0), ValueError,
           [me, f"rank {P - 1}: root must be an int", f"got {P}"], min_ranks=2),
+        # Ranks naming different (valid) roots waited in the collective for ever; the
+        # metadata exchange carries each rank's root.
+        C("mpi_gather: the last rank names another root",
+          lambda: gp.mpi_gather(x, root=1 if r == P - 1 else 0), ValueError,
+          [me, "mpi_gather's root must be the same on every rank", "rank 0: 0",
+           f"rank {P - 1}: 1"], min_ranks=3, subset=True),
+        C("mpi_scatter: each rank names itself as the root",
+          lambda: gp.mpi_scatter(x, root=r), ValueError,
+          [me, "mpi_scatter's root must be the same on every rank", "rank 0: 0", "rank 1: 1"],
+          min_ranks=2, subset=True),
         C("mpi_gather: scalar", lambda: gp.mpi_gather(1.0), ValueError,
           [me, "mpi_gather", "at least one axis", "scalar"]),
         C("mpi_allgather: scalar", lambda: gp.mpi_allgather(2.0), ValueError,

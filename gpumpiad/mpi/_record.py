@@ -66,19 +66,25 @@ def problem_of(*checks):
     return None
 
 
-def exchange_pieces(comm, name, mine, problem):
+def exchange_pieces(comm, name, mine, problem, root=None):
     """Every rank's ``mine`` (what a row-block collective tells the others about its piece),
     in one watched exchange that also carries each rank's ``problem`` with its own arguments
     (or None): a problem anywhere is a ValueError on every rank, saying which rank and why,
-    instead of a rank failing alone while the others wait in the collective."""
-    views = control.allgather(comm, (mine, problem), f"{name} (metadata)")
-    problems = [p for _, p in views if p is not None]
+    instead of a rank failing alone while the others wait in the collective. ``root``: the
+    root this rank names, which must be every rank's (ranks naming different roots would wait
+    in the collective for ever)."""
+    views = control.allgather(comm, (mine, problem, root), f"{name} (metadata)")
+    problems = [p for _, p, _ in views if p is not None]
     if problems:
         if problem is not None and len(problems) == 1:
             raise ValueError(problem)
         raise ValueError(f"rank {comm.rank}: {name}'s arguments are wrong on "
                          f"{len(problems)} rank(s): " + "; ".join(problems))
-    return [m for m, _ in views]
+    if any(r != root for _, _, r in views):
+        named = ", ".join(f"rank {q}: {r}" for q, (_, _, r) in enumerate(views))
+        raise ValueError(f"rank {comm.rank}: {name}'s root must be the same on every rank, "
+                         f"got {named}")
+    return [m for m, _, _ in views]
 
 
 def split_rows(n, parts):

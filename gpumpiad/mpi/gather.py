@@ -45,7 +45,7 @@ def mpi_gather(x, root=0, comm=None):
 
     def start():
         pieces = exchange_pieces(comm, "mpi_gather", None if problem else piece(data),
-                                 problem)
+                                 problem, root)
         box["rows"] = agreed_rows(pieces, comm, "mpi_gather")
         return start_gatherv(comm.mpi, data, box["rows"], root, trailing)
 

@@ -57,7 +57,7 @@ def mpi_scatter(x, root=0, rows=None, comm=None):
     def start():
         meta = ((list(rows), tuple(data.shape[1:]), data.dtype.str, is_device(data))
                 if is_root and error is None else None)
-        views = exchange_pieces(comm, "mpi_scatter", meta, error)
+        views = exchange_pieces(comm, "mpi_scatter", meta, error, root)
         box["rows"], box["trailing"], dtype, device = views[root]
         return start_scatterv(comm.mpi, data, box["rows"], root, box["trailing"], dtype,
                               device)
