@@ -13,7 +13,8 @@ unpacking. Corners are not exchanged (a 5-point stencil does not read them).
 
 :class:`PaddedExchange` is the same in-place width-1 exchange on a grid of any dimension,
 its plans, message buffers and (host) persistent requests made once; ``halo_exchange``'s
-rounds share its message code.
+rounds share its message code, and keep theirs (persistent requests too) from one call to the
+next.
 
 Device arrays take :class:`DeviceExchange`: packing, staging copies and unpacking run on the
 library's communication stream, ordered by events after the work that wrote the cells and
@@ -998,7 +999,8 @@ class _Rounds(tuple):
         return super().__new__(cls, (
             _Round(grid, [_Plan(dtypes, shape, widths, side, grid.neighbours[side], corners)
                           for a in round_axes for side in (2 * a, 2 * a + 1)
-                          if grid.neighbours[side] != MPI.PROC_NULL], device, 0)
+                          if grid.neighbours[side] != MPI.PROC_NULL], device, 0,
+                   persistent=not device)
             for round_axes in ([[a] for a in axes] if corners else [axes])))
 
     def free(self):
