@@ -19,7 +19,7 @@ A second table compares, at width 1 without corners and patches of ``--sizes`` c
 axis, one round of ``gpumpiad.halo.PaddedExchange`` (``post`` then ``finish`` on an array,
 its buffers and persistent requests made once) with the same round through the N-D
 exchange's in-place form (its buffers made at the grid's first exchange of such fields and
-reused, its requests made per call) and with ``halo_exchange`` (which copies the field first),
+reused, its persistent requests likewise) and with ``halo_exchange`` (which copies the field first),
 all against a copy of the padded field:
 the four alternate within each repeat, so that every ratio compares runs made under the same
 load. Entries are ``min / median``; ratios are of the minima and of the medians.
