@@ -620,7 +620,7 @@ def start_bcast(mpi_comm, array, root, call="broadcast"):
     shape and dtype). Through host memory the message ends with the root's dtype, which every
     other rank checks (:func:`_typed_message`)."""
     device = is_device(array)
-    if not _typed(array, device):
+    if not _typed(device):
         if mpi_comm.Get_rank() == root:
             buf = send_buffer(array, device=device)
         else:
@@ -796,10 +796,10 @@ def _dtype_name(trailer):
         return repr(text)
 
 
-def _typed(array, device):
-    """Whether a message of ``array`` ends with its dtype: whenever MPI reads or writes host
-    memory (a host array, or a device one staged through pinned memory), so that both ends
-    decide alike; a device buffer handed to CUDA-aware MPI goes as it is."""
+def _typed(device):
+    """Whether a message ends with its dtype: whenever MPI reads or writes host memory (a host
+    array's, or a device one's staged through pinned memory), so that both ends decide alike;
+    a device buffer handed to CUDA-aware MPI goes as it is."""
     return not device or not cuda_aware()
 
 
@@ -813,8 +813,8 @@ def _typed_buffer(nbytes, device):
 
 def _typed_message(array, device, writable=False):
     """A copy of ``array``'s bytes followed by its dtype's trailer, in host memory: immutable
-    ``bytes`` for a small host array (the cheapest copy; MPI only reads a send), unless
-    ``writable``, else a :func:`_typed_buffer`."""
+    ``bytes`` for a small host array unless ``writable`` (the cheapest copy; MPI only reads a
+    send), otherwise a :func:`_typed_buffer`."""
     if not device:
         array = numpy.asarray(array)
     nbytes = array.nbytes
@@ -853,7 +853,7 @@ def start_send(mpi_comm, array, dest, tag, signed=False):
         send = xp.concatenate([send.reshape(-1).view(xp.uint8),
                                xp.asarray(_signature(array.shape, array.dtype))])
         streams.ready_for_mpi(send)
-    elif _typed(array, device):
+    elif _typed(device):
         send = _typed_message(array, device)
     else:
         send = send_buffer(array, device=device)
@@ -869,7 +869,7 @@ def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive", sign
         nbytes = _prod(shape) * dtype.itemsize
         out = recv_buffer((nbytes + _SIGNATURE_BYTES,), numpy.uint8, device)
         finish = _SignedReceived(out, device, source, tag, call, shape, dtype)
-    elif _typed(None, device):
+    elif _typed(device):
         out = _typed_buffer(_prod(shape) * dtype.itemsize, device)
         finish = _TypedReceived(out, device, source, tag, call, shape, dtype)
     else:

@@ -689,8 +689,8 @@ _MISMATCHED_REDUCTIONS = {
                                     lambda a: gp.mpi_allreduce(a.astype(np.int32), op=gp.MIN)),
     "mpi_reduce": ("mpi_reduce", lambda a: gp.mpi_reduce(a, root=0)),
     "mpi_reduce_scatter": ("mpi_reduce_scatter", lambda a: gp.mpi_reduce_scatter(a)),
-    # Arrays of one size, the last rank splitting their rows otherwise: the blocks' sums mixed
-    # rows of different blocks (a garbage result on every rank at 2 ranks).
+    # Arrays of one size, the last rank splitting their rows otherwise: a block's sum mixed
+    # rows of different blocks (rank 1's result at 2 ranks).
     "mpi_reduce_scatter of another row split": (
         "mpi_reduce_scatter", lambda a: gp.mpi_reduce_scatter(a[:2 * (len(a) // 2)], rows=(
             [2] * (len(a) // 2) if len(a) % 2 == 0 else [3] + [2] * (len(a) // 2 - 2) + [1]))),
