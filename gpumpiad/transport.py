@@ -594,12 +594,13 @@ class _Checked:
 
     def __call__(self):
         if self.buf[:2].tolist() != self.combined:
-            split = (("", "") if self.rows is None
-                     else (" or row splits", f", rows {list(self.rows)}"))
+            differ, mine = "sizes or dtypes", f"{self.out.dtype} {self.shape}"
+            if self.rows is not None:
+                differ, mine = differ + " or row splits", mine + f", rows {list(self.rows)}"
             raise CommunicationMismatch(
                 f"rank {MPI.COMM_WORLD.Get_rank()}: {self.call}: the ranks passed arrays of "
-                f"different sizes or dtypes{split[0]} (this rank: {self.out.dtype} "
-                f"{self.shape}{split[1]}); GPUMPIAD_DEBUG=1 names the ranks that differ")
+                f"different {differ} (this rank: {mine}); GPUMPIAD_DEBUG=1 names the ranks "
+                "that differ")
         return deliver(self.out, True) if self.device else self.out
 
 
@@ -883,7 +884,7 @@ def start_recv(mpi_comm, shape, dtype, device, source, tag, call="receive", sign
 
 class _TypedReceived(_Received):
     """A receive's ``finish`` outside debug mode, for a message through host memory: the
-    message must fill the buffer and end with the receiver's dtype."""
+    message must fill the buffer and end with the receiver's dtype (a NumPy dtype)."""
 
     __slots__ = ("shape", "dtype")
 
@@ -905,14 +906,10 @@ class _TypedReceived(_Received):
             "sender's array differs from the receiver's")
 
 
-class _SignedReceived(_Received):
+class _SignedReceived(_TypedReceived):
     """A debug-mode receive's ``finish``: the sender's dtype and shape must be the receiver's."""
 
-    __slots__ = ("shape", "dtype")
-
-    def __init__(self, out, device, source, tag, call, shape, dtype):
-        super().__init__(out, device, source, tag, call)
-        self.shape, self.dtype = tuple(shape), numpy.dtype(dtype)
+    __slots__ = ()
 
     def __call__(self):
         mine = _signature(self.shape, self.dtype)
