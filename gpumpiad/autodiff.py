@@ -14,19 +14,22 @@ from .comm import resolve
 from .debug import CommunicationMismatch, debug_enabled
 from .tape import Tape, nested_error, recording, shares_memory, traced_outside
 from .tensor import DISTRIBUTED, SERIAL, Tensor, wrap
+from .transport import host_copy
 
 
 class LossError(ValueError):
     """The function differentiated did not return a serial scalar Tensor."""
 
 
-def _leaf(x):
+def _leaf(x, held=False):
+    """The Tensor that stands for argument ``x`` on the tape; ``held``: a copy of an array the
+    caller gave (a pullback reads it after the call returns)."""
     if isinstance(x, Tensor):
         return Tensor(x.data, x.layout, x.comm)
     if type(x) is np.ndarray and array_module() is np:
         # What wrap(x) makes of a NumPy array on the NumPy backend (its dtype was checked).
-        return Tensor(x, SERIAL, resolve(None))
-    return wrap(x)
+        return Tensor(host_copy(x) if held else x, SERIAL, resolve(None))
+    return wrap(x, copy=held)
 
 
 def _like_input(g, x):
@@ -126,7 +129,9 @@ def vjp(fn, *args, argnums=0):
         Takes arrays or Tensors, returns a Tensor of real floating dtype, of any shape and
         layout.
     *args
-        The arguments, as for :func:`value_and_grad`.
+        The arguments, as for :func:`value_and_grad`. Those differentiated that are arrays
+        (not Tensors) are copied: the pullback gives the gradient at their values at the time
+        of the call, whatever the caller writes into them later.
     argnums : int or tuple of int
 
     Returns
@@ -235,7 +240,7 @@ def _trace(tape, fn, args, kwargs, nums, name):
     for j in unique:
         if isinstance(args[j], Tensor) and traced_outside(args[j], tape):
             raise nested_error(f"argument {j} of {name}")
-        args[j] = tape.watch(_leaf(args[j]), leaf=True)
+        args[j] = tape.watch(_leaf(args[j], tape.retain), leaf=True)
     with recording(tape):
         out = fn(*args, **kwargs)
     if isinstance(out, Tensor) and out._tape is not tape:

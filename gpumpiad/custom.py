@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import asarray, is_device_array, operand
-from .primitive import unshared
+from .primitive import held, unshared
 from .tape import active_tape
 from .tensor import DISTRIBUTED, SERIAL, Tensor
 
@@ -64,6 +64,8 @@ class CustomOp:
         if tape is not None:
             any_distributed_out = DISTRIBUTED in layouts
             name, user_vjp = self.name, self.vjp
+            if given and any(t._tape is tape for t in tensors):
+                held(raws, given)
 
             def vjp(gs):
                 res = user_vjp(tuple(gs) if multi else gs[0], ans, *raws, **kwargs)
@@ -141,7 +143,9 @@ def custom_op(forward=None, vjp=None, *, name=None, layout=None):
     vjp : callable, optional
         ``vjp(g, ans, *arrays, **kwargs) -> cotangent or tuple of cotangents`` (one per
         argument, ``None`` for arguments without one); ``g`` and ``ans`` are tuples when the
-        forward returns a tuple. Can be given later with ``@op.defvjp``.
+        forward returns a tuple. Can be given later with ``@op.defvjp``. It receives copies of
+        the arrays the caller passed as they are (not as Tensors) when a Tensor argument is
+        differentiated, as they were at the time of the call.
     name : str, optional
     layout : {"serial", "distributed"} or tuple of them, optional
         Layout of each output; default: distributed if any input is, else serial.

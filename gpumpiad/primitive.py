@@ -14,14 +14,16 @@ from .backend import is_device_array, operand
 from .comm import RANK_DEPENDENT, world
 from .tape import active_tape, nested_error, shares_memory, traced_outside
 from .tensor import DISTRIBUTED, SERIAL, Tensor
+from .transport import host_copy
 
 
 class Primitive:
     """A differentiable function of arrays. See :func:`primitive`."""
 
-    def __init__(self, forward, name=None):
+    def __init__(self, forward, name=None, reads_args=True):
         self.forward = forward
         self.name = name or forward.__name__
+        self.reads_args = reads_args
         self.vjps = None
         self.vjp_all = None
         self.__doc__ = forward.__doc__
@@ -95,6 +97,8 @@ class Primitive:
             ans = unshared(ans, given)
         out = Tensor(ans, DISTRIBUTED if distributed else SERIAL, serial_comm or any_comm)
         if first is not None:
+            if given is not None and self.reads_args:
+                held(raws, given)
             vjps = self.vjps or ()
             if (traced is None and self.vjp_all is None and only < len(vjps)
                     and vjps[only] is not None):
@@ -128,6 +132,15 @@ class Primitive:
         return vjp
 
 
+def held(raws, given):
+    """Replace in the list ``raws`` the arrays the caller gave by copies: a recorded VJP reads
+    them when the reverse pass runs, by which time the caller may have written into them."""
+    for a in given:
+        for k, r in enumerate(raws):
+            if r is a:
+                raws[k] = host_copy(r)
+
+
 def unshared(ans, arrays):
     """``ans``, copied where it shares memory with one of ``arrays``."""
     return ans.copy() if any(shares_memory(ans, a) for a in arrays) else ans
@@ -148,8 +161,13 @@ def _on_this_rank(exc, name):
     return type(exc)(f"rank {world().rank}: {message}")
 
 
-def primitive(forward=None, *, name=None):
+def primitive(forward=None, *, name=None, reads_args=True):
     """Make ``forward`` (a function of raw arrays) a differentiable :class:`Primitive`.
+
+    When the op is recorded, an array the caller passed as it is (not as a Tensor) is copied
+    for the VJPs to read in the reverse pass, so that the gradient is that of the values at the
+    time of the call; ``reads_args=False`` says the VJPs read no argument's values (only
+    shapes), and skips the copy.
 
     Examples
     --------
@@ -161,8 +179,8 @@ def primitive(forward=None, *, name=None):
     12.0
     """
     if forward is None:
-        return lambda f: Primitive(f, name)
-    return Primitive(forward, name)
+        return lambda f: Primitive(f, name, reads_args)
+    return Primitive(forward, name, reads_args)
 
 
 def unbroadcast(g, shape):

@@ -162,7 +162,7 @@ def send_buffer(array, device=None, private=False):
 
 
 _POOL_MIN_BYTES = 1 << 18
-_POOL_PER_SIZE = 4
+_POOL_PER_SIZE = 8
 _pool = {}
 _pool_lock = threading.Lock()
 
@@ -204,6 +204,16 @@ def host_empty(shape, dtype):
             if len(bucket) < _POOL_PER_SIZE:
                 bucket.append(base)
     return base.view(dtype).reshape(shape)
+
+
+def host_copy(array):
+    """A copy of ``array`` for the library to hold: a large NumPy one in a :func:`host_empty`
+    buffer (no page faults), any other one by its own ``copy``."""
+    if type(array) is numpy.ndarray and array.nbytes >= _POOL_MIN_BYTES:
+        out = host_empty(array.shape, array.dtype)
+        numpy.copyto(out, array)
+        return out
+    return array.copy()
 
 
 def pooled(ufunc):

@@ -2,7 +2,8 @@
 differentiation (refused), pullback cotangents that are not arrays, a pullback whose tape was
 released, debug mode's cross-rank check of a serial value's cotangent, and NumPy's functions on
 Tensors (numpy.sum and numpy.mean differentiate; a traced Tensor converted to an array is an
-error, not a gradient with a part missing; .numpy() is a copy)."""
+error, not a gradient with a part missing; .numpy() is a copy), and gradients of the values at
+the time of the call (a buffer reused by a loop, arguments overwritten before the pullback)."""
 from __future__ import annotations
 
 import copy
@@ -188,3 +189,62 @@ def test_results_hold_the_value_at_the_time_of_the_call():
     parallel_assert(np.array_equal(received.numpy(), np.arange(6.0) + ring[1]), "mpi_recv")
     changed = [name for name, t in made.items() if not np.array_equal(t.data, before[name])]
     parallel_assert(not changed, f"writing into the array given changed the result of {changed}")
+
+
+def _mul_op():
+    op = gp.custom_op(lambda t, w: t * w, name="custom_multiply")
+    op.defvjp(lambda g, ans, t, w: (g * w, None))
+    return op
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_gradients_hold_the_values_the_arrays_had_at_the_time_of_the_call():
+    """A loop that writes each step's factor into one buffer: every recorded op reads the
+    buffer as it was when the op ran, as a fresh array each step would give."""
+    rng = np.random.default_rng(3)
+    x = rng.random(4) + 0.5 + mpi_rank()
+    factors = [rng.random(4) + 0.5 for _ in range(3)]
+    orders = [rng.permutation(4) for _ in range(3)]
+    custom_multiply = _mul_op()
+    ops = {
+        "multiply": lambda t, w, i: t * w, "divide": lambda t, w, i: t / w,
+        "reflected divide": lambda t, w, i: w / t, "power": lambda t, w, i: gp.power(t, w),
+        "maximum": lambda t, w, i: gp.maximum(t, w),
+        "where": lambda t, w, i: gp.where(w > 1.0, t * t, -t),
+        "matmul of a view": lambda t, w, i: gp.matmul(gp.reshape(t, (2, 2)), w.reshape(2, 2)),
+        "getitem": lambda t, w, i: t[i] * t, "getitem of a tuple": lambda t, w, i: t[(i,)] * t,
+        "custom_op": lambda t, w, i: custom_multiply(t, w)}
+
+    def loss(op, reuse):
+        buffer, index = np.empty(4), np.empty(4, dtype=np.int64)
+
+        def fn(t):
+            total = 0.0
+            for w, i in zip(factors, orders):
+                if reuse:
+                    buffer[:], index[:] = w, i
+                    w, i = buffer, index
+                total = total + gp.sum(gp.sin(op(t, w, i)))
+            return mpi_sum(total)
+        return fn
+
+    wrong = []
+    for name, op in ops.items():
+        t = gp.tensor(x, distributed=True)
+        expected = gp.grad(loss(op, reuse=False))(t)
+        if not _close(gp.grad(loss(op, reuse=True))(t), expected):
+            wrong.append(name)
+    parallel_assert(not wrong, f"a buffer written after the op changed the gradient of {wrong}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_a_pullback_reads_the_arguments_as_they_were_when_vjp_ran():
+    a, w = np.arange(1.0, 5.0), np.full(4, 3.0)
+
+    def fn(t, w):
+        return mpi_sum(gp.sum(t * t * w))
+    expected = 2 * a * w * mpi_size()  # a serial argument: the total over the ranks' terms
+    _, pullback = gp.vjp(fn, a, w, argnums=0)
+    a[:], w[:] = -1.0, 0.0
+    got = pullback(np.array(1.0))
+    parallel_assert(_close(got, expected), f"pullback gave {got}, expected {expected}")

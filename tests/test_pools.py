@@ -237,3 +237,20 @@ def test_the_host_pool_reuses_a_buffer_no_array_holds_and_never_one_a_view_holds
         assert not np.shares_memory(later, view)
         later[:] = 2.0
     assert (view == 1.0).all()
+
+
+@pytest.mark.skipif(gpumpiad.backend_name() == "cupy",
+                    reason="the pool of host results; CuPy's results come from its own pool")
+def test_the_copies_a_pullback_holds_keep_their_values(monkeypatch):
+    """vjp's copy of a large argument and an op's copy of a large factor the caller gave (pool
+    buffers) keep their values, the caller's arrays overwritten, while later gradients take
+    and return every buffer of the pool."""
+    monkeypatch.setattr(transport, "_pool", {})
+    rng = np.random.default_rng(8)
+    x, w, g = rng.random(BIG), rng.random(BIG), rng.random(BIG)
+    expected = g * np.cos(x) * w
+    _, pullback = gpumpiad.vjp(lambda t: gpumpiad.sin(t) * w, x)
+    x[:], w[:] = 0.0, 0.0
+    for k in range(2 * transport._POOL_PER_SIZE):
+        gpumpiad.grad(lambda t: gpumpiad.sum(gpumpiad.sin(t) * t))(np.full(BIG, float(k)))
+    np.testing.assert_allclose(pullback(g), expected, rtol=1e-15)

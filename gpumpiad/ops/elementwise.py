@@ -22,11 +22,11 @@ def _xp(*args):
 _mul = pooled(numpy.multiply)
 _div = pooled(numpy.true_divide)
 
-add = primitive(pooled(numpy.add), name="add")
+add = primitive(pooled(numpy.add), name="add", reads_args=False)
 add.defvjp(lambda g, ans, x, y: unbroadcast(g, shape_of(x)),
            lambda g, ans, x, y: unbroadcast(g, shape_of(y)))
 
-subtract = primitive(pooled(numpy.subtract), name="subtract")
+subtract = primitive(pooled(numpy.subtract), name="subtract", reads_args=False)
 subtract.defvjp(lambda g, ans, x, y: unbroadcast(g, shape_of(x)),
                 lambda g, ans, x, y: unbroadcast(-g, shape_of(y)))
 

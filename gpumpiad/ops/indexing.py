@@ -1,9 +1,12 @@
 """Indexing and slicing; the VJP scatters (adds) the cotangent into a zero array."""
 from __future__ import annotations
 
-from ..backend import get_array_module
+import numpy as np
+
+from ..backend import get_array_module, is_device_array
 from ..comm import RANK_DEPENDENT, RankInt
 from ..primitive import primitive
+from ..tape import active_tape
 from ..tensor import Tensor
 
 # Passed as an extra positional argument when the index differs from rank to rank, so that the
@@ -31,13 +34,17 @@ _getitem = primitive(lambda x, index, rank_dependent=None: x[index], name="getit
 _getitem.defvjp(_getitem_vjp)
 
 
-def _raw_index(index):
+def _raw_index(index, recording=False):
     if isinstance(index, tuple):
-        return tuple(_raw_index(i) for i in index)
+        # The reverse rule reads the index arrays when the reverse pass runs: those the caller
+        # gave inside a tuple are copied here (the primitive copies a lone array itself).
+        return tuple(_raw_index(i, recording) for i in index)
     if isinstance(index, Tensor):
         return index.data
     if isinstance(index, int) and not isinstance(index, bool):
         return int(index)
+    if recording and (type(index) is np.ndarray or is_device_array(index)):
+        return index.copy()
     return index
 
 
@@ -62,6 +69,7 @@ def getitem(x, index):
     >>> gpumpiad.grad(lambda x: x[np.array([0, 0, 2])].sum())(np.zeros(3)).tolist()
     [2.0, 0.0, 1.0]
     """
+    raw = _raw_index(index, isinstance(index, tuple) and active_tape() is not None)
     if _rank_dependent(index):
-        return _getitem(x, _raw_index(index), _RANK_DEPENDENT)
-    return _getitem(x, _raw_index(index))
+        return _getitem(x, raw, _RANK_DEPENDENT)
+    return _getitem(x, raw)

@@ -38,7 +38,8 @@ def _concatenate_vjp(g, ans, *arrays, axis=0):
     return [xp.take(g, xp.arange(bounds[i], bounds[i + 1]), axis=axis) for i in range(len(arrays))]
 
 
-_concatenate_p = primitive(_concatenate, name="concatenate").defvjp_all(_concatenate_vjp)
+_concatenate_p = primitive(_concatenate, name="concatenate", reads_args=False)
+_concatenate_p.defvjp_all(_concatenate_vjp)
 
 
 def concatenate(tensors, axis=0):
@@ -63,7 +64,8 @@ def _stack_vjp(g, ans, *arrays, axis=0):
     return [xp.take(g, i, axis=axis) for i in range(len(arrays))]
 
 
-_stack_p = primitive(_stack, name="stack").defvjp_all(_stack_vjp)
+_stack_p = primitive(_stack, name="stack", reads_args=False)
+_stack_p.defvjp_all(_stack_vjp)
 
 
 def stack(tensors, axis=0):
