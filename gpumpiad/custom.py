@@ -17,7 +17,7 @@ def _rank():
 class CustomOp:
     """A user operation on raw arrays with a user VJP. See :func:`custom_op`."""
 
-    def __init__(self, forward, vjp=None, name=None, layout=None):
+    def __init__(self, forward, vjp=None, name=None, layout=None, reads_args=True):
         if not callable(forward):
             raise TypeError(f"rank {_rank()}: custom_op's forward must be callable, got "
                             f"{type(forward).__name__}")
@@ -32,6 +32,7 @@ class CustomOp:
         self.vjp = vjp
         self.name = name or getattr(forward, "__name__", "custom_op")
         self.layout = layout
+        self.reads_args = reads_args
         self.__doc__ = forward.__doc__
 
     def defvjp(self, vjp):
@@ -64,7 +65,7 @@ class CustomOp:
         if tape is not None:
             any_distributed_out = DISTRIBUTED in layouts
             name, user_vjp = self.name, self.vjp
-            if given and any(t._tape is tape for t in tensors):
+            if given and self.reads_args and any(t._tape is tape for t in tensors):
                 held(raws, given)
 
             def vjp(gs):
@@ -132,7 +133,7 @@ def _cotangent(name, k, c, arg):
     return asarray(g)
 
 
-def custom_op(forward=None, vjp=None, *, name=None, layout=None):
+def custom_op(forward=None, vjp=None, *, name=None, layout=None, reads_args=True):
     """Register a differentiable operation with a hand-written vector-Jacobian product.
 
     Parameters
@@ -143,12 +144,15 @@ def custom_op(forward=None, vjp=None, *, name=None, layout=None):
     vjp : callable, optional
         ``vjp(g, ans, *arrays, **kwargs) -> cotangent or tuple of cotangents`` (one per
         argument, ``None`` for arguments without one); ``g`` and ``ans`` are tuples when the
-        forward returns a tuple. Can be given later with ``@op.defvjp``. It receives copies of
-        the arrays the caller passed as they are (not as Tensors) when a Tensor argument is
-        differentiated, as they were at the time of the call.
+        forward returns a tuple. Can be given later with ``@op.defvjp``.
     name : str, optional
     layout : {"serial", "distributed"} or tuple of them, optional
         Layout of each output; default: distributed if any input is, else serial.
+    reads_args : bool, optional
+        True (default): when a Tensor argument is differentiated, the vjp receives copies of
+        the arrays the caller passed as they are (not as Tensors), made at the time of the
+        call, so that the caller may overwrite its arrays before the reverse pass. False: the
+        vjp reads no argument's values (only shapes, or copies of its own), and none is made.
 
     Notes
     -----
@@ -174,5 +178,5 @@ def custom_op(forward=None, vjp=None, *, name=None, layout=None):
     6.0
     """
     if forward is None:
-        return lambda f: CustomOp(f, vjp, name, layout)
-    return CustomOp(forward, vjp, name, layout)
+        return lambda f: CustomOp(f, vjp, name, layout, reads_args)
+    return CustomOp(forward, vjp, name, layout, reads_args)

@@ -196,7 +196,7 @@ def _check_field(field, k, grid, widths, padded):
                          f"(local shape {grid.local_shape} + 2 * width {widths}), got {shape}")
 
 
-@custom_op(name="halo_exchange", layout=DISTRIBUTED)
+@custom_op(name="halo_exchange", layout=DISTRIBUTED, reads_args=False)
 def _halo_nd(*fields, grid, widths, corners, several):
     out = tuple(_copy(f) for f in fields)
     _exchange_nd(out, grid, widths, corners, adjoint=False)

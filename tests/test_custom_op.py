@@ -1,5 +1,6 @@
 """``custom_op`` (custom.py): decorator and function forms, several outputs, keyword arguments,
-a vjp that communicates, and the errors for a missing or malformed vjp."""
+a vjp that communicates, the errors for a missing or malformed vjp, and the copies of the
+arrays given that the vjp reads."""
 from __future__ import annotations
 
 import numpy as np
@@ -178,3 +179,18 @@ def test_communicating_custom_ops():
     # communicates) on every rank, also where no cotangent reaches it.
     gp.check_grad(lambda x: dist_norm(x) * 0.0 + dist_dot(x, x), x)
     gp.grad(lambda t: mpi_sum(gp.sum(t * x)) + dist_norm(x))(theta)
+
+
+def test_the_vjp_reads_copies_of_arrays_given_unless_it_reads_no_values():
+    """By default the vjp gets a copy of an array the caller passed as it is, made at the call;
+    with ``reads_args=False`` it gets the array itself (no copy made)."""
+    seen = {}
+    for reads in (True, False):
+        def vjp(g, ans, x, w, reads=reads):
+            seen[reads] = w
+            return g * w, None
+        op = gp.custom_op(lambda x, w: x * w, vjp, name="weighted", reads_args=reads)
+        w = np.array([2.0, 3.0])
+        grad = gp.grad(lambda x: gp.sum(op(x, w)))(np.ones(2))
+        np.testing.assert_array_equal(grad, [2.0, 3.0])
+        assert (seen[reads] is w) == (not reads), reads

@@ -249,7 +249,9 @@ def solve(u0, kappa, f, dt, h, steps, grid=None, boundary=0.0, checkpoints=None,
                 keep_states, retain=getattr(tape, "retain", False), recorded=tape is not None,
                 pads=pads, segment=segment)
     layout = (DISTRIBUTED, DISTRIBUTED) if trajectory else DISTRIBUTED
-    return CustomOp(run.forward, run.vjp, name="heat.solve", layout=layout)(*args)
+    # The reverse pass reads the solver's own padded copies of the arguments, not the arrays.
+    return CustomOp(run.forward, run.vjp, name="heat.solve", layout=layout,
+                    reads_args=False)(*args)
 
 
 @lru_cache(maxsize=8)
