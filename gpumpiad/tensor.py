@@ -92,13 +92,8 @@ class Tensor:
         return f"Tensor({self.data!r}, layout={self.layout!r}, device={self.device!r})"
 
     def __array__(self, dtype=None, copy=None):
-        from .tape import traced_outside
-        if traced_outside(self, None):
-            raise TypeError(
-                f"rank {self.comm.rank}: a Tensor that grad, value_and_grad or vjp is tracing "
-                "was converted to a NumPy array (numpy.asarray, or a NumPy function gpumpiad "
-                "does not provide), which would drop its part of the gradient: use gpumpiad's "
-                "operations, or .numpy() where its value is wanted as a constant")
+        self._untraced("converted to a NumPy array (numpy.asarray, or a NumPy function gpumpiad "
+                       "does not provide)", ".numpy()")
         out = self._host(dtype)
         return out.copy() if copy and out is self._data else out
 
@@ -107,7 +102,19 @@ class Tensor:
         out = to_numpy(self.data)
         return out if dtype is None else out.astype(dtype)
 
+    def _untraced(self, how, instead):
+        """Raise where a differentiation traces this Tensor: a value taken out of it ``how``
+        is a constant to the derivative, which would drop this Tensor's part of the gradient."""
+        from .tape import traced_outside
+        if traced_outside(self, None):
+            raise TypeError(
+                f"rank {self.comm.rank}: a Tensor that grad, value_and_grad or vjp is tracing "
+                f"was {how}, which would drop its part of the gradient: use gpumpiad's "
+                f"operations, or {instead} where its value is wanted as a constant (to log it, "
+                "or to hold it fixed)")
+
     def __float__(self):
+        self._untraced("converted to a Python float", "float(t.numpy())")
         return float(self.data)
 
     def __int__(self):
@@ -117,6 +124,8 @@ class Tensor:
         return bool(self.data)
 
     def item(self):
+        if self.dtype.kind in "fc":
+            self._untraced("converted to a Python number (.item())", ".numpy().item()")
         return self.data.item()
 
     def numpy(self):

@@ -248,3 +248,31 @@ def test_a_pullback_reads_the_arguments_as_they_were_when_vjp_ran():
     a[:], w[:] = -1.0, 0.0
     got = pullback(np.array(1.0))
     parallel_assert(_close(got, expected), f"pullback gave {got}, expected {expected}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_a_traced_tensor_made_a_python_float_is_an_error_not_a_constant():
+    """``float(t)`` and ``t.item()`` inside the function differentiated would hold t fixed and
+    drop its part of the gradient (``y * float(y)`` gave half the derivative): an error naming
+    the way out; a number taken by ``.numpy()`` is a constant on purpose; ``int`` and ``bool``
+    (indices, branches) give piecewise-constant values, whose derivative is zero."""
+    x = np.array([1.0, 2.0])
+    for name, take in (("float", float), (".item()", lambda t: t.item())):
+        def fn(t, take=take):
+            y = mpi_sum(gp.sum(t * t))
+            return y * take(y)
+        with pytest.raises(TypeError, match=rf"rank {mpi_rank()}: a Tensor that grad, "
+                                            r"value_and_grad or vjp is tracing was converted to a "
+                                            r"Python (float|number)"):
+            gp.grad(fn)(x)
+
+    def held_fixed(t):
+        y = mpi_sum(gp.sum(t * t))
+        branch = 2.0 if bool(y > 1.0) and int(y) > 1 else 3.0
+        return y * float(y.numpy()) * branch
+    y = mpi_size() * 5.0
+    expected = 2 * x * mpi_size() * y * 2.0
+    got = gp.grad(held_fixed)(x)
+    parallel_assert(_close(got, expected), f"gradient {got}, expected {expected}")
+    value = gp.mpi_sum(gp.sum(gp.tensor(x)))
+    parallel_assert(float(value) == value.item() == 3.0 * mpi_size(), "float() outside grad")
