@@ -14,7 +14,7 @@ from .comm import resolve
 from .debug import CommunicationMismatch, debug_enabled
 from .tape import Tape, nested_error, recording, shares_memory, traced_outside
 from .tensor import DISTRIBUTED, SERIAL, Tensor, wrap
-from .transport import host_copy
+from .transport import kept_copy
 
 
 class LossError(ValueError):
@@ -28,7 +28,7 @@ def _leaf(x, held=False):
         return Tensor(x.data, x.layout, x.comm)
     if type(x) is np.ndarray and array_module() is np:
         # What wrap(x) makes of a NumPy array on the NumPy backend (its dtype was checked).
-        return Tensor(host_copy(x) if held else x, SERIAL, resolve(None))
+        return Tensor(kept_copy(x) if held else x, SERIAL, resolve(None))
     return wrap(x, copy=held)
 
 

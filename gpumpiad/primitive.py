@@ -14,7 +14,7 @@ from .backend import is_device_array, operand
 from .comm import RANK_DEPENDENT, world
 from .tape import active_tape, nested_error, shares_memory, traced_outside
 from .tensor import DISTRIBUTED, SERIAL, Tensor
-from .transport import host_copy
+from .transport import kept_copy
 
 
 class Primitive:
@@ -138,7 +138,7 @@ def held(raws, given):
     for a in given:
         for k, r in enumerate(raws):
             if r is a:
-                raws[k] = host_copy(r)
+                raws[k] = kept_copy(r)
 
 
 def unshared(ans, arrays):

@@ -95,7 +95,13 @@ class Tensor:
         self._untraced("converted to a NumPy array (numpy.asarray, or a NumPy function gpumpiad "
                        "does not provide)", ".numpy()")
         out = self._host(dtype)
-        return out.copy() if copy and out is self._data else out
+        if out is self._data:
+            if copy:
+                return out.copy()
+            # A view that cannot write: writing into it would change the Tensor, a value.
+            out = out.view()
+            out.flags.writeable = False
+        return out
 
     def _host(self, dtype=None):
         from .backend import to_numpy

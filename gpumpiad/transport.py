@@ -206,9 +206,9 @@ def host_empty(shape, dtype):
     return base.view(dtype).reshape(shape)
 
 
-def host_copy(array):
-    """A copy of ``array`` for the library to hold: a large NumPy one in a :func:`host_empty`
-    buffer (no page faults), any other one by its own ``copy``."""
+def kept_copy(array):
+    """A copy of ``array`` for the library to keep: a large NumPy one in a :func:`host_empty`
+    buffer (no page faults), any other one (a device array among them) by its own ``copy``."""
     if type(array) is numpy.ndarray and array.nbytes >= _POOL_MIN_BYTES:
         out = host_empty(array.shape, array.dtype)
         numpy.copyto(out, array)

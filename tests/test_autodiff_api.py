@@ -276,3 +276,17 @@ def test_a_traced_tensor_made_a_python_float_is_an_error_not_a_constant():
     parallel_assert(_close(got, expected), f"gradient {got}, expected {expected}")
     value = gp.mpi_sum(gp.sum(gp.tensor(x)))
     parallel_assert(float(value) == value.item() == 3.0 * mpi_size(), "float() outside grad")
+
+
+def test_numpy_asarray_of_a_tensor_cannot_write_into_it():
+    """``numpy.asarray(t)`` views the Tensor's memory without a copy, read-only: writing into
+    the view would change a value that recorded reverse rules and other results read;
+    ``numpy.array(t)`` and ``.numpy()`` are copies to write into."""
+    t = gp.tensor(np.arange(3.0))
+    view = np.asarray(t)
+    assert np.shares_memory(view, t.data) and not view.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        view[0] = 7.0
+    for owned in (np.array(t), t.numpy(), np.asarray(t, copy=True)):
+        owned[0] = 7.0
+    assert t.data.tolist() == [0.0, 1.0, 2.0]
