@@ -93,8 +93,8 @@ def function(fn, layout, *, comm=None):
     global cotangent, the same on every rank (debug mode compares it across ranks), and for a
     distributed value this rank's piece. The backward may run more than once
     (``retain_graph=True``); the recorded operations are released with the torch graph.
-    Arguments are saved for backward, so modifying one in place before the backward pass is
-    torch's usual error. See the module's notes for the order of the collectives.
+    Arguments and the value are saved for backward, so modifying one in place before the
+    backward pass is torch's usual error. See the module's notes for the order of the collectives.
 
     Examples
     --------
@@ -284,12 +284,14 @@ class _Bridge(torch.autograd.Function):
                 out = _to_torch(value)
         ctx.nums = nums
         ctx.nargs = len(args)
-        ctx.save_for_backward(*[a for a in args if isinstance(a, torch.Tensor)])
+        # Saved, the arguments and the value are checked by torch for writes in place before
+        # the backward: the pullback reads them (the value as an op's result, e.g. exp's).
+        ctx.save_for_backward(*[a for a in args if isinstance(a, torch.Tensor)], out)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        _ = ctx.saved_tensors  # torch's check that no argument was modified in place
+        _ = ctx.saved_tensors  # torch's check that nothing saved was modified in place
         grads = [None] * (1 + ctx.nargs)
         if not ctx.nums:
             return tuple(grads)

@@ -235,6 +235,17 @@ def test_in_place_change_before_backward_is_torchs_error():
         out.backward()
 
 
+def test_in_place_change_of_the_value_before_backward_is_torchs_error():
+    """exp's reverse rule reads its result, which the torch value views: a write into it
+    before the backward had given a gradient of the value written (e + 1 for e)."""
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    out = gt.function(gm.exp, "distributed")(x)
+    with torch.no_grad():
+        out += 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("layout", ["both", ("serial", "sideways"), (), 3, None])
 def test_bad_layout_is_named(layout):
     with pytest.raises(ValueError, match=r"rank 0: gpumpiad.torch.function's layout must be "
