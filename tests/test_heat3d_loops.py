@@ -18,6 +18,7 @@ from mpi4py import MPI
 import gpumpiad
 from gpumpiad.halo import PaddedExchange
 from gpumpiad.heat import hostkernels3d
+from statebuffers import buffers, copied
 
 needs_host = pytest.mark.skipif(not hostkernels3d.available(), reason="no C++ compiler")
 
@@ -40,24 +41,6 @@ def wrapped(u, wrap):
             u[tuple(lo)] = u[tuple(src_lo)]
             u[tuple(hi)] = u[tuple(src_hi)]
     return u
-
-
-def buffers(steps, kept, shape, dtype, rng):
-    """A state list as the solver builds it: the kept states in their own buffers, the others
-    in two buffers in turn; every ghost random."""
-    fresh = lambda: rng.standard_normal(shape).astype(dtype)  # noqa: E731
-    states, free = [fresh()], []
-    for n in range(steps):
-        states.append(free.pop() if free and n + 1 not in kept else fresh())
-        if n not in kept:
-            free.append(states[n])
-    return states
-
-
-def copied(states):
-    """``states`` with each buffer copied once, the aliasing kept."""
-    copies = {}
-    return [copies.setdefault(id(a), a.copy()) for a in states]
 
 
 def fields(rng, shape, dtype):

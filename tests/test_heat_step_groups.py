@@ -7,29 +7,12 @@ import numpy as np
 import pytest
 
 from gpumpiad.heat import hostkernels
+from statebuffers import buffers, copied
 
 needs_host = pytest.mark.skipif(not hostkernels.available(), reason="no C++ compiler")
 
 SIZES = (1, 2, 3, 17)
 STEPS = (0, 1, 2, 3, 4, 5, 6, 7, 20)
-
-
-def buffers(steps, kept, shape, dtype, rng):
-    """A state list as the solver builds it: the kept states in their own buffers, the others
-    in two buffers in turn (so that states[n + 2] is states[n]); every ghost random."""
-    fresh = lambda: rng.standard_normal(shape).astype(dtype)  # noqa: E731
-    states, free = [fresh()], []
-    for n in range(steps):
-        states.append(free.pop() if free and n + 1 not in kept else fresh())
-        if n not in kept:
-            free.append(states[n])
-    return states
-
-
-def copied(states):
-    """``states`` with each buffer copied once, the aliasing kept."""
-    copies = {}
-    return [copies.setdefault(id(a), a.copy()) for a in states]
 
 
 def check(shape, dtype, steps, kept, rng, depth):
