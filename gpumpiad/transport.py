@@ -145,11 +145,7 @@ def send_buffer(array, device=None, private=False):
             array = numpy.asarray(array)
         if private and array.flags.c_contiguous:
             return array
-        if array.nbytes < _POOL_MIN_BYTES:
-            return array.copy()
-        copy = host_empty(array.shape, array.dtype)
-        numpy.copyto(copy, array)
-        return copy
+        return kept_copy(array)
     if not cuda_aware():
         return streams.device_to_host(array, streams.pinned_empty(array.shape, array.dtype))
     xp = get_array_module(array)
